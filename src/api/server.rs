@@ -1,0 +1,160 @@
+//! Serving the API: the unix socket (and optional TCP), gRPC health and reflection, systemd
+//! readiness, and a clean stop on SIGTERM/SIGINT.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::time::Duration;
+
+use tokio::net::UnixListener;
+use tokio_stream::wrappers::{TcpListenerStream, UnixListenerStream};
+use tonic::transport::Server;
+
+use super::Api;
+use crate::config::Config;
+use crate::error::{Error, ErrorKind, Result};
+use crate::ops::Agent;
+use crate::proto;
+
+/// How long running operations get to cancel cleanly on SIGTERM.
+const STOP_GRACE: Duration = Duration::from_secs(30);
+
+/// Binds the unix socket at `path` with `mode` and optional `group`. A stale socket file from
+/// a dead daemon is replaced; a live one (another daemon answering) is an error.
+pub async fn bind_unix(path: &Path, mode: u32, group: &str) -> Result<UnixListener> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| Error::io(format!("creating socket directory {}", dir.display()), e))?;
+    }
+    if path.exists() {
+        if tokio::net::UnixStream::connect(path).await.is_ok() {
+            return Err(Error::new(
+                ErrorKind::Unavailable,
+                format!("socket {} is in use: is another imaged running?", path.display()),
+            ));
+        }
+        std::fs::remove_file(path)
+            .map_err(|e| Error::io(format!("removing stale socket {}", path.display()), e))?;
+    }
+    let l = UnixListener::bind(path)
+        .map_err(|e| Error::io(format!("binding socket {}", path.display()), e))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+        .map_err(|e| Error::io(format!("setting mode of socket {}", path.display()), e))?;
+    if !group.is_empty() {
+        let gid = group_id(group)?;
+        std::os::unix::fs::chown(path, None, Some(gid))
+            .map_err(|e| Error::io(format!("giving socket {} to group {group}", path.display()), e))?;
+    }
+    Ok(l)
+}
+
+/// Looks a group name up in /etc/group.
+fn group_id(group: &str) -> Result<u32> {
+    let text = std::fs::read_to_string("/etc/group").map_err(|e| Error::io("reading /etc/group", e))?;
+    text.lines()
+        .filter_map(|l| {
+            let mut f = l.split(':');
+            let name = f.next()?;
+            let gid = f.nth(1)?.parse().ok()?;
+            (name == group).then_some(gid)
+        })
+        .next()
+        .ok_or_else(|| Error::new(ErrorKind::InvalidArgument, format!("daemon.socket_group: no group named {group}")))
+}
+
+/// Serves the API until SIGTERM or SIGINT, then cancels running operations and returns.
+pub async fn serve(cfg: &Config, agent: Agent) -> Result<()> {
+    let uds = bind_unix(&cfg.daemon.socket, cfg.socket_mode()?, &cfg.daemon.socket_group).await?;
+    let tcp = if cfg.daemon.tcp_listen.is_empty() {
+        None
+    } else {
+        let l = tokio::net::TcpListener::bind(&cfg.daemon.tcp_listen)
+            .await
+            .map_err(|e| Error::io(format!("binding daemon.tcp_listen {}", cfg.daemon.tcp_listen), e))?;
+        Some(l)
+    };
+
+    let (health_reporter, health) = tonic_health::server::health_reporter();
+    health_reporter.set_serving::<proto::image_service_server::ImageServiceServer<Api>>().await;
+    health_reporter.set_serving::<proto::domain_service_server::DomainServiceServer<Api>>().await;
+    health_reporter.set_serving::<proto::operation_service_server::OperationServiceServer<Api>>().await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .map_err(|e| Error::new(ErrorKind::Internal, "building the reflection service").with_source(e))?;
+
+    let api = Api::new(agent.clone());
+    let router = || {
+        Server::builder()
+            .add_service(health.clone())
+            .add_service(reflection.clone())
+            .add_service(proto::domain_service_server::DomainServiceServer::new(api.clone()))
+            .add_service(proto::image_service_server::ImageServiceServer::new(api.clone()))
+            .add_service(proto::operation_service_server::OperationServiceServer::new(api.clone()))
+    };
+
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+    let uds_task = tokio::spawn(router().serve_with_incoming_shutdown(UnixListenerStream::new(uds), stopped(stop_rx.clone())));
+    let tcp_task = tcp.map(|l| {
+        tokio::spawn(router().serve_with_incoming_shutdown(TcpListenerStream::new(l), stopped(stop_rx.clone())))
+    });
+
+    tracing::info!(
+        socket = %cfg.daemon.socket.display(),
+        tcp = %cfg.daemon.tcp_listen,
+        repository = %agent.repository().root().display(),
+        libvirt = %cfg.libvirt.uri,
+        "imaged ready"
+    );
+    notify_systemd("READY=1\nSTATUS=serving");
+
+    wait_for_stop_signal().await;
+    tracing::info!("stop requested: cancelling running operations");
+    notify_systemd("STOPPING=1\nSTATUS=stopping");
+    agent.shutdown(STOP_GRACE).await;
+    let _ = stop_tx.send(true);
+    let _ = uds_task.await;
+    if let Some(t) = tcp_task {
+        let _ = t.await;
+    }
+    let _ = std::fs::remove_file(&cfg.daemon.socket);
+    tracing::info!("imaged stopped");
+    Ok(())
+}
+
+async fn wait_for_stop_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("installing the SIGTERM handler");
+    let mut int = signal(SignalKind::interrupt()).expect("installing the SIGINT handler");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+}
+
+/// Sends a state string to systemd's `NOTIFY_SOCKET` (a path, or `@name` for the abstract
+/// namespace). Without the variable this does nothing.
+pub fn notify_systemd(state: &str) {
+    let Some(addr) = std::env::var_os("NOTIFY_SOCKET") else { return };
+    let addr = addr.to_string_lossy().into_owned();
+    let sock = match std::os::unix::net::UnixDatagram::unbound() {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot notify systemd");
+            return;
+        }
+    };
+    let res = if let Some(name) = addr.strip_prefix('@') {
+        use std::os::linux::net::SocketAddrExt;
+        std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes())
+            .and_then(|a| sock.send_to_addr(state.as_bytes(), &a))
+    } else {
+        sock.send_to(state.as_bytes(), &addr)
+    };
+    if let Err(e) = res {
+        tracing::warn!(socket = %addr, error = %e, "cannot notify systemd");
+    }
+}

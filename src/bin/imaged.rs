@@ -1,0 +1,94 @@
+//! `imaged`: the host agent daemon. Reads its config, opens the repository, serves the gRPC
+//! API on a unix socket until SIGTERM.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use clap::Parser;
+
+use imaged::config::{Config, DEFAULT_CONFIG_PATH};
+use imaged::hypervisor::libvirt::Libvirt;
+use imaged::ops::Agent;
+use imaged::repo::Repository;
+
+/// The imaged host agent: captures libvirt/QEMU guest disks into an image repository and
+/// serves a gRPC API for a control plane (and for `imagectl`).
+///
+/// Every setting has a default, so `imaged` runs with no config file: libvirt at
+/// qemu:///system, the repository in /var/lib/imaged/repo, the API on /run/imaged/imaged.sock.
+#[derive(Parser)]
+#[command(version, about, long_about)]
+struct Args {
+    /// Config file (TOML). The default path may be absent; an explicit one must exist.
+    #[arg(short, long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Check the config, print the settings in effect and exit.
+    #[arg(long)]
+    check_config: bool,
+    /// Override daemon.socket.
+    #[arg(long, value_name = "PATH")]
+    socket: Option<PathBuf>,
+    /// Override repository.path.
+    #[arg(long, value_name = "DIR")]
+    repository: Option<PathBuf>,
+}
+
+fn main() -> std::process::ExitCode {
+    let args = Args::parse();
+    let (path, required) = match &args.config {
+        Some(p) => (p.clone(), true),
+        None => (PathBuf::from(DEFAULT_CONFIG_PATH), false),
+    };
+    let mut cfg = match Config::load(&path, required) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("imaged: {}", e.chain());
+            return std::process::ExitCode::from(2);
+        }
+    };
+    if let Some(s) = args.socket {
+        cfg.daemon.socket = s;
+    }
+    if let Some(r) = args.repository {
+        cfg.repository.path = r;
+    }
+    if let Err(e) = cfg.validate() {
+        eprintln!("imaged: {}", e.chain());
+        return std::process::ExitCode::from(2);
+    }
+    if args.check_config {
+        println!("{cfg:#?}");
+        return std::process::ExitCode::SUCCESS;
+    }
+    let level = cfg.log_level().unwrap_or(tracing::Level::INFO);
+    // Under systemd the journal adds timestamps; elsewhere keep them.
+    let journal = std::env::var_os("JOURNAL_STREAM").is_some();
+    let builder = tracing_subscriber::fmt().with_max_level(level).with_target(false).with_ansi(false).with_writer(std::io::stderr);
+    if journal {
+        builder.without_time().init();
+    } else {
+        builder.init();
+    }
+
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("imaged: cannot start the async runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    let res = rt.block_on(async move {
+        let repo = Repository::open(&cfg.repository.path)?;
+        let hv = Arc::new(Libvirt::new(&cfg.libvirt.uri));
+        let agent = Agent::new(cfg.clone(), hv, repo);
+        imaged::api::server::serve(&cfg, agent).await
+    });
+    match res {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = %e.chain(), "imaged cannot run");
+            eprintln!("imaged: {}", e.chain());
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

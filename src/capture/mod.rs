@@ -1,0 +1,270 @@
+//! The capture pipeline: one road for every byte.
+//!
+//! ```text
+//! block source (NBD: extent map + reads) ──► chunker (4 MiB, zero detection, sha256) ──► sink
+//! ```
+//!
+//! 1. The extent map (`base:allocation`) is fetched first. A chunk that lies wholly in
+//!    zero extents is recorded as a zero chunk without reading a byte; inside a data chunk,
+//!    only the data extents are read (the rest of the buffer is zeroed).
+//! 2. `readers` workers, each with its own NBD connection and one 4 MiB buffer, pull chunk
+//!    indices from a shared counter. Reading is async; hashing, the zero check and the store
+//!    run on the blocking pool, so one worker reads while another hashes. Memory is
+//!    `readers × 4 MiB` plus the manifest, whatever the disk size.
+//! 3. Each chunk's sha256 and its 64 KiB-cluster allocation mask go into the manifest; the
+//!    sink stores chunks it does not have yet.
+//!
+//! Cancellation is checked before every chunk, so a cancel stops the read within one chunk.
+
+pub mod source;
+
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use sha2::{Digest as _, Sha256};
+
+use crate::error::{Error, ErrorKind, Result};
+use crate::nbd::{Extent, NbdClient};
+use crate::repo::manifest::{chunk_len, cluster_mask, ChunkRef, ImageRecord, CHUNK_SIZE};
+use crate::repo::{ChunkSink, PutOutcome};
+use source::{NbdExport, BASE_ALLOCATION};
+
+/// NBD `base:allocation` flag: the range reads as zeros.
+const STATE_ZERO: u32 = 2;
+
+/// Live counters of a running capture, shared with the operation that reports them.
+#[derive(Debug, Default)]
+pub struct Progress {
+    pub bytes_total: AtomicU64,
+    pub bytes_done: AtomicU64,
+    pub bytes_read: AtomicU64,
+    pub bytes_zero: AtomicU64,
+    pub bytes_new: AtomicU64,
+    pub bytes_existing: AtomicU64,
+}
+
+/// A cancel flag shared between an operation and its pipeline.
+#[derive(Debug, Clone, Default)]
+pub struct CancelToken(Arc<AtomicBool>);
+
+impl CancelToken {
+    /// Asks the work to stop.
+    pub fn cancel(&self) {
+        self.0.store(true, Ordering::SeqCst);
+    }
+    /// True once cancelled.
+    pub fn is_cancelled(&self) -> bool {
+        self.0.load(Ordering::SeqCst)
+    }
+    /// CANCELLED error when cancelled.
+    pub fn check(&self) -> Result<()> {
+        if self.is_cancelled() {
+            Err(Error::new(ErrorKind::Cancelled, "cancelled"))
+        } else {
+            Ok(())
+        }
+    }
+}
+
+/// What the pipeline produced: the chunk list of the image.
+#[derive(Debug)]
+pub struct Captured {
+    pub virtual_size: u64,
+    pub chunks: Vec<ChunkRef>,
+    pub data_bytes: u64,
+}
+
+/// Reads every byte of `export` once into `sink`, `readers` connections in parallel.
+pub async fn run(
+    export: &NbdExport,
+    readers: usize,
+    sink: ChunkSink,
+    progress: Arc<Progress>,
+    cancel: CancelToken,
+) -> Result<Captured> {
+    let mut first = export.connect().await?;
+    let size = first.size();
+    progress.bytes_total.store(size, Ordering::Relaxed);
+    let extents = first.allocation_map(BASE_ALLOCATION, 0, size).await.map_err(|e| {
+        Error::new(ErrorKind::Internal, format!("reading the allocation map of {}", export.describe))
+            .with_source(e)
+    })?;
+    let extents: Arc<Vec<Extent>> = Arc::new(extents);
+    let count = ImageRecord::chunk_count_for(size) as usize;
+    let results: Arc<Mutex<Vec<ChunkRef>>> = Arc::new(Mutex::new(vec![ChunkRef::Zero; count]));
+    let next = Arc::new(AtomicUsize::new(0));
+    let mut clients = vec![first];
+    for _ in 1..readers.max(1) {
+        clients.push(export.connect().await?);
+    }
+    let mut tasks = tokio::task::JoinSet::new();
+    for client in clients {
+        let w = Worker {
+            client,
+            size,
+            extents: extents.clone(),
+            next: next.clone(),
+            results: results.clone(),
+            sink: sink.clone(),
+            progress: progress.clone(),
+            cancel: cancel.clone(),
+            describe: export.describe.clone(),
+        };
+        tasks.spawn(w.run());
+    }
+    let mut first_err: Option<Error> = None;
+    while let Some(joined) = tasks.join_next().await {
+        let res = joined.unwrap_or_else(|e| Err(Error::new(ErrorKind::Internal, "capture worker panicked").with_source(e)));
+        if let Err(e) = res {
+            // Stop the other workers at their next chunk.
+            cancel_siblings(&next, count);
+            // Prefer a real failure over the "cancelled" of a sibling.
+            if first_err.as_ref().is_none_or(|f| f.kind() == ErrorKind::Cancelled) {
+                first_err = Some(e);
+            }
+        }
+    }
+    if let Some(e) = first_err {
+        return Err(e);
+    }
+    cancel.check()?;
+    let chunks = std::mem::take(&mut *results.lock().unwrap_or_else(|p| p.into_inner()));
+    let data_bytes = chunks
+        .iter()
+        .enumerate()
+        .filter(|(_, c)| matches!(c, ChunkRef::Data { .. }))
+        .map(|(i, _)| chunk_len(size, i as u64))
+        .sum();
+    Ok(Captured { virtual_size: size, chunks, data_bytes })
+}
+
+fn cancel_siblings(next: &AtomicUsize, count: usize) {
+    next.store(count, Ordering::SeqCst);
+}
+
+struct Worker {
+    client: NbdClient,
+    size: u64,
+    extents: Arc<Vec<Extent>>,
+    next: Arc<AtomicUsize>,
+    results: Arc<Mutex<Vec<ChunkRef>>>,
+    sink: ChunkSink,
+    progress: Arc<Progress>,
+    cancel: CancelToken,
+    describe: String,
+}
+
+impl Worker {
+    async fn run(mut self) -> Result<()> {
+        let count = ImageRecord::chunk_count_for(self.size) as usize;
+        let mut buf = vec![0u8; CHUNK_SIZE as usize];
+        loop {
+            self.cancel.check()?;
+            let i = self.next.fetch_add(1, Ordering::SeqCst);
+            if i >= count {
+                break;
+            }
+            let start = i as u64 * CHUNK_SIZE;
+            let len = chunk_len(self.size, i as u64);
+            let ranges = data_ranges(&self.extents, start, len);
+            let p = &self.progress;
+            if ranges.is_empty() {
+                p.bytes_zero.fetch_add(len, Ordering::Relaxed);
+                p.bytes_done.fetch_add(len, Ordering::Relaxed);
+                continue;
+            }
+            let chunk = &mut buf[..len as usize];
+            chunk.fill(0);
+            let mut read = 0;
+            for r in &ranges {
+                let lo = (r.start - start) as usize;
+                let hi = (r.end - start) as usize;
+                self.client.read(r.start, &mut chunk[lo..hi]).await.map_err(|e| {
+                    Error::new(
+                        ErrorKind::Internal,
+                        format!("reading {} bytes at offset {} of {}", hi - lo, r.start, self.describe),
+                    )
+                    .with_source(e)
+                })?;
+                read += r.end - r.start;
+            }
+            p.bytes_read.fetch_add(read, Ordering::Relaxed);
+            let sink = self.sink.clone();
+            let owned = std::mem::take(&mut buf);
+            let (owned, outcome) = tokio::task::spawn_blocking(move || {
+                let data = &owned[..len as usize];
+                let mask = cluster_mask(data);
+                if mask == 0 {
+                    return (owned, Ok(None));
+                }
+                let digest: [u8; 32] = Sha256::digest(data).into();
+                let res = sink.put(&digest, data).map(|o| Some((digest, mask, o)));
+                (owned, res)
+            })
+            .await
+            .map_err(|e| Error::new(ErrorKind::Internal, "hashing task failed").with_source(e))?;
+            buf = owned;
+            let entry = match outcome? {
+                None => {
+                    p.bytes_zero.fetch_add(len, Ordering::Relaxed);
+                    ChunkRef::Zero
+                }
+                Some((digest, mask, o)) => {
+                    let counter = match o {
+                        PutOutcome::Stored => &p.bytes_new,
+                        PutOutcome::Existing => &p.bytes_existing,
+                    };
+                    counter.fetch_add(len, Ordering::Relaxed);
+                    ChunkRef::Data { digest, mask }
+                }
+            };
+            p.bytes_done.fetch_add(len, Ordering::Relaxed);
+            self.results.lock().unwrap_or_else(|p| p.into_inner())[i] = entry;
+        }
+        let _ = self.client.disconnect().await;
+        Ok(())
+    }
+}
+
+/// The byte ranges of `[start, start+len)` that are not known zeros, coalesced.
+/// `extents` is sorted and covers the disk.
+pub fn data_ranges(extents: &[Extent], start: u64, len: u64) -> Vec<std::ops::Range<u64>> {
+    let end = start + len;
+    let first = extents.partition_point(|e| e.offset + e.length <= start);
+    let mut out: Vec<std::ops::Range<u64>> = Vec::new();
+    for e in &extents[first..] {
+        if e.offset >= end {
+            break;
+        }
+        if e.flags & STATE_ZERO != 0 {
+            continue;
+        }
+        let r = e.offset.max(start)..(e.offset + e.length).min(end);
+        match out.last_mut() {
+            Some(last) if last.end == r.start => last.end = r.end,
+            _ => out.push(r),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ext(offset: u64, length: u64, flags: u32) -> Extent {
+        Extent { offset, length, flags }
+    }
+
+    #[test]
+    fn ranges_skip_zero_extents() {
+        let m = 1 << 20;
+        let ex = vec![ext(0, m, 0), ext(m, 2 * m, 3), ext(3 * m, 2 * m, 0), ext(5 * m, 4 * m, 2)];
+        assert_eq!(data_ranges(&ex, 0, 4 * m), vec![0..m, 3 * m..4 * m]);
+        assert_eq!(data_ranges(&ex, 4 * m, 4 * m), vec![4 * m..5 * m]);
+        assert!(data_ranges(&ex, 5 * m, 4 * m).is_empty());
+        // A hole that is not zero (HOLE without ZERO) must still be read.
+        let ex2 = vec![ext(0, m, 1), ext(m, m, 0)];
+        assert_eq!(data_ranges(&ex2, 0, 2 * m), vec![0..2 * m]);
+    }
+}

@@ -1,0 +1,154 @@
+//! Block sources: a disk file exported read-only over NBD by `qemu-nbd`.
+//!
+//! The format is always named (`--format`), never probed: a raw disk whose first bytes look
+//! like a qcow2 header must not be read as one. QEMU follows a qcow2 backing chain itself.
+//! While qemu-nbd holds the image open it holds QEMU's shared image lock, which keeps a
+//! QEMU from starting on the same disk for writing: the domain cannot start mid-capture.
+//! The child gets SIGKILL if the daemon dies (`PR_SET_PDEATHSIG`) and on drop.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use tokio::io::AsyncReadExt;
+use tokio::process::{Child, Command};
+
+use crate::error::{Error, ErrorKind, Result};
+use crate::nbd::{ConnectOptions, NbdClient};
+
+/// The NBD meta context that reports holes and zeros.
+pub const BASE_ALLOCATION: &str = "base:allocation";
+
+/// A running `qemu-nbd` serving one disk file read-only on a unix socket.
+pub struct NbdExport {
+    child: Child,
+    socket: PathBuf,
+    /// What is served, for messages.
+    pub describe: String,
+}
+
+impl NbdExport {
+    /// Starts qemu-nbd on `disk` (format named) with room for `connections` clients, the
+    /// socket under `run_dir`. Returns once the socket accepts connections.
+    pub async fn start(
+        qemu_nbd: &Path,
+        disk: &Path,
+        format: &str,
+        run_dir: &Path,
+        tag: &str,
+        connections: usize,
+    ) -> Result<NbdExport> {
+        if !matches!(format, "qcow2" | "raw") {
+            return Err(Error::new(
+                ErrorKind::FailedPrecondition,
+                format!("disk {} has format {format:?}; only qcow2 and raw are supported", disk.display()),
+            ));
+        }
+        std::fs::create_dir_all(run_dir)
+            .map_err(|e| Error::io(format!("creating run directory {}", run_dir.display()), e))?;
+        let socket = run_dir.join(format!("{tag}.sock"));
+        let _ = std::fs::remove_file(&socket);
+        let mut cmd = Command::new(qemu_nbd);
+        cmd.arg("--read-only")
+            .arg(format!("--format={format}"))
+            .arg(format!("--shared={}", connections.max(1)))
+            .arg("--persistent")
+            .arg(format!("--socket={}", socket.display()))
+            .arg("--")
+            .arg(disk)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        // SAFETY: prctl(PR_SET_PDEATHSIG) is async-signal-safe and touches no memory of the
+        // parent; it runs in the forked child before exec.
+        unsafe {
+            cmd.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let describe = format!("{} ({format})", disk.display());
+        let mut child = cmd.spawn().map_err(|e| {
+            Error::new(
+                ErrorKind::Unavailable,
+                format!("cannot run {} to read disk {describe} (install qemu-utils)", qemu_nbd.display()),
+            )
+            .with_source(e)
+        })?;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(status) = child.try_wait().map_err(|e| Error::io("waiting for qemu-nbd", e))? {
+                let mut err = String::new();
+                if let Some(mut s) = child.stderr.take() {
+                    let _ = s.read_to_string(&mut err).await;
+                }
+                return Err(qemu_nbd_failed(&describe, status.code(), err.trim()));
+            }
+            if tokio::net::UnixStream::connect(&socket).await.is_ok() {
+                break;
+            }
+            if tokio::time::Instant::now() > deadline {
+                return Err(Error::new(
+                    ErrorKind::Unavailable,
+                    format!("qemu-nbd did not open its socket for {describe} within 20 s"),
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Ok(NbdExport { child, socket, describe })
+    }
+
+    /// Opens one more client connection with `base:allocation` negotiated.
+    pub async fn connect(&self) -> Result<NbdClient> {
+        let opts = ConnectOptions {
+            export_name: String::new(),
+            meta_contexts: vec![BASE_ALLOCATION.to_string()],
+        };
+        NbdClient::connect_unix(&self.socket, &opts).await.map_err(|e| {
+            Error::new(ErrorKind::Unavailable, format!("connecting to the NBD export of {}", self.describe))
+                .with_source(e)
+        })
+    }
+
+    /// Stops qemu-nbd and removes its socket.
+    pub async fn stop(mut self) {
+        let _ = self.child.start_kill();
+        let _ = self.child.wait().await;
+        let _ = std::fs::remove_file(&self.socket);
+    }
+}
+
+impl Drop for NbdExport {
+    fn drop(&mut self) {
+        let _ = self.child.start_kill();
+        let _ = std::fs::remove_file(&self.socket);
+    }
+}
+
+/// Turns qemu-nbd's complaint into an error a person can act on.
+fn qemu_nbd_failed(describe: &str, code: Option<i32>, stderr: &str) -> Error {
+    let kind = if stderr.contains("lock") {
+        // Someone (a running QEMU) holds the image for writing.
+        ErrorKind::FailedPrecondition
+    } else if stderr.contains("No such file") || stderr.contains("Permission denied") || stderr.contains("Could not open") {
+        ErrorKind::FailedPrecondition
+    } else {
+        ErrorKind::Internal
+    };
+    let hint = if stderr.contains("lock") {
+        " (is a VM using this disk?)"
+    } else {
+        ""
+    };
+    Error::new(
+        kind,
+        format!(
+            "cannot read disk {describe}: qemu-nbd exited with {}: {}{hint}",
+            code.map(|c| c.to_string()).unwrap_or_else(|| "a signal".into()),
+            if stderr.is_empty() { "no message" } else { stderr }
+        ),
+    )
+}

@@ -1,0 +1,354 @@
+//! `imagectl`: the node admin's command line, a gRPC client of the daemon.
+//!
+//! People get tables and a progress bar on a terminal; scripts get `--json` (one JSON document
+//! on stdout) and exit codes that say what happened (see [`exit`]).
+
+mod output;
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use hyper_util::rt::TokioIo;
+use tonic::transport::{Channel, Endpoint, Uri};
+use tonic::Code;
+
+use crate::proto;
+use crate::proto::domain_service_client::DomainServiceClient;
+use crate::proto::image_service_client::ImageServiceClient;
+use crate::proto::operation_service_client::OperationServiceClient;
+
+/// Exit codes.
+pub mod exit {
+    /// Done.
+    pub const OK: u8 = 0;
+    /// The operation ran and failed.
+    pub const FAILED: u8 = 1;
+    /// Bad arguments (INVALID_ARGUMENT).
+    pub const USAGE: u8 = 2;
+    /// No such domain, image or operation.
+    pub const NOT_FOUND: u8 = 3;
+    /// The request conflicts with the current state (FAILED_PRECONDITION, ABORTED, ALREADY_EXISTS).
+    pub const CONFLICT: u8 = 4;
+    /// The daemon, libvirt or the repository is unreachable or out of space.
+    pub const UNAVAILABLE: u8 = 5;
+    /// The operation was cancelled.
+    pub const CANCELLED: u8 = 6;
+}
+
+const AFTER_HELP: &str = "\
+Examples:
+  imagectl domains                                  list domains and their disks
+  imagectl capture web1 --name web1-2026-11-26      capture shut-off domain web1's system disk
+  imagectl images                                   list images in the repository
+  imagectl export web1-2026-11-26 --format qcow2 -o /srv/web1.qcow2
+  imagectl import /srv/vendor.qcow2 --format qcow2 --name vendor-appliance
+  imagectl --json ops                               operations as JSON, for scripts
+
+Exit codes: 0 done, 1 operation failed, 2 bad arguments, 3 not found,
+4 conflict (wrong domain state, name taken, object busy), 5 daemon/libvirt/repository
+unavailable or full, 6 cancelled.";
+
+/// Command line of the imaged host agent: capture VM disks into images, export and import them.
+#[derive(Parser)]
+#[command(name = "imagectl", version, about, after_help = AFTER_HELP)]
+pub struct Cli {
+    /// The daemon's unix socket.
+    #[arg(long, global = true, env = "IMAGED_SOCKET", default_value = crate::config::DEFAULT_SOCKET)]
+    socket: PathBuf,
+    /// Print JSON for scripts instead of tables and progress bars.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// List the host's libvirt domains, their state and disks.
+    Domains,
+    /// Show one domain.
+    Domain { name: String },
+    /// Capture a shut-off domain's system disk (or --disk) into a new image.
+    ///
+    /// The domain must be shut off; it cannot be started while its disk is read. Waits and
+    /// shows progress unless --no-wait.
+    Capture {
+        /// The libvirt domain.
+        domain: String,
+        /// Name of the new image (letters, digits, '.', '_', '-').
+        #[arg(long)]
+        name: String,
+        /// Disk target to capture, e.g. vdb (default: the system disk).
+        #[arg(long)]
+        disk: Option<String>,
+        /// Idempotency key: repeating the command with the same key returns the same operation.
+        #[arg(long)]
+        request_id: Option<String>,
+        /// Print the operation and return at once.
+        #[arg(long)]
+        no_wait: bool,
+    },
+    /// Import a qcow2 or raw file of this host into a new image.
+    Import {
+        file: PathBuf,
+        /// The file's format; never guessed.
+        #[arg(long)]
+        format: FormatArg,
+        #[arg(long)]
+        name: String,
+        #[arg(long)]
+        no_wait: bool,
+    },
+    /// List images in the repository.
+    Images,
+    /// Show one image.
+    Image { name: String },
+    /// Write an image to a file (qcow2, or sparse raw).
+    Export {
+        name: String,
+        #[arg(long)]
+        format: FormatArg,
+        /// Destination file; must not exist unless --overwrite.
+        #[arg(short, long)]
+        output: PathBuf,
+        #[arg(long)]
+        overwrite: bool,
+        #[arg(long)]
+        no_wait: bool,
+    },
+    /// Delete an image (and the chunks no other image uses).
+    Rm { name: String },
+    /// List operations.
+    Ops,
+    /// Show one operation.
+    Op { id: String },
+    /// Follow an operation until it ends.
+    Watch { id: String },
+    /// Cancel a running operation.
+    Cancel { id: String },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum FormatArg {
+    Qcow2,
+    Raw,
+}
+
+impl FormatArg {
+    fn as_str(self) -> &'static str {
+        match self {
+            FormatArg::Qcow2 => "qcow2",
+            FormatArg::Raw => "raw",
+        }
+    }
+}
+
+/// Parses arguments, runs the command, returns the exit code.
+pub fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("tokio runtime");
+    let code = rt.block_on(run(cli));
+    std::process::ExitCode::from(code)
+}
+
+async fn run(cli: Cli) -> u8 {
+    match dispatch(&cli).await {
+        Ok(code) => code,
+        Err(status) => {
+            if cli.json {
+                println!("{}", output::status_json(&status));
+            }
+            eprintln!("imagectl: {}", status.message());
+            exit_for(status.code())
+        }
+    }
+}
+
+fn exit_for(code: Code) -> u8 {
+    match code {
+        Code::Ok => exit::OK,
+        Code::InvalidArgument | Code::OutOfRange => exit::USAGE,
+        Code::NotFound => exit::NOT_FOUND,
+        Code::FailedPrecondition | Code::Aborted | Code::AlreadyExists => exit::CONFLICT,
+        Code::Unavailable | Code::ResourceExhausted | Code::DeadlineExceeded => exit::UNAVAILABLE,
+        Code::Cancelled => exit::CANCELLED,
+        _ => exit::FAILED,
+    }
+}
+
+/// Opens a channel to the daemon's unix socket.
+pub async fn connect(socket: &Path) -> Result<Channel, tonic::Status> {
+    let path = socket.to_path_buf();
+    let endpoint = Endpoint::try_from("http://imaged.local").map_err(|e| tonic::Status::internal(e.to_string()))?;
+    endpoint
+        .connect_with_connector(tower::service_fn(move |_: Uri| {
+            let path = path.clone();
+            async move { Ok::<_, std::io::Error>(TokioIo::new(tokio::net::UnixStream::connect(path).await?)) }
+        }))
+        .await
+        .map_err(|e| {
+            tonic::Status::unavailable(format!(
+                "cannot reach imaged at {} ({}): is the daemon running? (systemctl status imaged)",
+                socket.display(),
+                std::error::Error::source(&e).map(|s| s.to_string()).unwrap_or_else(|| e.to_string())
+            ))
+        })
+}
+
+fn absolute(p: &Path) -> PathBuf {
+    if p.is_absolute() {
+        p.to_path_buf()
+    } else {
+        std::env::current_dir().map(|d| d.join(p)).unwrap_or_else(|_| p.to_path_buf())
+    }
+}
+
+async fn dispatch(cli: &Cli) -> Result<u8, tonic::Status> {
+    let ch = connect(&cli.socket).await?;
+    let mut doms = DomainServiceClient::new(ch.clone());
+    let mut imgs = ImageServiceClient::new(ch.clone());
+    let mut ops = OperationServiceClient::new(ch.clone());
+    let json = cli.json;
+    match &cli.cmd {
+        Cmd::Domains => {
+            let r = doms.list_domains(proto::ListDomainsRequest {}).await?.into_inner();
+            output::domains(&r.domains, json);
+        }
+        Cmd::Domain { name } => {
+            let d = doms.get_domain(proto::GetDomainRequest { name: name.clone() }).await?.into_inner();
+            output::domains(std::slice::from_ref(&d), json);
+        }
+        Cmd::Capture { domain, name, disk, request_id, no_wait } => {
+            let op = imgs
+                .capture(proto::CaptureRequest {
+                    domain: domain.clone(),
+                    image_name: name.clone(),
+                    request_id: request_id.clone().unwrap_or_default(),
+                    mode: proto::CaptureMode::Cold as i32,
+                    disk: disk.clone().unwrap_or_default(),
+                })
+                .await?
+                .into_inner();
+            return follow(&mut ops, op, *no_wait, json).await;
+        }
+        Cmd::Import { file, format, name, no_wait } => {
+            let op = imgs
+                .import(proto::ImportRequest {
+                    path: absolute(file).to_string_lossy().into_owned(),
+                    format: format.as_str().into(),
+                    image_name: name.clone(),
+                    request_id: String::new(),
+                })
+                .await?
+                .into_inner();
+            return follow(&mut ops, op, *no_wait, json).await;
+        }
+        Cmd::Images => {
+            let r = imgs.list_images(proto::ListImagesRequest {}).await?.into_inner();
+            output::images(&r.images, json);
+        }
+        Cmd::Image { name } => {
+            let i = imgs.get_image(proto::GetImageRequest { name: name.clone() }).await?.into_inner();
+            output::image_detail(&i, json);
+        }
+        Cmd::Export { name, format, output: out, overwrite, no_wait } => {
+            let f = match format {
+                FormatArg::Qcow2 => proto::ImageFormat::Qcow2,
+                FormatArg::Raw => proto::ImageFormat::Raw,
+            };
+            let op = imgs
+                .export_image(proto::ExportImageRequest {
+                    name: name.clone(),
+                    format: f as i32,
+                    path: absolute(out).to_string_lossy().into_owned(),
+                    overwrite: *overwrite,
+                    request_id: String::new(),
+                })
+                .await?
+                .into_inner();
+            return follow(&mut ops, op, *no_wait, json).await;
+        }
+        Cmd::Rm { name } => {
+            let r = imgs.delete_image(proto::DeleteImageRequest { name: name.clone() }).await?.into_inner();
+            output::deleted(name, &r, json);
+        }
+        Cmd::Ops => {
+            let r = ops.list_operations(proto::ListOperationsRequest {}).await?.into_inner();
+            output::operations(&r.operations, json);
+        }
+        Cmd::Op { id } => {
+            let o = ops.get_operation(proto::GetOperationRequest { id: id.clone() }).await?.into_inner();
+            output::operation_detail(&o, json);
+            return Ok(op_exit(&o));
+        }
+        Cmd::Watch { id } => {
+            let o = ops.get_operation(proto::GetOperationRequest { id: id.clone() }).await?.into_inner();
+            return follow(&mut ops, o, false, json).await;
+        }
+        Cmd::Cancel { id } => {
+            let o = ops.cancel_operation(proto::CancelOperationRequest { id: id.clone() }).await?.into_inner();
+            if json {
+                println!("{}", output::operation_json(&o));
+            } else {
+                println!("cancel requested for {} ({})", o.id, o.image_name);
+            }
+        }
+    }
+    Ok(exit::OK)
+}
+
+/// Exit code for an operation's final state.
+fn op_exit(o: &proto::Operation) -> u8 {
+    match proto::OperationState::try_from(o.state) {
+        Ok(proto::OperationState::Failed) => {
+            let code = o.error.as_ref().map(|e| e.code.as_str()).unwrap_or("");
+            match code {
+                "RESOURCE_EXHAUSTED" | "UNAVAILABLE" => exit::UNAVAILABLE,
+                "FAILED_PRECONDITION" | "ABORTED" | "ALREADY_EXISTS" => exit::CONFLICT,
+                "NOT_FOUND" => exit::NOT_FOUND,
+                _ => exit::FAILED,
+            }
+        }
+        Ok(proto::OperationState::Cancelled) => exit::CANCELLED,
+        _ => exit::OK,
+    }
+}
+
+/// Follows an operation to its end with a progress bar (terminal), state lines (pipe) or
+/// nothing until the final JSON (`--json`).
+async fn follow(
+    ops: &mut OperationServiceClient<Channel>,
+    op: proto::Operation,
+    no_wait: bool,
+    json: bool,
+) -> Result<u8, tonic::Status> {
+    if no_wait {
+        if json {
+            println!("{}", output::operation_json(&op));
+        } else {
+            println!("{}", op.id);
+        }
+        return Ok(exit::OK);
+    }
+    let mut stream = ops.watch_operation(proto::WatchOperationRequest { id: op.id.clone() }).await?.into_inner();
+    let mut view = output::ProgressView::new(&op, json);
+    let mut last = op;
+    loop {
+        match tokio::time::timeout(Duration::from_secs(60), stream.message()).await {
+            Ok(Ok(Some(o))) => {
+                view.update(&o);
+                last = o;
+            }
+            Ok(Ok(None)) => break,
+            Ok(Err(status)) => return Err(status),
+            Err(_) => {
+                // No news for a minute: ask directly, the stream may be stuck behind a proxy.
+                last = ops.get_operation(proto::GetOperationRequest { id: last.id.clone() }).await?.into_inner();
+                view.update(&last);
+            }
+        }
+    }
+    view.finish(&last);
+    Ok(op_exit(&last))
+}

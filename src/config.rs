@@ -1,0 +1,247 @@
+//! The daemon's configuration: `/etc/imaged/imaged.toml`.
+//!
+//! Every key has a default, so the daemon runs with no file at all (local libvirt, repository
+//! under `/var/lib/imaged`). Unknown keys and bad values are rejected at start with the key's
+//! name, so a typo never silently falls back to a default.
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::error::{invalid, Error, Result};
+
+/// Where the daemon looks when `--config` is not given.
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/imaged/imaged.toml";
+/// Default unix socket of the gRPC API.
+pub const DEFAULT_SOCKET: &str = "/run/imaged/imaged.sock";
+
+/// The whole configuration.
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub daemon: DaemonConfig,
+    pub libvirt: LibvirtConfig,
+    pub repository: RepositoryConfig,
+    pub capture: CaptureConfig,
+}
+
+/// `[daemon]`: how the API is served and logged.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DaemonConfig {
+    /// Unix socket path of the gRPC API.
+    pub socket: PathBuf,
+    /// Permission bits of the socket, octal as a string ("0660").
+    pub socket_mode: String,
+    /// Group that owns the socket ("" keeps root's group).
+    pub socket_group: String,
+    /// Optional TCP address ("127.0.0.1:7070"); empty disables TCP.
+    pub tcp_listen: String,
+    /// error, warn, info, debug or trace.
+    pub log_level: String,
+    /// How many operations may run at once; more wait QUEUED.
+    pub max_running_operations: usize,
+    /// How many finished operations are kept for `Get`/`List`.
+    pub keep_finished_operations: usize,
+}
+
+impl Default for DaemonConfig {
+    fn default() -> Self {
+        DaemonConfig {
+            socket: PathBuf::from(DEFAULT_SOCKET),
+            socket_mode: "0660".into(),
+            socket_group: String::new(),
+            tcp_listen: String::new(),
+            log_level: "info".into(),
+            max_running_operations: 2,
+            keep_finished_operations: 200,
+        }
+    }
+}
+
+/// `[libvirt]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LibvirtConfig {
+    /// Connection URI.
+    pub uri: String,
+}
+
+impl Default for LibvirtConfig {
+    fn default() -> Self {
+        LibvirtConfig { uri: "qemu:///system".into() }
+    }
+}
+
+/// `[repository]`: the local chunk store.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RepositoryConfig {
+    /// Directory of the local repository.
+    pub path: PathBuf,
+}
+
+impl Default for RepositoryConfig {
+    fn default() -> Self {
+        RepositoryConfig { path: PathBuf::from("/var/lib/imaged/repo") }
+    }
+}
+
+/// `[capture]`: the data path.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CaptureConfig {
+    /// The qemu-nbd binary.
+    pub qemu_nbd: PathBuf,
+    /// Parallel NBD connections (and hashing workers) per capture, 1 to 16.
+    pub readers: usize,
+    /// Directory for NBD sockets of running captures.
+    pub run_dir: PathBuf,
+}
+
+impl Default for CaptureConfig {
+    fn default() -> Self {
+        CaptureConfig {
+            qemu_nbd: PathBuf::from("qemu-nbd"),
+            readers: 2,
+            run_dir: PathBuf::from("/run/imaged/nbd"),
+        }
+    }
+}
+
+impl Config {
+    /// Reads `path`. A missing file is fine only when `required` is false (the default path).
+    pub fn load(path: &Path, required: bool) -> Result<Config> {
+        let text = match std::fs::read_to_string(path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !required => {
+                return Ok(Config::default())
+            }
+            Err(e) => {
+                return Err(Error::io(format!("reading config file {}", path.display()), e));
+            }
+        };
+        Config::parse(&text).map_err(|e| invalid(format!("config file {}: {e}", path.display())))
+    }
+
+    /// Parses and validates TOML text.
+    pub fn parse(text: &str) -> Result<Config> {
+        // toml's message names the key and the line; keep it on one line.
+        let cfg: Config =
+            toml::from_str(text).map_err(|e| invalid(e.to_string().replace('\n', " ")))?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Checks values serde cannot: ranges, absolute paths, the socket mode.
+    pub fn validate(&self) -> Result<()> {
+        let d = &self.daemon;
+        if !d.socket.is_absolute() {
+            return Err(invalid(format!(
+                "daemon.socket must be an absolute path, got {:?}",
+                d.socket
+            )));
+        }
+        self.socket_mode()?;
+        if !d.tcp_listen.is_empty() && d.tcp_listen.parse::<std::net::SocketAddr>().is_err() {
+            return Err(invalid(format!(
+                "daemon.tcp_listen must be an address like 127.0.0.1:7070, got {:?}",
+                d.tcp_listen
+            )));
+        }
+        self.log_level()?;
+        if !(1..=64).contains(&d.max_running_operations) {
+            return Err(invalid(format!(
+                "daemon.max_running_operations must be 1 to 64, got {}",
+                d.max_running_operations
+            )));
+        }
+        if self.libvirt.uri.trim().is_empty() {
+            return Err(invalid("libvirt.uri must not be empty"));
+        }
+        if !self.repository.path.is_absolute() {
+            return Err(invalid(format!(
+                "repository.path must be an absolute path, got {:?}",
+                self.repository.path
+            )));
+        }
+        if !(1..=16).contains(&self.capture.readers) {
+            return Err(invalid(format!(
+                "capture.readers must be 1 to 16, got {}",
+                self.capture.readers
+            )));
+        }
+        if !self.capture.run_dir.is_absolute() {
+            return Err(invalid(format!(
+                "capture.run_dir must be an absolute path, got {:?}",
+                self.capture.run_dir
+            )));
+        }
+        Ok(())
+    }
+
+    /// `daemon.socket_mode` as permission bits.
+    pub fn socket_mode(&self) -> Result<u32> {
+        let s = self.daemon.socket_mode.trim_start_matches("0o");
+        match u32::from_str_radix(s, 8) {
+            Ok(m) if m <= 0o777 => Ok(m),
+            _ => Err(invalid(format!(
+                "daemon.socket_mode must be octal permission bits like \"0660\", got {:?}",
+                self.daemon.socket_mode
+            ))),
+        }
+    }
+
+    /// `daemon.log_level` as a tracing level.
+    pub fn log_level(&self) -> Result<tracing::Level> {
+        self.daemon.log_level.parse().map_err(|_| {
+            invalid(format!(
+                "daemon.log_level must be one of error, warn, info, debug, trace; got {:?}",
+                self.daemon.log_level
+            ))
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_file_gives_defaults() {
+        let c = Config::parse("").unwrap();
+        assert_eq!(c.libvirt.uri, "qemu:///system");
+        assert_eq!(c.socket_mode().unwrap(), 0o660);
+        assert_eq!(c.repository.path, PathBuf::from("/var/lib/imaged/repo"));
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let e = Config::parse("[repository]\npaht = \"/x\"\n").unwrap_err();
+        assert!(e.to_string().contains("paht"), "{e}");
+    }
+
+    #[test]
+    fn bad_values_are_named() {
+        for (text, key) in [
+            ("[daemon]\nsocket_mode = \"999\"", "daemon.socket_mode"),
+            ("[daemon]\nsocket = \"rel.sock\"", "daemon.socket"),
+            ("[daemon]\ntcp_listen = \"nowhere\"", "daemon.tcp_listen"),
+            ("[daemon]\nlog_level = \"loud\"", "daemon.log_level"),
+            ("[capture]\nreaders = 0", "capture.readers"),
+            ("[repository]\npath = \"repo\"", "repository.path"),
+        ] {
+            let e = Config::parse(text).unwrap_err();
+            assert!(e.to_string().contains(key), "{text}: {e}");
+        }
+        let e = Config::parse("[capture]\nreaders = \"two\"").unwrap_err();
+        assert!(e.to_string().contains("readers"), "{e}");
+    }
+
+    #[test]
+    fn missing_default_file_is_fine_missing_explicit_is_not() {
+        let p = Path::new("/nonexistent/imaged.toml");
+        assert!(Config::load(p, false).is_ok());
+        assert!(Config::load(p, true).is_err());
+    }
+}

@@ -1,0 +1,191 @@
+//! Error kinds of the agent and their mapping to gRPC status codes.
+//!
+//! Every failure that reaches a caller is an [`Error`]: a matchable [`ErrorKind`] (which decides
+//! the gRPC code and the CLI's exit code) plus a message that names the object involved (domain,
+//! image, file, config key). A lower-level cause is kept as the `source`, and its text is not
+//! repeated in the message; [`Error::chain`] renders the whole story for logs and callers.
+
+use std::fmt;
+
+/// What kind of failure this is; decides the gRPC status code.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ErrorKind {
+    /// A field, flag or config value is malformed.
+    InvalidArgument,
+    /// The named domain, image or operation does not exist.
+    NotFound,
+    /// An image with that name exists already.
+    AlreadyExists,
+    /// The object is in the wrong state for the request (domain running, disk unreadable...).
+    FailedPrecondition,
+    /// Another operation holds the object.
+    Aborted,
+    /// Out of space or over a limit.
+    ResourceExhausted,
+    /// A dependency (libvirt, the repository directory, qemu-nbd) is not reachable.
+    Unavailable,
+    /// The operation was cancelled.
+    Cancelled,
+    /// A bug or an unexpected failure.
+    Internal,
+}
+
+impl ErrorKind {
+    /// The gRPC code name, as written in operation errors and `--json` output.
+    pub fn code_name(self) -> &'static str {
+        match self {
+            ErrorKind::InvalidArgument => "INVALID_ARGUMENT",
+            ErrorKind::NotFound => "NOT_FOUND",
+            ErrorKind::AlreadyExists => "ALREADY_EXISTS",
+            ErrorKind::FailedPrecondition => "FAILED_PRECONDITION",
+            ErrorKind::Aborted => "ABORTED",
+            ErrorKind::ResourceExhausted => "RESOURCE_EXHAUSTED",
+            ErrorKind::Unavailable => "UNAVAILABLE",
+            ErrorKind::Cancelled => "CANCELLED",
+            ErrorKind::Internal => "INTERNAL",
+        }
+    }
+
+    /// The tonic status code.
+    pub fn grpc_code(self) -> tonic::Code {
+        match self {
+            ErrorKind::InvalidArgument => tonic::Code::InvalidArgument,
+            ErrorKind::NotFound => tonic::Code::NotFound,
+            ErrorKind::AlreadyExists => tonic::Code::AlreadyExists,
+            ErrorKind::FailedPrecondition => tonic::Code::FailedPrecondition,
+            ErrorKind::Aborted => tonic::Code::Aborted,
+            ErrorKind::ResourceExhausted => tonic::Code::ResourceExhausted,
+            ErrorKind::Unavailable => tonic::Code::Unavailable,
+            ErrorKind::Cancelled => tonic::Code::Cancelled,
+            ErrorKind::Internal => tonic::Code::Internal,
+        }
+    }
+
+    /// Back from a gRPC code name (for errors stored on operations).
+    pub fn from_code_name(name: &str) -> ErrorKind {
+        match name {
+            "INVALID_ARGUMENT" => ErrorKind::InvalidArgument,
+            "NOT_FOUND" => ErrorKind::NotFound,
+            "ALREADY_EXISTS" => ErrorKind::AlreadyExists,
+            "FAILED_PRECONDITION" => ErrorKind::FailedPrecondition,
+            "ABORTED" => ErrorKind::Aborted,
+            "RESOURCE_EXHAUSTED" => ErrorKind::ResourceExhausted,
+            "UNAVAILABLE" => ErrorKind::Unavailable,
+            "CANCELLED" => ErrorKind::Cancelled,
+            _ => ErrorKind::Internal,
+        }
+    }
+}
+
+/// An agent error: a kind, a message naming the object, and an optional cause.
+#[derive(Debug, thiserror::Error)]
+#[error("{message}")]
+pub struct Error {
+    kind: ErrorKind,
+    message: String,
+    #[source]
+    source: Option<Box<dyn std::error::Error + Send + Sync + 'static>>,
+}
+
+/// Result with the agent's [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    /// A new error of `kind` with `message`.
+    pub fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
+        Error { kind, message: message.into(), source: None }
+    }
+
+    /// Attaches the lower-level cause.
+    pub fn with_source(mut self, source: impl std::error::Error + Send + Sync + 'static) -> Self {
+        self.source = Some(Box::new(source));
+        self
+    }
+
+    /// The kind, for matching and for the gRPC code.
+    pub fn kind(&self) -> ErrorKind {
+        self.kind
+    }
+
+    /// The message and every cause, joined with ": ".
+    pub fn chain(&self) -> String {
+        let mut out = self.message.clone();
+        let mut cur: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(self);
+        while let Some(e) = cur {
+            out.push_str(": ");
+            out.push_str(&e.to_string());
+            cur = e.source();
+        }
+        out
+    }
+
+    /// Maps an I/O error on `what` to a kind: out of space is RESOURCE_EXHAUSTED, a missing file
+    /// NOT_FOUND... `what` names the object ("chunk file /var/lib/...").
+    pub fn io(what: impl fmt::Display, err: std::io::Error) -> Self {
+        let kind = match err.raw_os_error() {
+            Some(libc::ENOSPC) | Some(libc::EDQUOT) => ErrorKind::ResourceExhausted,
+            Some(libc::EACCES) | Some(libc::EPERM) | Some(libc::EROFS) => {
+                ErrorKind::FailedPrecondition
+            }
+            Some(libc::ENOENT) => ErrorKind::NotFound,
+            _ => ErrorKind::Internal,
+        };
+        Error::new(kind, what.to_string()).with_source(err)
+    }
+}
+
+/// Shorthands for building errors.
+pub fn invalid(msg: impl Into<String>) -> Error {
+    Error::new(ErrorKind::InvalidArgument, msg)
+}
+/// NOT_FOUND with a message.
+pub fn not_found(msg: impl Into<String>) -> Error {
+    Error::new(ErrorKind::NotFound, msg)
+}
+/// FAILED_PRECONDITION with a message.
+pub fn precondition(msg: impl Into<String>) -> Error {
+    Error::new(ErrorKind::FailedPrecondition, msg)
+}
+/// INTERNAL with a message.
+pub fn internal(msg: impl Into<String>) -> Error {
+    Error::new(ErrorKind::Internal, msg)
+}
+
+impl From<Error> for tonic::Status {
+    fn from(e: Error) -> Self {
+        tonic::Status::new(e.kind.grpc_code(), e.chain())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chain_joins_sources_without_repeating() {
+        let io = std::io::Error::from_raw_os_error(libc::ENOSPC);
+        let e = Error::io("writing chunk /x", io);
+        assert_eq!(e.kind(), ErrorKind::ResourceExhausted);
+        assert!(e.chain().starts_with("writing chunk /x: "));
+        assert_eq!(e.to_string(), "writing chunk /x");
+        let st: tonic::Status = e.into();
+        assert_eq!(st.code(), tonic::Code::ResourceExhausted);
+    }
+
+    #[test]
+    fn code_names_round_trip() {
+        for k in [
+            ErrorKind::InvalidArgument,
+            ErrorKind::NotFound,
+            ErrorKind::AlreadyExists,
+            ErrorKind::FailedPrecondition,
+            ErrorKind::Aborted,
+            ErrorKind::ResourceExhausted,
+            ErrorKind::Unavailable,
+            ErrorKind::Cancelled,
+            ErrorKind::Internal,
+        ] {
+            assert_eq!(ErrorKind::from_code_name(k.code_name()), k);
+        }
+    }
+}

@@ -1,0 +1,129 @@
+//! The libvirt backend of [`Hypervisor`], through the `virt` bindings.
+//!
+//! A connection is opened per call: libvirt calls are short, a fresh connection survives a
+//! libvirtd restart without reconnect logic, and the daemon holds nothing between operations.
+
+use virt::connect::Connect;
+use virt::domain::Domain;
+use virt::enumutil::Enum;
+use virt::error::ErrorNumber;
+
+use super::{xml, DiskInfo, DomainInfo, DomainState, Hypervisor};
+use crate::error::{Error, ErrorKind, Result};
+
+/// libvirt at one URI.
+pub struct Libvirt {
+    uri: String,
+}
+
+impl Libvirt {
+    /// A backend for `uri` (e.g. `qemu:///system`). Nothing is opened yet.
+    pub fn new(uri: &str) -> Libvirt {
+        Libvirt { uri: uri.to_string() }
+    }
+
+    /// Opens a connection, mapping failure to UNAVAILABLE.
+    pub fn connect(&self) -> Result<Connect> {
+        Connect::open(Some(&self.uri)).map_err(|e| {
+            Error::new(
+                ErrorKind::Unavailable,
+                format!("cannot connect to libvirt at {} (is libvirtd running?)", self.uri),
+            )
+            .with_source(e)
+        })
+    }
+
+    fn lookup(&self, conn: &Connect, name: &str) -> Result<Domain> {
+        conn.lookup_domain_by_name(name).map_err(|e| {
+            if e.code() == Enum::Known(ErrorNumber::NoDomain) {
+                Error::new(ErrorKind::NotFound, format!("domain {name} not found on this host"))
+            } else {
+                libvirt_err(format!("looking up domain {name}"), e)
+            }
+        })
+    }
+
+    fn info(&self, dom: &Domain) -> Result<DomainInfo> {
+        let name = dom.name().map_err(|e| libvirt_err("reading a domain's name", e))?;
+        let uuid = dom.uuid_string().map_err(|e| libvirt_err(format!("reading domain {name}'s uuid"), e))?;
+        let state = state_of(dom, &name)?;
+        let persistent = dom.is_persistent().unwrap_or(false);
+        let desc = dom
+            .xml_desc(0)
+            .map_err(|e| libvirt_err(format!("reading domain {name}'s XML"), e))?;
+        let (mut disks, has_agent_channel) = xml::parse_domain_xml(&desc)?;
+        for d in disks.iter_mut() {
+            fill_size(dom, d);
+        }
+        Ok(DomainInfo { name, uuid, state, persistent, disks, has_agent_channel })
+    }
+}
+
+fn fill_size(dom: &Domain, d: &mut DiskInfo) {
+    if d.target.is_empty() || d.path.is_empty() {
+        return;
+    }
+    if let Ok(bi) = dom.block_info(&d.target, 0) {
+        d.virtual_size = bi.capacity;
+    }
+}
+
+fn state_of(dom: &Domain, name: &str) -> Result<DomainState> {
+    use virt::domain::DomainState as S;
+    let (state, _reason) =
+        dom.state().map_err(|e| libvirt_err(format!("reading domain {name}'s state"), e))?;
+    Ok(match state {
+        Enum::Known(S::Running) => DomainState::Running,
+        Enum::Known(S::Blocked) => DomainState::Blocked,
+        Enum::Known(S::Paused) => DomainState::Paused,
+        Enum::Known(S::Shutdown) => DomainState::ShuttingDown,
+        Enum::Known(S::Shutoff) => DomainState::ShutOff,
+        Enum::Known(S::Crashed) => DomainState::Crashed,
+        Enum::Known(S::PMSuspended) => DomainState::Suspended,
+        _ => DomainState::NoState,
+    })
+}
+
+fn libvirt_err(what: impl Into<String>, e: virt::error::Error) -> Error {
+    let kind = match e.code() {
+        Enum::Known(ErrorNumber::NoDomain) => ErrorKind::NotFound,
+        Enum::Known(ErrorNumber::OperationInvalid) => ErrorKind::FailedPrecondition,
+        Enum::Known(ErrorNumber::NoConnect) | Enum::Known(ErrorNumber::SystemError) => {
+            ErrorKind::Unavailable
+        }
+        _ => ErrorKind::Internal,
+    };
+    Error::new(kind, what).with_source(e)
+}
+
+impl Hypervisor for Libvirt {
+    fn list_domains(&self) -> Result<Vec<DomainInfo>> {
+        let conn = self.connect()?;
+        let doms = conn
+            .list_all_domains(0)
+            .map_err(|e| libvirt_err(format!("listing domains at {}", self.uri), e))?;
+        let mut out = Vec::with_capacity(doms.len());
+        for d in &doms {
+            match self.info(d) {
+                Ok(i) => out.push(i),
+                // A domain undefined while we list it is simply gone.
+                Err(e) if e.kind() == ErrorKind::NotFound => {}
+                Err(e) => return Err(e),
+            }
+        }
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(out)
+    }
+
+    fn domain(&self, name: &str) -> Result<DomainInfo> {
+        let conn = self.connect()?;
+        let dom = self.lookup(&conn, name)?;
+        self.info(&dom)
+    }
+
+    fn domain_state(&self, name: &str) -> Result<DomainState> {
+        let conn = self.connect()?;
+        let dom = self.lookup(&conn, name)?;
+        state_of(&dom, name)
+    }
+}

@@ -1,0 +1,590 @@
+//! The agent's one internal API: every action a transport (gRPC, tests) can ask for.
+//!
+//! Each action checks its preconditions *before* it returns, so a bad request is refused with
+//! a precise error and nothing is started; long work then runs as an [`Operation`] on a task.
+//!
+//! | action | preconditions | result |
+//! |---|---|---|
+//! | [`Agent::list_domains`] | libvirt reachable | every domain with disks and state |
+//! | [`Agent::domain`] | the domain exists | one domain |
+//! | [`Agent::capture`] | domain exists and is shut off; it has the disk; the disk file is readable; no operation holds the domain; the image name is valid and free; the repository is writable | a capture operation |
+//! | [`Agent::import`] | the file exists, is qcow2 or raw as named, and has no backing or external data file; the name is free | an import operation |
+//! | [`Agent::export`] | the image exists; the destination is absolute, its directory exists, the file does not (unless `overwrite`) | an export operation |
+//! | [`Agent::list_images`], [`Agent::image`] | — | images of the repository |
+//! | [`Agent::delete_image`] | the image exists and no export reads it | chunks freed |
+//! | [`Agent::operation`], [`Agent::operations`], [`Agent::watch`] | the operation is known | snapshots |
+//! | [`Agent::cancel`] | the operation has not ended | it ends CANCELLED, leaving no partial image |
+//!
+//! A `request_id` given to capture, import or export makes a retried call return the
+//! operation of the first call instead of starting another.
+
+pub mod operation;
+
+use std::collections::{HashMap, VecDeque};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::Semaphore;
+
+use crate::capture::{self, source::NbdExport};
+use crate::config::Config;
+use crate::error::{internal, invalid, not_found, precondition, Error, ErrorKind, Result};
+use crate::export::{self, Format};
+use crate::hypervisor::{DomainInfo, DomainState, Hypervisor};
+use crate::repo::manifest::{content_digest, FORMAT_VERSION};
+use crate::repo::{DeleteStats, ImageRecord, ImageWriter, Repository, CHUNK_SIZE};
+use crate::util::{now_unix, validate_image_name};
+pub use operation::{OpEntry, OpError, OpKind, OpState, OpStatus, Operation, ProgressSnapshot};
+
+/// A capture request.
+#[derive(Debug, Clone, Default)]
+pub struct CaptureParams {
+    pub domain: String,
+    pub image_name: String,
+    pub request_id: String,
+    /// Disk target; `None` for the system disk.
+    pub disk: Option<String>,
+}
+
+/// An import request.
+#[derive(Debug, Clone, Default)]
+pub struct ImportParams {
+    pub path: PathBuf,
+    pub format: String,
+    pub image_name: String,
+    pub request_id: String,
+}
+
+/// An export request.
+#[derive(Debug, Clone)]
+pub struct ExportParams {
+    pub image_name: String,
+    pub format: Format,
+    pub path: PathBuf,
+    pub overwrite: bool,
+    pub request_id: String,
+}
+
+/// The agent: configuration, the hypervisor, the repository and the operation table.
+#[derive(Clone)]
+pub struct Agent {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    cfg: Config,
+    hv: Arc<dyn Hypervisor>,
+    repo: Repository,
+    host: String,
+    table: Mutex<Table>,
+    slots: Arc<Semaphore>,
+}
+
+#[derive(Default)]
+struct Table {
+    ops: HashMap<String, Arc<OpEntry>>,
+    order: VecDeque<String>,
+    by_request: HashMap<String, String>,
+    /// Domain name -> id of the operation holding it.
+    domain_locks: HashMap<String, String>,
+}
+
+/// Runs blocking work on tokio's blocking pool.
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| internal("a blocking task failed").with_source(e))?
+}
+
+impl Agent {
+    /// An agent over `hv` and `repo` with settings from `cfg`.
+    pub fn new(cfg: Config, hv: Arc<dyn Hypervisor>, repo: Repository) -> Agent {
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|s| s.trim().to_string())
+            .unwrap_or_default();
+        let slots = Arc::new(Semaphore::new(cfg.daemon.max_running_operations));
+        Agent {
+            inner: Arc::new(Inner { cfg, hv, repo, host, table: Mutex::default(), slots }),
+        }
+    }
+
+    /// The repository.
+    pub fn repository(&self) -> &Repository {
+        &self.inner.repo
+    }
+
+    fn table(&self) -> std::sync::MutexGuard<'_, Table> {
+        self.inner.table.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    // ----------------------------------------------------------------------------- domains
+
+    /// Every domain on the host.
+    pub async fn list_domains(&self) -> Result<Vec<DomainInfo>> {
+        let hv = self.inner.hv.clone();
+        blocking(move || hv.list_domains()).await
+    }
+
+    /// One domain.
+    pub async fn domain(&self, name: &str) -> Result<DomainInfo> {
+        if name.is_empty() {
+            return Err(invalid("domain name is empty"));
+        }
+        let hv = self.inner.hv.clone();
+        let name = name.to_string();
+        blocking(move || hv.domain(&name)).await
+    }
+
+    // ----------------------------------------------------------------------------- images
+
+    /// Starts a cold capture of a shut-off domain's disk.
+    pub async fn capture(&self, p: CaptureParams) -> Result<Operation> {
+        validate_image_name(&p.image_name)?;
+        if let Some(op) = self.existing_request(&p.request_id, OpKind::Capture)? {
+            return Ok(op);
+        }
+        let info = self.domain(&p.domain).await?;
+        if info.state != DomainState::ShutOff {
+            return Err(precondition(format!(
+                "domain {} is {}; a cold capture needs it shut off (shut it down first, e.g. `virsh shutdown {}`)",
+                info.name,
+                info.state.as_str(),
+                info.name
+            )));
+        }
+        let disk = info.disk(p.disk.as_deref())?.clone();
+        if disk.path.is_empty() || !matches!(disk.source_type.as_str(), "file" | "block") {
+            return Err(precondition(format!(
+                "disk {} of domain {} is a {} disk with no local path; only file and block disks can be captured",
+                disk.target, info.name, disk.source_type
+            )));
+        }
+        let format = if disk.format.is_empty() { "raw".to_string() } else { disk.format.clone() };
+        check_readable(Path::new(&disk.path), &format!("disk {} of domain {}", disk.target, info.name))?;
+        let writer = self.reserve(&p.image_name).await?;
+        let op = OpEntry::new(OpKind::Capture, &info.name, &p.image_name, &p.request_id, &disk.path);
+        {
+            let mut t = self.table();
+            if let Some(holder) = t.domain_locks.get(&info.name) {
+                return Err(Error::new(
+                    ErrorKind::Aborted,
+                    format!("domain {} is held by operation {holder}; wait for it or cancel it", info.name),
+                ));
+            }
+            if let Some(op) = Self::request_in(&t, &p.request_id) {
+                return Ok(op);
+            }
+            t.domain_locks.insert(info.name.clone(), op.id.clone());
+            self.insert(&mut t, &op);
+        }
+        tracing::info!(op = %op.id, domain = %info.name, disk = %disk.target, path = %disk.path, image = %p.image_name, "capture queued");
+        let agent = self.clone();
+        let entry = op.clone();
+        let source = Source { path: PathBuf::from(&disk.path), format, disk: disk.target.clone(), domain: Some(info.name.clone()) };
+        tokio::spawn(async move {
+            let res = agent.run_capture(&entry, writer, source).await;
+            agent.end(&entry, res);
+        });
+        Ok(op.snapshot())
+    }
+
+    /// Starts importing a disk file of this host.
+    pub async fn import(&self, p: ImportParams) -> Result<Operation> {
+        validate_image_name(&p.image_name)?;
+        if !p.path.is_absolute() {
+            return Err(invalid(format!("import path {} must be absolute", p.path.display())));
+        }
+        if !matches!(p.format.as_str(), "qcow2" | "raw") {
+            return Err(invalid(format!(
+                "import format {:?} is not supported: name the file's format, qcow2 or raw",
+                p.format
+            )));
+        }
+        if let Some(op) = self.existing_request(&p.request_id, OpKind::Import)? {
+            return Ok(op);
+        }
+        let what = format!("import file {}", p.path.display());
+        check_readable(&p.path, &what)?;
+        inspect_import(&p.path, &p.format).await?;
+        let writer = self.reserve(&p.image_name).await?;
+        let path = p.path.to_string_lossy().into_owned();
+        let op = OpEntry::new(OpKind::Import, "", &p.image_name, &p.request_id, &path);
+        {
+            let mut t = self.table();
+            if let Some(op) = Self::request_in(&t, &p.request_id) {
+                return Ok(op);
+            }
+            self.insert(&mut t, &op);
+        }
+        tracing::info!(op = %op.id, path = %path, format = %p.format, image = %p.image_name, "import queued");
+        let agent = self.clone();
+        let entry = op.clone();
+        let source = Source { path: p.path.clone(), format: p.format.clone(), disk: String::new(), domain: None };
+        tokio::spawn(async move {
+            let res = agent.run_capture(&entry, writer, source).await;
+            agent.end(&entry, res);
+        });
+        Ok(op.snapshot())
+    }
+
+    /// Starts writing an image to a file.
+    pub async fn export(&self, p: ExportParams) -> Result<Operation> {
+        validate_image_name(&p.image_name)?;
+        if !p.path.is_absolute() {
+            return Err(invalid(format!("export path {} must be absolute", p.path.display())));
+        }
+        let dir = p.path.parent().filter(|d| d.is_dir()).ok_or_else(|| {
+            precondition(format!("export path {}: its directory does not exist", p.path.display()))
+        })?;
+        let _ = dir;
+        match std::fs::symlink_metadata(&p.path) {
+            Ok(md) if !p.overwrite => {
+                let _ = md;
+                return Err(Error::new(
+                    ErrorKind::AlreadyExists,
+                    format!("export path {} exists; pass overwrite to replace it", p.path.display()),
+                ));
+            }
+            Ok(md) if !md.is_file() => {
+                return Err(precondition(format!(
+                    "export path {} exists and is not a regular file",
+                    p.path.display()
+                )))
+            }
+            _ => {}
+        }
+        if let Some(op) = self.existing_request(&p.request_id, OpKind::Export)? {
+            return Ok(op);
+        }
+        let repo = self.inner.repo.clone();
+        let name = p.image_name.clone();
+        let (rec, guard) = blocking(move || repo.open_reader(&name)).await?;
+        let path = p.path.to_string_lossy().into_owned();
+        let op = OpEntry::new(OpKind::Export, "", &p.image_name, &p.request_id, &path);
+        {
+            let mut t = self.table();
+            if let Some(op) = Self::request_in(&t, &p.request_id) {
+                return Ok(op);
+            }
+            self.insert(&mut t, &op);
+        }
+        tracing::info!(op = %op.id, image = %p.image_name, path = %path, format = p.format.as_str(), "export queued");
+        let agent = self.clone();
+        let entry = op.clone();
+        tokio::spawn(async move {
+            let res = agent.run_export(&entry, rec, p).await;
+            drop(guard);
+            agent.end(&entry, res);
+        });
+        Ok(op.snapshot())
+    }
+
+    /// Every image of the repository.
+    pub async fn list_images(&self) -> Result<Vec<ImageRecord>> {
+        let repo = self.inner.repo.clone();
+        blocking(move || repo.list()).await
+    }
+
+    /// One image.
+    pub async fn image(&self, name: &str) -> Result<ImageRecord> {
+        let repo = self.inner.repo.clone();
+        let name = name.to_string();
+        blocking(move || repo.get(&name)).await
+    }
+
+    /// Deletes an image and the chunks only it used.
+    pub async fn delete_image(&self, name: &str) -> Result<DeleteStats> {
+        let repo = self.inner.repo.clone();
+        let name = name.to_string();
+        blocking(move || repo.delete(&name)).await
+    }
+
+    // ----------------------------------------------------------------------------- operations
+
+    /// One operation.
+    pub fn operation(&self, id: &str) -> Result<Operation> {
+        Ok(self.entry(id)?.snapshot())
+    }
+
+    /// Every known operation, oldest first.
+    pub fn operations(&self) -> Vec<Operation> {
+        let t = self.table();
+        t.order.iter().filter_map(|id| t.ops.get(id)).map(|e| e.snapshot()).collect()
+    }
+
+    /// The live entry of an operation, for watching.
+    pub fn watch(&self, id: &str) -> Result<Arc<OpEntry>> {
+        self.entry(id)
+    }
+
+    /// Asks an operation to stop; it ends CANCELLED.
+    pub fn cancel(&self, id: &str) -> Result<Operation> {
+        let e = self.entry(id)?;
+        let state = e.state();
+        if state.is_terminal() {
+            return Err(precondition(format!(
+                "operation {id} has already ended ({}); nothing to cancel",
+                format!("{state:?}").to_uppercase()
+            )));
+        }
+        tracing::info!(op = %id, "cancel requested");
+        e.cancel.cancel();
+        Ok(e.snapshot())
+    }
+
+    /// Cancels every running operation and waits up to `timeout` for them to end.
+    pub async fn shutdown(&self, timeout: Duration) {
+        let running: Vec<Arc<OpEntry>> =
+            self.table().ops.values().filter(|e| !e.state().is_terminal()).cloned().collect();
+        for e in &running {
+            tracing::info!(op = %e.id, "cancelling for shutdown");
+            e.cancel.cancel();
+        }
+        let deadline = tokio::time::Instant::now() + timeout;
+        for e in running {
+            let mut rx = e.subscribe();
+            let _ = tokio::time::timeout_at(deadline, rx.wait_for(|s| s.state.is_terminal())).await;
+        }
+    }
+
+    fn entry(&self, id: &str) -> Result<Arc<OpEntry>> {
+        self.table().ops.get(id).cloned().ok_or_else(|| not_found(format!("operation {id} not found")))
+    }
+
+    fn request_in(t: &Table, request_id: &str) -> Option<Operation> {
+        if request_id.is_empty() {
+            return None;
+        }
+        t.by_request.get(request_id).and_then(|id| t.ops.get(id)).map(|e| e.snapshot())
+    }
+
+    fn existing_request(&self, request_id: &str, kind: OpKind) -> Result<Option<Operation>> {
+        let t = self.table();
+        match Self::request_in(&t, request_id) {
+            Some(op) if op.kind != kind => Err(invalid(format!(
+                "request_id {request_id} was already used for a {:?} operation ({})",
+                op.kind, op.id
+            ))),
+            other => Ok(other),
+        }
+    }
+
+    fn insert(&self, t: &mut Table, op: &Arc<OpEntry>) {
+        t.ops.insert(op.id.clone(), op.clone());
+        t.order.push_back(op.id.clone());
+        if !op.request_id.is_empty() {
+            t.by_request.insert(op.request_id.clone(), op.id.clone());
+        }
+        // Forget the oldest finished operations beyond the configured number.
+        let keep = self.inner.cfg.daemon.keep_finished_operations;
+        let finished = t.order.iter().filter(|id| t.ops.get(*id).is_some_and(|e| e.state().is_terminal())).count();
+        let mut excess = finished.saturating_sub(keep);
+        let mut i = 0;
+        while excess > 0 && i < t.order.len() {
+            let id = t.order[i].clone();
+            if t.ops.get(&id).is_some_and(|e| e.state().is_terminal()) {
+                if let Some(e) = t.ops.remove(&id) {
+                    t.by_request.remove(&e.request_id);
+                }
+                t.order.remove(i);
+                excess -= 1;
+            } else {
+                i += 1;
+            }
+        }
+    }
+
+    /// Reserves an image name in the repository (checks it is free and the repository writable).
+    async fn reserve(&self, name: &str) -> Result<ImageWriter> {
+        let repo = self.inner.repo.clone();
+        let name = name.to_string();
+        blocking(move || {
+            repo.check_writable()?;
+            repo.begin_image(&name)
+        })
+        .await
+    }
+
+    /// Records the end of an operation and releases what it held.
+    fn end(&self, op: &OpEntry, res: Result<()>) {
+        match &res {
+            Ok(()) => tracing::info!(op = %op.id, image = %op.image_name, "operation {:?} completed", op.kind),
+            Err(e) if e.kind() == ErrorKind::Cancelled => tracing::info!(op = %op.id, image = %op.image_name, "operation cancelled"),
+            Err(e) => tracing::error!(op = %op.id, image = %op.image_name, error = %e.chain(), "operation failed"),
+        }
+        op.finish(&res);
+        let mut t = self.table();
+        if !op.domain.is_empty() && t.domain_locks.get(&op.domain) == Some(&op.id) {
+            t.domain_locks.remove(&op.domain);
+        }
+    }
+
+    /// Waits for a run slot, giving up early when cancelled.
+    async fn slot(&self, op: &OpEntry) -> Result<tokio::sync::OwnedSemaphorePermit> {
+        loop {
+            op.cancel.check()?;
+            let acquire = self.inner.slots.clone().acquire_owned();
+            tokio::select! {
+                permit = acquire => {
+                    return permit.map_err(|e| internal("run slots closed").with_source(e));
+                }
+                _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+            }
+        }
+    }
+
+    async fn run_capture(&self, op: &OpEntry, writer: ImageWriter, src: Source) -> Result<()> {
+        let _permit = self.slot(op).await?;
+        op.set_state(OpState::Preparing);
+        let cfg = &self.inner.cfg.capture;
+        let export = NbdExport::start(&cfg.qemu_nbd, &src.path, &src.format, &cfg.run_dir, &op.id, cfg.readers).await?;
+        if let Some(domain) = &src.domain {
+            // The domain may have been started between our check and qemu-nbd taking the
+            // image lock; from here on it cannot start on this disk.
+            let hv = self.inner.hv.clone();
+            let d = domain.clone();
+            let state = blocking(move || hv.domain_state(&d)).await?;
+            if state != DomainState::ShutOff {
+                export.stop().await;
+                return Err(precondition(format!(
+                    "domain {domain} was started ({}) while the capture was being prepared",
+                    state.as_str()
+                )));
+            }
+        }
+        op.set_state(OpState::Saving);
+        let started = std::time::Instant::now();
+        let captured = capture::run(&export, cfg.readers, writer.chunk_sink(), op.progress.clone(), op.cancel.clone()).await;
+        export.stop().await;
+        let captured = match captured {
+            Ok(c) => c,
+            Err(e) => {
+                // Release the chunks this capture wrote off the async threads.
+                let _ = blocking(move || {
+                    drop(writer);
+                    Ok(())
+                })
+                .await;
+                return Err(e);
+            }
+        };
+        op.cancel.check()?;
+        let now = now_unix();
+        let record = ImageRecord {
+            format_version: FORMAT_VERSION,
+            id: crate::util::random_id("img"),
+            name: op.image_name.clone(),
+            virtual_size: captured.virtual_size,
+            chunk_size: CHUNK_SIZE,
+            content_digest: content_digest(captured.virtual_size, &captured.chunks),
+            consistency: if src.domain.is_some() { "cold".into() } else { "imported".into() },
+            source_domain: src.domain.clone().unwrap_or_default(),
+            source_host: self.inner.host.clone(),
+            source_disk: src.disk.clone(),
+            source_format: src.format.clone(),
+            created_at: now,
+            updated_at: now,
+            data_bytes: captured.data_bytes,
+            chunks: captured.chunks,
+        };
+        let secs = started.elapsed().as_secs_f64();
+        blocking(move || writer.commit(&record)).await?;
+        tracing::info!(op = %op.id, image = %op.image_name, seconds = format!("{secs:.2}"), "image committed");
+        Ok(())
+    }
+
+    async fn run_export(&self, op: &OpEntry, rec: ImageRecord, p: ExportParams) -> Result<()> {
+        let _permit = self.slot(op).await?;
+        op.set_state(OpState::Preparing);
+        let dir = p.path.parent().map(Path::to_path_buf).unwrap_or_default();
+        let file_name = p.path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let tmp = dir.join(format!(".{file_name}.{}.part", op.id));
+        op.set_state(OpState::Saving);
+        let repo = self.inner.repo.clone();
+        let progress = op.progress.clone();
+        let cancel = op.cancel.clone();
+        let dest = p.path.clone();
+        let overwrite = p.overwrite;
+        blocking(move || {
+            let res = export::write_file(&repo, &rec, p.format, &tmp, &progress, &cancel).and_then(|()| {
+                cancel.check()?;
+                if !overwrite && dest.exists() {
+                    return Err(Error::new(ErrorKind::AlreadyExists, format!("export path {} appeared meanwhile", dest.display())));
+                }
+                std::fs::rename(&tmp, &dest).map_err(|e| Error::io(format!("renaming export into {}", dest.display()), e))?;
+                crate::util::fsync_dir(&dir).map_err(|e| Error::io(format!("syncing {}", dir.display()), e))
+            });
+            if res.is_err() {
+                let _ = std::fs::remove_file(&tmp);
+            }
+            res
+        })
+        .await
+    }
+}
+
+/// What a capture or import reads.
+struct Source {
+    path: PathBuf,
+    format: String,
+    disk: String,
+    domain: Option<String>,
+}
+
+/// Fails with a precise error when `path` cannot be opened for reading.
+fn check_readable(path: &Path, what: &str) -> Result<()> {
+    match std::fs::File::open(path) {
+        Ok(f) => {
+            let md = f.metadata().map_err(|e| Error::io(format!("{what}: {}", path.display()), e))?;
+            if md.is_dir() {
+                return Err(precondition(format!("{what}: {} is a directory", path.display())));
+            }
+            Ok(())
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(precondition(format!(
+            "{what}: file {} does not exist",
+            path.display()
+        ))),
+        Err(e) => Err(Error::new(
+            ErrorKind::FailedPrecondition,
+            format!("{what}: file {} cannot be read", path.display()),
+        )
+        .with_source(e)),
+    }
+}
+
+/// Inspects an import file's header with `qemu-img info` (format named, never probed) and
+/// refuses backing files and external data files: an uploaded image must not make us read
+/// another file of this host.
+async fn inspect_import(path: &Path, format: &str) -> Result<()> {
+    let out = tokio::process::Command::new("qemu-img")
+        .args(["info", "--output=json", "-f", format])
+        .arg(path)
+        .output()
+        .await
+        .map_err(|e| Error::new(ErrorKind::Unavailable, "cannot run qemu-img (install qemu-utils)").with_source(e))?;
+    if !out.status.success() {
+        return Err(invalid(format!(
+            "import file {} is not a valid {format} image: {}",
+            path.display(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
+    }
+    let info: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .map_err(|e| internal("qemu-img info printed JSON we cannot read").with_source(e))?;
+    if let Some(b) = info.get("backing-filename") {
+        return Err(invalid(format!(
+            "import file {} names a backing file {b}; flatten it first (qemu-img convert)",
+            path.display()
+        )));
+    }
+    let data_file = info.pointer("/format-specific/data/data-file");
+    if let Some(d) = data_file {
+        return Err(invalid(format!(
+            "import file {} names an external data file {d}; refusing to follow it",
+            path.display()
+        )));
+    }
+    Ok(())
+}

@@ -1,0 +1,443 @@
+//! The local image repository: a content-addressed chunk store plus one manifest per image.
+//!
+//! Layout under the repository directory:
+//!
+//! ```text
+//! chunks/ab/ab12…ef     chunk files, named by the sha256 of their bytes
+//! images/NAME.json      one manifest per complete image (see [`manifest`])
+//! tmp/                  chunks being written (temp name, then rename into chunks/)
+//! ```
+//!
+//! Rules that keep it consistent, whatever fails and whenever the daemon dies:
+//! - a chunk is written to `tmp/`, then renamed into place: a chunk file is whole or absent;
+//! - before a manifest is written, `syncfs` makes every chunk durable, and the commit checks
+//!   every chunk the manifest names exists; the manifest itself is written temp + fsync +
+//!   rename + fsync of the directory. An image is listed only once its manifest exists, so a
+//!   failed or cancelled capture is never visible;
+//! - chunks that a failed capture wrote and no image references are deleted at once, and
+//!   `tmp/` is emptied at start;
+//! - chunks an in-flight capture relies on are *pinned*: deleting an image never removes a
+//!   chunk a running capture has found already stored and is about to reference.
+
+pub mod manifest;
+
+use std::collections::{HashMap, HashSet};
+use std::io::Write;
+use std::os::unix::io::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use sha2::{Digest as _, Sha256};
+
+use crate::error::{Error, ErrorKind, Result};
+use crate::util;
+pub use manifest::{ChunkRef, Digest, ImageRecord, CHUNK_SIZE, CLUSTER_SIZE};
+
+/// The repository. Cheap to clone (shared state behind an `Arc`).
+#[derive(Clone)]
+pub struct Repository {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    root: PathBuf,
+    state: Mutex<State>,
+}
+
+#[derive(Default)]
+struct State {
+    /// Digest -> number of in-flight writers relying on it.
+    pins: HashMap<Digest, usize>,
+    /// Names reserved by in-flight captures and imports.
+    reserved: HashSet<String>,
+    /// Image name -> number of running exports reading it.
+    readers: HashMap<String, usize>,
+}
+
+/// What deleting an image freed.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct DeleteStats {
+    pub chunks_removed: u64,
+    pub bytes_freed: u64,
+}
+
+impl Repository {
+    /// Opens (creating if needed) the repository at `root` and empties its `tmp/`.
+    pub fn open(root: &Path) -> Result<Repository> {
+        for sub in ["chunks", "images", "tmp"] {
+            let d = root.join(sub);
+            std::fs::create_dir_all(&d).map_err(|e| {
+                Error::io(format!("creating repository directory {}", d.display()), e)
+            })?;
+        }
+        let repo = Repository {
+            inner: Arc::new(Inner { root: root.to_path_buf(), state: Mutex::default() }),
+        };
+        if let Ok(rd) = std::fs::read_dir(repo.tmp_dir()) {
+            for e in rd.flatten() {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+        repo.check_writable()?;
+        Ok(repo)
+    }
+
+    /// The repository directory.
+    pub fn root(&self) -> &Path {
+        &self.inner.root
+    }
+
+    fn tmp_dir(&self) -> PathBuf {
+        self.inner.root.join("tmp")
+    }
+
+    fn images_dir(&self) -> PathBuf {
+        self.inner.root.join("images")
+    }
+
+    fn manifest_path(&self, name: &str) -> PathBuf {
+        self.images_dir().join(format!("{name}.json"))
+    }
+
+    /// Path of the chunk file for `digest`.
+    pub fn chunk_path(&self, digest: &Digest) -> PathBuf {
+        let h = hex::encode(digest);
+        self.inner.root.join("chunks").join(&h[..2]).join(h)
+    }
+
+    /// Fails with FAILED_PRECONDITION when the repository cannot be written.
+    pub fn check_writable(&self) -> Result<()> {
+        let probe = self.tmp_dir().join(format!(".probe-{}", util::random_id("w")));
+        std::fs::write(&probe, b"probe")
+            .and_then(|_| std::fs::remove_file(&probe))
+            .map_err(|e| {
+                let kind = if e.raw_os_error() == Some(libc::ENOSPC) {
+                    ErrorKind::ResourceExhausted
+                } else {
+                    ErrorKind::FailedPrecondition
+                };
+                Error::new(
+                    kind,
+                    format!(
+                        "repository directory {} is not writable (check its mount, permissions and free space)",
+                        self.inner.root.display()
+                    ),
+                )
+                .with_source(e)
+            })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.inner.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Every complete image, sorted by name. Unreadable manifests are logged and left out.
+    pub fn list(&self) -> Result<Vec<ImageRecord>> {
+        let dir = self.images_dir();
+        let rd = std::fs::read_dir(&dir)
+            .map_err(|e| Error::io(format!("listing images in {}", dir.display()), e))?;
+        let mut out = Vec::new();
+        for entry in rd.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let Some(image) = name.strip_suffix(".json") else { continue };
+            if image.starts_with('.') {
+                continue;
+            }
+            match self.get(image) {
+                Ok(r) => out.push(r),
+                Err(e) => tracing::warn!(image, error = %e.chain(), "skipping unreadable manifest"),
+            }
+        }
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(out)
+    }
+
+    /// One image by name.
+    pub fn get(&self, name: &str) -> Result<ImageRecord> {
+        util::validate_image_name(name)?;
+        let path = self.manifest_path(name);
+        let text = std::fs::read(&path).map_err(|e| {
+            if e.kind() == std::io::ErrorKind::NotFound {
+                Error::new(ErrorKind::NotFound, format!("image {name} not found in the repository"))
+            } else {
+                Error::io(format!("reading manifest {}", path.display()), e)
+            }
+        })?;
+        let rec: ImageRecord = serde_json::from_slice(&text).map_err(|e| {
+            Error::new(ErrorKind::Internal, format!("manifest {} is corrupt", path.display()))
+                .with_source(e)
+        })?;
+        rec.validate()?;
+        Ok(rec)
+    }
+
+    /// Reserves `name` for a new image and returns the writer that fills it.
+    /// ALREADY_EXISTS when an image or an in-flight capture has that name.
+    pub fn begin_image(&self, name: &str) -> Result<ImageWriter> {
+        util::validate_image_name(name)?;
+        let mut st = self.lock();
+        if st.reserved.contains(name) || self.manifest_path(name).exists() {
+            return Err(Error::new(
+                ErrorKind::AlreadyExists,
+                format!("image name {name} is already taken: choose another or delete that image"),
+            ));
+        }
+        st.reserved.insert(name.to_string());
+        drop(st);
+        Ok(ImageWriter {
+            repo: self.clone(),
+            name: name.to_string(),
+            log: Arc::new(Mutex::new(SinkLog::default())),
+            done: false,
+        })
+    }
+
+    /// Marks `name` as being read (an export); while read, it cannot be deleted.
+    pub fn open_reader(&self, name: &str) -> Result<(ImageRecord, ReadGuard)> {
+        let rec = self.get(name)?;
+        *self.lock().readers.entry(name.to_string()).or_default() += 1;
+        Ok((rec, ReadGuard { repo: self.clone(), name: name.to_string() }))
+    }
+
+    /// Reads a chunk and checks its digest (a corrupt chunk is an error, never exported).
+    pub fn read_chunk(&self, digest: &Digest, buf: &mut Vec<u8>) -> Result<()> {
+        let path = self.chunk_path(digest);
+        buf.clear();
+        let mut f = std::fs::File::open(&path)
+            .map_err(|e| Error::io(format!("opening chunk {}", path.display()), e))?;
+        std::io::Read::read_to_end(&mut f, buf)
+            .map_err(|e| Error::io(format!("reading chunk {}", path.display()), e))?;
+        let got: Digest = Sha256::digest(&buf[..]).into();
+        if &got != digest {
+            return Err(Error::new(
+                ErrorKind::Internal,
+                format!("chunk {} is corrupt: its bytes hash to {}", path.display(), hex::encode(got)),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Deletes image `name` and the chunks no other image (nor a running capture) uses.
+    pub fn delete(&self, name: &str) -> Result<DeleteStats> {
+        let rec = self.get(name)?;
+        let mut st = self.lock();
+        if st.readers.get(name).copied().unwrap_or(0) > 0 {
+            return Err(Error::new(
+                ErrorKind::Aborted,
+                format!("image {name} is being exported; delete it when the export has ended"),
+            ));
+        }
+        let path = self.manifest_path(name);
+        std::fs::remove_file(&path)
+            .map_err(|e| Error::io(format!("removing manifest {}", path.display()), e))?;
+        let _ = util::fsync_dir(&self.images_dir());
+        let candidates: HashSet<Digest> = rec
+            .chunks
+            .iter()
+            .filter_map(|c| match c {
+                ChunkRef::Data { digest, .. } => Some(*digest),
+                ChunkRef::Zero => None,
+            })
+            .collect();
+        let stats = self.remove_unreferenced(&st, candidates)?;
+        st.reserved.remove(name);
+        tracing::info!(image = name, chunks_removed = stats.chunks_removed, bytes_freed = stats.bytes_freed, "image deleted");
+        Ok(stats)
+    }
+
+    /// Removes each candidate chunk that no manifest references and no writer pins.
+    /// Called with the state lock held so that no pin can appear meanwhile.
+    fn remove_unreferenced(&self, st: &State, mut candidates: HashSet<Digest>) -> Result<DeleteStats> {
+        candidates.retain(|d| !st.pins.contains_key(d));
+        if candidates.is_empty() {
+            return Ok(DeleteStats::default());
+        }
+        for rec in self.list()? {
+            for c in &rec.chunks {
+                if let ChunkRef::Data { digest, .. } = c {
+                    candidates.remove(digest);
+                }
+            }
+        }
+        let mut stats = DeleteStats::default();
+        for d in candidates {
+            let p = self.chunk_path(&d);
+            if let Ok(md) = std::fs::metadata(&p) {
+                if std::fs::remove_file(&p).is_ok() {
+                    stats.chunks_removed += 1;
+                    stats.bytes_freed += md.len();
+                }
+            }
+        }
+        Ok(stats)
+    }
+}
+
+/// Keeps an image from being deleted while it is read. Dropped when the export ends.
+pub struct ReadGuard {
+    repo: Repository,
+    name: String,
+}
+
+impl Drop for ReadGuard {
+    fn drop(&mut self) {
+        let mut st = self.repo.lock();
+        if let Some(n) = st.readers.get_mut(&self.name) {
+            *n -= 1;
+            if *n == 0 {
+                st.readers.remove(&self.name);
+            }
+        }
+    }
+}
+
+/// What storing one chunk did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PutOutcome {
+    /// The chunk was new and has been written.
+    Stored,
+    /// The repository had it already.
+    Existing,
+}
+
+/// Fills one new image: stores its chunks, then commits the manifest (or aborts, releasing
+/// what it wrote). Dropping it without commit aborts.
+pub struct ImageWriter {
+    repo: Repository,
+    name: String,
+    /// Pins and new chunks recorded by this writer's sinks.
+    log: Arc<Mutex<SinkLog>>,
+    done: bool,
+}
+
+impl ImageWriter {
+    /// The name being written.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// A handle that worker threads use to store chunks for this image.
+    pub fn chunk_sink(&self) -> ChunkSink {
+        ChunkSink { repo: self.repo.clone(), log: self.log.clone() }
+    }
+
+    /// Makes the image durable and visible: syncs the chunks, checks every data chunk is present,
+    /// writes the manifest.
+    pub fn commit(mut self, record: &ImageRecord) -> Result<()> {
+        record.validate()?;
+        let root = self.repo.root().to_path_buf();
+        syncfs(&root)?;
+        for c in &record.chunks {
+            if let ChunkRef::Data { digest, .. } = c {
+                let p = self.repo.chunk_path(digest);
+                if !p.exists() {
+                    return Err(Error::new(
+                        ErrorKind::Internal,
+                        format!("image {}: chunk {} is missing at commit", self.name, p.display()),
+                    ));
+                }
+            }
+        }
+        let json = serde_json::to_vec_pretty(record)
+            .map_err(|e| Error::new(ErrorKind::Internal, "encoding manifest").with_source(e))?;
+        util::write_atomic(&self.repo.manifest_path(&self.name), &json)?;
+        self.done = true;
+        self.release(false);
+        Ok(())
+    }
+
+    /// Drops the reservation, unpins, and (on abort) deletes the chunks this writer added that
+    /// nothing else uses.
+    fn release(&mut self, aborted: bool) {
+        let repo = self.repo.clone();
+        let (pinned, new_chunks) = {
+            let mut log = self.log.lock().unwrap_or_else(|p| p.into_inner());
+            (std::mem::take(&mut log.pinned), std::mem::take(&mut log.new_chunks))
+        };
+        let mut st = repo.lock();
+        for d in pinned {
+            if let Some(n) = st.pins.get_mut(&d) {
+                *n -= 1;
+                if *n == 0 {
+                    st.pins.remove(&d);
+                }
+            }
+        }
+        if aborted && !new_chunks.is_empty() {
+            let candidates: HashSet<Digest> = new_chunks.into_iter().collect();
+            match repo.remove_unreferenced(&st, candidates) {
+                Ok(s) => tracing::info!(image = %self.name, chunks_removed = s.chunks_removed, bytes_freed = s.bytes_freed, "released chunks of an unfinished image"),
+                Err(e) => tracing::warn!(image = %self.name, error = %e.chain(), "could not release chunks of an unfinished image"),
+            }
+        }
+        st.reserved.remove(&self.name);
+    }
+}
+
+impl Drop for ImageWriter {
+    fn drop(&mut self) {
+        if !self.done {
+            self.done = true;
+            self.release(true);
+        }
+    }
+}
+
+#[derive(Default)]
+struct SinkLog {
+    pinned: Vec<Digest>,
+    new_chunks: Vec<Digest>,
+}
+
+/// A cloneable handle that stores chunks of one image from any thread.
+#[derive(Clone)]
+pub struct ChunkSink {
+    repo: Repository,
+    log: Arc<Mutex<SinkLog>>,
+}
+
+impl ChunkSink {
+    /// Stores `data` under `digest` unless present. Blocking: call from a blocking thread.
+    pub fn put(&self, digest: &Digest, data: &[u8]) -> Result<PutOutcome> {
+        {
+            let mut st = self.repo.lock();
+            *st.pins.entry(*digest).or_default() += 1;
+        }
+        self.log.lock().unwrap_or_else(|p| p.into_inner()).pinned.push(*digest);
+        let path = self.repo.chunk_path(digest);
+        if path.exists() {
+            return Ok(PutOutcome::Existing);
+        }
+        let hexd = hex::encode(digest);
+        let tmp = self.repo.tmp_dir().join(format!("{hexd}.{}", util::random_id("t")));
+        let write = || -> std::io::Result<()> {
+            let mut f = std::fs::File::create(&tmp)?;
+            f.write_all(data)?;
+            if let Some(dir) = path.parent() {
+                if !dir.exists() {
+                    std::fs::create_dir_all(dir)?;
+                }
+            }
+            std::fs::rename(&tmp, &path)
+        };
+        if let Err(e) = write() {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(Error::io(format!("storing chunk {hexd} in {}", self.repo.root().display()), e));
+        }
+        self.log.lock().unwrap_or_else(|p| p.into_inner()).new_chunks.push(*digest);
+        Ok(PutOutcome::Stored)
+    }
+}
+
+/// Flushes the filesystem holding `path` (all chunk writes become durable at once, far cheaper
+/// than one fsync per chunk).
+fn syncfs(path: &Path) -> Result<()> {
+    let f = std::fs::File::open(path)
+        .map_err(|e| Error::io(format!("opening {}", path.display()), e))?;
+    // SAFETY: syncfs only reads the descriptor, which `f` keeps open for the call.
+    let rc = unsafe { libc::syncfs(f.as_raw_fd()) };
+    if rc != 0 {
+        return Err(Error::io(format!("syncing repository {}", path.display()), std::io::Error::last_os_error()));
+    }
+    Ok(())
+}

@@ -1,0 +1,154 @@
+//! Small helpers shared by the modules: durable file writes, names, ids and clocks.
+
+use std::io::Write;
+use std::path::Path;
+
+use crate::error::{invalid, Error, Result};
+
+/// Seconds since the Unix epoch.
+pub fn now_unix() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+/// A random id with a prefix, e.g. `op-5f3a9c...` (16 hex digits from the kernel's RNG).
+pub fn random_id(prefix: &str) -> String {
+    let mut b = [0u8; 8];
+    let filled = std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut b))
+        .is_ok();
+    if !filled {
+        let n = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(0)
+            ^ u64::from(std::process::id()) << 32;
+        b = n.to_le_bytes();
+    }
+    format!("{prefix}-{}", hex::encode(b))
+}
+
+/// Checks an image name: 1 to 128 characters of letters, digits, `.`, `_`, `-`, not starting
+/// with `.` or `-` (so it is a safe file name and a safe CLI argument).
+pub fn validate_image_name(name: &str) -> Result<()> {
+    let ok_char = |c: char| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-');
+    if name.is_empty() {
+        return Err(invalid("image name is empty: give a name like web-2026-11-26"));
+    }
+    if name.len() > 128 {
+        return Err(invalid(format!("image name is {} characters long; at most 128", name.len())));
+    }
+    if name.starts_with('.') || name.starts_with('-') {
+        return Err(invalid(format!("image name {name:?} must not start with '.' or '-'")));
+    }
+    if let Some(c) = name.chars().find(|c| !ok_char(*c)) {
+        return Err(invalid(format!(
+            "image name {name:?} contains {c:?}: use only letters, digits, '.', '_' and '-'"
+        )));
+    }
+    Ok(())
+}
+
+/// Writes `data` to `path` durably: a temp file in the same directory, fsync, rename over
+/// `path`, fsync of the directory. Readers see the old file or the new one, never a part.
+pub fn write_atomic(path: &Path, data: &[u8]) -> Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
+    let res = (|| {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(data)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)?;
+        fsync_dir(dir)
+    })();
+    if let Err(e) = res {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(Error::io(format!("writing {}", path.display()), e));
+    }
+    Ok(())
+}
+
+/// fsyncs a directory so that renames and unlinks in it are durable.
+pub fn fsync_dir(dir: &Path) -> std::io::Result<()> {
+    std::fs::File::open(dir)?.sync_all()
+}
+
+/// Formats a byte count for people: `1.5 GiB`.
+pub fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u < UNITS.len() - 1 {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
+}
+
+/// Formats Unix seconds as RFC 3339 UTC (`2026-11-26T08:36:55Z`).
+pub fn rfc3339(secs: i64) -> String {
+    let days = secs.div_euclid(86_400);
+    let rem = secs.rem_euclid(86_400);
+    // Civil-from-days (proleptic Gregorian), after H. Hinnant's public-domain algorithm.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let y = yoe + era * 400;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = if m <= 2 { y + 1 } else { y };
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        (rem % 3600) / 60,
+        rem % 60
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names() {
+        for ok in ["a", "web-2026.11.26", "A_b-9"] {
+            validate_image_name(ok).unwrap();
+        }
+        for bad in ["", ".hidden", "-x", "a/b", "../x", "a b", "é", &"x".repeat(129)] {
+            assert!(validate_image_name(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn dates() {
+        assert_eq!(rfc3339(0), "1970-01-01T00:00:00Z");
+        assert_eq!(rfc3339(1_795_682_215), "2026-11-26T08:36:55Z");
+        assert_eq!(rfc3339(951_782_400), "2000-02-29T00:00:00Z");
+    }
+
+    #[test]
+    fn bytes() {
+        assert_eq!(human_bytes(512), "512 B");
+        assert_eq!(human_bytes(3 << 29), "1.5 GiB");
+    }
+
+    #[test]
+    fn atomic_write_replaces() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("f.json");
+        write_atomic(&p, b"one").unwrap();
+        write_atomic(&p, b"two").unwrap();
+        assert_eq!(std::fs::read(&p).unwrap(), b"two");
+        assert_eq!(std::fs::read_dir(d.path()).unwrap().count(), 1);
+    }
+}
