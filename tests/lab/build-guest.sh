@@ -186,7 +186,9 @@ log "mkfs.ext4 -d (root filesystem, $DISK_SIZE)"
 mkfs.ext4 -q -L root -d "$root" "$tmp/root.raw" "$DISK_SIZE" >&2
 qemu-img convert -f raw -O qcow2 "$tmp/root.raw" "$out/base.qcow2"
 rm -f "$tmp/root.raw"
-chmod 0644 "$out/base.qcow2"
+# Read-only even for the user QEMU runs as (libvirt chowns backing files to it and never gives
+# them back): a test that commits into the backing file fails instead of spoiling the cache.
+chmod 0444 "$out/base.qcow2"
 cat >"$out/RECIPE" <<RECIPE
 suite=$SUITE
 include=$INCLUDE

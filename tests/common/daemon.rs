@@ -1,0 +1,238 @@
+//! Starts a real `imaged` (the binary cargo built) on a private socket and repository, and
+//! talks to it over gRPC or through the real `imagectl` binary. The daemon is stopped (SIGTERM,
+//! then SIGKILL) when the handle drops, also when a test panics.
+
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use imaged::proto;
+use imaged::proto::image_service_client::ImageServiceClient;
+use imaged::proto::operation_service_client::OperationServiceClient;
+use imaged::proto::domain_service_client::DomainServiceClient;
+use tonic::transport::Channel;
+
+/// A running daemon.
+pub struct Daemon {
+    pub child: Option<Child>,
+    pub dir: tempfile::TempDir,
+    pub socket: PathBuf,
+    pub repo: PathBuf,
+    pub log: PathBuf,
+}
+
+/// Options for [`Daemon::start_with`].
+#[derive(Default)]
+pub struct DaemonOptions {
+    /// Repository directory (default: a fresh one in the daemon's temp dir).
+    pub repo: Option<PathBuf>,
+    /// Extra TOML appended to the `[capture]` table, e.g. `readers = 1`.
+    pub capture_toml: String,
+    /// NOTIFY_SOCKET for the child.
+    pub notify_socket: Option<PathBuf>,
+}
+
+impl Daemon {
+    /// A daemon with defaults.
+    pub fn start() -> Daemon {
+        Daemon::start_with(DaemonOptions::default())
+    }
+
+    /// A daemon with options.
+    pub fn start_with(opts: DaemonOptions) -> Daemon {
+        let dir = tempfile::Builder::new().prefix("imaged-test-").tempdir().expect("temp dir");
+        let socket = dir.path().join("imaged.sock");
+        let repo = opts.repo.clone().unwrap_or_else(|| dir.path().join("repo"));
+        let log = dir.path().join("imaged.log");
+        let config = dir.path().join("imaged.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "[daemon]\nsocket = {socket:?}\nlog_level = \"debug\"\n[repository]\npath = {repo:?}\n[capture]\nrun_dir = {:?}\n{}\n",
+                dir.path().join("run"),
+                opts.capture_toml
+            ),
+        )
+        .unwrap();
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_imaged"));
+        cmd.arg("--config").arg(&config).stdin(Stdio::null()).stdout(Stdio::null());
+        cmd.stderr(std::fs::File::create(&log).unwrap());
+        if let Some(n) = &opts.notify_socket {
+            cmd.env("NOTIFY_SOCKET", n);
+        }
+        let child = cmd.spawn().expect("spawning imaged");
+        let d = Daemon { child: Some(child), dir, socket, repo, log };
+        d.wait_ready();
+        d
+    }
+
+    fn wait_ready(&self) {
+        let t0 = Instant::now();
+        while t0.elapsed() < Duration::from_secs(20) {
+            if std::os::unix::net::UnixStream::connect(&self.socket).is_ok() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("imaged did not open {} within 20 s; its log:\n{}", self.socket.display(), self.log_text());
+    }
+
+    /// What the daemon logged so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// A gRPC channel to the daemon.
+    pub async fn channel(&self) -> Channel {
+        imaged::cli::connect(&self.socket).await.expect("connecting to imaged")
+    }
+
+    pub async fn images(&self) -> ImageServiceClient<Channel> {
+        ImageServiceClient::new(self.channel().await)
+    }
+
+    pub async fn ops(&self) -> OperationServiceClient<Channel> {
+        OperationServiceClient::new(self.channel().await)
+    }
+
+    pub async fn domains(&self) -> DomainServiceClient<Channel> {
+        DomainServiceClient::new(self.channel().await)
+    }
+
+    /// Runs the real `imagectl` against this daemon.
+    pub fn imagectl(&self, args: &[&str]) -> Output {
+        Command::new(env!("CARGO_BIN_EXE_imagectl"))
+            .arg("--socket")
+            .arg(&self.socket)
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .expect("running imagectl")
+    }
+
+    /// Runs `imagectl --json ARGS`, asserts exit 0 and parses stdout.
+    pub fn imagectl_json(&self, args: &[&str]) -> serde_json::Value {
+        let mut full = vec!["--json"];
+        full.extend_from_slice(args);
+        let out = self.imagectl(&full);
+        assert!(
+            out.status.success(),
+            "imagectl {args:?} failed ({:?}): {}\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr),
+            String::from_utf8_lossy(&out.stdout)
+        );
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+            panic!("imagectl {args:?} printed no JSON ({e}): {}", String::from_utf8_lossy(&out.stdout))
+        })
+    }
+
+    /// Waits for an operation to end and returns its last snapshot.
+    pub async fn wait_op(&self, id: &str) -> proto::Operation {
+        let mut ops = self.ops().await;
+        let t0 = Instant::now();
+        loop {
+            let op = ops.get_operation(proto::GetOperationRequest { id: id.into() }).await.unwrap().into_inner();
+            if matches!(
+                proto::OperationState::try_from(op.state),
+                Ok(proto::OperationState::Active | proto::OperationState::Failed | proto::OperationState::Cancelled)
+            ) {
+                return op;
+            }
+            assert!(t0.elapsed() < Duration::from_secs(300), "operation {id} did not end in 300 s: {op:?}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Stops the daemon with SIGTERM; returns its exit status.
+    pub fn stop(&mut self) -> std::process::ExitStatus {
+        let mut child = self.child.take().expect("daemon already stopped");
+        // SAFETY: kill(2) with a pid we spawned and have not reaped.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        let t0 = Instant::now();
+        loop {
+            if let Some(st) = child.try_wait().unwrap() {
+                return st;
+            }
+            if t0.elapsed() > Duration::from_secs(40) {
+                let _ = child.kill();
+                panic!("imaged did not stop within 40 s of SIGTERM; log:\n{}", self.log_text());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            // SAFETY: kill(2) with a pid we spawned and have not reaped.
+            unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+            let t0 = Instant::now();
+            while t0.elapsed() < Duration::from_secs(10) {
+                if let Ok(Some(_)) = c.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Runs a command, asserts success, returns stdout.
+pub fn run(cmd: &str, args: &[&str]) -> String {
+    let out = Command::new(cmd).args(args).output().unwrap_or_else(|e| {
+        panic!("cannot run {cmd} ({e}): install it (scripts/install-deps.sh)")
+    });
+    assert!(
+        out.status.success(),
+        "{cmd} {args:?} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// `qemu-img compare` of two images (formats probed only for our own test files).
+pub fn assert_identical(a: &Path, fmt_a: &str, b: &Path, fmt_b: &str) {
+    let out = run(
+        "qemu-img",
+        &["compare", "-f", fmt_a, "-F", fmt_b, a.to_str().unwrap(), b.to_str().unwrap()],
+    );
+    assert!(out.contains("Images are identical"), "{out}");
+}
+
+/// `qemu-img check` passes on a qcow2.
+pub fn assert_qcow2_clean(p: &Path) {
+    let out = run("qemu-img", &["check", "-f", "qcow2", p.to_str().unwrap()]);
+    assert!(out.contains("No errors were found"), "{out}");
+}
+
+/// A tmpfs of `size` (e.g. "64m") mounted at `dir`, unmounted on drop.
+pub struct Tmpfs {
+    pub dir: PathBuf,
+}
+
+impl Tmpfs {
+    pub fn mount(dir: &Path, size: &str) -> Tmpfs {
+        std::fs::create_dir_all(dir).unwrap();
+        run("mount", &["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs", dir.to_str().unwrap()]);
+        Tmpfs { dir: dir.to_path_buf() }
+    }
+
+    /// Bytes in use on it.
+    pub fn used(&self) -> u64 {
+        let out = run("df", &["-B1", "--output=used", self.dir.to_str().unwrap()]);
+        out.lines().nth(1).unwrap().trim().parse().unwrap()
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.dir).status();
+    }
+}

@@ -1,0 +1,364 @@
+//! The daemon end to end without a hypervisor: readiness, signals, config errors, and the data
+//! path through `Import` (a disk file of the host) and `Export`, with real qemu-nbd, real
+//! qemu-img as the judge, and real filesystems for the failure cases (tmpfs full, read-only).
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use common::daemon::{assert_identical, assert_qcow2_clean, run, Daemon, DaemonOptions, Tmpfs};
+use imaged::proto;
+use tonic::Code;
+
+/// A 1 GiB qcow2 with data, written zeros and holes; two chunks hold the same bytes.
+fn make_source(dir: &Path) -> std::path::PathBuf {
+    let p = dir.join("src.qcow2");
+    run("qemu-img", &["create", "-q", "-f", "qcow2", p.to_str().unwrap(), "1G"]);
+    run(
+        "qemu-io",
+        &[
+            "-f", "qcow2",
+            "-c", "write -P 0xab 1M 3M",
+            "-c", "write -P 0x11 500M 10M",
+            "-c", "write -z 700M 1M",
+            "-c", "write -P 0x77 1023M 64k",
+            p.to_str().unwrap(),
+        ],
+    );
+    p
+}
+
+async fn import(d: &Daemon, path: &Path, name: &str) -> proto::Operation {
+    let mut images = d.images().await;
+    let op = images
+        .import(proto::ImportRequest {
+            path: path.to_str().unwrap().into(),
+            format: "qcow2".into(),
+            image_name: name.into(),
+            request_id: String::new(),
+        })
+        .await
+        .expect("import accepted")
+        .into_inner();
+    d.wait_op(&op.id).await
+}
+
+fn state(op: &proto::Operation) -> proto::OperationState {
+    proto::OperationState::try_from(op.state).unwrap()
+}
+
+fn chunk_files(repo: &Path) -> usize {
+    let mut n = 0;
+    for sub in std::fs::read_dir(repo.join("chunks")).unwrap().flatten() {
+        n += std::fs::read_dir(sub.path()).unwrap().count();
+    }
+    n
+}
+
+#[test]
+fn notifies_readiness_and_stops_cleanly_on_sigterm() {
+    let dir = tempfile::tempdir().unwrap();
+    let notify = dir.path().join("notify.sock");
+    let listener = std::os::unix::net::UnixDatagram::bind(&notify).unwrap();
+    listener.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let mut d = Daemon::start_with(DaemonOptions { notify_socket: Some(notify.clone()), ..Default::default() });
+    let mut buf = [0u8; 256];
+    let n = listener.recv(&mut buf).expect("imaged sent no sd_notify message");
+    let msg = String::from_utf8_lossy(&buf[..n]).into_owned();
+    assert!(msg.contains("READY=1"), "{msg}");
+    let st = d.stop();
+    assert!(st.success(), "imaged exited with {st:?}; log:\n{}", d.log_text());
+    assert!(!d.socket.exists(), "socket left behind after a clean stop");
+    let n = listener.recv(&mut buf).expect("no STOPPING message");
+    assert!(String::from_utf8_lossy(&buf[..n]).contains("STOPPING=1"));
+    let log = d.log_text();
+    assert!(log.contains("imaged ready") && log.contains("imaged stopped"), "{log}");
+}
+
+#[test]
+fn bad_config_is_refused_with_the_key_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("bad.toml");
+    for (text, key) in [
+        ("[capture]\nreaders = 99\n", "capture.readers"),
+        ("[daemon]\nsokcet = \"/x\"\n", "sokcet"),
+        ("[daemon]\nsocket_mode = \"rw\"\n", "daemon.socket_mode"),
+    ] {
+        std::fs::write(&cfg, text).unwrap();
+        let out = Command::new(env!("CARGO_BIN_EXE_imaged")).arg("--config").arg(&cfg).output().unwrap();
+        assert_eq!(out.status.code(), Some(2), "{text}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(key), "{text}: {err}");
+    }
+    let out = Command::new(env!("CARGO_BIN_EXE_imaged"))
+        .args(["--config", "/nonexistent/imaged.toml"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/imaged.toml"));
+}
+
+#[test]
+fn systemd_unit_verifies() {
+    let dir = tempfile::tempdir().unwrap();
+    let unit = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/systemd/imaged.service")).unwrap();
+    assert!(unit.contains("Type=notify"), "the unit must wait for readiness");
+    // Point ExecStart at the binary cargo built so verify can check it exists.
+    let unit = unit.replace("/usr/local/bin/imaged", env!("CARGO_BIN_EXE_imaged"));
+    let p = dir.path().join("imaged.service");
+    std::fs::write(&p, unit).unwrap();
+    let out = Command::new("systemd-analyze").arg("verify").arg(&p).output().expect("systemd-analyze (package systemd)");
+    let err = String::from_utf8_lossy(&out.stderr);
+    let relevant: Vec<&str> = err.lines().filter(|l| l.contains("imaged.service")).collect();
+    assert!(out.status.success() && relevant.is_empty(), "systemd-analyze verify: {err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn import_export_round_trip_and_dedup() {
+    let d = Daemon::start();
+    let src = make_source(d.dir.path());
+    let op = import(&d, &src, "golden").await;
+    assert_eq!(state(&op), proto::OperationState::Active, "{op:?}");
+    let p = op.progress.unwrap();
+    assert_eq!(p.bytes_total, 1 << 30);
+    assert_eq!(p.bytes_done, 1 << 30);
+    // Holes and zeros are never read: only the extents with data are.
+    assert!(p.bytes_read <= 16 << 20, "read {} bytes of a 1 GiB disk holding 13.1 MiB", p.bytes_read);
+    assert!(p.bytes_existing >= 4 << 20, "identical chunks must be stored once: {p:?}");
+
+    let img = d.imagectl_json(&["image", "golden"]);
+    assert_eq!(img["virtual_size"], 1u64 << 30);
+    assert_eq!(img["consistency"], "imported");
+
+    let q = d.dir.path().join("out.qcow2");
+    let r = d.dir.path().join("out.raw");
+    let e1 = d.imagectl_json(&["export", "golden", "--format", "qcow2", "-o", q.to_str().unwrap()]);
+    assert_eq!(e1["state"], "active", "{e1}");
+    let e2 = d.imagectl_json(&["export", "golden", "--format", "raw", "-o", r.to_str().unwrap()]);
+    assert_eq!(e2["state"], "active", "{e2}");
+    assert_qcow2_clean(&q);
+    assert_identical(&src, "qcow2", &q, "qcow2");
+    assert_identical(&src, "qcow2", &r, "raw");
+    let raw_blocks = std::os::unix::fs::MetadataExt::blocks(&std::fs::metadata(&r).unwrap()) * 512;
+    assert!(raw_blocks < 32 << 20, "raw export is not sparse: {raw_blocks} bytes allocated");
+
+    // The same disk again: every chunk is already stored.
+    let before = chunk_files(&d.repo);
+    let op2 = import(&d, &src, "golden-again").await;
+    assert_eq!(state(&op2), proto::OperationState::Active);
+    assert_eq!(op2.progress.unwrap().bytes_new, 0);
+    assert_eq!(chunk_files(&d.repo), before);
+    let img2 = d.imagectl_json(&["image", "golden-again"]);
+    assert_eq!(img2["content_digest"], img["content_digest"]);
+
+    // Deleting one keeps the chunks the other uses; deleting both frees them.
+    let del = d.imagectl_json(&["rm", "golden"]);
+    assert_eq!(del["chunks_removed"], 0);
+    let del = d.imagectl_json(&["rm", "golden-again"]);
+    assert_eq!(del["chunks_removed"].as_u64().unwrap() as usize, before);
+    assert_eq!(chunk_files(&d.repo), 0);
+    let list = d.imagectl_json(&["images"]);
+    assert_eq!(list.as_array().unwrap().len(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_requests_get_clear_errors_and_change_nothing() {
+    let d = Daemon::start();
+    let src = make_source(d.dir.path());
+    let mut images = d.images().await;
+    let imp = |name: &str, path: &str, format: &str| proto::ImportRequest {
+        path: path.into(),
+        format: format.into(),
+        image_name: name.into(),
+        request_id: String::new(),
+    };
+    let s = src.to_str().unwrap();
+    for (req, code, words) in [
+        (imp("a/../../etc/passwd", s, "qcow2"), Code::InvalidArgument, "'/'"),
+        (imp("", s, "qcow2"), Code::InvalidArgument, "empty"),
+        (imp("ok", "relative.qcow2", "qcow2"), Code::InvalidArgument, "absolute"),
+        (imp("ok", s, "vmdk"), Code::InvalidArgument, "qcow2 or raw"),
+        (imp("ok", "/nonexistent/disk.qcow2", "qcow2"), Code::FailedPrecondition, "does not exist"),
+        (imp("ok", "/etc/hostname", "qcow2"), Code::InvalidArgument, "not a valid qcow2"),
+    ] {
+        let err = images.import(req.clone()).await.expect_err("must be refused");
+        assert_eq!(err.code(), code, "{req:?}: {err:?}");
+        assert!(err.message().contains(words), "{req:?}: {}", err.message());
+    }
+    // An image with a backing file would make us read another file of the host.
+    let child = d.dir.path().join("child.qcow2");
+    run("qemu-img", &["create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", s, child.to_str().unwrap()]);
+    let err = images.import(imp("ok", child.to_str().unwrap(), "qcow2")).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().contains("backing file"), "{}", err.message());
+
+    let op = import(&d, &src, "taken").await;
+    assert_eq!(state(&op), proto::OperationState::Active);
+    let err = images.import(imp("taken", s, "qcow2")).await.unwrap_err();
+    assert_eq!(err.code(), Code::AlreadyExists, "{err:?}");
+    assert!(err.message().contains("taken"));
+
+    // Exports: unknown image, existing destination, missing directory, relative path.
+    let exp = |name: &str, path: &str| proto::ExportImageRequest {
+        name: name.into(),
+        format: proto::ImageFormat::Qcow2 as i32,
+        path: path.into(),
+        overwrite: false,
+        request_id: String::new(),
+    };
+    let existing = d.dir.path().join("exists.qcow2");
+    std::fs::write(&existing, b"keep me").unwrap();
+    for (req, code) in [
+        (exp("nope", "/tmp/nope.qcow2"), Code::NotFound),
+        (exp("taken", existing.to_str().unwrap()), Code::AlreadyExists),
+        (exp("taken", "/nonexistent-dir/x.qcow2"), Code::FailedPrecondition),
+        (exp("taken", "x.qcow2"), Code::InvalidArgument),
+    ] {
+        let err = images.export_image(req.clone()).await.expect_err("must be refused");
+        assert_eq!(err.code(), code, "{req:?}: {err:?}");
+    }
+    assert_eq!(std::fs::read(&existing).unwrap(), b"keep me");
+
+    let mut ops = d.ops().await;
+    let err = ops.cancel_operation(proto::CancelOperationRequest { id: "op-nope".into() }).await.unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+    let err = ops.cancel_operation(proto::CancelOperationRequest { id: op.id.clone() }).await.unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "cancelling a finished operation");
+
+    // imagectl: exit codes and messages that name the object.
+    let out = d.imagectl(&["image", "nope"]);
+    assert_eq!(out.status.code(), Some(3));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("image nope not found"));
+    let out = d.imagectl(&["export", "taken", "--format", "qcow2", "-o", existing.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(4));
+    let out = Command::new(env!("CARGO_BIN_EXE_imagectl")).args(["--socket", "/nonexistent/imaged.sock", "images"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(5));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("is the daemon running"));
+
+    // Only the one good image exists.
+    let list = d.imagectl_json(&["images"]);
+    assert_eq!(list.as_array().unwrap().len(), 1, "{list}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_id_makes_retries_idempotent() {
+    let d = Daemon::start();
+    let src = make_source(d.dir.path());
+    let mut images = d.images().await;
+    let req = proto::ImportRequest {
+        path: src.to_str().unwrap().into(),
+        format: "qcow2".into(),
+        image_name: "once".into(),
+        request_id: "req-42".into(),
+    };
+    let a = images.import(req.clone()).await.unwrap().into_inner();
+    let b = images.import(req.clone()).await.unwrap().into_inner();
+    assert_eq!(a.id, b.id);
+    let done = d.wait_op(&a.id).await;
+    assert_eq!(state(&done), proto::OperationState::Active);
+    // Even after it finished, the retry answers with the same operation.
+    let c = images.import(req).await.unwrap().into_inner();
+    assert_eq!(c.id, a.id);
+    let list = d.imagectl_json(&["ops"]);
+    assert_eq!(list.as_array().unwrap().len(), 1);
+}
+
+/// A raw file of `mib` MiB of random bytes (every chunk distinct).
+fn random_raw(path: &Path, mib: usize) {
+    run("dd", &["if=/dev/urandom", &format!("of={}", path.display()), "bs=1M", &format!("count={mib}"), "status=none"]);
+}
+
+async fn import_raw(d: &Daemon, path: &Path, name: &str) -> proto::Operation {
+    let mut images = d.images().await;
+    images
+        .import(proto::ImportRequest {
+            path: path.to_str().unwrap().into(),
+            format: "raw".into(),
+            image_name: name.into(),
+            request_id: String::new(),
+        })
+        .await
+        .expect("import accepted")
+        .into_inner()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_mid_capture_leaves_nothing() {
+    let d = Daemon::start_with(DaemonOptions { capture_toml: "readers = 1".into(), ..Default::default() });
+    let src = d.dir.path().join("big.raw");
+    random_raw(&src, 1024);
+    let op = import_raw(&d, &src, "big").await;
+    let mut ops = d.ops().await;
+    // Cancel once it is reading.
+    loop {
+        let o = ops.get_operation(proto::GetOperationRequest { id: op.id.clone() }).await.unwrap().into_inner();
+        let p = o.progress.unwrap_or_default();
+        if p.bytes_done > 0 {
+            assert!(p.bytes_done < p.bytes_total, "capture finished before it could be cancelled");
+            break;
+        }
+        assert!(!matches!(state(&o), proto::OperationState::Failed), "{o:?}");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let t0 = std::time::Instant::now();
+    ops.cancel_operation(proto::CancelOperationRequest { id: op.id.clone() }).await.unwrap();
+    let end = d.wait_op(&op.id).await;
+    assert!(t0.elapsed() < Duration::from_secs(5), "cancel took {:?}", t0.elapsed());
+    assert_eq!(state(&end), proto::OperationState::Cancelled, "{end:?}");
+    assert_eq!(end.error.unwrap().code, "CANCELLED");
+    assert_eq!(d.imagectl_json(&["images"]).as_array().unwrap().len(), 0);
+    assert_eq!(chunk_files(&d.repo), 0, "chunks of the cancelled capture were left behind");
+    let out = d.imagectl(&["image", "big"]);
+    assert_eq!(out.status.code(), Some(3));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn disk_full_fails_cleanly_and_releases_space() {
+    let base = tempfile::tempdir().unwrap();
+    let fs = Tmpfs::mount(&base.path().join("repo"), "64m");
+    let d = Daemon::start_with(DaemonOptions { repo: Some(fs.dir.clone()), ..Default::default() });
+    let used_before = fs.used();
+    let src = d.dir.path().join("big.raw");
+    random_raw(&src, 160);
+    let op = import_raw(&d, &src, "too-big").await;
+    let end = d.wait_op(&op.id).await;
+    assert_eq!(state(&end), proto::OperationState::Failed, "{end:?}");
+    let err = end.error.unwrap();
+    assert_eq!(err.code, "RESOURCE_EXHAUSTED", "{err:?}");
+    assert!(err.message.contains("No space left"), "{}", err.message);
+    assert!(err.message.contains(fs.dir.to_str().unwrap()), "the error must name the repository: {}", err.message);
+    assert_eq!(d.imagectl_json(&["images"]).as_array().unwrap().len(), 0);
+    assert_eq!(chunk_files(&fs.dir), 0);
+    let used_after = fs.used();
+    assert!(used_after <= used_before + (1 << 20), "space not released: {used_before} -> {used_after}");
+    // The repository still works for an image that fits.
+    let small = d.dir.path().join("small.raw");
+    random_raw(&small, 8);
+    let op = import_raw(&d, &small, "fits").await;
+    assert_eq!(state(&d.wait_op(&op.id).await), proto::OperationState::Active);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn read_only_repository_is_refused_before_reading() {
+    let base = tempfile::tempdir().unwrap();
+    let fs = Tmpfs::mount(&base.path().join("repo"), "16m");
+    let d = Daemon::start_with(DaemonOptions { repo: Some(fs.dir.clone()), ..Default::default() });
+    run("mount", &["-o", "remount,ro", fs.dir.to_str().unwrap()]);
+    let src = make_source(d.dir.path());
+    let mut images = d.images().await;
+    let err = images
+        .import(proto::ImportRequest {
+            path: src.to_str().unwrap().into(),
+            format: "qcow2".into(),
+            image_name: "ro".into(),
+            request_id: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    assert!(err.message().contains("not writable") && err.message().contains(fs.dir.to_str().unwrap()), "{}", err.message());
+    let ops = d.imagectl_json(&["ops"]);
+    assert_eq!(ops.as_array().unwrap().len(), 0, "no operation may start: {ops}");
+}
