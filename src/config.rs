@@ -69,7 +69,9 @@ pub struct LibvirtConfig {
 
 impl Default for LibvirtConfig {
     fn default() -> Self {
-        LibvirtConfig { uri: "qemu:///system".into() }
+        LibvirtConfig {
+            uri: "qemu:///system".into(),
+        }
     }
 }
 
@@ -83,7 +85,9 @@ pub struct RepositoryConfig {
 
 impl Default for RepositoryConfig {
     fn default() -> Self {
-        RepositoryConfig { path: PathBuf::from("/var/lib/imaged/repo") }
+        RepositoryConfig {
+            path: PathBuf::from("/var/lib/imaged/repo"),
+        }
     }
 }
 
@@ -118,7 +122,10 @@ impl Config {
                 return Ok(Config::default())
             }
             Err(e) => {
-                return Err(Error::io(format!("reading config file {}", path.display()), e));
+                return Err(Error::io(
+                    format!("reading config file {}", path.display()),
+                    e,
+                ));
             }
         };
         Config::parse(&text).map_err(|e| invalid(format!("config file {}: {e}", path.display())))

@@ -35,13 +35,20 @@ pub fn random_id(prefix: &str) -> String {
 pub fn validate_image_name(name: &str) -> Result<()> {
     let ok_char = |c: char| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-');
     if name.is_empty() {
-        return Err(invalid("image name is empty: give a name like web-2026-11-26"));
+        return Err(invalid(
+            "image name is empty: give a name like web-2026-11-26",
+        ));
     }
     if name.len() > 128 {
-        return Err(invalid(format!("image name is {} characters long; at most 128", name.len())));
+        return Err(invalid(format!(
+            "image name is {} characters long; at most 128",
+            name.len()
+        )));
     }
     if name.starts_with('.') || name.starts_with('-') {
-        return Err(invalid(format!("image name {name:?} must not start with '.' or '-'")));
+        return Err(invalid(format!(
+            "image name {name:?} must not start with '.' or '-'"
+        )));
     }
     if let Some(c) = name.chars().find(|c| !ok_char(*c)) {
         return Err(invalid(format!(
@@ -55,7 +62,10 @@ pub fn validate_image_name(name: &str) -> Result<()> {
 /// `path`, fsync of the directory. Readers see the old file or the new one, never a part.
 pub fn write_atomic(path: &Path, data: &[u8]) -> Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
     let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
     let res = (|| {
         let mut f = std::fs::File::create(&tmp)?;
@@ -124,7 +134,16 @@ mod tests {
         for ok in ["a", "web-2026.11.26", "A_b-9"] {
             validate_image_name(ok).unwrap();
         }
-        for bad in ["", ".hidden", "-x", "a/b", "../x", "a b", "é", &"x".repeat(129)] {
+        for bad in [
+            "",
+            ".hidden",
+            "-x",
+            "a/b",
+            "../x",
+            "a b",
+            "é",
+            &"x".repeat(129),
+        ] {
             assert!(validate_image_name(bad).is_err(), "{bad:?}");
         }
     }

@@ -15,15 +15,23 @@ use tonic::Code;
 /// A 1 GiB qcow2 with data, written zeros and holes; two chunks hold the same bytes.
 fn make_source(dir: &Path) -> std::path::PathBuf {
     let p = dir.join("src.qcow2");
-    run("qemu-img", &["create", "-q", "-f", "qcow2", p.to_str().unwrap(), "1G"]);
+    run(
+        "qemu-img",
+        &["create", "-q", "-f", "qcow2", p.to_str().unwrap(), "1G"],
+    );
     run(
         "qemu-io",
         &[
-            "-f", "qcow2",
-            "-c", "write -P 0xab 1M 3M",
-            "-c", "write -P 0x11 500M 10M",
-            "-c", "write -z 700M 1M",
-            "-c", "write -P 0x77 1023M 64k",
+            "-f",
+            "qcow2",
+            "-c",
+            "write -P 0xab 1M 3M",
+            "-c",
+            "write -P 0x11 500M 10M",
+            "-c",
+            "write -z 700M 1M",
+            "-c",
+            "write -P 0x77 1023M 64k",
             p.to_str().unwrap(),
         ],
     );
@@ -62,19 +70,33 @@ fn notifies_readiness_and_stops_cleanly_on_sigterm() {
     let dir = tempfile::tempdir().unwrap();
     let notify = dir.path().join("notify.sock");
     let listener = std::os::unix::net::UnixDatagram::bind(&notify).unwrap();
-    listener.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
-    let mut d = Daemon::start_with(DaemonOptions { notify_socket: Some(notify.clone()), ..Default::default() });
+    listener
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let mut d = Daemon::start_with(DaemonOptions {
+        notify_socket: Some(notify.clone()),
+        ..Default::default()
+    });
     let mut buf = [0u8; 256];
-    let n = listener.recv(&mut buf).expect("imaged sent no sd_notify message");
+    let n = listener
+        .recv(&mut buf)
+        .expect("imaged sent no sd_notify message");
     let msg = String::from_utf8_lossy(&buf[..n]).into_owned();
     assert!(msg.contains("READY=1"), "{msg}");
     let st = d.stop();
-    assert!(st.success(), "imaged exited with {st:?}; log:\n{}", d.log_text());
+    assert!(
+        st.success(),
+        "imaged exited with {st:?}; log:\n{}",
+        d.log_text()
+    );
     assert!(!d.socket.exists(), "socket left behind after a clean stop");
     let n = listener.recv(&mut buf).expect("no STOPPING message");
     assert!(String::from_utf8_lossy(&buf[..n]).contains("STOPPING=1"));
     let log = d.log_text();
-    assert!(log.contains("imaged ready") && log.contains("imaged stopped"), "{log}");
+    assert!(
+        log.contains("imaged ready") && log.contains("imaged stopped"),
+        "{log}"
+    );
 }
 
 #[test]
@@ -87,7 +109,11 @@ fn bad_config_is_refused_with_the_key_name() {
         ("[daemon]\nsocket_mode = \"rw\"\n", "daemon.socket_mode"),
     ] {
         std::fs::write(&cfg, text).unwrap();
-        let out = Command::new(env!("CARGO_BIN_EXE_imaged")).arg("--config").arg(&cfg).output().unwrap();
+        let out = Command::new(env!("CARGO_BIN_EXE_imaged"))
+            .arg("--config")
+            .arg(&cfg)
+            .output()
+            .unwrap();
         assert_eq!(out.status.code(), Some(2), "{text}");
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(err.contains(key), "{text}: {err}");
@@ -103,16 +129,33 @@ fn bad_config_is_refused_with_the_key_name() {
 #[test]
 fn systemd_unit_verifies() {
     let dir = tempfile::tempdir().unwrap();
-    let unit = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/systemd/imaged.service")).unwrap();
-    assert!(unit.contains("Type=notify"), "the unit must wait for readiness");
+    let unit = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/systemd/imaged.service"
+    ))
+    .unwrap();
+    assert!(
+        unit.contains("Type=notify"),
+        "the unit must wait for readiness"
+    );
     // Point ExecStart at the binary cargo built so verify can check it exists.
     let unit = unit.replace("/usr/local/bin/imaged", env!("CARGO_BIN_EXE_imaged"));
     let p = dir.path().join("imaged.service");
     std::fs::write(&p, unit).unwrap();
-    let out = Command::new("systemd-analyze").arg("verify").arg(&p).output().expect("systemd-analyze (package systemd)");
+    let out = Command::new("systemd-analyze")
+        .arg("verify")
+        .arg(&p)
+        .output()
+        .expect("systemd-analyze (package systemd)");
     let err = String::from_utf8_lossy(&out.stderr);
-    let relevant: Vec<&str> = err.lines().filter(|l| l.contains("imaged.service")).collect();
-    assert!(out.status.success() && relevant.is_empty(), "systemd-analyze verify: {err}");
+    let relevant: Vec<&str> = err
+        .lines()
+        .filter(|l| l.contains("imaged.service"))
+        .collect();
+    assert!(
+        out.status.success() && relevant.is_empty(),
+        "systemd-analyze verify: {err}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -125,8 +168,15 @@ async fn import_export_round_trip_and_dedup() {
     assert_eq!(p.bytes_total, 1 << 30);
     assert_eq!(p.bytes_done, 1 << 30);
     // Holes and zeros are never read: only the extents with data are.
-    assert!(p.bytes_read <= 16 << 20, "read {} bytes of a 1 GiB disk holding 13.1 MiB", p.bytes_read);
-    assert!(p.bytes_existing >= 4 << 20, "identical chunks must be stored once: {p:?}");
+    assert!(
+        p.bytes_read <= 16 << 20,
+        "read {} bytes of a 1 GiB disk holding 13.1 MiB",
+        p.bytes_read
+    );
+    assert!(
+        p.bytes_existing >= 4 << 20,
+        "identical chunks must be stored once: {p:?}"
+    );
 
     let img = d.imagectl_json(&["image", "golden"]);
     assert_eq!(img["virtual_size"], 1u64 << 30);
@@ -134,15 +184,32 @@ async fn import_export_round_trip_and_dedup() {
 
     let q = d.dir.path().join("out.qcow2");
     let r = d.dir.path().join("out.raw");
-    let e1 = d.imagectl_json(&["export", "golden", "--format", "qcow2", "-o", q.to_str().unwrap()]);
+    let e1 = d.imagectl_json(&[
+        "export",
+        "golden",
+        "--format",
+        "qcow2",
+        "-o",
+        q.to_str().unwrap(),
+    ]);
     assert_eq!(e1["state"], "active", "{e1}");
-    let e2 = d.imagectl_json(&["export", "golden", "--format", "raw", "-o", r.to_str().unwrap()]);
+    let e2 = d.imagectl_json(&[
+        "export",
+        "golden",
+        "--format",
+        "raw",
+        "-o",
+        r.to_str().unwrap(),
+    ]);
     assert_eq!(e2["state"], "active", "{e2}");
     assert_qcow2_clean(&q);
     assert_identical(&src, "qcow2", &q, "qcow2");
     assert_identical(&src, "qcow2", &r, "raw");
     let raw_blocks = std::os::unix::fs::MetadataExt::blocks(&std::fs::metadata(&r).unwrap()) * 512;
-    assert!(raw_blocks < 32 << 20, "raw export is not sparse: {raw_blocks} bytes allocated");
+    assert!(
+        raw_blocks < 32 << 20,
+        "raw export is not sparse: {raw_blocks} bytes allocated"
+    );
 
     // The same disk again: every chunk is already stored.
     let before = chunk_files(&d.repo);
@@ -176,21 +243,56 @@ async fn bad_requests_get_clear_errors_and_change_nothing() {
     };
     let s = src.to_str().unwrap();
     for (req, code, words) in [
-        (imp("a/../../etc/passwd", s, "qcow2"), Code::InvalidArgument, "'/'"),
+        (
+            imp("a/../../etc/passwd", s, "qcow2"),
+            Code::InvalidArgument,
+            "'/'",
+        ),
         (imp("", s, "qcow2"), Code::InvalidArgument, "empty"),
-        (imp("ok", "relative.qcow2", "qcow2"), Code::InvalidArgument, "absolute"),
+        (
+            imp("ok", "relative.qcow2", "qcow2"),
+            Code::InvalidArgument,
+            "absolute",
+        ),
         (imp("ok", s, "vmdk"), Code::InvalidArgument, "qcow2 or raw"),
-        (imp("ok", "/nonexistent/disk.qcow2", "qcow2"), Code::FailedPrecondition, "does not exist"),
-        (imp("ok", "/etc/hostname", "qcow2"), Code::InvalidArgument, "not a valid qcow2"),
+        (
+            imp("ok", "/nonexistent/disk.qcow2", "qcow2"),
+            Code::FailedPrecondition,
+            "does not exist",
+        ),
+        (
+            imp("ok", "/etc/hostname", "qcow2"),
+            Code::InvalidArgument,
+            "not a valid qcow2",
+        ),
     ] {
-        let err = images.import(req.clone()).await.expect_err("must be refused");
+        let err = images
+            .import(req.clone())
+            .await
+            .expect_err("must be refused");
         assert_eq!(err.code(), code, "{req:?}: {err:?}");
         assert!(err.message().contains(words), "{req:?}: {}", err.message());
     }
     // An image with a backing file would make us read another file of the host.
     let child = d.dir.path().join("child.qcow2");
-    run("qemu-img", &["create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", s, child.to_str().unwrap()]);
-    let err = images.import(imp("ok", child.to_str().unwrap(), "qcow2")).await.unwrap_err();
+    run(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-F",
+            "qcow2",
+            "-b",
+            s,
+            child.to_str().unwrap(),
+        ],
+    );
+    let err = images
+        .import(imp("ok", child.to_str().unwrap(), "qcow2"))
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
     assert!(err.message().contains("backing file"), "{}", err.message());
 
@@ -212,28 +314,59 @@ async fn bad_requests_get_clear_errors_and_change_nothing() {
     std::fs::write(&existing, b"keep me").unwrap();
     for (req, code) in [
         (exp("nope", "/tmp/nope.qcow2"), Code::NotFound),
-        (exp("taken", existing.to_str().unwrap()), Code::AlreadyExists),
-        (exp("taken", "/nonexistent-dir/x.qcow2"), Code::FailedPrecondition),
+        (
+            exp("taken", existing.to_str().unwrap()),
+            Code::AlreadyExists,
+        ),
+        (
+            exp("taken", "/nonexistent-dir/x.qcow2"),
+            Code::FailedPrecondition,
+        ),
         (exp("taken", "x.qcow2"), Code::InvalidArgument),
     ] {
-        let err = images.export_image(req.clone()).await.expect_err("must be refused");
+        let err = images
+            .export_image(req.clone())
+            .await
+            .expect_err("must be refused");
         assert_eq!(err.code(), code, "{req:?}: {err:?}");
     }
     assert_eq!(std::fs::read(&existing).unwrap(), b"keep me");
 
     let mut ops = d.ops().await;
-    let err = ops.cancel_operation(proto::CancelOperationRequest { id: "op-nope".into() }).await.unwrap_err();
+    let err = ops
+        .cancel_operation(proto::CancelOperationRequest {
+            id: "op-nope".into(),
+        })
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), Code::NotFound);
-    let err = ops.cancel_operation(proto::CancelOperationRequest { id: op.id.clone() }).await.unwrap_err();
-    assert_eq!(err.code(), Code::FailedPrecondition, "cancelling a finished operation");
+    let err = ops
+        .cancel_operation(proto::CancelOperationRequest { id: op.id.clone() })
+        .await
+        .unwrap_err();
+    assert_eq!(
+        err.code(),
+        Code::FailedPrecondition,
+        "cancelling a finished operation"
+    );
 
     // imagectl: exit codes and messages that name the object.
     let out = d.imagectl(&["image", "nope"]);
     assert_eq!(out.status.code(), Some(3));
     assert!(String::from_utf8_lossy(&out.stderr).contains("image nope not found"));
-    let out = d.imagectl(&["export", "taken", "--format", "qcow2", "-o", existing.to_str().unwrap()]);
+    let out = d.imagectl(&[
+        "export",
+        "taken",
+        "--format",
+        "qcow2",
+        "-o",
+        existing.to_str().unwrap(),
+    ]);
     assert_eq!(out.status.code(), Some(4));
-    let out = Command::new(env!("CARGO_BIN_EXE_imagectl")).args(["--socket", "/nonexistent/imaged.sock", "images"]).output().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_imagectl"))
+        .args(["--socket", "/nonexistent/imaged.sock", "images"])
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(5));
     assert!(String::from_utf8_lossy(&out.stderr).contains("is the daemon running"));
 
@@ -267,7 +400,16 @@ async fn request_id_makes_retries_idempotent() {
 
 /// A raw file of `mib` MiB of random bytes (every chunk distinct).
 fn random_raw(path: &Path, mib: usize) {
-    run("dd", &["if=/dev/urandom", &format!("of={}", path.display()), "bs=1M", &format!("count={mib}"), "status=none"]);
+    run(
+        "dd",
+        &[
+            "if=/dev/urandom",
+            &format!("of={}", path.display()),
+            "bs=1M",
+            &format!("count={mib}"),
+            "status=none",
+        ],
+    );
 }
 
 async fn import_raw(d: &Daemon, path: &Path, name: &str) -> proto::Operation {
@@ -286,30 +428,50 @@ async fn import_raw(d: &Daemon, path: &Path, name: &str) -> proto::Operation {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cancel_mid_capture_leaves_nothing() {
-    let d = Daemon::start_with(DaemonOptions { capture_toml: "readers = 1".into(), ..Default::default() });
+    let d = Daemon::start_with(DaemonOptions {
+        capture_toml: "readers = 1".into(),
+        ..Default::default()
+    });
     let src = d.dir.path().join("big.raw");
     random_raw(&src, 1024);
     let op = import_raw(&d, &src, "big").await;
     let mut ops = d.ops().await;
     // Cancel once it is reading.
     loop {
-        let o = ops.get_operation(proto::GetOperationRequest { id: op.id.clone() }).await.unwrap().into_inner();
+        let o = ops
+            .get_operation(proto::GetOperationRequest { id: op.id.clone() })
+            .await
+            .unwrap()
+            .into_inner();
         let p = o.progress.unwrap_or_default();
         if p.bytes_done > 0 {
-            assert!(p.bytes_done < p.bytes_total, "capture finished before it could be cancelled");
+            assert!(
+                p.bytes_done < p.bytes_total,
+                "capture finished before it could be cancelled"
+            );
             break;
         }
         assert!(!matches!(state(&o), proto::OperationState::Failed), "{o:?}");
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     let t0 = std::time::Instant::now();
-    ops.cancel_operation(proto::CancelOperationRequest { id: op.id.clone() }).await.unwrap();
+    ops.cancel_operation(proto::CancelOperationRequest { id: op.id.clone() })
+        .await
+        .unwrap();
     let end = d.wait_op(&op.id).await;
-    assert!(t0.elapsed() < Duration::from_secs(5), "cancel took {:?}", t0.elapsed());
+    assert!(
+        t0.elapsed() < Duration::from_secs(5),
+        "cancel took {:?}",
+        t0.elapsed()
+    );
     assert_eq!(state(&end), proto::OperationState::Cancelled, "{end:?}");
     assert_eq!(end.error.unwrap().code, "CANCELLED");
     assert_eq!(d.imagectl_json(&["images"]).as_array().unwrap().len(), 0);
-    assert_eq!(chunk_files(&d.repo), 0, "chunks of the cancelled capture were left behind");
+    assert_eq!(
+        chunk_files(&d.repo),
+        0,
+        "chunks of the cancelled capture were left behind"
+    );
     let out = d.imagectl(&["image", "big"]);
     assert_eq!(out.status.code(), Some(3));
 }
@@ -318,7 +480,10 @@ async fn cancel_mid_capture_leaves_nothing() {
 async fn disk_full_fails_cleanly_and_releases_space() {
     let base = tempfile::tempdir().unwrap();
     let fs = Tmpfs::mount(&base.path().join("repo"), "64m");
-    let d = Daemon::start_with(DaemonOptions { repo: Some(fs.dir.clone()), ..Default::default() });
+    let d = Daemon::start_with(DaemonOptions {
+        repo: Some(fs.dir.clone()),
+        ..Default::default()
+    });
     let used_before = fs.used();
     let src = d.dir.path().join("big.raw");
     random_raw(&src, 160);
@@ -328,23 +493,36 @@ async fn disk_full_fails_cleanly_and_releases_space() {
     let err = end.error.unwrap();
     assert_eq!(err.code, "RESOURCE_EXHAUSTED", "{err:?}");
     assert!(err.message.contains("No space left"), "{}", err.message);
-    assert!(err.message.contains(fs.dir.to_str().unwrap()), "the error must name the repository: {}", err.message);
+    assert!(
+        err.message.contains(fs.dir.to_str().unwrap()),
+        "the error must name the repository: {}",
+        err.message
+    );
     assert_eq!(d.imagectl_json(&["images"]).as_array().unwrap().len(), 0);
     assert_eq!(chunk_files(&fs.dir), 0);
     let used_after = fs.used();
-    assert!(used_after <= used_before + (1 << 20), "space not released: {used_before} -> {used_after}");
+    assert!(
+        used_after <= used_before + (1 << 20),
+        "space not released: {used_before} -> {used_after}"
+    );
     // The repository still works for an image that fits.
     let small = d.dir.path().join("small.raw");
     random_raw(&small, 8);
     let op = import_raw(&d, &small, "fits").await;
-    assert_eq!(state(&d.wait_op(&op.id).await), proto::OperationState::Active);
+    assert_eq!(
+        state(&d.wait_op(&op.id).await),
+        proto::OperationState::Active
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn read_only_repository_is_refused_before_reading() {
     let base = tempfile::tempdir().unwrap();
     let fs = Tmpfs::mount(&base.path().join("repo"), "16m");
-    let d = Daemon::start_with(DaemonOptions { repo: Some(fs.dir.clone()), ..Default::default() });
+    let d = Daemon::start_with(DaemonOptions {
+        repo: Some(fs.dir.clone()),
+        ..Default::default()
+    });
     run("mount", &["-o", "remount,ro", fs.dir.to_str().unwrap()]);
     let src = make_source(d.dir.path());
     let mut images = d.images().await;
@@ -358,7 +536,15 @@ async fn read_only_repository_is_refused_before_reading() {
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
-    assert!(err.message().contains("not writable") && err.message().contains(fs.dir.to_str().unwrap()), "{}", err.message());
+    assert!(
+        err.message().contains("not writable") && err.message().contains(fs.dir.to_str().unwrap()),
+        "{}",
+        err.message()
+    );
     let ops = d.imagectl_json(&["ops"]);
-    assert_eq!(ops.as_array().unwrap().len(), 0, "no operation may start: {ops}");
+    assert_eq!(
+        ops.as_array().unwrap().len(),
+        0,
+        "no operation may start: {ops}"
+    );
 }

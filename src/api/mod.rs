@@ -34,9 +34,14 @@ type ApiResult<T> = Result<Response<T>, Status>;
 
 #[tonic::async_trait]
 impl proto::domain_service_server::DomainService for Api {
-    async fn list_domains(&self, _: Request<proto::ListDomainsRequest>) -> ApiResult<proto::ListDomainsResponse> {
+    async fn list_domains(
+        &self,
+        _: Request<proto::ListDomainsRequest>,
+    ) -> ApiResult<proto::ListDomainsResponse> {
         let doms = self.agent.list_domains().await?;
-        Ok(Response::new(proto::ListDomainsResponse { domains: doms.iter().map(convert::domain).collect() }))
+        Ok(Response::new(proto::ListDomainsResponse {
+            domains: doms.iter().map(convert::domain).collect(),
+        }))
     }
 
     async fn get_domain(&self, req: Request<proto::GetDomainRequest>) -> ApiResult<proto::Domain> {
@@ -83,9 +88,14 @@ impl proto::image_service_server::ImageService for Api {
         Ok(Response::new(convert::operation(&op)))
     }
 
-    async fn list_images(&self, _: Request<proto::ListImagesRequest>) -> ApiResult<proto::ListImagesResponse> {
+    async fn list_images(
+        &self,
+        _: Request<proto::ListImagesRequest>,
+    ) -> ApiResult<proto::ListImagesResponse> {
         let images = self.agent.list_images().await?;
-        Ok(Response::new(proto::ListImagesResponse { images: images.iter().map(convert::image).collect() }))
+        Ok(Response::new(proto::ListImagesResponse {
+            images: images.iter().map(convert::image).collect(),
+        }))
     }
 
     async fn get_image(&self, req: Request<proto::GetImageRequest>) -> ApiResult<proto::Image> {
@@ -93,12 +103,21 @@ impl proto::image_service_server::ImageService for Api {
         Ok(Response::new(convert::image(&r)))
     }
 
-    async fn delete_image(&self, req: Request<proto::DeleteImageRequest>) -> ApiResult<proto::DeleteImageResponse> {
+    async fn delete_image(
+        &self,
+        req: Request<proto::DeleteImageRequest>,
+    ) -> ApiResult<proto::DeleteImageResponse> {
         let s = self.agent.delete_image(&req.into_inner().name).await?;
-        Ok(Response::new(proto::DeleteImageResponse { chunks_removed: s.chunks_removed, bytes_freed: s.bytes_freed }))
+        Ok(Response::new(proto::DeleteImageResponse {
+            chunks_removed: s.chunks_removed,
+            bytes_freed: s.bytes_freed,
+        }))
     }
 
-    async fn export_image(&self, req: Request<proto::ExportImageRequest>) -> ApiResult<proto::Operation> {
+    async fn export_image(
+        &self,
+        req: Request<proto::ExportImageRequest>,
+    ) -> ApiResult<proto::Operation> {
         let r = req.into_inner();
         let format = match proto::ImageFormat::try_from(r.format) {
             Ok(proto::ImageFormat::Qcow2) => Format::Qcow2,
@@ -123,19 +142,30 @@ type OpStream = Pin<Box<dyn Stream<Item = Result<proto::Operation, Status>> + Se
 
 #[tonic::async_trait]
 impl proto::operation_service_server::OperationService for Api {
-    async fn get_operation(&self, req: Request<proto::GetOperationRequest>) -> ApiResult<proto::Operation> {
+    async fn get_operation(
+        &self,
+        req: Request<proto::GetOperationRequest>,
+    ) -> ApiResult<proto::Operation> {
         let op = self.agent.operation(&req.into_inner().id)?;
         Ok(Response::new(convert::operation(&op)))
     }
 
-    async fn list_operations(&self, _: Request<proto::ListOperationsRequest>) -> ApiResult<proto::ListOperationsResponse> {
+    async fn list_operations(
+        &self,
+        _: Request<proto::ListOperationsRequest>,
+    ) -> ApiResult<proto::ListOperationsResponse> {
         let ops = self.agent.operations();
-        Ok(Response::new(proto::ListOperationsResponse { operations: ops.iter().map(convert::operation).collect() }))
+        Ok(Response::new(proto::ListOperationsResponse {
+            operations: ops.iter().map(convert::operation).collect(),
+        }))
     }
 
     type WatchOperationStream = OpStream;
 
-    async fn watch_operation(&self, req: Request<proto::WatchOperationRequest>) -> ApiResult<Self::WatchOperationStream> {
+    async fn watch_operation(
+        &self,
+        req: Request<proto::WatchOperationRequest>,
+    ) -> ApiResult<Self::WatchOperationStream> {
         let entry = self.agent.watch(&req.into_inner().id)?;
         let (tx, rx) = tokio::sync::mpsc::channel(4);
         tokio::spawn(async move {
@@ -159,10 +189,15 @@ impl proto::operation_service_server::OperationService for Api {
                 }
             }
         });
-        Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
     }
 
-    async fn cancel_operation(&self, req: Request<proto::CancelOperationRequest>) -> ApiResult<proto::Operation> {
+    async fn cancel_operation(
+        &self,
+        req: Request<proto::CancelOperationRequest>,
+    ) -> ApiResult<proto::Operation> {
         let op = self.agent.cancel(&req.into_inner().id)?;
         Ok(Response::new(convert::operation(&op)))
     }

@@ -29,7 +29,10 @@ pub async fn bind_unix(path: &Path, mode: u32, group: &str) -> Result<UnixListen
         if tokio::net::UnixStream::connect(path).await.is_ok() {
             return Err(Error::new(
                 ErrorKind::Unavailable,
-                format!("socket {} is in use: is another imaged running?", path.display()),
+                format!(
+                    "socket {} is in use: is another imaged running?",
+                    path.display()
+                ),
             ));
         }
         std::fs::remove_file(path)
@@ -41,15 +44,20 @@ pub async fn bind_unix(path: &Path, mode: u32, group: &str) -> Result<UnixListen
         .map_err(|e| Error::io(format!("setting mode of socket {}", path.display()), e))?;
     if !group.is_empty() {
         let gid = group_id(group)?;
-        std::os::unix::fs::chown(path, None, Some(gid))
-            .map_err(|e| Error::io(format!("giving socket {} to group {group}", path.display()), e))?;
+        std::os::unix::fs::chown(path, None, Some(gid)).map_err(|e| {
+            Error::io(
+                format!("giving socket {} to group {group}", path.display()),
+                e,
+            )
+        })?;
     }
     Ok(l)
 }
 
 /// Looks a group name up in /etc/group.
 fn group_id(group: &str) -> Result<u32> {
-    let text = std::fs::read_to_string("/etc/group").map_err(|e| Error::io("reading /etc/group", e))?;
+    let text =
+        std::fs::read_to_string("/etc/group").map_err(|e| Error::io("reading /etc/group", e))?;
     text.lines()
         .filter_map(|l| {
             let mut f = l.split(':');
@@ -58,38 +66,65 @@ fn group_id(group: &str) -> Result<u32> {
             (name == group).then_some(gid)
         })
         .next()
-        .ok_or_else(|| Error::new(ErrorKind::InvalidArgument, format!("daemon.socket_group: no group named {group}")))
+        .ok_or_else(|| {
+            Error::new(
+                ErrorKind::InvalidArgument,
+                format!("daemon.socket_group: no group named {group}"),
+            )
+        })
 }
 
 /// Serves the API until SIGTERM or SIGINT, then cancels running operations and returns.
 pub async fn serve(cfg: &Config, agent: Agent) -> Result<()> {
-    let uds = bind_unix(&cfg.daemon.socket, cfg.socket_mode()?, &cfg.daemon.socket_group).await?;
+    let uds = bind_unix(
+        &cfg.daemon.socket,
+        cfg.socket_mode()?,
+        &cfg.daemon.socket_group,
+    )
+    .await?;
     let tcp = if cfg.daemon.tcp_listen.is_empty() {
         None
     } else {
         let l = tokio::net::TcpListener::bind(&cfg.daemon.tcp_listen)
             .await
-            .map_err(|e| Error::io(format!("binding daemon.tcp_listen {}", cfg.daemon.tcp_listen), e))?;
+            .map_err(|e| {
+                Error::io(
+                    format!("binding daemon.tcp_listen {}", cfg.daemon.tcp_listen),
+                    e,
+                )
+            })?;
         Some(l)
     };
 
     let (health_reporter, health) = tonic_health::server::health_reporter();
-    health_reporter.set_serving::<proto::image_service_server::ImageServiceServer<Api>>().await;
-    health_reporter.set_serving::<proto::domain_service_server::DomainServiceServer<Api>>().await;
-    health_reporter.set_serving::<proto::operation_service_server::OperationServiceServer<Api>>().await;
+    health_reporter
+        .set_serving::<proto::image_service_server::ImageServiceServer<Api>>()
+        .await;
+    health_reporter
+        .set_serving::<proto::domain_service_server::DomainServiceServer<Api>>()
+        .await;
+    health_reporter
+        .set_serving::<proto::operation_service_server::OperationServiceServer<Api>>()
+        .await;
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()
-        .map_err(|e| Error::new(ErrorKind::Internal, "building the reflection service").with_source(e))?;
+        .map_err(|e| {
+            Error::new(ErrorKind::Internal, "building the reflection service").with_source(e)
+        })?;
 
     let api = Api::new(agent.clone());
     let router = || {
         Server::builder()
             .add_service(health.clone())
             .add_service(reflection.clone())
-            .add_service(proto::domain_service_server::DomainServiceServer::new(api.clone()))
-            .add_service(proto::image_service_server::ImageServiceServer::new(api.clone()))
+            .add_service(proto::domain_service_server::DomainServiceServer::new(
+                api.clone(),
+            ))
+            .add_service(proto::image_service_server::ImageServiceServer::new(
+                api.clone(),
+            ))
             .add_service(proto::operation_service_server::OperationServiceServer::new(api.clone()))
     };
 
@@ -97,9 +132,15 @@ pub async fn serve(cfg: &Config, agent: Agent) -> Result<()> {
     let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|s| *s).await;
     };
-    let uds_task = tokio::spawn(router().serve_with_incoming_shutdown(UnixListenerStream::new(uds), stopped(stop_rx.clone())));
+    let uds_task = tokio::spawn(
+        router()
+            .serve_with_incoming_shutdown(UnixListenerStream::new(uds), stopped(stop_rx.clone())),
+    );
     let tcp_task = tcp.map(|l| {
-        tokio::spawn(router().serve_with_incoming_shutdown(TcpListenerStream::new(l), stopped(stop_rx.clone())))
+        tokio::spawn(
+            router()
+                .serve_with_incoming_shutdown(TcpListenerStream::new(l), stopped(stop_rx.clone())),
+        )
     });
 
     tracing::info!(
@@ -138,7 +179,9 @@ async fn wait_for_stop_signal() {
 /// Sends a state string to systemd's `NOTIFY_SOCKET` (a path, or `@name` for the abstract
 /// namespace). Without the variable this does nothing.
 pub fn notify_systemd(state: &str) {
-    let Some(addr) = std::env::var_os("NOTIFY_SOCKET") else { return };
+    let Some(addr) = std::env::var_os("NOTIFY_SOCKET") else {
+        return;
+    };
     let addr = addr.to_string_lossy().into_owned();
     let sock = match std::os::unix::net::UnixDatagram::unbound() {
         Ok(s) => s,

@@ -63,14 +63,21 @@ fn main() -> std::process::ExitCode {
     let level = cfg.log_level().unwrap_or(tracing::Level::INFO);
     // Under systemd the journal adds timestamps; elsewhere keep them.
     let journal = std::env::var_os("JOURNAL_STREAM").is_some();
-    let builder = tracing_subscriber::fmt().with_max_level(level).with_target(false).with_ansi(false).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_max_level(level)
+        .with_target(false)
+        .with_ansi(false)
+        .with_writer(std::io::stderr);
     if journal {
         builder.without_time().init();
     } else {
         builder.init();
     }
 
-    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("imaged: cannot start the async runtime: {e}");

@@ -85,10 +85,16 @@ pub async fn run(
     let mut first = export.connect().await?;
     let size = first.size();
     progress.bytes_total.store(size, Ordering::Relaxed);
-    let extents = first.allocation_map(BASE_ALLOCATION, 0, size).await.map_err(|e| {
-        Error::new(ErrorKind::Internal, format!("reading the allocation map of {}", export.describe))
+    let extents = first
+        .allocation_map(BASE_ALLOCATION, 0, size)
+        .await
+        .map_err(|e| {
+            Error::new(
+                ErrorKind::Internal,
+                format!("reading the allocation map of {}", export.describe),
+            )
             .with_source(e)
-    })?;
+        })?;
     let extents: Arc<Vec<Extent>> = Arc::new(extents);
     let count = ImageRecord::chunk_count_for(size) as usize;
     let results: Arc<Mutex<Vec<ChunkRef>>> = Arc::new(Mutex::new(vec![ChunkRef::Zero; count]));
@@ -114,12 +120,17 @@ pub async fn run(
     }
     let mut first_err: Option<Error> = None;
     while let Some(joined) = tasks.join_next().await {
-        let res = joined.unwrap_or_else(|e| Err(Error::new(ErrorKind::Internal, "capture worker panicked").with_source(e)));
+        let res = joined.unwrap_or_else(|e| {
+            Err(Error::new(ErrorKind::Internal, "capture worker panicked").with_source(e))
+        });
         if let Err(e) = res {
             // Stop the other workers at their next chunk.
             cancel_siblings(&next, count);
             // Prefer a real failure over the "cancelled" of a sibling.
-            if first_err.as_ref().is_none_or(|f| f.kind() == ErrorKind::Cancelled) {
+            if first_err
+                .as_ref()
+                .is_none_or(|f| f.kind() == ErrorKind::Cancelled)
+            {
                 first_err = Some(e);
             }
         }
@@ -135,7 +146,11 @@ pub async fn run(
         .filter(|(_, c)| matches!(c, ChunkRef::Data { .. }))
         .map(|(i, _)| chunk_len(size, i as u64))
         .sum();
-    Ok(Captured { virtual_size: size, chunks, data_bytes })
+    Ok(Captured {
+        virtual_size: size,
+        chunks,
+        data_bytes,
+    })
 }
 
 fn cancel_siblings(next: &AtomicUsize, count: usize) {
@@ -179,13 +194,21 @@ impl Worker {
             for r in &ranges {
                 let lo = (r.start - start) as usize;
                 let hi = (r.end - start) as usize;
-                self.client.read(r.start, &mut chunk[lo..hi]).await.map_err(|e| {
-                    Error::new(
-                        ErrorKind::Internal,
-                        format!("reading {} bytes at offset {} of {}", hi - lo, r.start, self.describe),
-                    )
-                    .with_source(e)
-                })?;
+                self.client
+                    .read(r.start, &mut chunk[lo..hi])
+                    .await
+                    .map_err(|e| {
+                        Error::new(
+                            ErrorKind::Internal,
+                            format!(
+                                "reading {} bytes at offset {} of {}",
+                                hi - lo,
+                                r.start,
+                                self.describe
+                            ),
+                        )
+                        .with_source(e)
+                    })?;
                 read += r.end - r.start;
             }
             p.bytes_read.fetch_add(read, Ordering::Relaxed);
@@ -253,13 +276,22 @@ mod tests {
     use super::*;
 
     fn ext(offset: u64, length: u64, flags: u32) -> Extent {
-        Extent { offset, length, flags }
+        Extent {
+            offset,
+            length,
+            flags,
+        }
     }
 
     #[test]
     fn ranges_skip_zero_extents() {
         let m = 1 << 20;
-        let ex = vec![ext(0, m, 0), ext(m, 2 * m, 3), ext(3 * m, 2 * m, 0), ext(5 * m, 4 * m, 2)];
+        let ex = vec![
+            ext(0, m, 0),
+            ext(m, 2 * m, 3),
+            ext(3 * m, 2 * m, 0),
+            ext(5 * m, 4 * m, 2),
+        ];
         assert_eq!(data_ranges(&ex, 0, 4 * m), vec![0..m, 3 * m..4 * m]);
         assert_eq!(data_ranges(&ex, 4 * m, 4 * m), vec![4 * m..5 * m]);
         assert!(data_ranges(&ex, 5 * m, 4 * m).is_empty());

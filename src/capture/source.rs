@@ -41,7 +41,10 @@ impl NbdExport {
         if !matches!(format, "qcow2" | "raw") {
             return Err(Error::new(
                 ErrorKind::FailedPrecondition,
-                format!("disk {} has format {format:?}; only qcow2 and raw are supported", disk.display()),
+                format!(
+                    "disk {} has format {format:?}; only qcow2 and raw are supported",
+                    disk.display()
+                ),
             ));
         }
         std::fs::create_dir_all(run_dir)
@@ -74,13 +77,19 @@ impl NbdExport {
         let mut child = cmd.spawn().map_err(|e| {
             Error::new(
                 ErrorKind::Unavailable,
-                format!("cannot run {} to read disk {describe} (install qemu-utils)", qemu_nbd.display()),
+                format!(
+                    "cannot run {} to read disk {describe} (install qemu-utils)",
+                    qemu_nbd.display()
+                ),
             )
             .with_source(e)
         })?;
         let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
         loop {
-            if let Some(status) = child.try_wait().map_err(|e| Error::io("waiting for qemu-nbd", e))? {
+            if let Some(status) = child
+                .try_wait()
+                .map_err(|e| Error::io("waiting for qemu-nbd", e))?
+            {
                 let mut err = String::new();
                 if let Some(mut s) = child.stderr.take() {
                     let _ = s.read_to_string(&mut err).await;
@@ -98,7 +107,11 @@ impl NbdExport {
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        Ok(NbdExport { child, socket, describe })
+        Ok(NbdExport {
+            child,
+            socket,
+            describe,
+        })
     }
 
     /// Opens one more client connection with `base:allocation` negotiated.
@@ -107,10 +120,15 @@ impl NbdExport {
             export_name: String::new(),
             meta_contexts: vec![BASE_ALLOCATION.to_string()],
         };
-        NbdClient::connect_unix(&self.socket, &opts).await.map_err(|e| {
-            Error::new(ErrorKind::Unavailable, format!("connecting to the NBD export of {}", self.describe))
+        NbdClient::connect_unix(&self.socket, &opts)
+            .await
+            .map_err(|e| {
+                Error::new(
+                    ErrorKind::Unavailable,
+                    format!("connecting to the NBD export of {}", self.describe),
+                )
                 .with_source(e)
-        })
+            })
     }
 
     /// Stops qemu-nbd and removes its socket.
@@ -133,7 +151,10 @@ fn qemu_nbd_failed(describe: &str, code: Option<i32>, stderr: &str) -> Error {
     let kind = if stderr.contains("lock") {
         // Someone (a running QEMU) holds the image for writing.
         ErrorKind::FailedPrecondition
-    } else if stderr.contains("No such file") || stderr.contains("Permission denied") || stderr.contains("Could not open") {
+    } else if stderr.contains("No such file")
+        || stderr.contains("Permission denied")
+        || stderr.contains("Could not open")
+    {
         ErrorKind::FailedPrecondition
     } else {
         ErrorKind::Internal
@@ -147,8 +168,13 @@ fn qemu_nbd_failed(describe: &str, code: Option<i32>, stderr: &str) -> Error {
         kind,
         format!(
             "cannot read disk {describe}: qemu-nbd exited with {}: {}{hint}",
-            code.map(|c| c.to_string()).unwrap_or_else(|| "a signal".into()),
-            if stderr.is_empty() { "no message" } else { stderr }
+            code.map(|c| c.to_string())
+                .unwrap_or_else(|| "a signal".into()),
+            if stderr.is_empty() {
+                "no message"
+            } else {
+                stderr
+            }
         ),
     )
 }

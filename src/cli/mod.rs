@@ -147,7 +147,10 @@ impl FormatArg {
 /// Parses arguments, runs the command, returns the exit code.
 pub fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("tokio runtime");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
     let code = rt.block_on(run(cli));
     std::process::ExitCode::from(code)
 }
@@ -180,18 +183,23 @@ fn exit_for(code: Code) -> u8 {
 /// Opens a channel to the daemon's unix socket.
 pub async fn connect(socket: &Path) -> Result<Channel, tonic::Status> {
     let path = socket.to_path_buf();
-    let endpoint = Endpoint::try_from("http://imaged.local").map_err(|e| tonic::Status::internal(e.to_string()))?;
+    let endpoint = Endpoint::try_from("http://imaged.local")
+        .map_err(|e| tonic::Status::internal(e.to_string()))?;
     endpoint
         .connect_with_connector(tower::service_fn(move |_: Uri| {
             let path = path.clone();
-            async move { Ok::<_, std::io::Error>(TokioIo::new(tokio::net::UnixStream::connect(path).await?)) }
+            async move {
+                Ok::<_, std::io::Error>(TokioIo::new(tokio::net::UnixStream::connect(path).await?))
+            }
         }))
         .await
         .map_err(|e| {
             tonic::Status::unavailable(format!(
                 "cannot reach imaged at {} ({}): is the daemon running? (systemctl status imaged)",
                 socket.display(),
-                std::error::Error::source(&e).map(|s| s.to_string()).unwrap_or_else(|| e.to_string())
+                std::error::Error::source(&e)
+                    .map(|s| s.to_string())
+                    .unwrap_or_else(|| e.to_string())
             ))
         })
 }
@@ -200,7 +208,9 @@ fn absolute(p: &Path) -> PathBuf {
     if p.is_absolute() {
         p.to_path_buf()
     } else {
-        std::env::current_dir().map(|d| d.join(p)).unwrap_or_else(|_| p.to_path_buf())
+        std::env::current_dir()
+            .map(|d| d.join(p))
+            .unwrap_or_else(|_| p.to_path_buf())
     }
 }
 
@@ -212,14 +222,26 @@ async fn dispatch(cli: &Cli) -> Result<u8, tonic::Status> {
     let json = cli.json;
     match &cli.cmd {
         Cmd::Domains => {
-            let r = doms.list_domains(proto::ListDomainsRequest {}).await?.into_inner();
+            let r = doms
+                .list_domains(proto::ListDomainsRequest {})
+                .await?
+                .into_inner();
             output::domains(&r.domains, json);
         }
         Cmd::Domain { name } => {
-            let d = doms.get_domain(proto::GetDomainRequest { name: name.clone() }).await?.into_inner();
+            let d = doms
+                .get_domain(proto::GetDomainRequest { name: name.clone() })
+                .await?
+                .into_inner();
             output::domains(std::slice::from_ref(&d), json);
         }
-        Cmd::Capture { domain, name, disk, request_id, no_wait } => {
+        Cmd::Capture {
+            domain,
+            name,
+            disk,
+            request_id,
+            no_wait,
+        } => {
             let op = imgs
                 .capture(proto::CaptureRequest {
                     domain: domain.clone(),
@@ -232,7 +254,12 @@ async fn dispatch(cli: &Cli) -> Result<u8, tonic::Status> {
                 .into_inner();
             return follow(&mut ops, op, *no_wait, json).await;
         }
-        Cmd::Import { file, format, name, no_wait } => {
+        Cmd::Import {
+            file,
+            format,
+            name,
+            no_wait,
+        } => {
             let op = imgs
                 .import(proto::ImportRequest {
                     path: absolute(file).to_string_lossy().into_owned(),
@@ -245,14 +272,26 @@ async fn dispatch(cli: &Cli) -> Result<u8, tonic::Status> {
             return follow(&mut ops, op, *no_wait, json).await;
         }
         Cmd::Images => {
-            let r = imgs.list_images(proto::ListImagesRequest {}).await?.into_inner();
+            let r = imgs
+                .list_images(proto::ListImagesRequest {})
+                .await?
+                .into_inner();
             output::images(&r.images, json);
         }
         Cmd::Image { name } => {
-            let i = imgs.get_image(proto::GetImageRequest { name: name.clone() }).await?.into_inner();
+            let i = imgs
+                .get_image(proto::GetImageRequest { name: name.clone() })
+                .await?
+                .into_inner();
             output::image_detail(&i, json);
         }
-        Cmd::Export { name, format, output: out, overwrite, no_wait } => {
+        Cmd::Export {
+            name,
+            format,
+            output: out,
+            overwrite,
+            no_wait,
+        } => {
             let f = match format {
                 FormatArg::Qcow2 => proto::ImageFormat::Qcow2,
                 FormatArg::Raw => proto::ImageFormat::Raw,
@@ -270,24 +309,39 @@ async fn dispatch(cli: &Cli) -> Result<u8, tonic::Status> {
             return follow(&mut ops, op, *no_wait, json).await;
         }
         Cmd::Rm { name } => {
-            let r = imgs.delete_image(proto::DeleteImageRequest { name: name.clone() }).await?.into_inner();
+            let r = imgs
+                .delete_image(proto::DeleteImageRequest { name: name.clone() })
+                .await?
+                .into_inner();
             output::deleted(name, &r, json);
         }
         Cmd::Ops => {
-            let r = ops.list_operations(proto::ListOperationsRequest {}).await?.into_inner();
+            let r = ops
+                .list_operations(proto::ListOperationsRequest {})
+                .await?
+                .into_inner();
             output::operations(&r.operations, json);
         }
         Cmd::Op { id } => {
-            let o = ops.get_operation(proto::GetOperationRequest { id: id.clone() }).await?.into_inner();
+            let o = ops
+                .get_operation(proto::GetOperationRequest { id: id.clone() })
+                .await?
+                .into_inner();
             output::operation_detail(&o, json);
             return Ok(op_exit(&o));
         }
         Cmd::Watch { id } => {
-            let o = ops.get_operation(proto::GetOperationRequest { id: id.clone() }).await?.into_inner();
+            let o = ops
+                .get_operation(proto::GetOperationRequest { id: id.clone() })
+                .await?
+                .into_inner();
             return follow(&mut ops, o, false, json).await;
         }
         Cmd::Cancel { id } => {
-            let o = ops.cancel_operation(proto::CancelOperationRequest { id: id.clone() }).await?.into_inner();
+            let o = ops
+                .cancel_operation(proto::CancelOperationRequest { id: id.clone() })
+                .await?
+                .into_inner();
             if json {
                 println!("{}", output::operation_json(&o));
             } else {
@@ -331,7 +385,10 @@ async fn follow(
         }
         return Ok(exit::OK);
     }
-    let mut stream = ops.watch_operation(proto::WatchOperationRequest { id: op.id.clone() }).await?.into_inner();
+    let mut stream = ops
+        .watch_operation(proto::WatchOperationRequest { id: op.id.clone() })
+        .await?
+        .into_inner();
     let mut view = output::ProgressView::new(&op, json);
     let mut last = op;
     loop {
@@ -344,7 +401,12 @@ async fn follow(
             Ok(Err(status)) => return Err(status),
             Err(_) => {
                 // No news for a minute: ask directly, the stream may be stuck behind a proxy.
-                last = ops.get_operation(proto::GetOperationRequest { id: last.id.clone() }).await?.into_inner();
+                last = ops
+                    .get_operation(proto::GetOperationRequest {
+                        id: last.id.clone(),
+                    })
+                    .await?
+                    .into_inner();
                 view.update(&last);
             }
         }

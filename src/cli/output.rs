@@ -61,18 +61,45 @@ pub fn domains(ds: &[proto::Domain], json: bool) {
         println!("{}", Value::Array(ds.iter().map(domain_json).collect()));
         return;
     }
-    println!("{:<24} {:<10} {:<6} {:<6} {:<8} {:>10}  PATH", "DOMAIN", "STATE", "AGENT", "DISK", "FORMAT", "SIZE");
+    println!(
+        "{:<24} {:<10} {:<6} {:<6} {:<8} {:>10}  PATH",
+        "DOMAIN", "STATE", "AGENT", "DISK", "FORMAT", "SIZE"
+    );
     for d in ds {
-        let agent = if d.has_guest_agent_channel { "yes" } else { "no" };
+        let agent = if d.has_guest_agent_channel {
+            "yes"
+        } else {
+            "no"
+        };
         if d.disks.is_empty() {
-            println!("{:<24} {:<10} {:<6} {:<6}", d.name, domain_state(d.state), agent, "-");
+            println!(
+                "{:<24} {:<10} {:<6} {:<6}",
+                d.name,
+                domain_state(d.state),
+                agent,
+                "-"
+            );
         }
         for (i, k) in d.disks.iter().enumerate() {
-            let (name, state, ag) = if i == 0 { (d.name.as_str(), domain_state(d.state), agent) } else { ("", "", "") };
-            let target = if k.system_disk { format!("{}*", k.target) } else { k.target.clone() };
+            let (name, state, ag) = if i == 0 {
+                (d.name.as_str(), domain_state(d.state), agent)
+            } else {
+                ("", "", "")
+            };
+            let target = if k.system_disk {
+                format!("{}*", k.target)
+            } else {
+                k.target.clone()
+            };
             println!(
                 "{:<24} {:<10} {:<6} {:<6} {:<8} {:>10}  {}",
-                name, state, ag, target, k.format, human_bytes(k.virtual_size), k.path
+                name,
+                state,
+                ag,
+                target,
+                k.format,
+                human_bytes(k.virtual_size),
+                k.path
             );
         }
     }
@@ -95,7 +122,10 @@ pub fn images(is: &[proto::Image], json: bool) {
         println!("{}", Value::Array(is.iter().map(image_json).collect()));
         return;
     }
-    println!("{:<32} {:>10} {:>10} {:<10} {:<20} CREATED", "IMAGE", "SIZE", "VIRTUAL", "CONSISTENT", "SOURCE");
+    println!(
+        "{:<32} {:>10} {:>10} {:<10} {:<20} CREATED",
+        "IMAGE", "SIZE", "VIRTUAL", "CONSISTENT", "SOURCE"
+    );
     for i in is {
         println!(
             "{:<32} {:>10} {:>10} {:<10} {:<20} {}",
@@ -103,7 +133,11 @@ pub fn images(is: &[proto::Image], json: bool) {
             human_bytes(i.size),
             human_bytes(i.virtual_size),
             i.consistency,
-            if i.source_domain.is_empty() { "-" } else { &i.source_domain },
+            if i.source_domain.is_empty() {
+                "-"
+            } else {
+                &i.source_domain
+            },
             rfc3339(i.created_at)
         );
     }
@@ -118,28 +152,51 @@ pub fn image_detail(i: &proto::Image, json: bool) {
     println!("name:           {}", i.name);
     println!("id:             {}", i.id);
     println!("state:          {}", i.state);
-    println!("size:           {} ({} bytes of data)", human_bytes(i.size), i.size);
-    println!("virtual size:   {} ({} bytes)", human_bytes(i.virtual_size), i.virtual_size);
+    println!(
+        "size:           {} ({} bytes of data)",
+        human_bytes(i.size),
+        i.size
+    );
+    println!(
+        "virtual size:   {} ({} bytes)",
+        human_bytes(i.virtual_size),
+        i.virtual_size
+    );
     println!("source format:  {}", i.source_format);
     println!("consistency:    {}", i.consistency);
-    println!("source:         domain {:?} disk {:?} on host {:?}", i.source_domain, i.source_disk, i.source_host);
+    println!(
+        "source:         domain {:?} disk {:?} on host {:?}",
+        i.source_domain, i.source_disk, i.source_host
+    );
     println!("content digest: sha256-tree:{}", i.content_digest);
-    println!("chunks:         {} of {} ({} zero)", i.chunk_count, human_bytes(u64::from(i.chunk_size)), i.zero_chunks);
+    println!(
+        "chunks:         {} of {} ({} zero)",
+        i.chunk_count,
+        human_bytes(u64::from(i.chunk_size)),
+        i.zero_chunks
+    );
     println!("created:        {}", rfc3339(i.created_at));
 }
 
 /// Prints what a delete freed.
 pub fn deleted(name: &str, r: &proto::DeleteImageResponse, json: bool) {
     if json {
-        println!("{}", json!({"deleted": name, "chunks_removed": r.chunks_removed, "bytes_freed": r.bytes_freed}));
+        println!(
+            "{}",
+            json!({"deleted": name, "chunks_removed": r.chunks_removed, "bytes_freed": r.bytes_freed})
+        );
     } else {
-        println!("deleted {name}: {} chunks removed, {} freed", r.chunks_removed, human_bytes(r.bytes_freed));
+        println!(
+            "deleted {name}: {} chunks removed, {} freed",
+            r.chunks_removed,
+            human_bytes(r.bytes_freed)
+        );
     }
 }
 
 /// One operation as JSON.
 pub fn operation_json(o: &proto::Operation) -> Value {
-    let p = o.progress.clone().unwrap_or_default();
+    let p = o.progress.unwrap_or_default();
     json!({
         "id": o.id, "kind": op_kind(o.kind), "state": op_state(o.state), "domain": o.domain,
         "image_name": o.image_name, "request_id": o.request_id, "path": o.path,
@@ -159,13 +216,21 @@ pub fn operations(os: &[proto::Operation], json: bool) {
         println!("{}", Value::Array(os.iter().map(operation_json).collect()));
         return;
     }
-    println!("{:<20} {:<8} {:<10} {:<28} {:>7} CREATED", "OPERATION", "KIND", "STATE", "IMAGE", "DONE");
+    println!(
+        "{:<20} {:<8} {:<10} {:<28} {:>7} CREATED",
+        "OPERATION", "KIND", "STATE", "IMAGE", "DONE"
+    );
     for o in os {
-        let p = o.progress.clone().unwrap_or_default();
-        let pct = if p.bytes_total > 0 { p.bytes_done * 100 / p.bytes_total } else { 0 };
+        let p = o.progress.unwrap_or_default();
+        let pct = (p.bytes_done * 100).checked_div(p.bytes_total).unwrap_or(0);
         println!(
             "{:<20} {:<8} {:<10} {:<28} {:>6}% {}",
-            o.id, op_kind(o.kind), op_state(o.state), o.image_name, pct, rfc3339(o.created_at)
+            o.id,
+            op_kind(o.kind),
+            op_state(o.state),
+            o.image_name,
+            pct,
+            rfc3339(o.created_at)
         );
     }
 }
@@ -176,7 +241,7 @@ pub fn operation_detail(o: &proto::Operation, json: bool) {
         println!("{}", operation_json(o));
         return;
     }
-    let p = o.progress.clone().unwrap_or_default();
+    let p = o.progress.unwrap_or_default();
     println!("operation: {} ({})", o.id, op_kind(o.kind));
     println!("state:     {}", op_state(o.state));
     if !o.domain.is_empty() {
@@ -232,20 +297,35 @@ impl ProgressView {
             b
         });
         if bar.is_none() && !json {
-            eprintln!("{} {}: {} ({})", op_kind(op.kind), op.image_name, op_state(op.state), op.id);
+            eprintln!(
+                "{} {}: {} ({})",
+                op_kind(op.kind),
+                op.image_name,
+                op_state(op.state),
+                op.id
+            );
         }
-        ProgressView { bar, json, last_state: op.state }
+        ProgressView {
+            bar,
+            json,
+            last_state: op.state,
+        }
     }
 
     /// Shows a new snapshot.
     pub fn update(&mut self, o: &proto::Operation) {
-        let p = o.progress.clone().unwrap_or_default();
+        let p = o.progress.unwrap_or_default();
         if let Some(b) = &self.bar {
             b.set_length(p.bytes_total.max(1));
             b.set_position(p.bytes_done);
             b.set_message(op_state(o.state));
         } else if !self.json && o.state != self.last_state {
-            eprintln!("{} {}: {}", op_kind(o.kind), o.image_name, op_state(o.state));
+            eprintln!(
+                "{} {}: {}",
+                op_kind(o.kind),
+                o.image_name,
+                op_state(o.state)
+            );
         }
         self.last_state = o.state;
     }
@@ -259,10 +339,23 @@ impl ProgressView {
             println!("{}", operation_json(o));
             return;
         }
-        let p = o.progress.clone().unwrap_or_default();
+        let p = o.progress.unwrap_or_default();
         match &o.error {
-            Some(e) => eprintln!("{} {} {}: {}: {}", op_kind(o.kind), o.image_name, op_state(o.state), e.code, e.message),
-            None => println!("{} {}: {} ({})", op_kind(o.kind), o.image_name, op_state(o.state), summary(&p)),
+            Some(e) => eprintln!(
+                "{} {} {}: {}: {}",
+                op_kind(o.kind),
+                o.image_name,
+                op_state(o.state),
+                e.code,
+                e.message
+            ),
+            None => println!(
+                "{} {}: {} ({})",
+                op_kind(o.kind),
+                o.image_name,
+                op_state(o.state),
+                summary(&p)
+            ),
         }
     }
 }

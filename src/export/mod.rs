@@ -34,7 +34,9 @@ impl Format {
         match s {
             "qcow2" => Ok(Format::Qcow2),
             "raw" => Ok(Format::Raw),
-            other => Err(invalid(format!("format {other:?} is not supported: use qcow2 or raw"))),
+            other => Err(invalid(format!(
+                "format {other:?} is not supported: use qcow2 or raw"
+            ))),
         }
     }
 
@@ -56,7 +58,9 @@ pub fn write_file(
     progress: &Progress,
     cancel: &CancelToken,
 ) -> Result<()> {
-    progress.bytes_total.store(rec.virtual_size, Ordering::Relaxed);
+    progress
+        .bytes_total
+        .store(rec.virtual_size, Ordering::Relaxed);
     let file = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
@@ -70,7 +74,8 @@ pub fn write_file(
                 let base = index * CHUNK_SIZE;
                 for (ci, cl) in data.chunks(CLUSTER_SIZE as usize).enumerate() {
                     if mask & (1 << ci) != 0 {
-                        file.write_all_at(cl, base + ci as u64 * CLUSTER_SIZE).map_err(werr)?;
+                        file.write_all_at(cl, base + ci as u64 * CLUSTER_SIZE)
+                            .map_err(werr)?;
                     }
                 }
                 Ok(())
@@ -78,7 +83,13 @@ pub fn write_file(
         }
         Format::Qcow2 => {
             let layout = qcow2::Qcow2Layout::new(rec.virtual_size, rec.allocated_cluster_ranges())
-                .map_err(|e| Error::new(ErrorKind::Internal, format!("laying out qcow2 for image {}", rec.name)).with_source(e))?;
+                .map_err(|e| {
+                    Error::new(
+                        ErrorKind::Internal,
+                        format!("laying out qcow2 for image {}", rec.name),
+                    )
+                    .with_source(e)
+                })?;
             let mut w = std::io::BufWriter::with_capacity(1 << 20, &file);
             for piece in layout.metadata() {
                 w.write_all(&piece).map_err(werr)?;
@@ -101,7 +112,11 @@ pub fn write_file(
             if len != layout.total_size() {
                 return Err(Error::new(
                     ErrorKind::Internal,
-                    format!("qcow2 export of {} is {len} bytes, layout said {}", rec.name, layout.total_size()),
+                    format!(
+                        "qcow2 export of {} is {len} bytes, layout said {}",
+                        rec.name,
+                        layout.total_size()
+                    ),
                 ));
             }
         }
@@ -132,7 +147,11 @@ fn for_each_data_chunk(
                 if buf.len() as u64 != len {
                     return Err(Error::new(
                         ErrorKind::Internal,
-                        format!("image {}: chunk {i} holds {} bytes, expected {len}", rec.name, buf.len()),
+                        format!(
+                            "image {}: chunk {i} holds {} bytes, expected {len}",
+                            rec.name,
+                            buf.len()
+                        ),
                     ));
                 }
                 f(i as u64, &buf, *mask)?;

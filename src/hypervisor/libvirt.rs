@@ -19,7 +19,9 @@ pub struct Libvirt {
 impl Libvirt {
     /// A backend for `uri` (e.g. `qemu:///system`). Nothing is opened yet.
     pub fn new(uri: &str) -> Libvirt {
-        Libvirt { uri: uri.to_string() }
+        Libvirt {
+            uri: uri.to_string(),
+        }
     }
 
     /// Opens a connection, mapping failure to UNAVAILABLE.
@@ -27,7 +29,10 @@ impl Libvirt {
         Connect::open(Some(&self.uri)).map_err(|e| {
             Error::new(
                 ErrorKind::Unavailable,
-                format!("cannot connect to libvirt at {} (is libvirtd running?)", self.uri),
+                format!(
+                    "cannot connect to libvirt at {} (is libvirtd running?)",
+                    self.uri
+                ),
             )
             .with_source(e)
         })
@@ -36,7 +41,10 @@ impl Libvirt {
     fn lookup(&self, conn: &Connect, name: &str) -> Result<Domain> {
         conn.lookup_domain_by_name(name).map_err(|e| {
             if e.code() == Enum::Known(ErrorNumber::NoDomain) {
-                Error::new(ErrorKind::NotFound, format!("domain {name} not found on this host"))
+                Error::new(
+                    ErrorKind::NotFound,
+                    format!("domain {name} not found on this host"),
+                )
             } else {
                 libvirt_err(format!("looking up domain {name}"), e)
             }
@@ -44,8 +52,12 @@ impl Libvirt {
     }
 
     fn info(&self, dom: &Domain) -> Result<DomainInfo> {
-        let name = dom.name().map_err(|e| libvirt_err("reading a domain's name", e))?;
-        let uuid = dom.uuid_string().map_err(|e| libvirt_err(format!("reading domain {name}'s uuid"), e))?;
+        let name = dom
+            .name()
+            .map_err(|e| libvirt_err("reading a domain's name", e))?;
+        let uuid = dom
+            .uuid_string()
+            .map_err(|e| libvirt_err(format!("reading domain {name}'s uuid"), e))?;
         let state = state_of(dom, &name)?;
         let persistent = dom.is_persistent().unwrap_or(false);
         let desc = dom
@@ -55,7 +67,14 @@ impl Libvirt {
         for d in disks.iter_mut() {
             fill_size(dom, d);
         }
-        Ok(DomainInfo { name, uuid, state, persistent, disks, has_agent_channel })
+        Ok(DomainInfo {
+            name,
+            uuid,
+            state,
+            persistent,
+            disks,
+            has_agent_channel,
+        })
     }
 }
 
@@ -70,8 +89,9 @@ fn fill_size(dom: &Domain, d: &mut DiskInfo) {
 
 fn state_of(dom: &Domain, name: &str) -> Result<DomainState> {
     use virt::domain::DomainState as S;
-    let (state, _reason) =
-        dom.state().map_err(|e| libvirt_err(format!("reading domain {name}'s state"), e))?;
+    let (state, _reason) = dom
+        .state()
+        .map_err(|e| libvirt_err(format!("reading domain {name}'s state"), e))?;
     Ok(match state {
         Enum::Known(S::Running) => DomainState::Running,
         Enum::Known(S::Blocked) => DomainState::Blocked,

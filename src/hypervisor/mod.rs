@@ -81,7 +81,11 @@ impl DomainInfo {
                 not_found(format!(
                     "domain {} has no disk {t} (its disks: {})",
                     self.name,
-                    if have.is_empty() { "none".to_string() } else { have.join(", ") }
+                    if have.is_empty() {
+                        "none".to_string()
+                    } else {
+                        have.join(", ")
+                    }
                 ))
             }),
             None => self.disks.iter().find(|d| d.system_disk).ok_or_else(|| {

@@ -52,12 +52,20 @@ fn parse_disk(n: roxmltree::Node) -> DiskInfo {
         .unwrap_or("")
         .to_string();
     DiskInfo {
-        target: child("target").and_then(|t| t.attribute("dev")).unwrap_or("").to_string(),
+        target: child("target")
+            .and_then(|t| t.attribute("dev"))
+            .unwrap_or("")
+            .to_string(),
         path,
         source_type: n.attribute("type").unwrap_or("file").to_string(),
-        format: child("driver").and_then(|d| d.attribute("type")).unwrap_or("").to_string(),
+        format: child("driver")
+            .and_then(|d| d.attribute("type"))
+            .unwrap_or("")
+            .to_string(),
         device: n.attribute("device").unwrap_or("disk").to_string(),
-        boot_order: child("boot").and_then(|b| b.attribute("order")).and_then(|o| o.parse().ok()),
+        boot_order: child("boot")
+            .and_then(|b| b.attribute("order"))
+            .and_then(|o| o.parse().ok()),
         virtual_size: 0,
         system_disk: false,
     }

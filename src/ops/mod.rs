@@ -105,7 +105,14 @@ impl Agent {
             .unwrap_or_default();
         let slots = Arc::new(Semaphore::new(cfg.daemon.max_running_operations));
         Agent {
-            inner: Arc::new(Inner { cfg, hv, repo, host, table: Mutex::default(), slots }),
+            inner: Arc::new(Inner {
+                cfg,
+                hv,
+                repo,
+                host,
+                table: Mutex::default(),
+                slots,
+            }),
         }
     }
 
@@ -160,16 +167,32 @@ impl Agent {
                 disk.target, info.name, disk.source_type
             )));
         }
-        let format = if disk.format.is_empty() { "raw".to_string() } else { disk.format.clone() };
-        check_readable(Path::new(&disk.path), &format!("disk {} of domain {}", disk.target, info.name))?;
+        let format = if disk.format.is_empty() {
+            "raw".to_string()
+        } else {
+            disk.format.clone()
+        };
+        check_readable(
+            Path::new(&disk.path),
+            &format!("disk {} of domain {}", disk.target, info.name),
+        )?;
         let writer = self.reserve(&p.image_name).await?;
-        let op = OpEntry::new(OpKind::Capture, &info.name, &p.image_name, &p.request_id, &disk.path);
+        let op = OpEntry::new(
+            OpKind::Capture,
+            &info.name,
+            &p.image_name,
+            &p.request_id,
+            &disk.path,
+        );
         {
             let mut t = self.table();
             if let Some(holder) = t.domain_locks.get(&info.name) {
                 return Err(Error::new(
                     ErrorKind::Aborted,
-                    format!("domain {} is held by operation {holder}; wait for it or cancel it", info.name),
+                    format!(
+                        "domain {} is held by operation {holder}; wait for it or cancel it",
+                        info.name
+                    ),
                 ));
             }
             if let Some(op) = Self::request_in(&t, &p.request_id) {
@@ -181,7 +204,12 @@ impl Agent {
         tracing::info!(op = %op.id, domain = %info.name, disk = %disk.target, path = %disk.path, image = %p.image_name, "capture queued");
         let agent = self.clone();
         let entry = op.clone();
-        let source = Source { path: PathBuf::from(&disk.path), format, disk: disk.target.clone(), domain: Some(info.name.clone()) };
+        let source = Source {
+            path: PathBuf::from(&disk.path),
+            format,
+            disk: disk.target.clone(),
+            domain: Some(info.name.clone()),
+        };
         tokio::spawn(async move {
             let res = agent.run_capture(&entry, writer, source).await;
             agent.end(&entry, res);
@@ -193,7 +221,10 @@ impl Agent {
     pub async fn import(&self, p: ImportParams) -> Result<Operation> {
         validate_image_name(&p.image_name)?;
         if !p.path.is_absolute() {
-            return Err(invalid(format!("import path {} must be absolute", p.path.display())));
+            return Err(invalid(format!(
+                "import path {} must be absolute",
+                p.path.display()
+            )));
         }
         if !matches!(p.format.as_str(), "qcow2" | "raw") {
             return Err(invalid(format!(
@@ -220,7 +251,12 @@ impl Agent {
         tracing::info!(op = %op.id, path = %path, format = %p.format, image = %p.image_name, "import queued");
         let agent = self.clone();
         let entry = op.clone();
-        let source = Source { path: p.path.clone(), format: p.format.clone(), disk: String::new(), domain: None };
+        let source = Source {
+            path: p.path.clone(),
+            format: p.format.clone(),
+            disk: String::new(),
+            domain: None,
+        };
         tokio::spawn(async move {
             let res = agent.run_capture(&entry, writer, source).await;
             agent.end(&entry, res);
@@ -232,10 +268,16 @@ impl Agent {
     pub async fn export(&self, p: ExportParams) -> Result<Operation> {
         validate_image_name(&p.image_name)?;
         if !p.path.is_absolute() {
-            return Err(invalid(format!("export path {} must be absolute", p.path.display())));
+            return Err(invalid(format!(
+                "export path {} must be absolute",
+                p.path.display()
+            )));
         }
         let dir = p.path.parent().filter(|d| d.is_dir()).ok_or_else(|| {
-            precondition(format!("export path {}: its directory does not exist", p.path.display()))
+            precondition(format!(
+                "export path {}: its directory does not exist",
+                p.path.display()
+            ))
         })?;
         let _ = dir;
         match std::fs::symlink_metadata(&p.path) {
@@ -243,7 +285,10 @@ impl Agent {
                 let _ = md;
                 return Err(Error::new(
                     ErrorKind::AlreadyExists,
-                    format!("export path {} exists; pass overwrite to replace it", p.path.display()),
+                    format!(
+                        "export path {} exists; pass overwrite to replace it",
+                        p.path.display()
+                    ),
                 ));
             }
             Ok(md) if !md.is_file() => {
@@ -310,7 +355,11 @@ impl Agent {
     /// Every known operation, oldest first.
     pub fn operations(&self) -> Vec<Operation> {
         let t = self.table();
-        t.order.iter().filter_map(|id| t.ops.get(id)).map(|e| e.snapshot()).collect()
+        t.order
+            .iter()
+            .filter_map(|id| t.ops.get(id))
+            .map(|e| e.snapshot())
+            .collect()
     }
 
     /// The live entry of an operation, for watching.
@@ -335,8 +384,13 @@ impl Agent {
 
     /// Cancels every running operation and waits up to `timeout` for them to end.
     pub async fn shutdown(&self, timeout: Duration) {
-        let running: Vec<Arc<OpEntry>> =
-            self.table().ops.values().filter(|e| !e.state().is_terminal()).cloned().collect();
+        let running: Vec<Arc<OpEntry>> = self
+            .table()
+            .ops
+            .values()
+            .filter(|e| !e.state().is_terminal())
+            .cloned()
+            .collect();
         for e in &running {
             tracing::info!(op = %e.id, "cancelling for shutdown");
             e.cancel.cancel();
@@ -349,14 +403,21 @@ impl Agent {
     }
 
     fn entry(&self, id: &str) -> Result<Arc<OpEntry>> {
-        self.table().ops.get(id).cloned().ok_or_else(|| not_found(format!("operation {id} not found")))
+        self.table()
+            .ops
+            .get(id)
+            .cloned()
+            .ok_or_else(|| not_found(format!("operation {id} not found")))
     }
 
     fn request_in(t: &Table, request_id: &str) -> Option<Operation> {
         if request_id.is_empty() {
             return None;
         }
-        t.by_request.get(request_id).and_then(|id| t.ops.get(id)).map(|e| e.snapshot())
+        t.by_request
+            .get(request_id)
+            .and_then(|id| t.ops.get(id))
+            .map(|e| e.snapshot())
     }
 
     fn existing_request(&self, request_id: &str, kind: OpKind) -> Result<Option<Operation>> {
@@ -378,7 +439,11 @@ impl Agent {
         }
         // Forget the oldest finished operations beyond the configured number.
         let keep = self.inner.cfg.daemon.keep_finished_operations;
-        let finished = t.order.iter().filter(|id| t.ops.get(*id).is_some_and(|e| e.state().is_terminal())).count();
+        let finished = t
+            .order
+            .iter()
+            .filter(|id| t.ops.get(*id).is_some_and(|e| e.state().is_terminal()))
+            .count();
         let mut excess = finished.saturating_sub(keep);
         let mut i = 0;
         while excess > 0 && i < t.order.len() {
@@ -409,9 +474,15 @@ impl Agent {
     /// Records the end of an operation and releases what it held.
     fn end(&self, op: &OpEntry, res: Result<()>) {
         match &res {
-            Ok(()) => tracing::info!(op = %op.id, image = %op.image_name, "operation {:?} completed", op.kind),
-            Err(e) if e.kind() == ErrorKind::Cancelled => tracing::info!(op = %op.id, image = %op.image_name, "operation cancelled"),
-            Err(e) => tracing::error!(op = %op.id, image = %op.image_name, error = %e.chain(), "operation failed"),
+            Ok(()) => {
+                tracing::info!(op = %op.id, image = %op.image_name, "operation {:?} completed", op.kind)
+            }
+            Err(e) if e.kind() == ErrorKind::Cancelled => {
+                tracing::info!(op = %op.id, image = %op.image_name, "operation cancelled")
+            }
+            Err(e) => {
+                tracing::error!(op = %op.id, image = %op.image_name, error = %e.chain(), "operation failed")
+            }
         }
         op.finish(&res);
         let mut t = self.table();
@@ -438,7 +509,15 @@ impl Agent {
         let _permit = self.slot(op).await?;
         op.set_state(OpState::Preparing);
         let cfg = &self.inner.cfg.capture;
-        let export = NbdExport::start(&cfg.qemu_nbd, &src.path, &src.format, &cfg.run_dir, &op.id, cfg.readers).await?;
+        let export = NbdExport::start(
+            &cfg.qemu_nbd,
+            &src.path,
+            &src.format,
+            &cfg.run_dir,
+            &op.id,
+            cfg.readers,
+        )
+        .await?;
         if let Some(domain) = &src.domain {
             // The domain may have been started between our check and qemu-nbd taking the
             // image lock; from here on it cannot start on this disk.
@@ -455,7 +534,14 @@ impl Agent {
         }
         op.set_state(OpState::Saving);
         let started = std::time::Instant::now();
-        let captured = capture::run(&export, cfg.readers, writer.chunk_sink(), op.progress.clone(), op.cancel.clone()).await;
+        let captured = capture::run(
+            &export,
+            cfg.readers,
+            writer.chunk_sink(),
+            op.progress.clone(),
+            op.cancel.clone(),
+        )
+        .await;
         export.stop().await;
         let captured = match captured {
             Ok(c) => c,
@@ -478,7 +564,11 @@ impl Agent {
             virtual_size: captured.virtual_size,
             chunk_size: CHUNK_SIZE,
             content_digest: content_digest(captured.virtual_size, &captured.chunks),
-            consistency: if src.domain.is_some() { "cold".into() } else { "imported".into() },
+            consistency: if src.domain.is_some() {
+                "cold".into()
+            } else {
+                "imported".into()
+            },
             source_domain: src.domain.clone().unwrap_or_default(),
             source_host: self.inner.host.clone(),
             source_disk: src.disk.clone(),
@@ -498,7 +588,11 @@ impl Agent {
         let _permit = self.slot(op).await?;
         op.set_state(OpState::Preparing);
         let dir = p.path.parent().map(Path::to_path_buf).unwrap_or_default();
-        let file_name = p.path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let file_name = p
+            .path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
         let tmp = dir.join(format!(".{file_name}.{}.part", op.id));
         op.set_state(OpState::Saving);
         let repo = self.inner.repo.clone();
@@ -507,14 +601,22 @@ impl Agent {
         let dest = p.path.clone();
         let overwrite = p.overwrite;
         blocking(move || {
-            let res = export::write_file(&repo, &rec, p.format, &tmp, &progress, &cancel).and_then(|()| {
-                cancel.check()?;
-                if !overwrite && dest.exists() {
-                    return Err(Error::new(ErrorKind::AlreadyExists, format!("export path {} appeared meanwhile", dest.display())));
-                }
-                std::fs::rename(&tmp, &dest).map_err(|e| Error::io(format!("renaming export into {}", dest.display()), e))?;
-                crate::util::fsync_dir(&dir).map_err(|e| Error::io(format!("syncing {}", dir.display()), e))
-            });
+            let res = export::write_file(&repo, &rec, p.format, &tmp, &progress, &cancel).and_then(
+                |()| {
+                    cancel.check()?;
+                    if !overwrite && dest.exists() {
+                        return Err(Error::new(
+                            ErrorKind::AlreadyExists,
+                            format!("export path {} appeared meanwhile", dest.display()),
+                        ));
+                    }
+                    std::fs::rename(&tmp, &dest).map_err(|e| {
+                        Error::io(format!("renaming export into {}", dest.display()), e)
+                    })?;
+                    crate::util::fsync_dir(&dir)
+                        .map_err(|e| Error::io(format!("syncing {}", dir.display()), e))
+                },
+            );
             if res.is_err() {
                 let _ = std::fs::remove_file(&tmp);
             }
@@ -536,9 +638,14 @@ struct Source {
 fn check_readable(path: &Path, what: &str) -> Result<()> {
     match std::fs::File::open(path) {
         Ok(f) => {
-            let md = f.metadata().map_err(|e| Error::io(format!("{what}: {}", path.display()), e))?;
+            let md = f
+                .metadata()
+                .map_err(|e| Error::io(format!("{what}: {}", path.display()), e))?;
             if md.is_dir() {
-                return Err(precondition(format!("{what}: {} is a directory", path.display())));
+                return Err(precondition(format!(
+                    "{what}: {} is a directory",
+                    path.display()
+                )));
             }
             Ok(())
         }
@@ -563,7 +670,13 @@ async fn inspect_import(path: &Path, format: &str) -> Result<()> {
         .arg(path)
         .output()
         .await
-        .map_err(|e| Error::new(ErrorKind::Unavailable, "cannot run qemu-img (install qemu-utils)").with_source(e))?;
+        .map_err(|e| {
+            Error::new(
+                ErrorKind::Unavailable,
+                "cannot run qemu-img (install qemu-utils)",
+            )
+            .with_source(e)
+        })?;
     if !out.status.success() {
         return Err(invalid(format!(
             "import file {} is not a valid {format} image: {}",

@@ -101,9 +101,19 @@ pub struct OpEntry {
 
 impl OpEntry {
     /// A new QUEUED operation.
-    pub fn new(kind: OpKind, domain: &str, image_name: &str, request_id: &str, path: &str) -> Arc<OpEntry> {
+    pub fn new(
+        kind: OpKind,
+        domain: &str,
+        image_name: &str,
+        request_id: &str,
+        path: &str,
+    ) -> Arc<OpEntry> {
         let now = now_unix();
-        let (status, _) = watch::channel(OpStatus { state: OpState::Queued, error: None, updated_at: now });
+        let (status, _) = watch::channel(OpStatus {
+            state: OpState::Queued,
+            error: None,
+            updated_at: now,
+        });
         Arc::new(OpEntry {
             id: crate::util::random_id("op"),
             kind,
@@ -145,9 +155,18 @@ impl OpEntry {
             Ok(()) => (OpState::Active, None),
             Err(e) if e.kind() == ErrorKind::Cancelled => (
                 OpState::Cancelled,
-                Some(OpError { kind: ErrorKind::Cancelled, message: "cancelled by request".into() }),
+                Some(OpError {
+                    kind: ErrorKind::Cancelled,
+                    message: "cancelled by request".into(),
+                }),
             ),
-            Err(e) => (OpState::Failed, Some(OpError { kind: e.kind(), message: e.chain() })),
+            Err(e) => (
+                OpState::Failed,
+                Some(OpError {
+                    kind: e.kind(),
+                    message: e.chain(),
+                }),
+            ),
         };
         self.status.send_if_modified(|s| {
             if s.state.is_terminal() {
@@ -177,7 +196,11 @@ impl OpEntry {
             .unwrap_or_else(|p| p.into_inner())
             .map(|t| {
                 let secs = t.elapsed().as_secs_f64();
-                if secs > 0.05 { (done as f64 / secs) as u64 } else { 0 }
+                if secs > 0.05 {
+                    (done as f64 / secs) as u64
+                } else {
+                    0
+                }
             })
             .unwrap_or(0);
         Operation {
@@ -224,7 +247,10 @@ mod tests {
     #[test]
     fn failure_keeps_the_chain() {
         let op = OpEntry::new(OpKind::Export, "", "i", "", "/x");
-        let e = Error::io("writing /x", std::io::Error::from_raw_os_error(libc::ENOSPC));
+        let e = Error::io(
+            "writing /x",
+            std::io::Error::from_raw_os_error(libc::ENOSPC),
+        );
         op.finish(&Err(e));
         let s = op.snapshot();
         assert_eq!(s.state, OpState::Failed);

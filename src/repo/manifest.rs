@@ -91,7 +91,8 @@ mod chunk_list {
         raw.iter()
             .enumerate()
             .map(|(i, s)| {
-                ChunkRef::decode(s).ok_or_else(|| D::Error::custom(format!("chunk {i}: bad entry {s:?}")))
+                ChunkRef::decode(s)
+                    .ok_or_else(|| D::Error::custom(format!("chunk {i}: bad entry {s:?}")))
             })
             .collect()
     }
@@ -117,7 +118,10 @@ impl ImageRecord {
             )));
         }
         if self.chunk_size != CHUNK_SIZE {
-            return Err(internal(format!("image {}: chunk size {} unsupported", self.name, self.chunk_size)));
+            return Err(internal(format!(
+                "image {}: chunk size {} unsupported",
+                self.name, self.chunk_size
+            )));
         }
         if self.chunks.len() as u64 != Self::chunk_count_for(self.virtual_size) {
             return Err(internal(format!(
@@ -132,14 +136,19 @@ impl ImageRecord {
 
     /// Number of zero chunks.
     pub fn zero_chunks(&self) -> u64 {
-        self.chunks.iter().filter(|c| matches!(c, ChunkRef::Zero)).count() as u64
+        self.chunks
+            .iter()
+            .filter(|c| matches!(c, ChunkRef::Zero))
+            .count() as u64
     }
 
     /// Allocated 64 KiB clusters as sorted ranges of cluster indices (for the qcow2 exporter).
     pub fn allocated_cluster_ranges(&self) -> Vec<std::ops::Range<u64>> {
         let mut out: Vec<std::ops::Range<u64>> = Vec::new();
         for (i, c) in self.chunks.iter().enumerate() {
-            let ChunkRef::Data { mask, .. } = c else { continue };
+            let ChunkRef::Data { mask, .. } = c else {
+                continue;
+            };
             let base = i as u64 * CLUSTERS_PER_CHUNK;
             let mut m = *mask;
             while m != 0 {
@@ -150,7 +159,11 @@ impl ImageRecord {
                     Some(last) if last.end == r.start => last.end = r.end,
                     _ => out.push(r),
                 }
-                m = if start + run >= 64 { 0 } else { m & !(((1u64 << run) - 1) << start) };
+                m = if start + run >= 64 {
+                    0
+                } else {
+                    m & !(((1u64 << run) - 1) << start)
+                };
             }
         }
         out
@@ -205,7 +218,9 @@ pub fn cluster_mask(data: &[u8]) -> u64 {
 /// True when every byte is zero (64-byte blocks OR-folded, which the compiler vectorises).
 pub fn is_zero(buf: &[u8]) -> bool {
     let mut blocks = buf.chunks_exact(64);
-    blocks.by_ref().all(|c| c.iter().fold(0u8, |a, &b| a | b) == 0)
+    blocks
+        .by_ref()
+        .all(|c| c.iter().fold(0u8, |a, &b| a | b) == 0)
         && blocks.remainder().iter().all(|&b| b == 0)
 }
 
@@ -215,7 +230,10 @@ mod tests {
 
     #[test]
     fn chunk_ref_text_round_trip() {
-        let d = ChunkRef::Data { digest: [7; 32], mask: 0x8000_0000_0000_0001 };
+        let d = ChunkRef::Data {
+            digest: [7; 32],
+            mask: 0x8000_0000_0000_0001,
+        };
         assert_eq!(ChunkRef::decode(&d.encode()), Some(d));
         assert_eq!(ChunkRef::decode("z"), Some(ChunkRef::Zero));
         assert_eq!(ChunkRef::decode("zz"), None);
@@ -246,8 +264,14 @@ mod tests {
             updated_at: 0,
             data_bytes: 0,
             chunks: vec![
-                ChunkRef::Data { digest: [0; 32], mask },
-                ChunkRef::Data { digest: [0; 32], mask: u64::MAX },
+                ChunkRef::Data {
+                    digest: [0; 32],
+                    mask,
+                },
+                ChunkRef::Data {
+                    digest: [0; 32],
+                    mask: u64::MAX,
+                },
                 ChunkRef::Zero,
             ],
         };

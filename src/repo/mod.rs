@@ -71,7 +71,10 @@ impl Repository {
             })?;
         }
         let repo = Repository {
-            inner: Arc::new(Inner { root: root.to_path_buf(), state: Mutex::default() }),
+            inner: Arc::new(Inner {
+                root: root.to_path_buf(),
+                state: Mutex::default(),
+            }),
         };
         if let Ok(rd) = std::fs::read_dir(repo.tmp_dir()) {
             for e in rd.flatten() {
@@ -107,7 +110,9 @@ impl Repository {
 
     /// Fails with FAILED_PRECONDITION when the repository cannot be written.
     pub fn check_writable(&self) -> Result<()> {
-        let probe = self.tmp_dir().join(format!(".probe-{}", util::random_id("w")));
+        let probe = self
+            .tmp_dir()
+            .join(format!(".probe-{}", util::random_id("w")));
         std::fs::write(&probe, b"probe")
             .and_then(|_| std::fs::remove_file(&probe))
             .map_err(|e| {
@@ -139,7 +144,9 @@ impl Repository {
         let mut out = Vec::new();
         for entry in rd.flatten() {
             let name = entry.file_name().to_string_lossy().into_owned();
-            let Some(image) = name.strip_suffix(".json") else { continue };
+            let Some(image) = name.strip_suffix(".json") else {
+                continue;
+            };
             if image.starts_with('.') {
                 continue;
             }
@@ -158,14 +165,20 @@ impl Repository {
         let path = self.manifest_path(name);
         let text = std::fs::read(&path).map_err(|e| {
             if e.kind() == std::io::ErrorKind::NotFound {
-                Error::new(ErrorKind::NotFound, format!("image {name} not found in the repository"))
+                Error::new(
+                    ErrorKind::NotFound,
+                    format!("image {name} not found in the repository"),
+                )
             } else {
                 Error::io(format!("reading manifest {}", path.display()), e)
             }
         })?;
         let rec: ImageRecord = serde_json::from_slice(&text).map_err(|e| {
-            Error::new(ErrorKind::Internal, format!("manifest {} is corrupt", path.display()))
-                .with_source(e)
+            Error::new(
+                ErrorKind::Internal,
+                format!("manifest {} is corrupt", path.display()),
+            )
+            .with_source(e)
         })?;
         rec.validate()?;
         Ok(rec)
@@ -196,7 +209,13 @@ impl Repository {
     pub fn open_reader(&self, name: &str) -> Result<(ImageRecord, ReadGuard)> {
         let rec = self.get(name)?;
         *self.lock().readers.entry(name.to_string()).or_default() += 1;
-        Ok((rec, ReadGuard { repo: self.clone(), name: name.to_string() }))
+        Ok((
+            rec,
+            ReadGuard {
+                repo: self.clone(),
+                name: name.to_string(),
+            },
+        ))
     }
 
     /// Reads a chunk and checks its digest (a corrupt chunk is an error, never exported).
@@ -211,7 +230,11 @@ impl Repository {
         if &got != digest {
             return Err(Error::new(
                 ErrorKind::Internal,
-                format!("chunk {} is corrupt: its bytes hash to {}", path.display(), hex::encode(got)),
+                format!(
+                    "chunk {} is corrupt: its bytes hash to {}",
+                    path.display(),
+                    hex::encode(got)
+                ),
             ));
         }
         Ok(())
@@ -241,13 +264,22 @@ impl Repository {
             .collect();
         let stats = self.remove_unreferenced(&st, candidates)?;
         st.reserved.remove(name);
-        tracing::info!(image = name, chunks_removed = stats.chunks_removed, bytes_freed = stats.bytes_freed, "image deleted");
+        tracing::info!(
+            image = name,
+            chunks_removed = stats.chunks_removed,
+            bytes_freed = stats.bytes_freed,
+            "image deleted"
+        );
         Ok(stats)
     }
 
     /// Removes each candidate chunk that no manifest references and no writer pins.
     /// Called with the state lock held so that no pin can appear meanwhile.
-    fn remove_unreferenced(&self, st: &State, mut candidates: HashSet<Digest>) -> Result<DeleteStats> {
+    fn remove_unreferenced(
+        &self,
+        st: &State,
+        mut candidates: HashSet<Digest>,
+    ) -> Result<DeleteStats> {
         candidates.retain(|d| !st.pins.contains_key(d));
         if candidates.is_empty() {
             return Ok(DeleteStats::default());
@@ -318,7 +350,10 @@ impl ImageWriter {
 
     /// A handle that worker threads use to store chunks for this image.
     pub fn chunk_sink(&self) -> ChunkSink {
-        ChunkSink { repo: self.repo.clone(), log: self.log.clone() }
+        ChunkSink {
+            repo: self.repo.clone(),
+            log: self.log.clone(),
+        }
     }
 
     /// Makes the image durable and visible: syncs the chunks, checks every data chunk is present,
@@ -333,7 +368,11 @@ impl ImageWriter {
                 if !p.exists() {
                     return Err(Error::new(
                         ErrorKind::Internal,
-                        format!("image {}: chunk {} is missing at commit", self.name, p.display()),
+                        format!(
+                            "image {}: chunk {} is missing at commit",
+                            self.name,
+                            p.display()
+                        ),
                     ));
                 }
             }
@@ -352,7 +391,10 @@ impl ImageWriter {
         let repo = self.repo.clone();
         let (pinned, new_chunks) = {
             let mut log = self.log.lock().unwrap_or_else(|p| p.into_inner());
-            (std::mem::take(&mut log.pinned), std::mem::take(&mut log.new_chunks))
+            (
+                std::mem::take(&mut log.pinned),
+                std::mem::take(&mut log.new_chunks),
+            )
         };
         let mut st = repo.lock();
         for d in pinned {
@@ -366,8 +408,12 @@ impl ImageWriter {
         if aborted && !new_chunks.is_empty() {
             let candidates: HashSet<Digest> = new_chunks.into_iter().collect();
             match repo.remove_unreferenced(&st, candidates) {
-                Ok(s) => tracing::info!(image = %self.name, chunks_removed = s.chunks_removed, bytes_freed = s.bytes_freed, "released chunks of an unfinished image"),
-                Err(e) => tracing::warn!(image = %self.name, error = %e.chain(), "could not release chunks of an unfinished image"),
+                Ok(s) => {
+                    tracing::info!(image = %self.name, chunks_removed = s.chunks_removed, bytes_freed = s.bytes_freed, "released chunks of an unfinished image")
+                }
+                Err(e) => {
+                    tracing::warn!(image = %self.name, error = %e.chain(), "could not release chunks of an unfinished image")
+                }
             }
         }
         st.reserved.remove(&self.name);
@@ -403,13 +449,20 @@ impl ChunkSink {
             let mut st = self.repo.lock();
             *st.pins.entry(*digest).or_default() += 1;
         }
-        self.log.lock().unwrap_or_else(|p| p.into_inner()).pinned.push(*digest);
+        self.log
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .pinned
+            .push(*digest);
         let path = self.repo.chunk_path(digest);
         if path.exists() {
             return Ok(PutOutcome::Existing);
         }
         let hexd = hex::encode(digest);
-        let tmp = self.repo.tmp_dir().join(format!("{hexd}.{}", util::random_id("t")));
+        let tmp = self
+            .repo
+            .tmp_dir()
+            .join(format!("{hexd}.{}", util::random_id("t")));
         let write = || -> std::io::Result<()> {
             let mut f = std::fs::File::create(&tmp)?;
             f.write_all(data)?;
@@ -422,9 +475,16 @@ impl ChunkSink {
         };
         if let Err(e) = write() {
             let _ = std::fs::remove_file(&tmp);
-            return Err(Error::io(format!("storing chunk {hexd} in {}", self.repo.root().display()), e));
+            return Err(Error::io(
+                format!("storing chunk {hexd} in {}", self.repo.root().display()),
+                e,
+            ));
         }
-        self.log.lock().unwrap_or_else(|p| p.into_inner()).new_chunks.push(*digest);
+        self.log
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .new_chunks
+            .push(*digest);
         Ok(PutOutcome::Stored)
     }
 }
@@ -437,7 +497,10 @@ fn syncfs(path: &Path) -> Result<()> {
     // SAFETY: syncfs only reads the descriptor, which `f` keeps open for the call.
     let rc = unsafe { libc::syncfs(f.as_raw_fd()) };
     if rc != 0 {
-        return Err(Error::io(format!("syncing repository {}", path.display()), std::io::Error::last_os_error()));
+        return Err(Error::io(
+            format!("syncing repository {}", path.display()),
+            std::io::Error::last_os_error(),
+        ));
     }
     Ok(())
 }

@@ -9,9 +9,9 @@ use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use imaged::proto;
+use imaged::proto::domain_service_client::DomainServiceClient;
 use imaged::proto::image_service_client::ImageServiceClient;
 use imaged::proto::operation_service_client::OperationServiceClient;
-use imaged::proto::domain_service_client::DomainServiceClient;
 use tonic::transport::Channel;
 
 /// A running daemon.
@@ -42,7 +42,10 @@ impl Daemon {
 
     /// A daemon with options.
     pub fn start_with(opts: DaemonOptions) -> Daemon {
-        let dir = tempfile::Builder::new().prefix("imaged-test-").tempdir().expect("temp dir");
+        let dir = tempfile::Builder::new()
+            .prefix("imaged-test-")
+            .tempdir()
+            .expect("temp dir");
         let socket = dir.path().join("imaged.sock");
         let repo = opts.repo.clone().unwrap_or_else(|| dir.path().join("repo"));
         let log = dir.path().join("imaged.log");
@@ -57,13 +60,22 @@ impl Daemon {
         )
         .unwrap();
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_imaged"));
-        cmd.arg("--config").arg(&config).stdin(Stdio::null()).stdout(Stdio::null());
+        cmd.arg("--config")
+            .arg(&config)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null());
         cmd.stderr(std::fs::File::create(&log).unwrap());
         if let Some(n) = &opts.notify_socket {
             cmd.env("NOTIFY_SOCKET", n);
         }
         let child = cmd.spawn().expect("spawning imaged");
-        let d = Daemon { child: Some(child), dir, socket, repo, log };
+        let d = Daemon {
+            child: Some(child),
+            dir,
+            socket,
+            repo,
+            log,
+        };
         d.wait_ready();
         d
     }
@@ -76,7 +88,11 @@ impl Daemon {
             }
             std::thread::sleep(Duration::from_millis(50));
         }
-        panic!("imaged did not open {} within 20 s; its log:\n{}", self.socket.display(), self.log_text());
+        panic!(
+            "imaged did not open {} within 20 s; its log:\n{}",
+            self.socket.display(),
+            self.log_text()
+        );
     }
 
     /// What the daemon logged so far.
@@ -86,7 +102,9 @@ impl Daemon {
 
     /// A gRPC channel to the daemon.
     pub async fn channel(&self) -> Channel {
-        imaged::cli::connect(&self.socket).await.expect("connecting to imaged")
+        imaged::cli::connect(&self.socket)
+            .await
+            .expect("connecting to imaged")
     }
 
     pub async fn images(&self) -> ImageServiceClient<Channel> {
@@ -125,7 +143,10 @@ impl Daemon {
             String::from_utf8_lossy(&out.stdout)
         );
         serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
-            panic!("imagectl {args:?} printed no JSON ({e}): {}", String::from_utf8_lossy(&out.stdout))
+            panic!(
+                "imagectl {args:?} printed no JSON ({e}): {}",
+                String::from_utf8_lossy(&out.stdout)
+            )
         })
     }
 
@@ -134,14 +155,23 @@ impl Daemon {
         let mut ops = self.ops().await;
         let t0 = Instant::now();
         loop {
-            let op = ops.get_operation(proto::GetOperationRequest { id: id.into() }).await.unwrap().into_inner();
+            let op = ops
+                .get_operation(proto::GetOperationRequest { id: id.into() })
+                .await
+                .unwrap()
+                .into_inner();
             if matches!(
                 proto::OperationState::try_from(op.state),
-                Ok(proto::OperationState::Active | proto::OperationState::Failed | proto::OperationState::Cancelled)
+                Ok(proto::OperationState::Active
+                    | proto::OperationState::Failed
+                    | proto::OperationState::Cancelled)
             ) {
                 return op;
             }
-            assert!(t0.elapsed() < Duration::from_secs(300), "operation {id} did not end in 300 s: {op:?}");
+            assert!(
+                t0.elapsed() < Duration::from_secs(300),
+                "operation {id} did not end in 300 s: {op:?}"
+            );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
@@ -158,7 +188,10 @@ impl Daemon {
             }
             if t0.elapsed() > Duration::from_secs(40) {
                 let _ = child.kill();
-                panic!("imaged did not stop within 40 s of SIGTERM; log:\n{}", self.log_text());
+                panic!(
+                    "imaged did not stop within 40 s of SIGTERM; log:\n{}",
+                    self.log_text()
+                );
             }
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -185,9 +218,10 @@ impl Drop for Daemon {
 
 /// Runs a command, asserts success, returns stdout.
 pub fn run(cmd: &str, args: &[&str]) -> String {
-    let out = Command::new(cmd).args(args).output().unwrap_or_else(|e| {
-        panic!("cannot run {cmd} ({e}): install it (scripts/install-deps.sh)")
-    });
+    let out = Command::new(cmd)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd} ({e}): install it (scripts/install-deps.sh)"));
     assert!(
         out.status.success(),
         "{cmd} {args:?} failed: {}{}",
@@ -201,7 +235,15 @@ pub fn run(cmd: &str, args: &[&str]) -> String {
 pub fn assert_identical(a: &Path, fmt_a: &str, b: &Path, fmt_b: &str) {
     let out = run(
         "qemu-img",
-        &["compare", "-f", fmt_a, "-F", fmt_b, a.to_str().unwrap(), b.to_str().unwrap()],
+        &[
+            "compare",
+            "-f",
+            fmt_a,
+            "-F",
+            fmt_b,
+            a.to_str().unwrap(),
+            b.to_str().unwrap(),
+        ],
     );
     assert!(out.contains("Images are identical"), "{out}");
 }
@@ -220,8 +262,20 @@ pub struct Tmpfs {
 impl Tmpfs {
     pub fn mount(dir: &Path, size: &str) -> Tmpfs {
         std::fs::create_dir_all(dir).unwrap();
-        run("mount", &["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs", dir.to_str().unwrap()]);
-        Tmpfs { dir: dir.to_path_buf() }
+        run(
+            "mount",
+            &[
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={size}"),
+                "tmpfs",
+                dir.to_str().unwrap(),
+            ],
+        );
+        Tmpfs {
+            dir: dir.to_path_buf(),
+        }
     }
 
     /// Bytes in use on it.
