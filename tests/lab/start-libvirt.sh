@@ -69,4 +69,5 @@ if ! running /run/virtlogd.pid; then
   for _ in $(seq 20); do running /run/virtlogd.pid && break; sleep 0.5; done
   running /run/virtlogd.pid || { say "virtlogd did not start" >&2; exit 1; }
 fi
+say "no storage pool or network needed: lab disks are plain files given by path, guests have no NIC"
 say "$(virsh -c "$URI" version 2>/dev/null | grep -i 'running hypervisor' || echo 'ready')"
