@@ -17,6 +17,7 @@
 //! Cancellation is checked before every chunk, so a cancel stops the read within one chunk.
 
 pub mod source;
+pub mod stream;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};

@@ -92,7 +92,7 @@ pub fn domains(ds: &[proto::Domain], json: bool) {
                 k.target.clone()
             };
             println!(
-                "{:<24} {:<10} {:<6} {:<6} {:<8} {:>10}  {}",
+                "{:<30} {:<10} {:<6} {:<6} {:<8} {:>10}  {}",
                 name,
                 state,
                 ag,

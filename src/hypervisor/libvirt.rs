@@ -8,7 +8,9 @@ use virt::domain::Domain;
 use virt::enumutil::Enum;
 use virt::error::ErrorNumber;
 
-use super::{xml, DiskInfo, DomainInfo, DomainState, Hypervisor};
+use std::ffi::CString;
+
+use super::{xml, DiskInfo, DomainInfo, DomainState, Hypervisor, ShutdownHow};
 use crate::error::{Error, ErrorKind, Result};
 
 /// libvirt at one URI.
@@ -146,4 +148,106 @@ impl Hypervisor for Libvirt {
         let dom = self.lookup(&conn, name)?;
         state_of(&dom, name)
     }
+
+    fn start(&self, name: &str) -> Result<()> {
+        let conn = self.connect()?;
+        let dom = self.lookup(&conn, name)?;
+        dom.create().map_err(|e| libvirt_err(format!("starting domain {name}"), e))?;
+        Ok(())
+    }
+
+    fn shutdown(&self, name: &str, how: ShutdownHow) -> Result<()> {
+        let conn = self.connect()?;
+        let dom = self.lookup(&conn, name)?;
+        let flags = match how {
+            ShutdownHow::Agent => virt::sys::VIR_DOMAIN_SHUTDOWN_GUEST_AGENT,
+            ShutdownHow::Acpi => virt::sys::VIR_DOMAIN_SHUTDOWN_ACPI_POWER_BTN,
+        };
+        dom.shutdown_flags(flags)
+            .map_err(|e| libvirt_err(format!("asking domain {name} to shut down ({how:?})"), e))
+    }
+
+    fn destroy(&self, name: &str) -> Result<()> {
+        let conn = self.connect()?;
+        let dom = self.lookup(&conn, name)?;
+        dom.destroy().map_err(|e| libvirt_err(format!("forcing domain {name} off"), e))
+    }
+
+    fn agent_command(&self, name: &str, command: &str, timeout_secs: i32) -> Result<String> {
+        let conn = self.connect()?;
+        let dom = self.lookup(&conn, name)?;
+        dom.qemu_agent_command(command, timeout_secs, 0)
+            .map_err(|e| agent_err(name, "sending a command to the guest agent of", e))
+    }
+
+    fn fs_freeze(&self, name: &str) -> Result<u32> {
+        let conn = self.connect()?;
+        let dom = self.lookup(&conn, name)?;
+        // SAFETY: `dom` is a live domain handle for the duration of the call; a null
+        // mountpoint list with count 0 means "all filesystems", as libvirt documents.
+        let n = unsafe { virt::sys::virDomainFSFreeze(dom.as_ptr(), std::ptr::null_mut(), 0, 0) };
+        if n < 0 {
+            return Err(agent_err(name, "freezing the filesystems of", virt::error::Error::last_error()));
+        }
+        Ok(n as u32)
+    }
+
+    fn fs_thaw(&self, name: &str) -> Result<u32> {
+        let conn = self.connect()?;
+        let dom = self.lookup(&conn, name)?;
+        // SAFETY: as in fs_freeze.
+        let n = unsafe { virt::sys::virDomainFSThaw(dom.as_ptr(), std::ptr::null_mut(), 0, 0) };
+        if n < 0 {
+            return Err(agent_err(name, "thawing the filesystems of", virt::error::Error::last_error()));
+        }
+        Ok(n as u32)
+    }
+
+    fn backup_begin(&self, name: &str, backup_xml: &str, checkpoint_xml: Option<&str>) -> Result<()> {
+        let conn = self.connect()?;
+        let dom = self.lookup(&conn, name)?;
+        let bx = CString::new(backup_xml).map_err(|_| crate::error::invalid("backup XML holds a NUL byte"))?;
+        let cx = checkpoint_xml
+            .map(CString::new)
+            .transpose()
+            .map_err(|_| crate::error::invalid("checkpoint XML holds a NUL byte"))?;
+        let cptr = cx.as_ref().map_or(std::ptr::null(), |c| c.as_ptr());
+        // SAFETY: `dom` is live; both strings are NUL-terminated and outlive the call; a null
+        // checkpoint pointer means "no checkpoint", as libvirt documents.
+        let rc = unsafe { virt::sys::virDomainBackupBegin(dom.as_ptr(), bx.as_ptr(), cptr, 0) };
+        if rc < 0 {
+            return Err(libvirt_err(format!("beginning a backup job on domain {name}"), virt::error::Error::last_error()));
+        }
+        Ok(())
+    }
+
+    fn backup_end(&self, name: &str) -> Result<()> {
+        let conn = self.connect()?;
+        let dom = self.lookup(&conn, name)?;
+        // SAFETY: `dom` is live for the call.
+        let rc = unsafe { virt::sys::virDomainAbortJob(dom.as_ptr()) };
+        if rc < 0 {
+            let e = virt::error::Error::last_error();
+            if e.code() == Enum::Known(ErrorNumber::OperationInvalid) {
+                return Ok(()); // no job: nothing to end
+            }
+            return Err(libvirt_err(format!("ending the backup job of domain {name}"), e));
+        }
+        Ok(())
+    }
+}
+
+/// Guest agent failures: not configured or not answering is FAILED_PRECONDITION, a timeout
+/// UNAVAILABLE.
+fn agent_err(name: &str, what: &str, e: virt::error::Error) -> Error {
+    let kind = match e.code() {
+        Enum::Known(ErrorNumber::AgentUnresponsive) | Enum::Known(ErrorNumber::ArgumentUnsupported) => {
+            ErrorKind::FailedPrecondition
+        }
+        Enum::Known(ErrorNumber::OperationInvalid) => ErrorKind::FailedPrecondition,
+        Enum::Known(ErrorNumber::OperationTimeout) => ErrorKind::Unavailable,
+        _ => ErrorKind::Internal,
+    };
+    Error::new(kind, format!("{what} domain {name} failed (is the QEMU guest agent running in it?)"))
+        .with_source(e)
 }

@@ -103,4 +103,31 @@ pub trait Hypervisor: Send + Sync + 'static {
     fn domain(&self, name: &str) -> Result<DomainInfo>;
     /// The current state only (cheaper than [`Hypervisor::domain`]).
     fn domain_state(&self, name: &str) -> Result<DomainState>;
+    /// Starts a defined, shut-off domain.
+    fn start(&self, name: &str) -> Result<()>;
+    /// Asks the guest to shut down (through its agent, or by the ACPI power button); returns
+    /// at once: poll [`Hypervisor::domain_state`].
+    fn shutdown(&self, name: &str, how: ShutdownHow) -> Result<()>;
+    /// Pulls the plug.
+    fn destroy(&self, name: &str) -> Result<()>;
+    /// Sends one raw QEMU guest agent command (JSON) and returns the raw reply.
+    fn agent_command(&self, name: &str, command: &str, timeout_secs: i32) -> Result<String>;
+    /// Freezes every guest filesystem (guest-fsfreeze-freeze); returns how many.
+    fn fs_freeze(&self, name: &str) -> Result<u32>;
+    /// Thaws every guest filesystem; returns how many were thawed.
+    fn fs_thaw(&self, name: &str) -> Result<u32>;
+    /// Begins a backup job (`virDomainBackupBegin`) with the given backup and optional
+    /// checkpoint XML.
+    fn backup_begin(&self, name: &str, backup_xml: &str, checkpoint_xml: Option<&str>) -> Result<()>;
+    /// Ends the domain's backup job (`virDomainAbortJob`); Ok when none is running.
+    fn backup_end(&self, name: &str) -> Result<()>;
+}
+
+/// How to ask a guest to shut down.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ShutdownHow {
+    /// `guest-shutdown` through the QEMU guest agent.
+    Agent,
+    /// The ACPI power button.
+    Acpi,
 }

@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# The whole test suite, on a fresh Debian 12 machine as root: installs the packages, starts
+# libvirt, builds (once, cached) the Debian test guest, then runs every test: unit tests, the
+# NBD client against qemu-nbd and nbdkit, the qcow2 encoder judged by qemu-img, the daemon end
+# to end, and captures of real guests under libvirt. Tests that need a real part fail (never
+# skip) when it cannot be set up.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+scripts/install-deps.sh
+tests/lab/start-libvirt.sh
+tests/lab/build-guest.sh >/dev/null
+tests/lab/pick-accel.sh >/dev/null
+
+# Two cores: two test threads, so two TCG guests at most run at once.
+cargo test --locked -- --test-threads=2

@@ -1,0 +1,261 @@
+//! A disk as one byte stream, qcow2 or raw, produced on the fly for targets that take a single
+//! object (Glance, S3, a local file): no temp file, no seeking, memory bounded.
+//!
+//! The extent map is fetched first. For **qcow2**, the clusters that hold data are known before
+//! the first byte, so [`Qcow2Layout`] writes header, L1, refcount and L2 tables up front and the
+//! data clusters follow in guest order; holes stay unallocated. For **raw**, zero extents become
+//! zeros from a static buffer (a byte stream cannot be sparse) and only data extents are read.
+//! Either way the exact length is known before the first byte ([`StreamPlan::size`]).
+//!
+//! Reads go over `readers` NBD connections with up to `readers` segments (≤ 4 MiB each) in
+//! flight, delivered in order through a bounded channel: memory is about
+//! `2 × readers × 4 MiB`, whatever the disk size. Dropping the stream stops the producer.
+
+use std::ops::Range;
+use std::pin::Pin;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use bytes::{Bytes, BytesMut};
+use futures_util::stream::{FuturesOrdered, Stream, StreamExt};
+use tokio::sync::{mpsc, Mutex};
+
+use super::source::{NbdExport, BASE_ALLOCATION};
+use super::{CancelToken, Progress};
+use crate::error::{Error, ErrorKind, Result};
+use crate::export::qcow2::{clusters_covering, Qcow2Layout};
+use crate::export::Format;
+use crate::nbd::{Extent, NbdClient, NBD_STATE_ZERO};
+
+/// A stream of the bytes of an image, or the error that stopped it.
+pub type ByteStream = Pin<Box<dyn Stream<Item = Result<Bytes>> + Send>>;
+
+/// Largest read per segment.
+const SEGMENT: u64 = 4 << 20;
+static ZEROS: [u8; 1 << 20] = [0; 1 << 20];
+
+/// What the stream of one disk will be: format, exact size, the extent map.
+pub struct StreamPlan {
+    pub format: Format,
+    pub virtual_size: u64,
+    /// Exact length of the stream in bytes.
+    pub size: u64,
+    /// Guest bytes that hold data (what will be read).
+    pub data_bytes: u64,
+    extents: Vec<Extent>,
+    layout: Option<Qcow2Layout>,
+}
+
+enum Segment {
+    Bytes(Bytes),
+    Zeros(u64),
+    Read { offset: u64, len: u64, pad: u64 },
+}
+
+impl StreamPlan {
+    /// Fetches the extent map of `export` and lays out the stream.
+    pub async fn new(export: &NbdExport, format: Format) -> Result<StreamPlan> {
+        let mut c = export.connect().await?;
+        let virtual_size = c.size();
+        let extents = c.allocation_map(BASE_ALLOCATION, 0, virtual_size).await.map_err(|e| {
+            Error::new(ErrorKind::Internal, format!("reading the allocation map of {}", export.describe)).with_source(e)
+        })?;
+        let _ = c.disconnect().await;
+        Self::from_extents(virtual_size, extents, format)
+    }
+
+    /// Lays out the stream from an extent map (pure; unit-tested).
+    pub fn from_extents(virtual_size: u64, extents: Vec<Extent>, format: Format) -> Result<StreamPlan> {
+        let data: Vec<Range<u64>> = extents
+            .iter()
+            .filter(|e| e.flags & NBD_STATE_ZERO == 0)
+            .map(|e| e.offset..e.offset + e.length)
+            .collect();
+        let data_bytes = data.iter().map(|r| r.end - r.start).sum();
+        let (size, layout) = match format {
+            Format::Raw => (virtual_size, None),
+            Format::Qcow2 => {
+                let layout = Qcow2Layout::new(virtual_size, clusters_covering(data)).map_err(|e| {
+                    Error::new(ErrorKind::FailedPrecondition, "cannot lay out a qcow2 for this disk").with_source(e)
+                })?;
+                (layout.total_size(), Some(layout))
+            }
+        };
+        Ok(StreamPlan { format, virtual_size, size, data_bytes, extents, layout })
+    }
+
+    /// Every segment of the stream, in order (small: O(extents) entries at a time).
+    fn segments(&self) -> Box<dyn Iterator<Item = Segment> + Send + '_> {
+        match &self.layout {
+            Some(layout) => {
+                let meta = layout.metadata().map(|p| Segment::Bytes(Bytes::from(p)));
+                let vs = self.virtual_size;
+                let data = layout.allocated_ranges().iter().flat_map(move |r| {
+                    let start = r.start * Qcow2Layout::CLUSTER_SIZE;
+                    let end = r.end * Qcow2Layout::CLUSTER_SIZE;
+                    split(start, end, SEGMENT).map(move |(off, len)| {
+                        let real = len.min(vs.saturating_sub(off));
+                        Segment::Read { offset: off, len: real, pad: len - real }
+                    })
+                });
+                Box::new(meta.chain(data))
+            }
+            None => Box::new(self.extents.iter().flat_map(|e| {
+                let zero = e.flags & NBD_STATE_ZERO != 0;
+                let step = if zero { ZEROS.len() as u64 } else { SEGMENT };
+                split(e.offset, e.offset + e.length, step).map(move |(off, len)| {
+                    if zero {
+                        Segment::Zeros(len)
+                    } else {
+                        Segment::Read { offset: off, len, pad: 0 }
+                    }
+                })
+            })),
+        }
+    }
+}
+
+fn split(start: u64, end: u64, step: u64) -> impl Iterator<Item = (u64, u64)> {
+    (start..end).step_by(step as usize).map(move |o| (o, step.min(end - o)))
+}
+
+/// Starts producing the stream of `plan` from `export`. The producer runs on a task and stops
+/// when the stream is dropped, cancelled, or fails (the error is the last item).
+pub fn byte_stream(
+    plan: Arc<StreamPlan>,
+    export: Arc<NbdExport>,
+    readers: usize,
+    progress: Arc<Progress>,
+    cancel: CancelToken,
+) -> ByteStream {
+    let (tx, rx) = mpsc::channel::<Result<Bytes>>(readers.max(1) * 2);
+    tokio::spawn(async move {
+        if let Err(e) = produce(&plan, &export, readers.max(1), &progress, &cancel, &tx).await {
+            let _ = tx.send(Err(e)).await;
+        }
+    });
+    Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))
+}
+
+async fn produce(
+    plan: &StreamPlan,
+    export: &NbdExport,
+    readers: usize,
+    progress: &Progress,
+    cancel: &CancelToken,
+    tx: &mpsc::Sender<Result<Bytes>>,
+) -> Result<()> {
+    progress.bytes_total.store(plan.virtual_size, Ordering::Relaxed);
+    let (pool_tx, pool_rx) = mpsc::channel::<NbdClient>(readers);
+    for _ in 0..readers {
+        let c = export.connect().await?;
+        let _ = pool_tx.send(c).await;
+    }
+    let pool = Arc::new((pool_tx, Mutex::new(pool_rx)));
+    let describe = Arc::new(export.describe.clone());
+    let mut inflight = FuturesOrdered::new();
+    let mut segments = plan.segments();
+    let mut done = false;
+    loop {
+        while !done && inflight.len() < readers {
+            match segments.next() {
+                Some(seg) => inflight.push_back(fetch(seg, pool.clone(), describe.clone())),
+                None => done = true,
+            }
+        }
+        let Some(res) = inflight.next().await else { break };
+        cancel.check()?;
+        let (bytes, guest, read) = res?;
+        progress.bytes_done.fetch_add(guest, Ordering::Relaxed);
+        if read {
+            progress.bytes_read.fetch_add(guest, Ordering::Relaxed);
+        } else {
+            progress.bytes_zero.fetch_add(guest, Ordering::Relaxed);
+        }
+        if tx.send(Ok(bytes)).await.is_err() {
+            return Ok(()); // the consumer went away
+        }
+    }
+    // Holes skipped by the qcow2 layout count as done too.
+    let total = plan.virtual_size;
+    let seen = progress.bytes_done.load(Ordering::Relaxed);
+    if seen < total {
+        progress.bytes_zero.fetch_add(total - seen, Ordering::Relaxed);
+        progress.bytes_done.store(total, Ordering::Relaxed);
+    }
+    let mut rx = pool.1.lock().await;
+    while let Ok(c) = rx.try_recv() {
+        let _ = c.disconnect().await;
+    }
+    Ok(())
+}
+
+type Pool = Arc<(mpsc::Sender<NbdClient>, Mutex<mpsc::Receiver<NbdClient>>)>;
+
+/// One segment's bytes, plus the guest bytes it covers and whether they were read.
+async fn fetch(seg: Segment, pool: Pool, describe: Arc<String>) -> Result<(Bytes, u64, bool)> {
+    match seg {
+        Segment::Bytes(b) => Ok((b, 0, false)),
+        Segment::Zeros(n) => Ok((Bytes::from_static(&ZEROS[..n as usize]), n, false)),
+        Segment::Read { offset, len, pad } => {
+            let mut client = {
+                let mut rx = pool.1.lock().await;
+                rx.recv().await.ok_or_else(|| Error::new(ErrorKind::Internal, "NBD connection pool closed"))?
+            };
+            let mut buf = BytesMut::zeroed((len + pad) as usize);
+            let res = client.read(offset, &mut buf[..len as usize]).await;
+            let _ = pool.0.send(client).await;
+            res.map_err(|e| {
+                Error::new(ErrorKind::Internal, format!("reading {len} bytes at offset {offset} of {describe}")).with_source(e)
+            })?;
+            Ok((buf.freeze(), len, true))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ext(offset: u64, length: u64, flags: u32) -> Extent {
+        Extent { offset, length, flags }
+    }
+
+    #[test]
+    fn raw_plan_covers_every_byte() {
+        let m = 1 << 20;
+        let p = StreamPlan::from_extents(10 * m, vec![ext(0, 3 * m, 0), ext(3 * m, 7 * m, 3)], Format::Raw).unwrap();
+        assert_eq!(p.size, 10 * m);
+        assert_eq!(p.data_bytes, 3 * m);
+        let mut total = 0;
+        for s in p.segments() {
+            total += match s {
+                Segment::Bytes(b) => b.len() as u64,
+                Segment::Zeros(n) => n,
+                Segment::Read { len, pad, .. } => len + pad,
+            };
+        }
+        assert_eq!(total, p.size);
+    }
+
+    #[test]
+    fn qcow2_plan_reads_only_data_clusters() {
+        let m = 1 << 20;
+        let v = 100 * m + 512;
+        let p = StreamPlan::from_extents(v, vec![ext(0, m, 0), ext(m, 99 * m, 3), ext(100 * m, 512, 0)], Format::Qcow2).unwrap();
+        let mut total = 0;
+        let mut read = 0;
+        for s in p.segments() {
+            match s {
+                Segment::Bytes(b) => total += b.len() as u64,
+                Segment::Zeros(_) => panic!("a qcow2 stream has no zero runs"),
+                Segment::Read { len, pad, .. } => {
+                    total += len + pad;
+                    read += len;
+                }
+            }
+        }
+        assert_eq!(total, p.size);
+        assert_eq!(read, m + 512);
+    }
+}
