@@ -16,6 +16,7 @@
 //!
 //! Cancellation is checked before every chunk, so a cancel stops the read within one chunk.
 
+pub mod live;
 pub mod source;
 pub mod stream;
 
@@ -28,7 +29,7 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::nbd::{Extent, NbdClient};
 use crate::repo::manifest::{chunk_len, cluster_mask, ChunkRef, ImageRecord, CHUNK_SIZE};
 use crate::repo::{ChunkSink, PutOutcome};
-use source::{NbdExport, BASE_ALLOCATION};
+use source::{BlockSource, BASE_ALLOCATION};
 
 /// NBD `base:allocation` flag: the range reads as zeros.
 const STATE_ZERO: u32 = 2;
@@ -77,7 +78,7 @@ pub struct Captured {
 
 /// Reads every byte of `export` once into `sink`, `readers` connections in parallel.
 pub async fn run(
-    export: &NbdExport,
+    export: &dyn BlockSource,
     readers: usize,
     sink: ChunkSink,
     progress: Arc<Progress>,
@@ -92,7 +93,7 @@ pub async fn run(
         .map_err(|e| {
             Error::new(
                 ErrorKind::Internal,
-                format!("reading the allocation map of {}", export.describe),
+                format!("reading the allocation map of {}", export.describe()),
             )
             .with_source(e)
         })?;
@@ -115,7 +116,7 @@ pub async fn run(
             sink: sink.clone(),
             progress: progress.clone(),
             cancel: cancel.clone(),
-            describe: export.describe.clone(),
+            describe: export.describe().to_string(),
         };
         tasks.spawn(w.run());
     }

@@ -1,4 +1,8 @@
-//! Block sources: a disk file exported read-only over NBD by `qemu-nbd`.
+//! Block sources: where the data path reads a disk from. Every source is an NBD export
+//! with `base:allocation`, behind the [`BlockSource`] trait: a disk file served read-only by
+//! `qemu-nbd` ([`NbdExport`], cold captures and imports) or a running domain's point-in-time
+//! view served by QEMU itself during a libvirt pull-mode backup
+//! ([`super::live::BackupExport`]).
 //!
 //! The format is always named (`--format`), never probed: a raw disk whose first bytes look
 //! like a qcow2 header must not be read as one. QEMU follows a qcow2 backing chain itself.
@@ -19,12 +23,36 @@ use crate::nbd::{ConnectOptions, NbdClient};
 /// The NBD meta context that reports holes and zeros.
 pub const BASE_ALLOCATION: &str = "base:allocation";
 
+/// Something the data path can open NBD connections to.
+#[tonic::async_trait]
+pub trait BlockSource: Send + Sync {
+    /// Opens one more client connection with `base:allocation` negotiated.
+    async fn connect(&self) -> Result<NbdClient>;
+    /// What is read, for messages ("/var/lib/x.qcow2 (qcow2)", "domain web1 disk vda").
+    fn describe(&self) -> &str;
+}
+
+/// Connects to the NBD server on `socket` (export `export`) with `base:allocation`.
+pub async fn connect_unix(socket: &Path, export: &str, describe: &str) -> Result<NbdClient> {
+    let opts = ConnectOptions {
+        export_name: export.to_string(),
+        meta_contexts: vec![BASE_ALLOCATION.to_string()],
+    };
+    NbdClient::connect_unix(socket, &opts).await.map_err(|e| {
+        Error::new(
+            ErrorKind::Unavailable,
+            format!("connecting to the NBD export of {describe}"),
+        )
+        .with_source(e)
+    })
+}
+
 /// A running `qemu-nbd` serving one disk file read-only on a unix socket.
 pub struct NbdExport {
     child: Child,
     socket: PathBuf,
     /// What is served, for messages.
-    pub describe: String,
+    describe: String,
 }
 
 impl NbdExport {
@@ -114,28 +142,22 @@ impl NbdExport {
         })
     }
 
-    /// Opens one more client connection with `base:allocation` negotiated.
-    pub async fn connect(&self) -> Result<NbdClient> {
-        let opts = ConnectOptions {
-            export_name: String::new(),
-            meta_contexts: vec![BASE_ALLOCATION.to_string()],
-        };
-        NbdClient::connect_unix(&self.socket, &opts)
-            .await
-            .map_err(|e| {
-                Error::new(
-                    ErrorKind::Unavailable,
-                    format!("connecting to the NBD export of {}", self.describe),
-                )
-                .with_source(e)
-            })
-    }
-
     /// Stops qemu-nbd and removes its socket.
     pub async fn stop(mut self) {
         let _ = self.child.start_kill();
         let _ = self.child.wait().await;
         let _ = std::fs::remove_file(&self.socket);
+    }
+}
+
+#[tonic::async_trait]
+impl BlockSource for NbdExport {
+    async fn connect(&self) -> Result<NbdClient> {
+        connect_unix(&self.socket, "", &self.describe).await
+    }
+
+    fn describe(&self) -> &str {
+        &self.describe
     }
 }
 

@@ -20,7 +20,7 @@ use bytes::{Bytes, BytesMut};
 use futures_util::stream::{FuturesOrdered, Stream, StreamExt};
 use tokio::sync::{mpsc, Mutex};
 
-use super::source::{NbdExport, BASE_ALLOCATION};
+use super::source::{BlockSource, BASE_ALLOCATION};
 use super::{CancelToken, Progress};
 use crate::error::{Error, ErrorKind, Result};
 use crate::export::qcow2::{clusters_covering, Qcow2Layout};
@@ -54,18 +54,29 @@ enum Segment {
 
 impl StreamPlan {
     /// Fetches the extent map of `export` and lays out the stream.
-    pub async fn new(export: &NbdExport, format: Format) -> Result<StreamPlan> {
+    pub async fn new(export: &dyn BlockSource, format: Format) -> Result<StreamPlan> {
         let mut c = export.connect().await?;
         let virtual_size = c.size();
-        let extents = c.allocation_map(BASE_ALLOCATION, 0, virtual_size).await.map_err(|e| {
-            Error::new(ErrorKind::Internal, format!("reading the allocation map of {}", export.describe)).with_source(e)
-        })?;
+        let extents = c
+            .allocation_map(BASE_ALLOCATION, 0, virtual_size)
+            .await
+            .map_err(|e| {
+                Error::new(
+                    ErrorKind::Internal,
+                    format!("reading the allocation map of {}", export.describe()),
+                )
+                .with_source(e)
+            })?;
         let _ = c.disconnect().await;
         Self::from_extents(virtual_size, extents, format)
     }
 
     /// Lays out the stream from an extent map (pure; unit-tested).
-    pub fn from_extents(virtual_size: u64, extents: Vec<Extent>, format: Format) -> Result<StreamPlan> {
+    pub fn from_extents(
+        virtual_size: u64,
+        extents: Vec<Extent>,
+        format: Format,
+    ) -> Result<StreamPlan> {
         let data: Vec<Range<u64>> = extents
             .iter()
             .filter(|e| e.flags & NBD_STATE_ZERO == 0)
@@ -75,13 +86,25 @@ impl StreamPlan {
         let (size, layout) = match format {
             Format::Raw => (virtual_size, None),
             Format::Qcow2 => {
-                let layout = Qcow2Layout::new(virtual_size, clusters_covering(data)).map_err(|e| {
-                    Error::new(ErrorKind::FailedPrecondition, "cannot lay out a qcow2 for this disk").with_source(e)
-                })?;
+                let layout =
+                    Qcow2Layout::new(virtual_size, clusters_covering(data)).map_err(|e| {
+                        Error::new(
+                            ErrorKind::FailedPrecondition,
+                            "cannot lay out a qcow2 for this disk",
+                        )
+                        .with_source(e)
+                    })?;
                 (layout.total_size(), Some(layout))
             }
         };
-        Ok(StreamPlan { format, virtual_size, size, data_bytes, extents, layout })
+        Ok(StreamPlan {
+            format,
+            virtual_size,
+            size,
+            data_bytes,
+            extents,
+            layout,
+        })
     }
 
     /// Every segment of the stream, in order (small: O(extents) entries at a time).
@@ -95,7 +118,11 @@ impl StreamPlan {
                     let end = r.end * Qcow2Layout::CLUSTER_SIZE;
                     split(start, end, SEGMENT).map(move |(off, len)| {
                         let real = len.min(vs.saturating_sub(off));
-                        Segment::Read { offset: off, len: real, pad: len - real }
+                        Segment::Read {
+                            offset: off,
+                            len: real,
+                            pad: len - real,
+                        }
                     })
                 });
                 Box::new(meta.chain(data))
@@ -107,7 +134,11 @@ impl StreamPlan {
                     if zero {
                         Segment::Zeros(len)
                     } else {
-                        Segment::Read { offset: off, len, pad: 0 }
+                        Segment::Read {
+                            offset: off,
+                            len,
+                            pad: 0,
+                        }
                     }
                 })
             })),
@@ -116,21 +147,32 @@ impl StreamPlan {
 }
 
 fn split(start: u64, end: u64, step: u64) -> impl Iterator<Item = (u64, u64)> {
-    (start..end).step_by(step as usize).map(move |o| (o, step.min(end - o)))
+    (start..end)
+        .step_by(step as usize)
+        .map(move |o| (o, step.min(end - o)))
 }
 
 /// Starts producing the stream of `plan` from `export`. The producer runs on a task and stops
 /// when the stream is dropped, cancelled, or fails (the error is the last item).
 pub fn byte_stream(
     plan: Arc<StreamPlan>,
-    export: Arc<NbdExport>,
+    export: Arc<dyn BlockSource>,
     readers: usize,
     progress: Arc<Progress>,
     cancel: CancelToken,
 ) -> ByteStream {
     let (tx, rx) = mpsc::channel::<Result<Bytes>>(readers.max(1) * 2);
     tokio::spawn(async move {
-        if let Err(e) = produce(&plan, &export, readers.max(1), &progress, &cancel, &tx).await {
+        if let Err(e) = produce(
+            &plan,
+            export.as_ref(),
+            readers.max(1),
+            &progress,
+            &cancel,
+            &tx,
+        )
+        .await
+        {
             let _ = tx.send(Err(e)).await;
         }
     });
@@ -139,20 +181,22 @@ pub fn byte_stream(
 
 async fn produce(
     plan: &StreamPlan,
-    export: &NbdExport,
+    export: &dyn BlockSource,
     readers: usize,
     progress: &Progress,
     cancel: &CancelToken,
     tx: &mpsc::Sender<Result<Bytes>>,
 ) -> Result<()> {
-    progress.bytes_total.store(plan.virtual_size, Ordering::Relaxed);
+    progress
+        .bytes_total
+        .store(plan.virtual_size, Ordering::Relaxed);
     let (pool_tx, pool_rx) = mpsc::channel::<NbdClient>(readers);
     for _ in 0..readers {
         let c = export.connect().await?;
         let _ = pool_tx.send(c).await;
     }
     let pool = Arc::new((pool_tx, Mutex::new(pool_rx)));
-    let describe = Arc::new(export.describe.clone());
+    let describe = Arc::new(export.describe().to_string());
     let mut inflight = FuturesOrdered::new();
     let mut segments = plan.segments();
     let mut done = false;
@@ -163,7 +207,9 @@ async fn produce(
                 None => done = true,
             }
         }
-        let Some(res) = inflight.next().await else { break };
+        let Some(res) = inflight.next().await else {
+            break;
+        };
         cancel.check()?;
         let (bytes, guest, read) = res?;
         progress.bytes_done.fetch_add(guest, Ordering::Relaxed);
@@ -180,7 +226,9 @@ async fn produce(
     let total = plan.virtual_size;
     let seen = progress.bytes_done.load(Ordering::Relaxed);
     if seen < total {
-        progress.bytes_zero.fetch_add(total - seen, Ordering::Relaxed);
+        progress
+            .bytes_zero
+            .fetch_add(total - seen, Ordering::Relaxed);
         progress.bytes_done.store(total, Ordering::Relaxed);
     }
     let mut rx = pool.1.lock().await;
@@ -200,13 +248,19 @@ async fn fetch(seg: Segment, pool: Pool, describe: Arc<String>) -> Result<(Bytes
         Segment::Read { offset, len, pad } => {
             let mut client = {
                 let mut rx = pool.1.lock().await;
-                rx.recv().await.ok_or_else(|| Error::new(ErrorKind::Internal, "NBD connection pool closed"))?
+                rx.recv()
+                    .await
+                    .ok_or_else(|| Error::new(ErrorKind::Internal, "NBD connection pool closed"))?
             };
             let mut buf = BytesMut::zeroed((len + pad) as usize);
             let res = client.read(offset, &mut buf[..len as usize]).await;
             let _ = pool.0.send(client).await;
             res.map_err(|e| {
-                Error::new(ErrorKind::Internal, format!("reading {len} bytes at offset {offset} of {describe}")).with_source(e)
+                Error::new(
+                    ErrorKind::Internal,
+                    format!("reading {len} bytes at offset {offset} of {describe}"),
+                )
+                .with_source(e)
             })?;
             Ok((buf.freeze(), len, true))
         }
@@ -218,13 +272,22 @@ mod tests {
     use super::*;
 
     fn ext(offset: u64, length: u64, flags: u32) -> Extent {
-        Extent { offset, length, flags }
+        Extent {
+            offset,
+            length,
+            flags,
+        }
     }
 
     #[test]
     fn raw_plan_covers_every_byte() {
         let m = 1 << 20;
-        let p = StreamPlan::from_extents(10 * m, vec![ext(0, 3 * m, 0), ext(3 * m, 7 * m, 3)], Format::Raw).unwrap();
+        let p = StreamPlan::from_extents(
+            10 * m,
+            vec![ext(0, 3 * m, 0), ext(3 * m, 7 * m, 3)],
+            Format::Raw,
+        )
+        .unwrap();
         assert_eq!(p.size, 10 * m);
         assert_eq!(p.data_bytes, 3 * m);
         let mut total = 0;
@@ -242,7 +305,12 @@ mod tests {
     fn qcow2_plan_reads_only_data_clusters() {
         let m = 1 << 20;
         let v = 100 * m + 512;
-        let p = StreamPlan::from_extents(v, vec![ext(0, m, 0), ext(m, 99 * m, 3), ext(100 * m, 512, 0)], Format::Qcow2).unwrap();
+        let p = StreamPlan::from_extents(
+            v,
+            vec![ext(0, m, 0), ext(m, 99 * m, 3), ext(100 * m, 512, 0)],
+            Format::Qcow2,
+        )
+        .unwrap();
         let mut total = 0;
         let mut read = 0;
         for s in p.segments() {

@@ -152,7 +152,8 @@ impl Hypervisor for Libvirt {
     fn start(&self, name: &str) -> Result<()> {
         let conn = self.connect()?;
         let dom = self.lookup(&conn, name)?;
-        dom.create().map_err(|e| libvirt_err(format!("starting domain {name}"), e))?;
+        dom.create()
+            .map_err(|e| libvirt_err(format!("starting domain {name}"), e))?;
         Ok(())
     }
 
@@ -170,7 +171,8 @@ impl Hypervisor for Libvirt {
     fn destroy(&self, name: &str) -> Result<()> {
         let conn = self.connect()?;
         let dom = self.lookup(&conn, name)?;
-        dom.destroy().map_err(|e| libvirt_err(format!("forcing domain {name} off"), e))
+        dom.destroy()
+            .map_err(|e| libvirt_err(format!("forcing domain {name} off"), e))
     }
 
     fn agent_command(&self, name: &str, command: &str, timeout_secs: i32) -> Result<String> {
@@ -187,7 +189,11 @@ impl Hypervisor for Libvirt {
         // mountpoint list with count 0 means "all filesystems", as libvirt documents.
         let n = unsafe { virt::sys::virDomainFSFreeze(dom.as_ptr(), std::ptr::null_mut(), 0, 0) };
         if n < 0 {
-            return Err(agent_err(name, "freezing the filesystems of", virt::error::Error::last_error()));
+            return Err(agent_err(
+                name,
+                "freezing the filesystems of",
+                virt::error::Error::last_error(),
+            ));
         }
         Ok(n as u32)
     }
@@ -198,15 +204,25 @@ impl Hypervisor for Libvirt {
         // SAFETY: as in fs_freeze.
         let n = unsafe { virt::sys::virDomainFSThaw(dom.as_ptr(), std::ptr::null_mut(), 0, 0) };
         if n < 0 {
-            return Err(agent_err(name, "thawing the filesystems of", virt::error::Error::last_error()));
+            return Err(agent_err(
+                name,
+                "thawing the filesystems of",
+                virt::error::Error::last_error(),
+            ));
         }
         Ok(n as u32)
     }
 
-    fn backup_begin(&self, name: &str, backup_xml: &str, checkpoint_xml: Option<&str>) -> Result<()> {
+    fn backup_begin(
+        &self,
+        name: &str,
+        backup_xml: &str,
+        checkpoint_xml: Option<&str>,
+    ) -> Result<()> {
         let conn = self.connect()?;
         let dom = self.lookup(&conn, name)?;
-        let bx = CString::new(backup_xml).map_err(|_| crate::error::invalid("backup XML holds a NUL byte"))?;
+        let bx = CString::new(backup_xml)
+            .map_err(|_| crate::error::invalid("backup XML holds a NUL byte"))?;
         let cx = checkpoint_xml
             .map(CString::new)
             .transpose()
@@ -216,7 +232,10 @@ impl Hypervisor for Libvirt {
         // checkpoint pointer means "no checkpoint", as libvirt documents.
         let rc = unsafe { virt::sys::virDomainBackupBegin(dom.as_ptr(), bx.as_ptr(), cptr, 0) };
         if rc < 0 {
-            return Err(libvirt_err(format!("beginning a backup job on domain {name}"), virt::error::Error::last_error()));
+            return Err(libvirt_err(
+                format!("beginning a backup job on domain {name}"),
+                virt::error::Error::last_error(),
+            ));
         }
         Ok(())
     }
@@ -231,7 +250,10 @@ impl Hypervisor for Libvirt {
             if e.code() == Enum::Known(ErrorNumber::OperationInvalid) {
                 return Ok(()); // no job: nothing to end
             }
-            return Err(libvirt_err(format!("ending the backup job of domain {name}"), e));
+            return Err(libvirt_err(
+                format!("ending the backup job of domain {name}"),
+                e,
+            ));
         }
         Ok(())
     }
@@ -241,13 +263,15 @@ impl Hypervisor for Libvirt {
 /// UNAVAILABLE.
 fn agent_err(name: &str, what: &str, e: virt::error::Error) -> Error {
     let kind = match e.code() {
-        Enum::Known(ErrorNumber::AgentUnresponsive) | Enum::Known(ErrorNumber::ArgumentUnsupported) => {
-            ErrorKind::FailedPrecondition
-        }
+        Enum::Known(ErrorNumber::AgentUnresponsive)
+        | Enum::Known(ErrorNumber::ArgumentUnsupported) => ErrorKind::FailedPrecondition,
         Enum::Known(ErrorNumber::OperationInvalid) => ErrorKind::FailedPrecondition,
         Enum::Known(ErrorNumber::OperationTimeout) => ErrorKind::Unavailable,
         _ => ErrorKind::Internal,
     };
-    Error::new(kind, format!("{what} domain {name} failed (is the QEMU guest agent running in it?)"))
-        .with_source(e)
+    Error::new(
+        kind,
+        format!("{what} domain {name} failed (is the QEMU guest agent running in it?)"),
+    )
+    .with_source(e)
 }

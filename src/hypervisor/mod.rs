@@ -118,7 +118,12 @@ pub trait Hypervisor: Send + Sync + 'static {
     fn fs_thaw(&self, name: &str) -> Result<u32>;
     /// Begins a backup job (`virDomainBackupBegin`) with the given backup and optional
     /// checkpoint XML.
-    fn backup_begin(&self, name: &str, backup_xml: &str, checkpoint_xml: Option<&str>) -> Result<()>;
+    fn backup_begin(
+        &self,
+        name: &str,
+        backup_xml: &str,
+        checkpoint_xml: Option<&str>,
+    ) -> Result<()>;
     /// Ends the domain's backup job (`virDomainAbortJob`); Ok when none is running.
     fn backup_end(&self, name: &str) -> Result<()>;
 }
