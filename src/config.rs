@@ -23,6 +23,8 @@ pub struct Config {
     pub libvirt: LibvirtConfig,
     pub repository: RepositoryConfig,
     pub capture: CaptureConfig,
+    /// Remote stream targets by name: `[targets.NAME]` with `kind = "glance"` or `"s3"`.
+    pub targets: std::collections::BTreeMap<String, crate::target::TargetConfig>,
 }
 
 /// `[daemon]`: how the API is served and logged.
@@ -150,11 +152,21 @@ impl Config {
             )));
         }
         self.socket_mode()?;
-        if !d.tcp_listen.is_empty() && d.tcp_listen.parse::<std::net::SocketAddr>().is_err() {
-            return Err(invalid(format!(
-                "daemon.tcp_listen must be an address like 127.0.0.1:7070, got {:?}",
-                d.tcp_listen
-            )));
+        if !d.tcp_listen.is_empty() {
+            let addr: std::net::SocketAddr = d.tcp_listen.parse().map_err(|_| {
+                invalid(format!(
+                    "daemon.tcp_listen must be an address like 127.0.0.1:7070, got {:?}",
+                    d.tcp_listen
+                ))
+            })?;
+            // The API can shut down and read any VM of the host: without TLS and client
+            // certificates it must not be reachable from the network.
+            if !addr.ip().is_loopback() {
+                return Err(invalid(format!(
+                    "daemon.tcp_listen {addr} is not a loopback address; this version serves TCP without TLS, \
+                     so bind it to 127.0.0.1 (and tunnel) or use the unix socket"
+                )));
+            }
         }
         self.log_level()?;
         if !(1..=64).contains(&d.max_running_operations) {
@@ -177,6 +189,20 @@ impl Config {
                 "capture.readers must be 1 to 16, got {}",
                 self.capture.readers
             )));
+        }
+        for (name, t) in &self.targets {
+            if name.is_empty()
+                || !name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+            {
+                return Err(invalid(format!(
+                    "targets.{name}: a target name may hold letters, digits, '-' and '_'"
+                )));
+            }
+            t.clone()
+                .build()
+                .map_err(|e| invalid(format!("targets.{name}: {}", e.chain())))?;
         }
         if !self.capture.run_dir.is_absolute() {
             return Err(invalid(format!(
@@ -234,6 +260,10 @@ mod tests {
             ("[daemon]\nsocket_mode = \"999\"", "daemon.socket_mode"),
             ("[daemon]\nsocket = \"rel.sock\"", "daemon.socket"),
             ("[daemon]\ntcp_listen = \"nowhere\"", "daemon.tcp_listen"),
+            (
+                "[daemon]\ntcp_listen = \"0.0.0.0:7070\"",
+                "daemon.tcp_listen",
+            ),
             ("[daemon]\nlog_level = \"loud\"", "daemon.log_level"),
             ("[capture]\nreaders = 0", "capture.readers"),
             ("[repository]\npath = \"repo\"", "repository.path"),

@@ -24,6 +24,7 @@ pub mod hypervisor;
 pub mod nbd;
 pub mod ops;
 pub mod repo;
+pub mod target;
 pub mod util;
 
 /// Generated protobuf and gRPC code for `imaged.v1`.

@@ -23,9 +23,8 @@ fn capture_req(domain: &str, name: &str) -> proto::CaptureRequest {
     proto::CaptureRequest {
         domain: domain.into(),
         image_name: name.into(),
-        request_id: String::new(),
         mode: proto::CaptureMode::Cold as i32,
-        disk: String::new(),
+        ..Default::default()
     }
 }
 

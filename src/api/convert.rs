@@ -103,5 +103,9 @@ pub fn operation(o: &Operation) -> proto::Operation {
         created_at: o.created_at,
         updated_at: o.updated_at,
         path: o.path.clone(),
+        consistency: o.consistency.clone(),
+        freeze_window_ms: o.freeze_window_ms,
+        prep: Vec::new(),
+        location: o.location.clone(),
     }
 }

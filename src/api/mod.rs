@@ -14,7 +14,7 @@ use tonic::{Request, Response, Status};
 
 use crate::error::invalid;
 use crate::export::Format;
-use crate::ops::{Agent, CaptureParams, ExportParams, ImportParams};
+use crate::ops::{Agent, CaptureParams, ExportParams, ImportParams, Mode, TargetSpec};
 use crate::proto;
 
 /// Implements the three `imaged.v1` services over one [`Agent`].
@@ -54,10 +54,16 @@ impl proto::domain_service_server::DomainService for Api {
 impl proto::image_service_server::ImageService for Api {
     async fn capture(&self, req: Request<proto::CaptureRequest>) -> ApiResult<proto::Operation> {
         let r = req.into_inner();
-        let mode = proto::CaptureMode::try_from(r.mode)
-            .map_err(|_| invalid(format!("capture mode {} is unknown", r.mode)))?;
-        match mode {
-            proto::CaptureMode::Unspecified | proto::CaptureMode::Cold => {}
+        let mode = match proto::CaptureMode::try_from(r.mode) {
+            Ok(proto::CaptureMode::Unspecified) => Mode::Auto,
+            Ok(proto::CaptureMode::Cold) => Mode::Cold,
+            Ok(proto::CaptureMode::Shutdown) => Mode::Shutdown,
+            Ok(proto::CaptureMode::Quiesce) => Mode::Quiesce,
+            Ok(proto::CaptureMode::CrashConsistent) => Mode::CrashConsistent,
+            Err(_) => return Err(invalid(format!("capture mode {} is unknown", r.mode)).into()),
+        };
+        if r.shutdown_timeout_seconds > 3600 {
+            return Err(invalid("shutdown_timeout_seconds must be at most 3600").into());
         }
         if r.domain.is_empty() {
             return Err(invalid("domain is empty: name the libvirt domain to capture").into());
@@ -69,6 +75,14 @@ impl proto::image_service_server::ImageService for Api {
                 image_name: r.image_name,
                 request_id: r.request_id,
                 disk: (!r.disk.is_empty()).then_some(r.disk),
+                mode,
+                shutdown_timeout: Duration::from_secs(match r.shutdown_timeout_seconds {
+                    0 => 120,
+                    n => u64::from(n),
+                }),
+                force_off: r.force_off,
+                restart: r.restart,
+                target: target_spec(r.target)?,
             })
             .await?;
         Ok(Response::new(convert::operation(&op)))
@@ -86,6 +100,15 @@ impl proto::image_service_server::ImageService for Api {
             })
             .await?;
         Ok(Response::new(convert::operation(&op)))
+    }
+
+    async fn plan_prep(
+        &self,
+        req: Request<proto::PlanPrepRequest>,
+    ) -> ApiResult<proto::PlanPrepResponse> {
+        let r = req.into_inner();
+        let steps = self.agent.plan_prep(&r.domain, &r.prep).await?;
+        Ok(Response::new(proto::PlanPrepResponse { steps }))
     }
 
     async fn list_images(
@@ -136,6 +159,44 @@ impl proto::image_service_server::ImageService for Api {
             .await?;
         Ok(Response::new(convert::operation(&op)))
     }
+}
+
+fn format_of(f: i32, what: &str) -> Result<Format, Status> {
+    match proto::ImageFormat::try_from(f) {
+        Ok(proto::ImageFormat::Qcow2) => Ok(Format::Qcow2),
+        Ok(proto::ImageFormat::Raw) => Ok(Format::Raw),
+        _ => Err(invalid(format!("{what}: format must be QCOW2 or RAW")).into()),
+    }
+}
+
+/// The capture target of a request; the repository when none is given.
+fn target_spec(t: Option<proto::Target>) -> Result<TargetSpec, Status> {
+    use proto::target::Kind;
+    Ok(match t.and_then(|t| t.kind) {
+        None | Some(Kind::Repository(_)) => TargetSpec::Repository,
+        Some(Kind::File(f)) => {
+            if f.path.is_empty() {
+                return Err(invalid("target file: path is empty").into());
+            }
+            TargetSpec::File {
+                path: PathBuf::from(f.path),
+                format: format_of(f.format, "target file")?,
+                overwrite: f.overwrite,
+            }
+        }
+        Some(Kind::Remote(r)) => {
+            if r.name.is_empty() {
+                return Err(invalid(
+                    "remote target: name is empty: name a [targets.NAME] of the daemon config",
+                )
+                .into());
+            }
+            TargetSpec::Remote {
+                format: format_of(r.format, &format!("target {}", r.name))?,
+                name: r.name,
+            }
+        }
+    })
 }
 
 type OpStream = Pin<Box<dyn Stream<Item = Result<proto::Operation, Status>> + Send>>;

@@ -87,6 +87,10 @@ fn main() -> std::process::ExitCode {
     let res = rt.block_on(async move {
         let repo = Repository::open(&cfg.repository.path)?;
         let hv = Arc::new(Libvirt::new(&cfg.libvirt.uri));
+        // Undo what live captures of a previous run left: thaw guests, end backup jobs.
+        imaged::ops::journal::Journal::new(&cfg.capture.run_dir)
+            .recover(hv.clone())
+            .await;
         let agent = Agent::new(cfg.clone(), hv, repo);
         imaged::api::server::serve(&cfg, agent).await
     });

@@ -16,6 +16,7 @@
 //! late, a cancelled operation), and the journal lets a restarted daemon finish the job.
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -35,7 +36,7 @@ pub struct BackupExport {
     dir: PathBuf,
     socket: PathBuf,
     describe: String,
-    ended: bool,
+    ended: AtomicBool,
 }
 
 /// What happened at the consistency point.
@@ -145,14 +146,14 @@ pub async fn begin(
 ) -> Result<(BackupExport, ConsistencyPoint)> {
     let dir = job_dir(run_dir, tag)?;
     let xml = backup_xml(&dir, disk, all_disks);
-    let mut export = BackupExport {
+    let export = BackupExport {
         hv: hv.clone(),
         domain: domain.to_string(),
         disk: disk.to_string(),
         socket: dir.join("nbd.sock"),
         dir,
         describe: format!("domain {domain} disk {disk} (live backup)"),
-        ended: true,
+        ended: AtomicBool::new(true),
     };
     let mut point = ConsistencyPoint::default();
     let mut guard = None;
@@ -187,7 +188,7 @@ pub async fn begin(
         point.freeze_window_ms = t0.elapsed().as_millis() as u64;
     }
     begun?;
-    export.ended = false;
+    export.ended.store(false, Ordering::SeqCst);
     tracing::info!(
         domain,
         disk,
@@ -204,16 +205,11 @@ pub async fn begin(
 }
 
 impl BackupExport {
-    /// Ends the backup job and removes the scratch file and socket.
-    pub async fn end(mut self) -> Result<()> {
-        self.finish().await
-    }
-
-    async fn finish(&mut self) -> Result<()> {
-        if self.ended {
+    /// Ends the backup job and removes the scratch file and socket (once).
+    pub async fn end(&self) -> Result<()> {
+        if self.ended.swap(true, Ordering::SeqCst) {
             return Ok(());
         }
-        self.ended = true;
         let (h, d) = (self.hv.clone(), self.domain.clone());
         let res = hv_call(
             Duration::from_secs(60),
@@ -233,8 +229,7 @@ impl BackupExport {
 
 impl Drop for BackupExport {
     fn drop(&mut self) {
-        if !self.ended {
-            self.ended = true;
+        if !self.ended.swap(true, Ordering::SeqCst) {
             let (h, d, dir) = (self.hv.clone(), self.domain.clone(), self.dir.clone());
             // Ending the job must not wait for an async context that may be gone.
             std::thread::spawn(move || {

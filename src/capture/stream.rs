@@ -12,12 +12,11 @@
 //! `2 × readers × 4 MiB`, whatever the disk size. Dropping the stream stops the producer.
 
 use std::ops::Range;
-use std::pin::Pin;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
-use futures_util::stream::{FuturesOrdered, Stream, StreamExt};
+use futures_util::stream::{FuturesOrdered, StreamExt};
 use tokio::sync::{mpsc, Mutex};
 
 use super::source::{BlockSource, BASE_ALLOCATION};
@@ -27,8 +26,7 @@ use crate::export::qcow2::{clusters_covering, Qcow2Layout};
 use crate::export::Format;
 use crate::nbd::{Extent, NbdClient, NBD_STATE_ZERO};
 
-/// A stream of the bytes of an image, or the error that stopped it.
-pub type ByteStream = Pin<Box<dyn Stream<Item = Result<Bytes>> + Send>>;
+pub use crate::target::ByteStream;
 
 /// Largest read per segment.
 const SEGMENT: u64 = 4 << 20;

@@ -69,10 +69,14 @@ enum Cmd {
     Domains,
     /// Show one domain.
     Domain { name: String },
-    /// Capture a shut-off domain's system disk (or --disk) into a new image.
+    /// Capture a domain's system disk (or --disk) into a new image.
     ///
-    /// The domain must be shut off; it cannot be started while its disk is read. Waits and
-    /// shows progress unless --no-wait.
+    /// Modes: cold (the domain is shut off and kept from starting while its disk is read),
+    /// shutdown (shut the guest down through its agent or ACPI, capture, --restart it),
+    /// quiesce (live: prep steps, filesystems frozen for the consistency point, thawed at
+    /// once), crash-consistent (live, no agent needed). The default picks cold for a shut-off
+    /// domain and quiesce for a running one whose guest agent answers. Waits and shows
+    /// progress unless --no-wait.
     Capture {
         /// The libvirt domain.
         domain: String,
@@ -82,6 +86,42 @@ enum Cmd {
         /// Disk target to capture, e.g. vdb (default: the system disk).
         #[arg(long)]
         disk: Option<String>,
+        /// auto, cold, shutdown, quiesce or crash-consistent.
+        #[arg(long, default_value = "auto")]
+        mode: String,
+        /// Prep steps run in the guest first: dhcp, udev-net-rules, setpasswd-hook,
+        /// fstab-data-disks, or all (comma-separated).
+        #[arg(long, value_delimiter = ',')]
+        prep: Vec<String>,
+        /// Show the changes the prep steps would make (as diffs) and capture nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// quiesce: undo the prep changes in the running guest right after the consistency
+        /// point; the image keeps them.
+        #[arg(long)]
+        restore_source: bool,
+        /// shutdown: force the domain off if it has not shut down in time.
+        #[arg(long)]
+        force_off: bool,
+        /// shutdown: start the domain again afterwards.
+        #[arg(long)]
+        restart: bool,
+        /// shutdown: seconds to wait for the guest to power off.
+        #[arg(long, default_value_t = 120)]
+        shutdown_timeout: u32,
+        /// Where the image goes: `repo` (the local repository, default), `file` (with -o), or
+        /// the NAME of a [targets.NAME] of the daemon's config (Glance or S3).
+        #[arg(long, default_value = "repo", value_name = "repo|file|NAME")]
+        to: String,
+        /// Format of the stream for file and remote targets.
+        #[arg(long, default_value = "qcow2")]
+        format: FormatArg,
+        /// The file to write with --to file.
+        #[arg(short, long)]
+        output: Option<PathBuf>,
+        /// Replace the --to file output if it exists.
+        #[arg(long)]
+        overwrite: bool,
         /// Idempotency key: repeating the command with the same key returns the same operation.
         #[arg(long)]
         request_id: Option<String>,
@@ -239,16 +279,78 @@ async fn dispatch(cli: &Cli) -> Result<u8, tonic::Status> {
             domain,
             name,
             disk,
+            mode,
+            prep,
+            dry_run,
+            restore_source,
+            force_off,
+            restart,
+            shutdown_timeout,
+            to,
+            format,
+            output: out,
+            overwrite,
             request_id,
             no_wait,
         } => {
+            let fmt = match format {
+                FormatArg::Qcow2 => proto::ImageFormat::Qcow2,
+                FormatArg::Raw => proto::ImageFormat::Raw,
+            } as i32;
+            use proto::target::Kind;
+            let kind = match (to.as_str(), out) {
+                ("repo", None) => Kind::Repository(proto::RepositoryTarget {}),
+                ("file", Some(p)) => Kind::File(proto::FileTarget {
+                    path: absolute(p).to_string_lossy().into_owned(),
+                    format: fmt,
+                    overwrite: *overwrite,
+                }),
+                ("file", None) => {
+                    return Err(tonic::Status::invalid_argument("--to file needs -o FILE"))
+                }
+                (_, Some(_)) => {
+                    return Err(tonic::Status::invalid_argument(
+                        "-o FILE goes with --to file",
+                    ))
+                }
+                (name, None) => Kind::Remote(proto::RemoteTarget {
+                    name: name.to_string(),
+                    format: fmt,
+                }),
+            };
+            if *dry_run {
+                let r = imgs
+                    .plan_prep(proto::PlanPrepRequest {
+                        domain: domain.clone(),
+                        prep: prep.clone(),
+                    })
+                    .await?
+                    .into_inner();
+                output::prep_reports(&r.steps, json);
+                return Ok(exit::OK);
+            }
+            let mode = match crate::ops::parse_mode(mode)
+                .map_err(|e| tonic::Status::invalid_argument(e.to_string()))?
+            {
+                crate::ops::Mode::Auto => proto::CaptureMode::Unspecified,
+                crate::ops::Mode::Cold => proto::CaptureMode::Cold,
+                crate::ops::Mode::Shutdown => proto::CaptureMode::Shutdown,
+                crate::ops::Mode::Quiesce => proto::CaptureMode::Quiesce,
+                crate::ops::Mode::CrashConsistent => proto::CaptureMode::CrashConsistent,
+            };
             let op = imgs
                 .capture(proto::CaptureRequest {
                     domain: domain.clone(),
                     image_name: name.clone(),
                     request_id: request_id.clone().unwrap_or_default(),
-                    mode: proto::CaptureMode::Cold as i32,
+                    mode: mode as i32,
                     disk: disk.clone().unwrap_or_default(),
+                    shutdown_timeout_seconds: *shutdown_timeout,
+                    force_off: *force_off,
+                    restart: *restart,
+                    prep: prep.clone(),
+                    restore_source: *restore_source,
+                    target: Some(proto::Target { kind: Some(kind) }),
                 })
                 .await?
                 .into_inner();

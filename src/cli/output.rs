@@ -207,6 +207,8 @@ pub fn operation_json(o: &proto::Operation) -> Value {
         },
         "error": o.error.as_ref().map(|e| json!({"code": e.code, "message": e.message})),
         "created_at": rfc3339(o.created_at), "updated_at": rfc3339(o.updated_at),
+        "consistency": o.consistency, "freeze_window_ms": o.freeze_window_ms, "location": o.location,
+        "prep": o.prep.iter().map(prep_json).collect::<Vec<_>>(),
     })
 }
 
@@ -267,6 +269,39 @@ fn summary(p: &proto::Progress) -> String {
         human_bytes(p.bytes_new),
         human_bytes(p.bytes_existing)
     )
+}
+
+fn prep_json(r: &proto::PrepStepReport) -> Value {
+    json!({
+        "step": r.step, "outcome": r.outcome, "message": r.message,
+        "changes": r.changes.iter().map(|c| json!({"path": c.path, "action": c.action, "diff": c.diff})).collect::<Vec<_>>(),
+    })
+}
+
+/// Prints prep step plans or outcomes.
+pub fn prep_reports(rs: &[proto::PrepStepReport], json: bool) {
+    if json {
+        println!("{}", Value::Array(rs.iter().map(prep_json).collect()));
+        return;
+    }
+    for r in rs {
+        println!(
+            "{}: {}{}",
+            r.step,
+            r.outcome,
+            if r.message.is_empty() {
+                String::new()
+            } else {
+                format!(" ({})", r.message)
+            }
+        );
+        for c in &r.changes {
+            println!("  {} {}", c.action, c.path);
+            for l in c.diff.lines() {
+                println!("    {l}");
+            }
+        }
+    }
 }
 
 /// Prints an RPC failure as JSON.

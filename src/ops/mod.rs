@@ -18,7 +18,10 @@
 //! A `request_id` given to capture, import or export makes a retried call return the
 //! operation of the first call instead of starting another.
 
+pub mod capture;
+pub mod journal;
 pub mod operation;
+pub mod prep;
 
 use std::collections::{HashMap, VecDeque};
 use std::path::{Path, PathBuf};
@@ -27,25 +30,15 @@ use std::time::Duration;
 
 use tokio::sync::Semaphore;
 
-use crate::capture::{self, source::NbdExport};
+use crate::capture::source::NbdExport;
 use crate::config::Config;
 use crate::error::{internal, invalid, not_found, precondition, Error, ErrorKind, Result};
 use crate::export::{self, Format};
-use crate::hypervisor::{DomainInfo, DomainState, Hypervisor};
-use crate::repo::manifest::{content_digest, FORMAT_VERSION};
-use crate::repo::{DeleteStats, ImageRecord, ImageWriter, Repository, CHUNK_SIZE};
-use crate::util::{now_unix, validate_image_name};
+use crate::hypervisor::{DomainInfo, Hypervisor};
+use crate::repo::{DeleteStats, ImageRecord, ImageWriter, Repository};
+use crate::util::validate_image_name;
+pub use capture::{parse_mode, CaptureParams, Mode, TargetSpec};
 pub use operation::{OpEntry, OpError, OpKind, OpState, OpStatus, Operation, ProgressSnapshot};
-
-/// A capture request.
-#[derive(Debug, Clone, Default)]
-pub struct CaptureParams {
-    pub domain: String,
-    pub image_name: String,
-    pub request_id: String,
-    /// Disk target; `None` for the system disk.
-    pub disk: Option<String>,
-}
 
 /// An import request.
 #[derive(Debug, Clone, Default)]
@@ -145,78 +138,6 @@ impl Agent {
 
     // ----------------------------------------------------------------------------- images
 
-    /// Starts a cold capture of a shut-off domain's disk.
-    pub async fn capture(&self, p: CaptureParams) -> Result<Operation> {
-        validate_image_name(&p.image_name)?;
-        if let Some(op) = self.existing_request(&p.request_id, OpKind::Capture)? {
-            return Ok(op);
-        }
-        let info = self.domain(&p.domain).await?;
-        if info.state != DomainState::ShutOff {
-            return Err(precondition(format!(
-                "domain {} is {}; a cold capture needs it shut off (shut it down first, e.g. `virsh shutdown {}`)",
-                info.name,
-                info.state.as_str(),
-                info.name
-            )));
-        }
-        let disk = info.disk(p.disk.as_deref())?.clone();
-        if disk.path.is_empty() || !matches!(disk.source_type.as_str(), "file" | "block") {
-            return Err(precondition(format!(
-                "disk {} of domain {} is a {} disk with no local path; only file and block disks can be captured",
-                disk.target, info.name, disk.source_type
-            )));
-        }
-        let format = if disk.format.is_empty() {
-            "raw".to_string()
-        } else {
-            disk.format.clone()
-        };
-        check_readable(
-            Path::new(&disk.path),
-            &format!("disk {} of domain {}", disk.target, info.name),
-        )?;
-        let writer = self.reserve(&p.image_name).await?;
-        let op = OpEntry::new(
-            OpKind::Capture,
-            &info.name,
-            &p.image_name,
-            &p.request_id,
-            &disk.path,
-        );
-        {
-            let mut t = self.table();
-            if let Some(holder) = t.domain_locks.get(&info.name) {
-                return Err(Error::new(
-                    ErrorKind::Aborted,
-                    format!(
-                        "domain {} is held by operation {holder}; wait for it or cancel it",
-                        info.name
-                    ),
-                ));
-            }
-            if let Some(op) = Self::request_in(&t, &p.request_id) {
-                return Ok(op);
-            }
-            t.domain_locks.insert(info.name.clone(), op.id.clone());
-            self.insert(&mut t, &op);
-        }
-        tracing::info!(op = %op.id, domain = %info.name, disk = %disk.target, path = %disk.path, image = %p.image_name, "capture queued");
-        let agent = self.clone();
-        let entry = op.clone();
-        let source = Source {
-            path: PathBuf::from(&disk.path),
-            format,
-            disk: disk.target.clone(),
-            domain: Some(info.name.clone()),
-        };
-        tokio::spawn(async move {
-            let res = agent.run_capture(&entry, writer, source).await;
-            agent.end(&entry, res);
-        });
-        Ok(op.snapshot())
-    }
-
     /// Starts importing a disk file of this host.
     pub async fn import(&self, p: ImportParams) -> Result<Operation> {
         validate_image_name(&p.image_name)?;
@@ -251,14 +172,9 @@ impl Agent {
         tracing::info!(op = %op.id, path = %path, format = %p.format, image = %p.image_name, "import queued");
         let agent = self.clone();
         let entry = op.clone();
-        let source = Source {
-            path: p.path.clone(),
-            format: p.format.clone(),
-            disk: String::new(),
-            domain: None,
-        };
+        let (path, format) = (p.path.clone(), p.format.clone());
         tokio::spawn(async move {
-            let res = agent.run_capture(&entry, writer, source).await;
+            let res = agent.run_import(&entry, writer, path, format).await;
             agent.end(&entry, res);
         });
         Ok(op.snapshot())
@@ -505,83 +421,37 @@ impl Agent {
         }
     }
 
-    async fn run_capture(&self, op: &OpEntry, writer: ImageWriter, src: Source) -> Result<()> {
+    async fn run_import(
+        &self,
+        op: &OpEntry,
+        writer: ImageWriter,
+        path: PathBuf,
+        format: String,
+    ) -> Result<()> {
         let _permit = self.slot(op).await?;
         op.set_state(OpState::Preparing);
         let cfg = &self.inner.cfg.capture;
         let export = NbdExport::start(
             &cfg.qemu_nbd,
-            &src.path,
-            &src.format,
+            &path,
+            &format,
             &cfg.run_dir,
             &op.id,
             cfg.readers,
         )
         .await?;
-        if let Some(domain) = &src.domain {
-            // The domain may have been started between our check and qemu-nbd taking the
-            // image lock; from here on it cannot start on this disk.
-            let hv = self.inner.hv.clone();
-            let d = domain.clone();
-            let state = blocking(move || hv.domain_state(&d)).await?;
-            if state != DomainState::ShutOff {
-                export.stop().await;
-                return Err(precondition(format!(
-                    "domain {domain} was started ({}) while the capture was being prepared",
-                    state.as_str()
-                )));
-            }
-        }
-        op.set_state(OpState::Saving);
-        let started = std::time::Instant::now();
-        let captured = capture::run(
-            &export,
-            cfg.readers,
-            writer.chunk_sink(),
-            op.progress.clone(),
-            op.cancel.clone(),
-        )
-        .await;
+        let from = capture::Provenance {
+            consistency: "imported".into(),
+            domain: String::new(),
+            disk: String::new(),
+            format,
+            agent: false,
+            os_type: None,
+            os_distro: None,
+        };
+        let res = self.store(op, writer, &export, &from).await;
         export.stop().await;
-        let captured = match captured {
-            Ok(c) => c,
-            Err(e) => {
-                // Release the chunks this capture wrote off the async threads.
-                let _ = blocking(move || {
-                    drop(writer);
-                    Ok(())
-                })
-                .await;
-                return Err(e);
-            }
-        };
-        op.cancel.check()?;
-        let now = now_unix();
-        let record = ImageRecord {
-            format_version: FORMAT_VERSION,
-            id: crate::util::random_id("img"),
-            name: op.image_name.clone(),
-            virtual_size: captured.virtual_size,
-            chunk_size: CHUNK_SIZE,
-            content_digest: content_digest(captured.virtual_size, &captured.chunks),
-            consistency: if src.domain.is_some() {
-                "cold".into()
-            } else {
-                "imported".into()
-            },
-            source_domain: src.domain.clone().unwrap_or_default(),
-            source_host: self.inner.host.clone(),
-            source_disk: src.disk.clone(),
-            source_format: src.format.clone(),
-            created_at: now,
-            updated_at: now,
-            data_bytes: captured.data_bytes,
-            chunks: captured.chunks,
-        };
-        let secs = started.elapsed().as_secs_f64();
-        blocking(move || writer.commit(&record)).await?;
-        tracing::info!(op = %op.id, image = %op.image_name, seconds = format!("{secs:.2}"), "image committed");
-        Ok(())
+        res
     }
 
     async fn run_export(&self, op: &OpEntry, rec: ImageRecord, p: ExportParams) -> Result<()> {
@@ -624,14 +494,6 @@ impl Agent {
         })
         .await
     }
-}
-
-/// What a capture or import reads.
-struct Source {
-    path: PathBuf,
-    format: String,
-    disk: String,
-    domain: Option<String>,
 }
 
 /// Fails with a precise error when `path` cannot be opened for reading.

@@ -82,6 +82,17 @@ pub struct Operation {
     pub error: Option<OpError>,
     pub created_at: i64,
     pub updated_at: i64,
+    pub consistency: String,
+    pub freeze_window_ms: u64,
+    pub location: String,
+}
+
+/// Facts an operation learns as it runs.
+#[derive(Debug, Clone, Default)]
+struct Facts {
+    consistency: String,
+    freeze_window_ms: u64,
+    location: String,
 }
 
 /// The live record of an operation, shared by the table and the task that runs it.
@@ -97,6 +108,7 @@ pub struct OpEntry {
     pub cancel: CancelToken,
     status: watch::Sender<OpStatus>,
     saving_since: Mutex<Option<Instant>>,
+    facts: Mutex<Facts>,
 }
 
 impl OpEntry {
@@ -126,7 +138,27 @@ impl OpEntry {
             cancel: CancelToken::default(),
             status,
             saving_since: Mutex::new(None),
+            facts: Mutex::new(Facts::default()),
         })
+    }
+
+    fn facts(&self) -> std::sync::MutexGuard<'_, Facts> {
+        self.facts.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Records the consistency level the capture gives.
+    pub fn set_consistency(&self, c: &str) {
+        self.facts().consistency = c.to_string();
+    }
+
+    /// Records how long the guest was frozen.
+    pub fn set_freeze_window(&self, ms: u64) {
+        self.facts().freeze_window_ms = ms;
+    }
+
+    /// Records where the image landed.
+    pub fn set_location(&self, l: &str) {
+        self.facts().location = l.to_string();
     }
 
     /// The current state.
@@ -188,6 +220,7 @@ impl OpEntry {
     pub fn snapshot(&self) -> Operation {
         use std::sync::atomic::Ordering::Relaxed;
         let st = self.status.borrow().clone();
+        let facts = self.facts().clone();
         let p = &self.progress;
         let done = p.bytes_done.load(Relaxed);
         let rate = self
@@ -223,6 +256,9 @@ impl OpEntry {
             error: st.error,
             created_at: self.created_at,
             updated_at: st.updated_at,
+            consistency: facts.consistency,
+            freeze_window_ms: facts.freeze_window_ms,
+            location: facts.location,
         }
     }
 }

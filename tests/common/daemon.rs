@@ -35,6 +35,29 @@ pub struct DaemonOptions {
 }
 
 impl Daemon {
+    /// The daemon's run directory (NBD sockets, backup jobs, journal).
+    pub fn run_dir(&self) -> PathBuf {
+        self.dir.path().join("run")
+    }
+
+    /// Starts a stopped daemon again with the same config (same socket, repository, run dir).
+    pub fn restart(&mut self) {
+        assert!(self.child.is_none(), "stop the daemon first");
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_imaged"));
+        cmd.arg("--config")
+            .arg(self.dir.path().join("imaged.toml"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null());
+        cmd.stderr(
+            std::fs::OpenOptions::new()
+                .append(true)
+                .open(&self.log)
+                .unwrap(),
+        );
+        self.child = Some(cmd.spawn().expect("spawning imaged"));
+        self.wait_ready();
+    }
+
     /// A daemon with defaults.
     pub fn start() -> Daemon {
         Daemon::start_with(DaemonOptions::default())

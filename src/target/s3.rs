@@ -1,0 +1,1222 @@
+//! S3 (and S3-compatible: Ceph RGW, MinIO, s3s) as a stream target, by multipart upload.
+//!
+//! Protocol flow of one upload ([`S3::upload`]), every request signed with SigV4 presigned URLs
+//! (rusty-s3) and sent with reqwest:
+//!
+//! 1. `HEAD` the object `{prefix}{name}.{format}`: an existing object is refused
+//!    (ALREADY_EXISTS) unless `overwrite` is set.
+//! 2. `CreateMultipartUpload` (`POST ?uploads`) with the object metadata as signed
+//!    `x-amz-meta-*` headers: `size`, `format` and every caller property (names lowercased,
+//!    `_` and other signs become `-`; values that are not plain printable ASCII are sent
+//!    RFC 2047-encoded, `=?UTF-8?B?…?=`, as S3 itself does).
+//! 3. The producer's stream is cut into parts as it arrives: part size
+//!    `max(min_part_size_mib, ceil(size / 9000))` rounded up to 1 MiB, so the 10,000-part limit
+//!    is never reached. A part is uploaded (`UploadPart`) from its own buffer while the next one
+//!    fills; at most `parts_in_flight` parts are on the wire, so memory holds at most
+//!    `parts_in_flight + 1` parts. A part that fails on the network, stalls or gets a 5xx is
+//!    resent from its buffer up to `part_retries` times with backoff; a 4xx is final. sha256,
+//!    sha512 and the length of the whole stream are computed on the way.
+//! 4. The object's sha256 is only known after the last byte, when the metadata can no longer
+//!    change, so it goes into a companion object `{key}.sha256` in `sha256sum` format
+//!    (`<hex>  <name>.<format>`), written *before* the upload is completed: whoever sees the
+//!    object also sees its checksum (`sha256sum -c` verifies a download). The caller's
+//!    properties (e.g. the raw image's content digest) are on the object itself.
+//!    `checksum_object = false` turns the companion off.
+//! 5. `CompleteMultipartUpload` with the parts' ETags in order (a 200 whose body is an
+//!    `<Error>` is a failure), then `HEAD` the object: its length must be `size`.
+//!
+//! On any failure after step 2 the multipart upload is aborted (`AbortMultipartUpload`), so no
+//! orphan parts are left to be stored and paid for, and the companion object is deleted; the
+//! error says what happened and whether the abort went through. Dropping the upload future (a
+//! cancelled operation) aborts it the same way, from a task spawned on the runtime. (A bucket
+//! lifecycle rule
+//! `AbortIncompleteMultipartUpload` is the server-side safety net for a host that dies
+//! mid-upload.)
+//!
+//! No per-part checksum is sent: integrity in transit rests on TCP/TLS, and the end result is
+//! checked by length; the sha256 companion lets any reader verify the bytes.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use futures_util::StreamExt;
+use reqwest::header::{CONTENT_LENGTH, CONTENT_TYPE, ETAG};
+use reqwest::StatusCode;
+use rusty_s3::actions::{CompleteMultipartUploadResponse, CreateMultipartUpload};
+use rusty_s3::{Bucket, Credentials, S3Action, UrlStyle};
+use serde::Deserialize;
+use tokio::task::JoinSet;
+
+use super::http::{self, Digests, Progress};
+use super::{human, validate_meta, Secret, StreamFactory, StreamTarget, UploadMeta, Uploaded};
+use crate::error::{invalid, Error, ErrorKind};
+
+/// Settings of an S3 target.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct S3Config {
+    /// Service URL, e.g. `https://s3.eu-west-1.amazonaws.com` or `http://rgw:7480`.
+    pub endpoint: String,
+    #[serde(default = "default_region")]
+    pub region: String,
+    pub bucket: String,
+    /// Prepended to every object key (e.g. `images/`).
+    #[serde(default)]
+    pub prefix: String,
+    pub access_key: String,
+    pub secret_key: Secret,
+    /// Temporary credentials' session token.
+    #[serde(default)]
+    pub session_token: Option<Secret>,
+    /// `http://host/bucket/key` (true) or `http://bucket.host/key` (false).
+    #[serde(default = "yes")]
+    pub path_style: bool,
+    /// Replace an existing object of the same name.
+    #[serde(default)]
+    pub overwrite: bool,
+    /// Smallest part size; raised for big objects so no more than 9000 parts are needed.
+    #[serde(default = "default_min_part")]
+    pub min_part_size_mib: u64,
+    /// Parts uploading at once (1 to 8); memory holds this many parts plus one.
+    #[serde(default = "default_in_flight")]
+    pub parts_in_flight: usize,
+    /// Resends of a failed part (network error, stall, 5xx).
+    #[serde(default = "default_part_retries")]
+    pub part_retries: u32,
+    /// First retry delay; doubles each time, at most 8 s.
+    #[serde(default = "default_backoff_ms")]
+    pub retry_backoff_ms: u64,
+    /// Write the `{key}.sha256` companion object.
+    #[serde(default = "yes")]
+    pub checksum_object: bool,
+    #[serde(default = "default_connect_timeout")]
+    pub connect_timeout_secs: u64,
+    /// A transfer with no progress for this long fails.
+    #[serde(default = "default_stall_timeout")]
+    pub stall_timeout_secs: u64,
+    /// How long the server may take to assemble the parts (CompleteMultipartUpload).
+    #[serde(default = "default_complete_timeout")]
+    pub complete_timeout_secs: u64,
+}
+
+fn default_region() -> String {
+    "us-east-1".into()
+}
+fn yes() -> bool {
+    true
+}
+fn default_min_part() -> u64 {
+    16
+}
+fn default_in_flight() -> usize {
+    1
+}
+fn default_part_retries() -> u32 {
+    3
+}
+fn default_backoff_ms() -> u64 {
+    500
+}
+fn default_connect_timeout() -> u64 {
+    10
+}
+fn default_stall_timeout() -> u64 {
+    60
+}
+fn default_complete_timeout() -> u64 {
+    600
+}
+
+impl S3Config {
+    /// A config with every optional setting at its default.
+    pub fn new(
+        endpoint: impl Into<String>,
+        bucket: impl Into<String>,
+        access_key: impl Into<String>,
+        secret_key: impl Into<Secret>,
+    ) -> Self {
+        S3Config {
+            endpoint: endpoint.into(),
+            region: default_region(),
+            bucket: bucket.into(),
+            prefix: String::new(),
+            access_key: access_key.into(),
+            secret_key: secret_key.into(),
+            session_token: None,
+            path_style: true,
+            overwrite: false,
+            min_part_size_mib: default_min_part(),
+            parts_in_flight: default_in_flight(),
+            part_retries: default_part_retries(),
+            retry_backoff_ms: default_backoff_ms(),
+            checksum_object: true,
+            connect_timeout_secs: default_connect_timeout(),
+            stall_timeout_secs: default_stall_timeout(),
+            complete_timeout_secs: default_complete_timeout(),
+        }
+    }
+}
+
+/// Presigned URLs are made right before each request; this only has to outlive one request.
+const SIGN_EXPIRY: Duration = Duration::from_secs(3600);
+const MIB: u64 = 1 << 20;
+/// S3's limit on parts per upload, and the most a part number can be.
+const MAX_PARTS: u64 = 10_000;
+/// S3's limit on the user metadata of an object (names without `x-amz-meta-`, plus values).
+const MAX_METADATA: usize = 2048;
+
+/// The part size for an object of `size` bytes: at least `min_mib` MiB, big enough that 9000
+/// parts hold it, a whole number of MiB.
+pub fn part_size(size: u64, min_mib: u64) -> u64 {
+    let min = min_mib.max(5) * MIB;
+    let need = size.div_ceil(9000).div_ceil(MIB) * MIB;
+    need.max(min)
+}
+
+/// The S3 target.
+pub struct S3 {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    cfg: S3Config,
+    bucket: Bucket,
+    creds: Credentials,
+    http: reqwest::Client,
+    endpoint: String,
+}
+
+/// What an upload created so far, for the cleanup. While `armed`, dropping it (the upload
+/// future was dropped: a cancelled operation) aborts the upload from a task spawned on the
+/// runtime, as after a failure.
+struct Made {
+    inner: Arc<Inner>,
+    key: String,
+    upload_id: String,
+    companion: Option<String>,
+    /// CompleteMultipartUpload went through: the object is whole, nothing to abort.
+    completed: bool,
+    armed: bool,
+}
+
+impl Drop for Made {
+    fn drop(&mut self) {
+        if !self.armed || self.completed {
+            return;
+        }
+        let (inner, key, upload_id, companion) = (
+            Arc::clone(&self.inner),
+            self.key.clone(),
+            self.upload_id.clone(),
+            self.companion.clone(),
+        );
+        match tokio::runtime::Handle::try_current() {
+            Ok(rt) => {
+                tracing::warn!(upload_id = %upload_id, object = %inner.location(&key),
+                    "s3 upload cancelled: aborting it");
+                rt.spawn(async move {
+                    // Parts still on the wire when the upload was dropped may land after a
+                    // first abort (S3 documents this): abort again a moment later.
+                    let first = inner.abort(&key, &upload_id).await;
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    let second = inner.abort(&key, &upload_id).await;
+                    if let (Err(e), Err(_)) = (first, second) {
+                        tracing::error!(upload_id = %upload_id, error = %e.chain(),
+                            "could not abort the multipart upload of a cancelled upload");
+                    }
+                    if let Some(c) = companion {
+                        let _ = inner.delete_object(&c).await;
+                    }
+                });
+            }
+            Err(_) => tracing::error!(upload_id = %upload_id,
+                "s3 upload dropped outside a runtime: its multipart upload is left behind"),
+        }
+    }
+}
+
+impl S3 {
+    /// Checks the settings and builds the HTTP client (nothing is contacted yet).
+    pub fn new(cfg: S3Config) -> Result<Self, Error> {
+        let url = reqwest::Url::parse(&cfg.endpoint)
+            .map_err(|e| invalid(format!("s3 target: endpoint is not a URL: {e}")))?;
+        if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() {
+            return Err(invalid(
+                "s3 target: endpoint must be an http(s) URL with a host",
+            ));
+        }
+        if !url.username().is_empty() || url.password().is_some() {
+            return Err(invalid(
+                "s3 target: endpoint must not carry credentials in the URL",
+            ));
+        }
+        if cfg.bucket.is_empty() {
+            return Err(invalid("s3 target: bucket is empty"));
+        }
+        if cfg.access_key.is_empty() || cfg.secret_key.expose().is_empty() {
+            return Err(invalid("s3 target: access_key and secret_key are required"));
+        }
+        if !(1..=8).contains(&cfg.parts_in_flight) {
+            return Err(invalid("s3 target: parts_in_flight must be 1 to 8"));
+        }
+        if !(5..=5120).contains(&cfg.min_part_size_mib) {
+            return Err(invalid(
+                "s3 target: min_part_size_mib must be 5 to 5120 (S3's part size limits)",
+            ));
+        }
+        if cfg.stall_timeout_secs == 0
+            || cfg.connect_timeout_secs == 0
+            || cfg.complete_timeout_secs == 0
+        {
+            return Err(invalid("s3 target: timeouts must be at least 1 s"));
+        }
+        let style = if cfg.path_style {
+            UrlStyle::Path
+        } else {
+            UrlStyle::VirtualHost
+        };
+        let bucket = Bucket::new(url, style, cfg.bucket.clone(), cfg.region.clone())
+            .map_err(|e| invalid(format!("s3 target: bucket {:?}: {e}", cfg.bucket)))?;
+        let creds = match &cfg.session_token {
+            Some(t) => Credentials::new_with_token(
+                cfg.access_key.clone(),
+                cfg.secret_key.expose(),
+                t.expose(),
+            ),
+            None => Credentials::new(cfg.access_key.clone(), cfg.secret_key.expose()),
+        };
+        let http = http::client(Duration::from_secs(cfg.connect_timeout_secs))?;
+        let endpoint = cfg.endpoint.trim_end_matches('/').to_string();
+        Ok(S3 {
+            inner: Arc::new(Inner {
+                cfg,
+                bucket,
+                creds,
+                http,
+                endpoint,
+            }),
+        })
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &S3Config {
+        &self.inner.cfg
+    }
+
+    /// The object key an upload of `meta` writes.
+    pub fn key_for(&self, meta: &UploadMeta) -> String {
+        format!("{}{}.{}", self.inner.cfg.prefix, meta.name, meta.format)
+    }
+}
+
+impl std::fmt::Debug for S3 {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("S3")
+            .field("config", &self.inner.cfg)
+            .finish_non_exhaustive()
+    }
+}
+
+/// `(Code, Message)` of an S3 XML error body.
+fn s3_error_fields(body: &str) -> (String, String) {
+    fn field(body: &str, tag: &str) -> String {
+        let open = format!("<{tag}>");
+        let close = format!("</{tag}>");
+        body.find(&open)
+            .and_then(|i| {
+                let rest = &body[i + open.len()..];
+                rest.find(&close).map(|j| rest[..j].to_string())
+            })
+            .unwrap_or_default()
+    }
+    (field(body, "Code"), http::excerpt(&field(body, "Message")))
+}
+
+/// RFC 2047 "B" encoding of a UTF-8 value (what S3 returns for non-ASCII metadata).
+fn rfc2047(value: &str) -> String {
+    const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let b = value.as_bytes();
+    let mut out = String::from("=?UTF-8?B?");
+    for c in b.chunks(3) {
+        let n = (u32::from(c[0]) << 16)
+            | (u32::from(*c.get(1).unwrap_or(&0)) << 8)
+            | u32::from(*c.get(2).unwrap_or(&0));
+        out.push(T[(n >> 18) as usize & 63] as char);
+        out.push(T[(n >> 12) as usize & 63] as char);
+        out.push(if c.len() > 1 {
+            T[(n >> 6) as usize & 63] as char
+        } else {
+            '='
+        });
+        out.push(if c.len() > 2 {
+            T[n as usize & 63] as char
+        } else {
+            '='
+        });
+    }
+    out.push_str("?=");
+    out
+}
+
+/// A header-safe metadata value: plain printable ASCII with single inner spaces is sent as is
+/// (SigV4 canonicalization trims and collapses spaces, so anything else would break the
+/// signature), everything else RFC 2047-encoded.
+fn meta_value(v: &str) -> String {
+    let plain = !v.is_empty()
+        && v.bytes().all(|b| (0x20..0x7f).contains(&b))
+        && !v.starts_with(' ')
+        && !v.ends_with(' ')
+        && !v.contains("  ")
+        && !v.starts_with("=?");
+    if plain {
+        v.to_string()
+    } else {
+        rfc2047(v)
+    }
+}
+
+/// The `x-amz-meta-*` headers of an upload (lowercase names, as signed).
+fn metadata_headers(meta: &UploadMeta) -> Result<Vec<(String, String)>, Error> {
+    let mut out = vec![
+        ("size".to_string(), meta.size.to_string()),
+        ("format".to_string(), meta.format.clone()),
+    ];
+    let mut seen: BTreeSet<String> = out.iter().map(|(k, _)| k.clone()).collect();
+    for (k, v) in &meta.properties {
+        let name: String = k
+            .chars()
+            .map(|c| {
+                let c = c.to_ascii_lowercase();
+                if c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' {
+                    c
+                } else {
+                    '-'
+                }
+            })
+            .collect();
+        if name.is_empty() || !seen.insert(name.clone()) {
+            return Err(invalid(format!(
+                "image {}: property {k:?} becomes the S3 metadata name x-amz-meta-{name}, \
+                 which is empty or already used",
+                meta.name
+            )));
+        }
+        out.push((name, meta_value(v)));
+    }
+    let total: usize = out.iter().map(|(k, v)| k.len() + v.len()).sum();
+    if total > MAX_METADATA {
+        return Err(invalid(format!(
+            "image {}: the properties make {total} bytes of S3 metadata; S3 allows {MAX_METADATA}",
+            meta.name
+        )));
+    }
+    Ok(out
+        .into_iter()
+        .map(|(k, v)| (format!("x-amz-meta-{k}"), v))
+        .collect())
+}
+
+impl Inner {
+    fn stall(&self) -> Duration {
+        Duration::from_secs(self.cfg.stall_timeout_secs)
+    }
+
+    fn describe(&self) -> String {
+        format!("s3 {} bucket {}", self.endpoint, self.cfg.bucket)
+    }
+
+    fn location(&self, key: &str) -> String {
+        format!("s3://{}/{key}", self.cfg.bucket)
+    }
+
+    /// The error for an S3 answer that is not a success.
+    fn answer_error(&self, what: &str, status: StatusCode, body: &str) -> Error {
+        let (code, message) = s3_error_fields(body);
+        let b = &self.cfg.bucket;
+        let (kind, hint) = match (status, code.as_str()) {
+            (_, "NoSuchBucket") => (
+                ErrorKind::FailedPrecondition,
+                format!("bucket {b} does not exist at {}", self.endpoint),
+            ),
+            (_, "InvalidAccessKeyId" | "SignatureDoesNotMatch") => (
+                ErrorKind::FailedPrecondition,
+                "credentials rejected: wrong access key or secret key".to_string(),
+            ),
+            (StatusCode::FORBIDDEN, _) => (
+                ErrorKind::FailedPrecondition,
+                "access denied: wrong credentials or no permission".to_string(),
+            ),
+            (StatusCode::NOT_FOUND, _) => (ErrorKind::NotFound, "not found".to_string()),
+            (s, _) => (http::status_kind(s), String::new()),
+        };
+        let code = if code.is_empty() {
+            String::new()
+        } else {
+            format!(" {code}")
+        };
+        let detail = [hint, message]
+            .into_iter()
+            .filter(|s| !s.is_empty())
+            .collect::<Vec<_>>()
+            .join(": ");
+        Error::new(
+            kind,
+            format!(
+                "{what}: S3 answered {status}{code}{}",
+                if detail.is_empty() {
+                    String::new()
+                } else {
+                    format!(" ({detail})")
+                }
+            ),
+        )
+    }
+
+    async fn check(&self) -> Result<(), Error> {
+        let what = format!("{}: checking bucket {}", self.endpoint, self.cfg.bucket);
+        let url = self.bucket.head_bucket(Some(&self.creds)).sign(SIGN_EXPIRY);
+        let resp = self
+            .http
+            .head(url)
+            .timeout(self.stall())
+            .send()
+            .await
+            .map_err(|e| http::transport_error(format!("s3 {what}"), e))?;
+        let status = resp.status();
+        let b = &self.cfg.bucket;
+        match status {
+            s if s.is_success() => Ok(()),
+            StatusCode::NOT_FOUND => Err(Error::new(
+                ErrorKind::FailedPrecondition,
+                format!("s3 {}: bucket {b} does not exist", self.endpoint),
+            )),
+            StatusCode::FORBIDDEN | StatusCode::UNAUTHORIZED => Err(Error::new(
+                ErrorKind::FailedPrecondition,
+                format!(
+                    "s3 {}: access to bucket {b} denied ({status}): wrong access key or secret \
+                     key, or no permission on the bucket",
+                    self.endpoint
+                ),
+            )),
+            StatusCode::MOVED_PERMANENTLY => {
+                let region = resp
+                    .headers()
+                    .get("x-amz-bucket-region")
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("another region")
+                    .to_string();
+                Err(Error::new(
+                    ErrorKind::FailedPrecondition,
+                    format!(
+                        "s3 {}: bucket {b} is in {region}, not {}: fix the region",
+                        self.endpoint, self.cfg.region
+                    ),
+                ))
+            }
+            s => Err(Error::new(
+                http::status_kind(s),
+                format!("s3 {what}: S3 answered {s}"),
+            )),
+        }
+    }
+
+    /// The object's length, or `None` when it does not exist (or cannot be seen).
+    async fn head_object(&self, key: &str) -> Result<Option<u64>, Error> {
+        let what = format!("s3 {}: HEAD {}", self.endpoint, self.location(key));
+        let url = self
+            .bucket
+            .head_object(Some(&self.creds), key)
+            .sign(SIGN_EXPIRY);
+        let resp = self
+            .http
+            .head(url)
+            .timeout(self.stall())
+            .send()
+            .await
+            .map_err(|e| http::transport_error(what.clone(), e))?;
+        match resp.status() {
+            s if s.is_success() => Ok(Some(
+                resp.headers()
+                    .get(CONTENT_LENGTH)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(0),
+            )),
+            StatusCode::NOT_FOUND => Ok(None),
+            // Without ListBucket permission S3 says 403 for a missing key: carry on, the
+            // CreateMultipartUpload that follows tells a real credential problem.
+            StatusCode::FORBIDDEN => Ok(None),
+            s => Err(self.answer_error(&what, s, "")),
+        }
+    }
+
+    async fn create_upload(
+        &self,
+        key: &str,
+        headers: &[(String, String)],
+    ) -> Result<String, Error> {
+        let what = format!(
+            "s3 {}: CreateMultipartUpload {}",
+            self.endpoint,
+            self.location(key)
+        );
+        let mut action = CreateMultipartUpload::new(&self.bucket, Some(&self.creds), key);
+        for (k, v) in headers {
+            action.headers_mut().insert(k.clone(), v.clone());
+        }
+        let url = action.sign(SIGN_EXPIRY);
+        let mut rb = self
+            .http
+            .post(url)
+            .timeout(self.stall())
+            .header(CONTENT_TYPE, "application/octet-stream");
+        for (k, v) in headers {
+            rb = rb.header(k.as_str(), v.as_str());
+        }
+        let resp = rb
+            .send()
+            .await
+            .map_err(|e| http::transport_error(what.clone(), e))?;
+        let status = resp.status();
+        let text = http::small_body(resp, self.stall()).await;
+        if !status.is_success() {
+            return Err(self.answer_error(&what, status, &text));
+        }
+        let parsed = CreateMultipartUpload::parse_response(&text).map_err(|e| {
+            Error::new(
+                ErrorKind::Internal,
+                format!("{what}: unreadable answer: {}", http::excerpt(&text)),
+            )
+            .with_source(e)
+        })?;
+        Ok(parsed.upload_id().to_string())
+    }
+
+    /// Uploads one part from its buffer, resending it on transient failures.
+    async fn upload_part(
+        self: Arc<Self>,
+        key: String,
+        upload_id: String,
+        number: u16,
+        data: Bytes,
+    ) -> Result<(u16, String), Error> {
+        let what = format!(
+            "s3 {}: part {number} ({}) of {}",
+            self.endpoint,
+            human(data.len() as u64),
+            self.location(&key)
+        );
+        let attempts = self.cfg.part_retries + 1;
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let url = self
+                .bucket
+                .upload_part(Some(&self.creds), &key, number, &upload_id)
+                .sign(SIGN_EXPIRY);
+            let progress = Progress::new();
+            let body = http::BufferBody::new(data.clone(), progress.clone());
+            let req = self
+                .http
+                .put(url)
+                .header(CONTENT_LENGTH, data.len())
+                .body(reqwest::Body::wrap_stream(body));
+            let err = match http::with_stall_guard(req.send(), &progress, self.stall()).await {
+                Err(stalled) => http::stall_error(what.clone(), stalled, None),
+                Ok(Err(e)) => http::transport_error(what.clone(), e),
+                Ok(Ok(resp)) => {
+                    let status = resp.status();
+                    let etag = resp
+                        .headers()
+                        .get(ETAG)
+                        .and_then(|v| v.to_str().ok())
+                        .map(str::to_string);
+                    let text = http::small_body(resp, self.stall()).await;
+                    match (status.is_success(), etag) {
+                        (true, Some(etag)) => return Ok((number, etag)),
+                        (true, None) => {
+                            return Err(Error::new(
+                                ErrorKind::Internal,
+                                format!("{what}: S3 answered {status} without an ETag"),
+                            ))
+                        }
+                        (false, _) => {
+                            let e = self.answer_error(&what, status, &text);
+                            if !http::is_transient_status(status) {
+                                return Err(e);
+                            }
+                            e
+                        }
+                    }
+                }
+            };
+            if attempt >= attempts {
+                return Err(Error::new(
+                    err.kind(),
+                    format!("part {number} failed {attempts} times, giving up"),
+                )
+                .with_source(err));
+            }
+            let wait = http::backoff(Duration::from_millis(self.cfg.retry_backoff_ms), attempt);
+            tracing::warn!(part = number, attempt, attempts, error = %err.chain(),
+                retry_in_ms = wait.as_millis() as u64, "s3 part upload failed, resending it");
+            tokio::time::sleep(wait).await;
+        }
+    }
+
+    /// A small object (the sha256 companion), retried like a part.
+    async fn put_small(&self, key: &str, body: String) -> Result<(), Error> {
+        let what = format!("s3 {}: PUT {}", self.endpoint, self.location(key));
+        let attempts = self.cfg.part_retries + 1;
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let url = self
+                .bucket
+                .put_object(Some(&self.creds), key)
+                .sign(SIGN_EXPIRY);
+            let res = self
+                .http
+                .put(url)
+                .timeout(self.stall())
+                .header(CONTENT_TYPE, "text/plain")
+                .body(body.clone())
+                .send()
+                .await;
+            let err = match res {
+                Err(e) => http::transport_error(what.clone(), e),
+                Ok(resp) => {
+                    let status = resp.status();
+                    let text = http::small_body(resp, self.stall()).await;
+                    if status.is_success() {
+                        return Ok(());
+                    }
+                    let e = self.answer_error(&what, status, &text);
+                    if !http::is_transient_status(status) {
+                        return Err(e);
+                    }
+                    e
+                }
+            };
+            if attempt >= attempts {
+                return Err(err);
+            }
+            tokio::time::sleep(http::backoff(
+                Duration::from_millis(self.cfg.retry_backoff_ms),
+                attempt,
+            ))
+            .await;
+        }
+    }
+
+    async fn delete_object(&self, key: &str) -> Result<(), Error> {
+        let what = format!("s3 {}: DELETE {}", self.endpoint, self.location(key));
+        let url = self
+            .bucket
+            .delete_object(Some(&self.creds), key)
+            .sign(SIGN_EXPIRY);
+        let resp = self
+            .http
+            .delete(url)
+            .timeout(self.stall())
+            .send()
+            .await
+            .map_err(|e| http::transport_error(what.clone(), e))?;
+        let status = resp.status();
+        let text = http::small_body(resp, self.stall()).await;
+        if status.is_success() || status == StatusCode::NOT_FOUND {
+            Ok(())
+        } else {
+            Err(self.answer_error(&what, status, &text))
+        }
+    }
+
+    /// `CompleteMultipartUpload`; a lost answer is settled by looking at the object.
+    async fn complete(
+        &self,
+        key: &str,
+        upload_id: &str,
+        etags: &[String],
+        size: u64,
+    ) -> Result<(), Error> {
+        let what = format!(
+            "s3 {}: CompleteMultipartUpload of {} ({} parts)",
+            self.endpoint,
+            self.location(key),
+            etags.len()
+        );
+        let attempts = self.cfg.part_retries + 1;
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let action = self.bucket.complete_multipart_upload(
+                Some(&self.creds),
+                key,
+                upload_id,
+                etags.iter().map(String::as_str),
+            );
+            let url = action.sign(SIGN_EXPIRY);
+            let body = action.body();
+            let res = self
+                .http
+                .post(url)
+                .timeout(Duration::from_secs(self.cfg.complete_timeout_secs))
+                .header(CONTENT_TYPE, "application/xml")
+                .body(body)
+                .send()
+                .await;
+            let err = match res {
+                Err(e) => http::transport_error(what.clone(), e),
+                Ok(resp) => {
+                    let status = resp.status();
+                    let text = http::small_body(resp, self.stall()).await;
+                    if status.is_success() {
+                        return match CompleteMultipartUploadResponse::parse(&text) {
+                            Ok(_) => Ok(()),
+                            Err(_) => Err({
+                                let mut e = self.answer_error(&what, status, &text);
+                                if e.kind() == ErrorKind::Internal {
+                                    e = Error::new(ErrorKind::Unavailable, e.to_string());
+                                }
+                                e
+                            }),
+                        };
+                    }
+                    let (code, _) = s3_error_fields(&text);
+                    if attempt > 1 && code == "NoSuchUpload" {
+                        // An earlier try completed it but its answer was lost.
+                        if self.head_object(key).await? == Some(size) {
+                            return Ok(());
+                        }
+                    }
+                    let e = self.answer_error(&what, status, &text);
+                    if !http::is_transient_status(status) {
+                        return Err(e);
+                    }
+                    e
+                }
+            };
+            if attempt >= attempts {
+                return Err(err);
+            }
+            tracing::warn!(attempt, attempts, error = %err.chain(), "s3 complete failed, retrying");
+            tokio::time::sleep(http::backoff(
+                Duration::from_millis(self.cfg.retry_backoff_ms),
+                attempt,
+            ))
+            .await;
+        }
+    }
+
+    async fn abort(&self, key: &str, upload_id: &str) -> Result<(), Error> {
+        let what = format!(
+            "s3 {}: AbortMultipartUpload {upload_id} of {}",
+            self.endpoint,
+            self.location(key)
+        );
+        let mut last = None;
+        for attempt in 1..=3u32 {
+            let url = self
+                .bucket
+                .abort_multipart_upload(Some(&self.creds), key, upload_id)
+                .sign(SIGN_EXPIRY);
+            let res = self.http.delete(url).timeout(self.stall()).send().await;
+            match res {
+                Err(e) => last = Some(http::transport_error(what.clone(), e)),
+                Ok(resp) => {
+                    let status = resp.status();
+                    let text = http::small_body(resp, self.stall()).await;
+                    if status.is_success() || status == StatusCode::NOT_FOUND {
+                        return Ok(());
+                    }
+                    let e = self.answer_error(&what, status, &text);
+                    if !http::is_transient_status(status) {
+                        return Err(e);
+                    }
+                    last = Some(e);
+                }
+            }
+            if attempt < 3 {
+                tokio::time::sleep(http::backoff(Duration::from_millis(500), attempt)).await;
+            }
+        }
+        Err(last.expect("three failed tries"))
+    }
+
+    /// Step 3: cuts the stream into parts and uploads them (at most `parts_in_flight` at once,
+    /// in `tasks`); the parts' ETags in order and the stream's digests.
+    async fn send_parts(
+        self: &Arc<Self>,
+        key: &str,
+        upload_id: &str,
+        meta: &UploadMeta,
+        factory: StreamFactory<'_>,
+        tasks: &mut JoinSet<Result<(u16, String), Error>>,
+    ) -> Result<(Vec<String>, Digests), Error> {
+        let psize = part_size(meta.size, self.cfg.min_part_size_mib);
+        let psize_usize = usize::try_from(psize).map_err(|_| invalid("part size too big"))?;
+        let cap = |remaining: u64| psize.min(remaining.max(1)) as usize;
+        let limit = self.cfg.parts_in_flight;
+        let mut stream = factory();
+        let mut digests = Digests::new();
+        let mut buf = BytesMut::with_capacity(cap(meta.size));
+        let mut next: u64 = 1;
+        let mut etags: BTreeMap<u16, String> = BTreeMap::new();
+
+        async fn join_one(
+            tasks: &mut JoinSet<Result<(u16, String), Error>>,
+            etags: &mut BTreeMap<u16, String>,
+        ) -> Result<(), Error> {
+            match tasks.join_next().await {
+                Some(Ok(Ok((n, etag)))) => {
+                    etags.insert(n, etag);
+                    Ok(())
+                }
+                Some(Ok(Err(e))) => Err(e),
+                Some(Err(e)) => Err(Error::new(
+                    ErrorKind::Internal,
+                    "an S3 part upload task failed",
+                )
+                .with_source(e)),
+                None => Ok(()),
+            }
+        }
+
+        let dispatch = |tasks: &mut JoinSet<_>, number: u64, part: Bytes| -> Result<(), Error> {
+            if number > MAX_PARTS {
+                return Err(Error::new(
+                    ErrorKind::Internal,
+                    format!("more than {MAX_PARTS} parts of {}", human(psize)),
+                ));
+            }
+            tasks.spawn(Arc::clone(self).upload_part(
+                key.to_string(),
+                upload_id.to_string(),
+                number as u16,
+                part,
+            ));
+            Ok(())
+        };
+
+        while let Some(item) = stream.next().await {
+            let chunk = item.map_err(|e| {
+                let kind = e.kind();
+                Error::new(
+                    kind,
+                    format!("the image stream failed after {}", human(digests.len())),
+                )
+                .with_source(e)
+            })?;
+            if digests.len() + chunk.len() as u64 > meta.size {
+                return Err(Error::new(
+                    ErrorKind::Internal,
+                    format!(
+                        "the image stream is longer than the announced {} bytes",
+                        meta.size
+                    ),
+                ));
+            }
+            digests.update(&chunk);
+            let mut rest = &chunk[..];
+            while !rest.is_empty() {
+                let take = (psize_usize - buf.len()).min(rest.len());
+                buf.extend_from_slice(&rest[..take]);
+                rest = &rest[take..];
+                if buf.len() == psize_usize {
+                    while tasks.len() >= limit {
+                        join_one(tasks, &mut etags).await?;
+                    }
+                    let fresh = BytesMut::with_capacity(cap(meta.size - digests.len()));
+                    let part = std::mem::replace(&mut buf, fresh).freeze();
+                    dispatch(tasks, next, part)?;
+                    next += 1;
+                }
+            }
+        }
+        if digests.len() != meta.size {
+            return Err(Error::new(
+                ErrorKind::Internal,
+                format!(
+                    "the image stream ended after {} bytes; {} were announced",
+                    digests.len(),
+                    meta.size
+                ),
+            ));
+        }
+        if !buf.is_empty() || next == 1 {
+            while tasks.len() >= limit {
+                join_one(tasks, &mut etags).await?;
+            }
+            dispatch(tasks, next, buf.freeze())?;
+            next += 1;
+        }
+        while !tasks.is_empty() {
+            join_one(tasks, &mut etags).await?;
+        }
+        let etags: Vec<String> = etags.into_values().collect();
+        if etags.len() as u64 != next - 1 {
+            return Err(Error::new(
+                ErrorKind::Internal,
+                format!("{} parts sent, {} acknowledged", next - 1, etags.len()),
+            ));
+        }
+        Ok((etags, digests))
+    }
+
+    /// Steps 3 to 5: the parts, the companion, complete, verify.
+    async fn transfer(
+        self: &Arc<Self>,
+        key: &str,
+        meta: &UploadMeta,
+        factory: StreamFactory<'_>,
+        made: &mut Made,
+    ) -> Result<Uploaded, Error> {
+        let mut tasks = JoinSet::new();
+        let sent = self
+            .send_parts(key, &made.upload_id, meta, factory, &mut tasks)
+            .await;
+        let (etags, digests) = match sent {
+            Ok(v) => v,
+            Err(e) => {
+                // Cancel the parts still on the wire and wait until they are gone, so that the
+                // abort that follows does not race with a part being stored.
+                tasks.shutdown().await;
+                return Err(e);
+            }
+        };
+        let (sha256, sha512, size) = digests.finish();
+
+        if self.cfg.checksum_object {
+            let companion = format!("{key}.sha256");
+            let file = key.rsplit('/').next().unwrap_or(key);
+            made.companion = Some(companion.clone());
+            self.put_small(&companion, format!("{sha256}  {file}\n"))
+                .await?;
+        }
+        self.complete(key, &made.upload_id, &etags, size).await?;
+        made.completed = true;
+        match self.head_object(key).await? {
+            Some(len) if len == size => {}
+            other => {
+                let seen = other.map_or("no object".to_string(), |l| format!("{l} bytes"));
+                let _ = self.delete_object(key).await;
+                return Err(Error::new(
+                    ErrorKind::Internal,
+                    format!(
+                        "{} after completing the upload: {seen}, expected {size} bytes; the object was deleted",
+                        self.location(key)
+                    ),
+                ));
+            }
+        }
+        Ok(Uploaded {
+            location: self.location(key),
+            size,
+            sha256,
+            sha512,
+        })
+    }
+}
+
+#[tonic::async_trait]
+impl StreamTarget for S3 {
+    fn describe(&self) -> String {
+        self.inner.describe()
+    }
+
+    async fn check(&self) -> Result<(), Error> {
+        self.inner.check().await
+    }
+
+    async fn upload(&self, meta: &UploadMeta, body: StreamFactory<'_>) -> Result<Uploaded, Error> {
+        validate_meta(meta)?;
+        let inner = &self.inner;
+        let key = self.key_for(meta);
+        if key.len() > 1024 {
+            return Err(invalid(format!(
+                "image {}: object key {key:?} is longer than S3's 1024 bytes",
+                meta.name
+            )));
+        }
+        let headers = metadata_headers(meta)?;
+        let location = inner.location(&key);
+        // Some S3-compatible servers (s3s-fs) create a missing bucket on the fly when an
+        // object is written: check it first so a typo fails the same way everywhere.
+        inner.check().await?;
+        if !inner.cfg.overwrite {
+            if let Some(len) = inner.head_object(&key).await? {
+                return Err(Error::new(
+                    ErrorKind::AlreadyExists,
+                    format!(
+                        "{location} exists already ({}); set overwrite = true on the s3 target to replace it",
+                        human(len)
+                    ),
+                ));
+            }
+        }
+        let started = Instant::now();
+        let upload_id = inner.create_upload(&key, &headers).await?;
+        tracing::info!(image = %meta.name, object = %location, upload_id = %upload_id,
+            part_size = part_size(meta.size, inner.cfg.min_part_size_mib),
+            "s3 multipart upload started");
+        let mut made = Made {
+            inner: Arc::clone(inner),
+            key: key.clone(),
+            upload_id,
+            companion: None,
+            completed: false,
+            armed: true,
+        };
+        let outcome = inner.transfer(&key, meta, body, &mut made).await;
+        if outcome.is_ok() {
+            made.armed = false;
+        }
+        match outcome {
+            Ok(up) => {
+                let secs = started.elapsed().as_secs_f64();
+                tracing::info!(image = %meta.name, object = %location, bytes = up.size, secs,
+                    mib_per_s = up.size as f64 / MIB as f64 / secs.max(1e-6),
+                    "s3 upload complete");
+                Ok(up)
+            }
+            Err(e) => {
+                let mut notes = Vec::new();
+                match inner.abort(&key, &made.upload_id).await {
+                    Ok(()) => notes.push(format!("multipart upload {} aborted", made.upload_id)),
+                    Err(ae) => notes.push(format!(
+                        "multipart upload {} could NOT be aborted ({}): abort it by hand or let a lifecycle rule do it",
+                        made.upload_id,
+                        ae.chain()
+                    )),
+                }
+                if let Some(c) = &made.companion {
+                    if let Err(de) = inner.delete_object(c).await {
+                        notes.push(format!(
+                            "companion {} not deleted ({})",
+                            inner.location(c),
+                            de.chain()
+                        ));
+                    }
+                }
+                made.armed = false;
+                let kind = e.kind();
+                Err(Error::new(
+                    kind,
+                    format!(
+                        "upload of image {} ({}, {}) to {location} failed; {}",
+                        meta.name,
+                        meta.format,
+                        human(meta.size),
+                        notes.join("; ")
+                    ),
+                )
+                .with_source(e))
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn part_sizes() {
+        assert_eq!(part_size(0, 16), 16 * MIB);
+        assert_eq!(part_size(100 * MIB, 16), 16 * MIB);
+        // 1 TiB: ceil(2^40 / 9000) = 122,167,289 bytes → 117 MiB.
+        assert_eq!(part_size(1 << 40, 16), 117 * MIB);
+        for size in [1u64 << 40, 5 << 40, (48u64 << 40) + 12345] {
+            let p = part_size(size, 16);
+            assert_eq!(p % MIB, 0);
+            assert!(size.div_ceil(p) <= 9000, "{size}");
+        }
+        assert_eq!(part_size(1, 1), 5 * MIB);
+    }
+
+    #[test]
+    fn metadata_names_and_values() {
+        let mut meta = UploadMeta {
+            name: "web-1".into(),
+            format: "raw".into(),
+            size: 42,
+            properties: BTreeMap::new(),
+        };
+        meta.properties
+            .insert("hw_qemu_guest_agent".into(), "yes".into());
+        meta.properties.insert("domain".into(), "café".into());
+        meta.properties.insert("note".into(), " padded ".into());
+        let h = metadata_headers(&meta).unwrap();
+        let get = |k: &str| h.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
+        assert_eq!(get("x-amz-meta-size").as_deref(), Some("42"));
+        assert_eq!(get("x-amz-meta-format").as_deref(), Some("raw"));
+        assert_eq!(
+            get("x-amz-meta-hw-qemu-guest-agent").as_deref(),
+            Some("yes")
+        );
+        assert_eq!(
+            get("x-amz-meta-domain").as_deref(),
+            Some("=?UTF-8?B?Y2Fmw6k=?=")
+        );
+        assert_eq!(
+            get("x-amz-meta-note").as_deref(),
+            Some("=?UTF-8?B?IHBhZGRlZCA=?=")
+        );
+        meta.properties.insert("SIZE".into(), "1".into());
+        assert!(metadata_headers(&meta).is_err());
+        meta.properties.remove("SIZE");
+        meta.properties.insert("big".into(), "x".repeat(3000));
+        assert!(metadata_headers(&meta).is_err());
+    }
+
+    #[test]
+    fn rfc2047_padding() {
+        assert_eq!(rfc2047("a"), "=?UTF-8?B?YQ==?=");
+        assert_eq!(rfc2047("ab"), "=?UTF-8?B?YWI=?=");
+        assert_eq!(rfc2047("abc"), "=?UTF-8?B?YWJj?=");
+        assert_eq!(rfc2047(""), "=?UTF-8?B??=");
+    }
+
+    #[test]
+    fn s3_errors_parsed_without_secrets() {
+        let body = "<?xml version=\"1.0\"?><Error><Code>SignatureDoesNotMatch</Code>\
+                    <Message>The request signature we calculated does not match</Message>\
+                    <StringToSign>AWS4-HMAC-SHA256 secret-ish</StringToSign></Error>";
+        let (c, m) = s3_error_fields(body);
+        assert_eq!(c, "SignatureDoesNotMatch");
+        assert_eq!(m, "The request signature we calculated does not match");
+        let s3 = S3::new(S3Config::new("http://127.0.0.1:9", "b", "ak", "sk-1")).unwrap();
+        let e = s3.inner.answer_error("x", StatusCode::FORBIDDEN, body);
+        assert_eq!(e.kind(), ErrorKind::FailedPrecondition);
+        assert!(!e.chain().contains("secret-ish"));
+        assert!(!format!("{:?}", s3.config()).contains("sk-1"));
+    }
+
+    #[test]
+    fn config_from_toml() {
+        let cfg: S3Config = toml::from_str(
+            r#"
+            endpoint = "http://127.0.0.1:19000"
+            bucket = "images"
+            access_key = "ak"
+            secret_key = "sk-2"
+            prefix = "captures/"
+            "#,
+        )
+        .unwrap();
+        assert!(cfg.path_style && !cfg.overwrite && cfg.checksum_object);
+        assert_eq!(cfg.parts_in_flight, 1);
+        assert!(!format!("{cfg:?}").contains("sk-2"));
+        let s3 = S3::new(cfg).unwrap();
+        let meta = UploadMeta {
+            name: "web-1".into(),
+            format: "qcow2".into(),
+            size: 1,
+            properties: BTreeMap::new(),
+        };
+        assert_eq!(s3.key_for(&meta), "captures/web-1.qcow2");
+        assert_eq!(s3.describe(), "s3 http://127.0.0.1:19000 bucket images");
+    }
+}

@@ -1,0 +1,293 @@
+//! Live captures of real running guests (issue 3): quiesce (freeze window reported, guest
+//! thawed and running, the image's filesystem clean), crash-consistent, shutdown with restart,
+//! and the safety nets: no agent, a hung agent during the freeze, a daemon killed with a guest
+//! frozen.
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::daemon::{run, Daemon};
+use common::lab::{Guest, Lab};
+use imaged::proto;
+use tonic::Code;
+
+fn req(domain: &str, name: &str, mode: proto::CaptureMode) -> proto::CaptureRequest {
+    proto::CaptureRequest {
+        domain: domain.into(),
+        image_name: name.into(),
+        mode: mode as i32,
+        ..Default::default()
+    }
+}
+
+fn state(op: &proto::Operation) -> proto::OperationState {
+    proto::OperationState::try_from(op.state).unwrap()
+}
+
+fn fsfreeze_status(g: &Guest) -> String {
+    g.agent(r#"{"execute":"guest-fsfreeze-status"}"#)
+}
+
+/// e2fsck -fn on an exported raw image: 0 means clean.
+fn fsck(raw: &Path) -> (i32, String) {
+    let out = Command::new("e2fsck")
+        .args(["-f", "-n"])
+        .arg(raw)
+        .output()
+        .expect("e2fsck (e2fsprogs)");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
+    )
+}
+
+fn boot(g: &Guest) {
+    g.start();
+    g.wait_agent(Duration::from_secs(180));
+    g.wait_booted(Duration::from_secs(180));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quiesce_crash_consistent_and_shutdown_captures_of_a_running_guest() {
+    let lab = Lab::get();
+    let g = lab.guest("live").create();
+    boot(&g);
+    // Keep the guest writing while it is captured.
+    g.sh("nohup sh -c 'while true; do date >> /root/busy.log; sync; sleep 0.2; done' >/dev/null 2>&1 &");
+    let d = Daemon::start();
+    let mut images = d.images().await;
+
+    // Default mode on a running guest with an agent: quiesce.
+    let op = images
+        .capture(req(g.name(), "live-q", proto::CaptureMode::Unspecified))
+        .await
+        .expect("quiesce accepted")
+        .into_inner();
+    let op = d.wait_op(&op.id).await;
+    assert_eq!(
+        state(&op),
+        proto::OperationState::Active,
+        "{op:?}\n{}",
+        d.log_text()
+    );
+    assert_eq!(op.consistency, "quiesced");
+    assert!(
+        op.freeze_window_ms > 0 && op.freeze_window_ms < 10_000,
+        "freeze window {} ms",
+        op.freeze_window_ms
+    );
+    assert_eq!(g.state(), "running", "the guest must keep running");
+    assert!(fsfreeze_status(&g).contains("thawed"), "guest left frozen");
+    assert!(d.imagectl_json(&["image", "live-q"])["consistency"] == "quiesced");
+    let raw = d.dir.path().join("live-q.raw");
+    assert_eq!(
+        d.imagectl_json(&[
+            "export",
+            "live-q",
+            "--format",
+            "raw",
+            "-o",
+            raw.to_str().unwrap()
+        ])["state"],
+        "active"
+    );
+    let (code, out) = fsck(&raw);
+    assert_eq!(
+        code, 0,
+        "the quiesced image's filesystem is not clean:\n{out}"
+    );
+    // No backup job or scratch file is left.
+    let leftovers: Vec<_> = std::fs::read_dir(d.run_dir())
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    assert!(
+        leftovers
+            .iter()
+            .all(|n| !n.to_string_lossy().starts_with("backup-")),
+        "{leftovers:?}"
+    );
+    assert!(
+        run("virsh", &["domjobinfo", g.name()]).contains("None"),
+        "a backup job is still running"
+    );
+
+    // Crash-consistent: live, no freeze.
+    let op = images
+        .capture(req(g.name(), "live-c", proto::CaptureMode::CrashConsistent))
+        .await
+        .unwrap()
+        .into_inner();
+    let op = d.wait_op(&op.id).await;
+    assert_eq!(state(&op), proto::OperationState::Active, "{op:?}");
+    assert_eq!(op.consistency, "crash-consistent");
+    assert_eq!(op.freeze_window_ms, 0);
+    assert_eq!(g.state(), "running");
+
+    // Shutdown with restart: the guest powers off, is captured cold, and comes back.
+    let mut r = req(g.name(), "live-s", proto::CaptureMode::Shutdown);
+    r.restart = true;
+    let op = images.capture(r).await.unwrap().into_inner();
+    let op = d.wait_op(&op.id).await;
+    assert_eq!(
+        state(&op),
+        proto::OperationState::Active,
+        "{op:?}\n{}",
+        d.log_text()
+    );
+    assert_eq!(op.consistency, "cold");
+    assert_eq!(g.state(), "running", "restart was asked");
+    g.wait_agent(Duration::from_secs(180));
+    let raw = d.dir.path().join("live-s.raw");
+    assert_eq!(
+        d.imagectl_json(&[
+            "export",
+            "live-s",
+            "--format",
+            "raw",
+            "-o",
+            raw.to_str().unwrap()
+        ])["state"],
+        "active"
+    );
+    let (code, out) = fsck(&raw);
+    assert_eq!(
+        code, 0,
+        "the shutdown image's filesystem is not clean:\n{out}"
+    );
+
+    // Cold on a running domain is refused, naming the state.
+    let err = images
+        .capture(req(g.name(), "x", proto::CaptureMode::Cold))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    assert!(err.message().contains("running"), "{}", err.message());
+    g.destroy();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_an_agent_quiesce_is_refused_and_crash_consistent_works() {
+    let lab = Lab::get();
+    let g = lab.guest("noagent").no_agent().create();
+    g.start();
+    let d = Daemon::start();
+    let mut images = d.images().await;
+    for mode in [proto::CaptureMode::Unspecified, proto::CaptureMode::Quiesce] {
+        let err = images.capture(req(g.name(), "x", mode)).await.unwrap_err();
+        assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+        assert!(err.message().contains(g.name()), "{}", err.message());
+        assert!(err.message().contains("agent"), "{}", err.message());
+    }
+    let err = images
+        .capture(req(g.name(), "x", proto::CaptureMode::Unspecified))
+        .await
+        .unwrap_err();
+    assert!(
+        err.message().contains("crash-consistent") && err.message().contains("shutdown"),
+        "{}",
+        err.message()
+    );
+    assert_eq!(
+        d.imagectl_json(&["ops"]).as_array().unwrap().len(),
+        0,
+        "nothing may start"
+    );
+    let op = images
+        .capture(req(g.name(), "nc", proto::CaptureMode::CrashConsistent))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        state(&d.wait_op(&op.id).await),
+        proto::OperationState::Active
+    );
+    g.destroy();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_guest_is_never_left_frozen() {
+    let lab = Lab::get();
+    let g = lab.guest("frozen").create();
+    boot(&g);
+    let mut d = Daemon::start();
+
+    // 1. The daemon dies while the guest is frozen: the restarted daemon thaws it and ends the
+    //    backup job it had started. (The journal entry is what a killed capture leaves.)
+    assert!(d.stop().success());
+    run("virsh", &["domfsfreeze", g.name()]);
+    assert!(fsfreeze_status(&g).contains("frozen"));
+    let journal = d.run_dir().join("journal");
+    std::fs::create_dir_all(&journal).unwrap();
+    std::fs::write(
+        journal.join("op-killed.json"),
+        format!(
+            r#"{{"op":"op-killed","domain":"{}","backup_dir":"{}","frozen":true,"started_at":0}}"#,
+            g.name(),
+            d.run_dir().join("backup-op-killed").display()
+        ),
+    )
+    .unwrap();
+    let t0 = Instant::now();
+    d.restart();
+    while !fsfreeze_status(&g).contains("thawed") {
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "the restarted daemon did not thaw the guest:\n{}",
+            d.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(
+        !journal.join("op-killed.json").exists(),
+        "journal entry not cleared"
+    );
+    assert!(
+        d.log_text().contains("recovering a live capture"),
+        "{}",
+        d.log_text()
+    );
+
+    // 2. The agent hangs when asked to freeze (qemu-ga stopped, resumed 20 s later): the
+    //    capture fails within its bound, and once the agent answers again the guard thaws
+    //    the guest (the late freeze is undone).
+    g.sh("nohup sh -c 'sleep 1; kill -STOP $(pidof qemu-ga); sleep 20; kill -CONT $(pidof qemu-ga)' >/dev/null 2>&1 &");
+    std::thread::sleep(Duration::from_secs(3));
+    let mut images = d.images().await;
+    let t0 = Instant::now();
+    let res = images
+        .capture(req(g.name(), "hung", proto::CaptureMode::Quiesce))
+        .await;
+    match res {
+        Err(e) => assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}"),
+        Ok(op) => {
+            let op = d.wait_op(&op.into_inner().id).await;
+            assert_eq!(state(&op), proto::OperationState::Failed, "{op:?}");
+        }
+    }
+    assert!(
+        t0.elapsed() < Duration::from_secs(60),
+        "the capture took {:?} to give up",
+        t0.elapsed()
+    );
+    let t1 = Instant::now();
+    loop {
+        if let Ok(s) = g.try_agent(r#"{"execute":"guest-fsfreeze-status"}"#, 5) {
+            if s.contains("thawed") && t1.elapsed() > Duration::from_secs(25) {
+                break;
+            }
+        }
+        assert!(
+            t1.elapsed() < Duration::from_secs(150),
+            "guest still frozen or agent gone:\n{}",
+            d.log_text()
+        );
+        std::thread::sleep(Duration::from_secs(1));
+    }
+    assert_eq!(g.state(), "running");
+    g.destroy();
+}
