@@ -32,9 +32,16 @@ pub struct DaemonOptions {
     pub capture_toml: String,
     /// NOTIFY_SOCKET for the child.
     pub notify_socket: Option<PathBuf>,
+    /// More TOML tables appended at the end (e.g. `[targets.glance]`).
+    pub extra_toml: String,
 }
 
 impl Daemon {
+    /// The daemon's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("daemon running").id()
+    }
+
     /// The daemon's run directory (NBD sockets, backup jobs, journal).
     pub fn run_dir(&self) -> PathBuf {
         self.dir.path().join("run")
@@ -76,9 +83,10 @@ impl Daemon {
         std::fs::write(
             &config,
             format!(
-                "[daemon]\nsocket = {socket:?}\nlog_level = \"debug\"\n[repository]\npath = {repo:?}\n[capture]\nrun_dir = {:?}\n{}\n",
+                "[daemon]\nsocket = {socket:?}\nlog_level = \"debug\"\n[repository]\npath = {repo:?}\n[capture]\nrun_dir = {:?}\n{}\n{}\n",
                 dir.path().join("run"),
-                opts.capture_toml
+                opts.capture_toml,
+                opts.extra_toml
             ),
         )
         .unwrap();
