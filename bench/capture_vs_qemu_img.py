@@ -11,7 +11,11 @@ once, cached in the work dir). For each size it measures, page cache dropped bef
   imagectl export --format qcow2             our one-pass qcow2 encoder from the repository
 
 and prints wall time, peak RSS and the ratio to qemu-img. Run as root (it drops caches).
-Usage: bench/capture_vs_qemu_img.py [--work DIR] [--sizes 20:2,80:2]
+With --targets it also compares, on the same disk, Nova's way of getting an image into
+Glance or S3 (qemu-img convert to a temp file, then upload the file) with imaged's capture
+streamed straight into the target (no temp file), using the test servers of tests/servers/.
+
+Usage: bench/capture_vs_qemu_img.py [--work DIR] [--sizes 20:2,80:2] [--targets]
 """
 import argparse
 import json
@@ -97,11 +101,68 @@ def reset_hwm(pid):
         pass
 
 
+GLANCE_HEADERS = {"X-Identity-Status": "Confirmed", "X-Project-Id": "bench", "X-User-Id": "bench-user",
+                  "X-Roles": "member,reader"}
+S3_BUCKET, S3_KEY, S3_SECRET = "imaged-test", "imaged-test", "imaged-test-secret"
+
+
+def define_domain(src):
+    """A shut-off domain whose disk is the bench input (never started)."""
+    name = f"imaged-bench-{os.getpid()}"
+    xml = (f"<domain type='qemu'><name>{name}</name><memory unit='MiB'>256</memory><os><type arch='x86_64'>hvm</type></os>"
+           f"<devices><disk type='file' device='disk'><driver name='qemu' type='qcow2'/><source file='{src}'/>"
+           f"<target dev='vda' bus='virtio'/></disk></devices></domain>")
+    path = f"/tmp/{name}.xml"
+    with open(path, "w") as f:
+        f.write(xml)
+    sh("virsh", "-q", "define", path, stdout=subprocess.DEVNULL)
+    return name
+
+
+def compare_targets(ctl, src, run, label, glance, s3, v):
+    """Nova's way (convert to a temp file, upload it) against imaged's streamed capture."""
+    rows = []
+    dom = define_domain(src)
+    try:
+        tmp = os.path.join(run, "nova-temp.qcow2")
+        for target in ("glance", "s3"):
+            drop_caches()
+            t0 = time.monotonic()
+            sh("qemu-img", "convert", "-f", "qcow2", "-O", "qcow2", src, tmp)
+            temp_peak = os.path.getsize(tmp)
+            if target == "glance":
+                hdr = sum((["-H", f"{k}: {v2}"] for k, v2 in GLANCE_HEADERS.items()), [])
+                out = subprocess.run(["curl", "-sf", "-X", "POST", f"{glance}/v2/images", "-H", "Content-Type: application/json",
+                                      *hdr, "-d", json.dumps({"name": f"nova-{v}", "disk_format": "qcow2", "container_format": "bare"})],
+                                     capture_output=True, check=True).stdout
+                iid = json.loads(out)["id"]
+                sh("curl", "-sf", "-X", "PUT", "-H", "Content-Type: application/octet-stream", *hdr, "-T", tmp,
+                   f"{glance}/v2/images/{iid}/file")
+            else:
+                sh("curl", "-sf", "--aws-sigv4", "aws:amz:us-east-1:s3", "--user", f"{S3_KEY}:{S3_SECRET}", "-T", tmp,
+                   f"{s3}/{S3_BUCKET}/nova-{os.getpid()}-{v}.qcow2")
+            nova_t = time.monotonic() - t0
+            os.unlink(tmp)
+            drop_caches()
+            t, _, out = timed(ctl + ["capture", dom, "--name", f"bench-{os.getpid()}-{v}", "--mode", "cold", "--to", target, "--format", "qcow2"])
+            op = json.loads(out)
+            if op.get("state") != "active":
+                sys.exit(f"capture to {target} failed: {op}")
+            print(f"{label:<22} {'Nova way: convert+upload to ' + target:<34} {nova_t:8.2f} {'temp ' + str(temp_peak >> 20) + ' MiB':>9}")
+            print(f"{label:<22} {'imaged capture streamed to ' + target:<34} {t:8.2f} {'temp 0':>9} {t / nova_t:11.2f}x of Nova")
+            rows.append({"step": f"nova to {target}", "seconds": round(nova_t, 3), "temp_bytes": temp_peak})
+            rows.append({"step": f"imaged to {target}", "seconds": round(t, 3), "temp_bytes": 0, "ratio_to_nova": round(t / nova_t, 2)})
+    finally:
+        subprocess.run(["virsh", "-q", "undefine", dom], stdout=subprocess.DEVNULL)
+    return rows
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", default="/var/tmp/imaged-bench")
     ap.add_argument("--sizes", default="20:2,80:2", help="VIRTUAL:DATA GiB pairs")
     ap.add_argument("--readers", type=int, default=2)
+    ap.add_argument("--targets", action="store_true", help="also compare uploads to Glance and S3")
     a = ap.parse_args()
     os.makedirs(a.work, exist_ok=True)
     sh("cargo", "build", "--release", "--quiet", "--bins", cwd=ROOT)
@@ -113,9 +174,19 @@ def main():
     sock = os.path.join(run, "imaged.sock")
     cfg = os.path.join(run, "imaged.toml")
     repo = os.path.join(run, "repo")
+    targets = ""
+    glance = s3 = None
+    if a.targets:
+        servers = os.path.join(ROOT, "tests/servers")
+        glance = subprocess.run(["bash", f"{servers}/glance.sh", "start"], capture_output=True, text=True, check=True).stdout.split()[-1]
+        s3 = subprocess.run(["bash", f"{servers}/s3.sh", "start"], capture_output=True, text=True, check=True).stdout.split()[-1]
+        targets = (f'[targets.glance]\nkind = "glance"\nendpoint = "{glance}"\n[targets.glance.auth.headers]\n'
+                   + "".join(f'{k} = "{v}"\n' for k, v in GLANCE_HEADERS.items())
+                   + f'[targets.s3]\nkind = "s3"\nendpoint = "{s3}"\nbucket = "{S3_BUCKET}"\naccess_key = "{S3_KEY}"\n'
+                   f'secret_key = "{S3_SECRET}"\nprefix = "bench-{os.getpid()}/"\n')
     with open(cfg, "w") as f:
         f.write(f'[daemon]\nsocket = "{sock}"\nlog_level = "warn"\n[repository]\npath = "{repo}"\n'
-                f'[capture]\nrun_dir = "{run}/nbd"\nreaders = {a.readers}\n')
+                f'[capture]\nrun_dir = "{run}/nbd"\nreaders = {a.readers}\n{targets}')
     daemon = subprocess.Popen([imaged, "--config", cfg], stderr=open(os.path.join(run, "imaged.log"), "w"))
     for _ in range(200):
         if os.path.exists(sock):
@@ -156,6 +227,8 @@ def main():
             os.unlink(os.path.join(run, "exp.qcow2"))
             for name in (f"b{v}", f"b{v}-2"):
                 subprocess.run(ctl + ["rm", name], stdout=subprocess.DEVNULL, check=True)
+            if a.targets:
+                rows += compare_targets(ctl, src, run, label, glance, s3, v)
             results.append({"input": label, "qemu_img_seconds": round(base_t, 3), "qemu_img_peak_rss_mib": round(base_m), "imaged": rows})
     finally:
         daemon.send_signal(signal.SIGTERM)

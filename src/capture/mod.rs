@@ -27,7 +27,7 @@ use sha2::{Digest as _, Sha256};
 
 use crate::error::{Error, ErrorKind, Result};
 use crate::nbd::{Extent, NbdClient};
-use crate::repo::manifest::{chunk_len, cluster_mask, ChunkRef, ImageRecord, CHUNK_SIZE};
+use crate::repo::manifest::{chunk_len, cluster_mask, ChunkRef, Digest, ImageRecord, CHUNK_SIZE};
 use crate::repo::{ChunkSink, PutOutcome};
 use source::{BlockSource, BASE_ALLOCATION};
 
@@ -171,83 +171,135 @@ struct Worker {
     describe: String,
 }
 
+/// What hashing and storing one chunk gave: its buffer back, and the entry (None: all zeros).
+type Hashed = (Vec<u8>, Result<Option<(Digest, u64, PutOutcome)>>);
+
 impl Worker {
+    /// Reads chunk after chunk; while one chunk is hashed and stored on the blocking pool,
+    /// the next one is already being read (two buffers per worker), so the NBD server and
+    /// the CPU both stay busy.
     async fn run(mut self) -> Result<()> {
-        let count = ImageRecord::chunk_count_for(self.size) as usize;
-        let mut buf = vec![0u8; CHUNK_SIZE as usize];
+        let mut pending = None;
+        let res = self.work(&mut pending).await;
+        // A chunk still being stored must land before the caller cleans up after an error.
+        if let Some((_, _, handle)) = pending.take() {
+            let _ = handle.await;
+        }
+        let _ = self.client.disconnect().await;
+        res
+    }
+
+    async fn work(
+        &mut self,
+        pending: &mut Option<(usize, u64, tokio::task::JoinHandle<Hashed>)>,
+    ) -> Result<()> {
+        let mut free = vec![0u8; CHUNK_SIZE as usize];
+        let mut spare = Some(vec![0u8; CHUNK_SIZE as usize]);
         loop {
             self.cancel.check()?;
-            let i = self.next.fetch_add(1, Ordering::SeqCst);
-            if i >= count {
-                break;
+            let next = self.next_data_chunk();
+            if let Some((i, len, ref ranges)) = next {
+                self.read_chunk(i, len, ranges, &mut free).await?;
             }
-            let start = i as u64 * CHUNK_SIZE;
-            let len = chunk_len(self.size, i as u64);
-            let ranges = data_ranges(&self.extents, start, len);
-            let p = &self.progress;
-            if ranges.is_empty() {
-                p.bytes_zero.fetch_add(len, Ordering::Relaxed);
-                p.bytes_done.fetch_add(len, Ordering::Relaxed);
-                continue;
+            if let Some((pi, plen, handle)) = pending.take() {
+                let (buf, outcome) = handle.await.map_err(|e| {
+                    Error::new(ErrorKind::Internal, "hashing task failed").with_source(e)
+                })?;
+                spare = Some(buf);
+                self.record(pi, plen, outcome?);
             }
-            let chunk = &mut buf[..len as usize];
-            chunk.fill(0);
-            let mut read = 0;
-            for r in &ranges {
-                let lo = (r.start - start) as usize;
-                let hi = (r.end - start) as usize;
-                self.client
-                    .read(r.start, &mut chunk[lo..hi])
-                    .await
-                    .map_err(|e| {
-                        Error::new(
-                            ErrorKind::Internal,
-                            format!(
-                                "reading {} bytes at offset {} of {}",
-                                hi - lo,
-                                r.start,
-                                self.describe
-                            ),
-                        )
-                        .with_source(e)
-                    })?;
-                read += r.end - r.start;
-            }
-            p.bytes_read.fetch_add(read, Ordering::Relaxed);
+            let Some((i, len, _)) = next else { break };
             let sink = self.sink.clone();
-            let owned = std::mem::take(&mut buf);
-            let (owned, outcome) = tokio::task::spawn_blocking(move || {
+            let owned = std::mem::replace(&mut free, spare.take().unwrap_or_default());
+            let handle = tokio::task::spawn_blocking(move || {
                 let data = &owned[..len as usize];
                 let mask = cluster_mask(data);
                 if mask == 0 {
                     return (owned, Ok(None));
                 }
-                let digest: [u8; 32] = Sha256::digest(data).into();
+                let digest: Digest = Sha256::digest(data).into();
                 let res = sink.put(&digest, data).map(|o| Some((digest, mask, o)));
                 (owned, res)
-            })
-            .await
-            .map_err(|e| Error::new(ErrorKind::Internal, "hashing task failed").with_source(e))?;
-            buf = owned;
-            let entry = match outcome? {
-                None => {
-                    p.bytes_zero.fetch_add(len, Ordering::Relaxed);
-                    ChunkRef::Zero
-                }
-                Some((digest, mask, o)) => {
-                    let counter = match o {
-                        PutOutcome::Stored => &p.bytes_new,
-                        PutOutcome::Existing => &p.bytes_existing,
-                    };
-                    counter.fetch_add(len, Ordering::Relaxed);
-                    ChunkRef::Data { digest, mask }
-                }
-            };
-            p.bytes_done.fetch_add(len, Ordering::Relaxed);
-            self.results.lock().unwrap_or_else(|p| p.into_inner())[i] = entry;
+            });
+            *pending = Some((i, len, handle));
         }
-        let _ = self.client.disconnect().await;
         Ok(())
+    }
+
+    /// Takes chunk indices until one holds data, recording the zero ones on the way.
+    fn next_data_chunk(&mut self) -> Option<(usize, u64, Vec<std::ops::Range<u64>>)> {
+        let count = ImageRecord::chunk_count_for(self.size) as usize;
+        loop {
+            let i = self.next.fetch_add(1, Ordering::SeqCst);
+            if i >= count {
+                return None;
+            }
+            let start = i as u64 * CHUNK_SIZE;
+            let len = chunk_len(self.size, i as u64);
+            let ranges = data_ranges(&self.extents, start, len);
+            if !ranges.is_empty() {
+                return Some((i, len, ranges));
+            }
+            self.progress.bytes_zero.fetch_add(len, Ordering::Relaxed);
+            self.progress.bytes_done.fetch_add(len, Ordering::Relaxed);
+        }
+    }
+
+    /// Reads the data ranges of chunk `i` into `buf`, zeroing the rest.
+    async fn read_chunk(
+        &mut self,
+        i: usize,
+        len: u64,
+        ranges: &[std::ops::Range<u64>],
+        buf: &mut [u8],
+    ) -> Result<()> {
+        let start = i as u64 * CHUNK_SIZE;
+        let chunk = &mut buf[..len as usize];
+        chunk.fill(0);
+        let mut read = 0;
+        for r in ranges {
+            let lo = (r.start - start) as usize;
+            let hi = (r.end - start) as usize;
+            self.client
+                .read(r.start, &mut chunk[lo..hi])
+                .await
+                .map_err(|e| {
+                    Error::new(
+                        ErrorKind::Internal,
+                        format!(
+                            "reading {} bytes at offset {} of {}",
+                            hi - lo,
+                            r.start,
+                            self.describe
+                        ),
+                    )
+                    .with_source(e)
+                })?;
+            read += r.end - r.start;
+        }
+        self.progress.bytes_read.fetch_add(read, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Counts a hashed chunk and puts its entry in the manifest.
+    fn record(&self, i: usize, len: u64, outcome: Option<(Digest, u64, PutOutcome)>) {
+        let p = &self.progress;
+        let entry = match outcome {
+            None => {
+                p.bytes_zero.fetch_add(len, Ordering::Relaxed);
+                ChunkRef::Zero
+            }
+            Some((digest, mask, o)) => {
+                let counter = match o {
+                    PutOutcome::Stored => &p.bytes_new,
+                    PutOutcome::Existing => &p.bytes_existing,
+                };
+                counter.fetch_add(len, Ordering::Relaxed);
+                ChunkRef::Data { digest, mask }
+            }
+        };
+        p.bytes_done.fetch_add(len, Ordering::Relaxed);
+        self.results.lock().unwrap_or_else(|p| p.into_inner())[i] = entry;
     }
 }
 
