@@ -20,6 +20,7 @@ pub mod cli;
 pub mod config;
 pub mod error;
 pub mod export;
+pub mod guest;
 pub mod hypervisor;
 pub mod nbd;
 pub mod ops;

@@ -105,7 +105,25 @@ pub fn operation(o: &Operation) -> proto::Operation {
         path: o.path.clone(),
         consistency: o.consistency.clone(),
         freeze_window_ms: o.freeze_window_ms,
-        prep: Vec::new(),
+        prep: o.prep.iter().map(prep_report).collect(),
         location: o.location.clone(),
+    }
+}
+
+/// A prep report to protobuf.
+pub fn prep_report(r: &crate::ops::PrepReport) -> proto::PrepStepReport {
+    proto::PrepStepReport {
+        step: r.step.clone(),
+        outcome: r.outcome.clone(),
+        changes: r
+            .changes
+            .iter()
+            .map(|c| proto::FileChange {
+                path: c.path.clone(),
+                action: c.action.clone(),
+                diff: c.diff.clone(),
+            })
+            .collect(),
+        message: r.message.clone(),
     }
 }

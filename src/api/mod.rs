@@ -83,6 +83,8 @@ impl proto::image_service_server::ImageService for Api {
                 force_off: r.force_off,
                 restart: r.restart,
                 target: target_spec(r.target)?,
+                prep: r.prep,
+                restore_source: r.restore_source,
             })
             .await?;
         Ok(Response::new(convert::operation(&op)))
@@ -108,7 +110,9 @@ impl proto::image_service_server::ImageService for Api {
     ) -> ApiResult<proto::PlanPrepResponse> {
         let r = req.into_inner();
         let steps = self.agent.plan_prep(&r.domain, &r.prep).await?;
-        Ok(Response::new(proto::PlanPrepResponse { steps }))
+        Ok(Response::new(proto::PlanPrepResponse {
+            steps: steps.iter().map(convert::prep_report).collect(),
+        }))
     }
 
     async fn list_images(

@@ -74,6 +74,8 @@ fn main() -> std::process::ExitCode {
         builder.init();
     }
 
+    // libvirt prints every failed call to stderr by default; our errors carry its message.
+    virt::error::clear_error_callback();
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

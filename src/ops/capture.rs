@@ -16,6 +16,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use super::journal::{Entry, Journal};
+use super::prep::report_outcome;
 use super::{blocking, check_readable, Agent, OpEntry, OpKind, OpState, Operation};
 use crate::capture::live;
 use crate::capture::source::{BlockSource, NbdExport};
@@ -23,6 +24,7 @@ use crate::capture::stream::{self, StreamPlan};
 use crate::capture::{self as pipeline};
 use crate::error::{invalid, precondition, Error, ErrorKind, Result};
 use crate::export::Format;
+use crate::guest::prep::{PrepStep, StepOutcome};
 use crate::hypervisor::{DomainInfo, DomainState, ShutdownHow};
 use crate::repo::manifest::{content_digest, FORMAT_VERSION};
 use crate::repo::{ImageRecord, ImageWriter, CHUNK_SIZE};
@@ -56,6 +58,10 @@ pub struct CaptureParams {
     pub restart: bool,
     /// Where the image goes.
     pub target: TargetSpec,
+    /// Prep step names ("dhcp", ..., "all") run in the guest before the consistency point.
+    pub prep: Vec<String>,
+    /// quiesce: undo the prep in the running guest right after the consistency point.
+    pub restore_source: bool,
 }
 
 /// Where a capture writes the image.
@@ -95,6 +101,8 @@ impl Default for CaptureParams {
             force_off: false,
             restart: false,
             target: TargetSpec::Repository,
+            prep: Vec::new(),
+            restore_source: false,
         }
     }
 }
@@ -112,6 +120,9 @@ struct Plan {
     was_running: bool,
     /// What the guest agent said of the OS, when it was asked.
     os: Option<GuestOs>,
+    /// Prep steps to apply before the consistency point.
+    steps: Vec<PrepStep>,
+    restore_source: bool,
 }
 
 impl Agent {
@@ -129,7 +140,25 @@ impl Agent {
                 disk.target, info.name, disk.source_type
             )));
         }
+        let steps = super::prep::parse_steps(&p.prep)?;
         let (mode, os) = self.resolve_mode(&p, &info).await?;
+        if !steps.is_empty() {
+            if !matches!(mode, Mode::Quiesce | Mode::Shutdown) || info.state == DomainState::ShutOff
+            {
+                return Err(invalid(format!(
+                    "prep steps run inside the running guest before the capture: use mode quiesce or shutdown on a running domain (domain {} is {}, mode {})",
+                    info.name,
+                    info.state.as_str(),
+                    consistency_of(mode)
+                )));
+            }
+            self.check_prep_possible(&info)?;
+        }
+        if p.restore_source && (mode != Mode::Quiesce || steps.is_empty()) {
+            return Err(invalid(
+                "restore_source undoes prep steps in the running source after a quiesced capture: it needs mode quiesce and prep steps",
+            ));
+        }
         if matches!(mode, Mode::Cold | Mode::Shutdown) {
             check_readable(
                 std::path::Path::new(&disk.path),
@@ -164,6 +193,8 @@ impl Agent {
         }
         tracing::info!(op = %op.id, domain = %info.name, disk = %disk.target, mode = ?mode, image = %p.image_name, "capture queued");
         let plan = Plan {
+            steps,
+            restore_source: p.restore_source,
             mode,
             was_running: info.state != DomainState::ShutOff,
             os,
@@ -351,7 +382,61 @@ impl Agent {
                 }
                 res
             }
-            Mode::Quiesce | Mode::CrashConsistent => self.live_read(op, writer, &plan).await,
+            Mode::Quiesce | Mode::CrashConsistent => {
+                let applied = self.prep_before(op, &plan).await?;
+                let mut restore = applied.clone();
+                let res = self.live_read(op, writer, &plan, &mut restore).await;
+                // A failed capture gives the source its configuration back, whatever was asked.
+                if let (Err(_), Some(outcomes)) = (&res, restore) {
+                    self.undo_prep(op, &name, outcomes, false).await;
+                }
+                res
+            }
+        }
+    }
+
+    /// Applies the plan's prep steps in the running guest; None when there are none.
+    async fn prep_before(&self, op: &OpEntry, plan: &Plan) -> Result<Option<Vec<StepOutcome>>> {
+        if plan.steps.is_empty() {
+            return Ok(None);
+        }
+        let name = plan.info.name.clone();
+        tracing::info!(op = %op.id, domain = %name, steps = ?plan.steps, "applying prep steps");
+        let outcomes = self
+            .apply_prep(&name, plan.steps.clone())
+            .await
+            .map_err(|e| {
+                Error::new(
+                    e.kind(),
+                    format!("prep steps failed in domain {name}; the guest was left as it was"),
+                )
+                .with_source(e)
+            })?;
+        op.set_prep(outcomes.iter().map(|o| report_outcome(o, false)).collect());
+        Ok(Some(outcomes))
+    }
+
+    /// Restores prep changes in the running source; reports the outcome on the operation.
+    async fn undo_prep(&self, op: &OpEntry, domain: &str, outcomes: Vec<StepOutcome>, asked: bool) {
+        let reports: Vec<_> = outcomes.iter().map(|o| report_outcome(o, true)).collect();
+        match self.restore_prep(domain, outcomes).await {
+            Ok(()) => {
+                tracing::info!(op = %op.id, domain, asked, "prep changes undone in the source");
+                op.set_prep(reports);
+            }
+            Err(e) => {
+                tracing::error!(op = %op.id, domain, error = %e.chain(), "could not undo the prep changes in the source");
+                op.set_prep(
+                    reports
+                        .into_iter()
+                        .map(|mut r| {
+                            r.outcome = "failed".into();
+                            r.message = format!("restoring the source failed: {}", e.chain());
+                            r
+                        })
+                        .collect(),
+                );
+            }
         }
     }
 
@@ -444,7 +529,15 @@ impl Agent {
     }
 
     /// Reads a running domain's disk from a pull-mode backup job.
-    async fn live_read(&self, op: &OpEntry, writer: Sink, plan: &Plan) -> Result<()> {
+    /// With `restore` set (restore-source), the prep changes are undone in the guest right
+    /// after the consistency point, before the disk is read.
+    async fn live_read(
+        &self,
+        op: &OpEntry,
+        writer: Sink,
+        plan: &Plan,
+        restore: &mut Option<Vec<StepOutcome>>,
+    ) -> Result<()> {
         let cfg = &self.inner.cfg.capture;
         let journal = Journal::new(&cfg.run_dir);
         let quiesce = plan.mode == Mode::Quiesce;
@@ -486,6 +579,11 @@ impl Agent {
             ..entry
         })?;
         op.set_freeze_window(point.freeze_window_ms);
+        if plan.restore_source {
+            if let Some(outcomes) = restore.take() {
+                self.undo_prep(op, &plan.info.name, outcomes, true).await;
+            }
+        }
         if quiesce {
             tracing::info!(op = %op.id, domain = %plan.info.name, filesystems = point.frozen_filesystems, freeze_window_ms = point.freeze_window_ms, "guest thawed");
         }

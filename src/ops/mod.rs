@@ -38,7 +38,10 @@ use crate::hypervisor::{DomainInfo, Hypervisor};
 use crate::repo::{DeleteStats, ImageRecord, ImageWriter, Repository};
 use crate::util::validate_image_name;
 pub use capture::{parse_mode, CaptureParams, Mode, TargetSpec};
-pub use operation::{OpEntry, OpError, OpKind, OpState, OpStatus, Operation, ProgressSnapshot};
+pub use operation::{
+    OpEntry, OpError, OpKind, OpState, OpStatus, Operation, PrepReport, ProgressSnapshot,
+    ReportedChange,
+};
 
 /// An import request.
 #[derive(Debug, Clone, Default)]

@@ -85,6 +85,25 @@ pub struct Operation {
     pub consistency: String,
     pub freeze_window_ms: u64,
     pub location: String,
+    pub prep: Vec<PrepReport>,
+}
+
+/// A prep step's plan or outcome, as reported on an operation.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PrepReport {
+    pub step: String,
+    /// "planned", "applied", "unchanged", "not-applicable", "restored", "failed".
+    pub outcome: String,
+    pub changes: Vec<ReportedChange>,
+    pub message: String,
+}
+
+/// One change of a prep step: a file (with its diff when planned) or an action (unmount).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ReportedChange {
+    pub path: String,
+    pub action: String,
+    pub diff: String,
 }
 
 /// Facts an operation learns as it runs.
@@ -93,6 +112,7 @@ struct Facts {
     consistency: String,
     freeze_window_ms: u64,
     location: String,
+    prep: Vec<PrepReport>,
 }
 
 /// The live record of an operation, shared by the table and the task that runs it.
@@ -154,6 +174,11 @@ impl OpEntry {
     /// Records how long the guest was frozen.
     pub fn set_freeze_window(&self, ms: u64) {
         self.facts().freeze_window_ms = ms;
+    }
+
+    /// Records the prep steps' outcomes.
+    pub fn set_prep(&self, reports: Vec<PrepReport>) {
+        self.facts().prep = reports;
     }
 
     /// Records where the image landed.
@@ -259,6 +284,7 @@ impl OpEntry {
             consistency: facts.consistency,
             freeze_window_ms: facts.freeze_window_ms,
             location: facts.location,
+            prep: facts.prep,
         }
     }
 }

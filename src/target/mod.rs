@@ -155,18 +155,7 @@ fn validate_meta(meta: &UploadMeta) -> Result<(), Error> {
 
 /// Human-readable byte count for messages ("12.0 MiB").
 fn human(bytes: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut v = bytes as f64;
-    let mut u = 0;
-    while v >= 1024.0 && u + 1 < UNITS.len() {
-        v /= 1024.0;
-        u += 1;
-    }
-    if u == 0 {
-        format!("{bytes} B")
-    } else {
-        format!("{v:.1} {}", UNITS[u])
-    }
+    crate::util::human_bytes(bytes)
 }
 
 #[cfg(test)]
