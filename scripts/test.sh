@@ -16,4 +16,4 @@ tests/lab/build-guest.sh >/dev/null
 tests/lab/pick-accel.sh >/dev/null
 
 # Two cores: two test threads, so two TCG guests at most run at once.
-cargo test --locked -- --test-threads=2
+cargo test --locked --no-fail-fast -- --test-threads=2

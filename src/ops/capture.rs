@@ -133,6 +133,8 @@ impl Agent {
             return Ok(op);
         }
         let info = self.domain(&p.domain).await?;
+        let steps = super::prep::parse_steps(&p.prep)?;
+        let (mode, os) = self.resolve_mode(&p, &info).await?;
         let disk = info.disk(p.disk.as_deref())?.clone();
         if disk.path.is_empty() || !matches!(disk.source_type.as_str(), "file" | "block") {
             return Err(precondition(format!(
@@ -140,8 +142,6 @@ impl Agent {
                 disk.target, info.name, disk.source_type
             )));
         }
-        let steps = super::prep::parse_steps(&p.prep)?;
-        let (mode, os) = self.resolve_mode(&p, &info).await?;
         if !steps.is_empty() {
             if !matches!(mode, Mode::Quiesce | Mode::Shutdown) || info.state == DomainState::ShutOff
             {
