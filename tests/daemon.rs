@@ -99,6 +99,66 @@ fn notifies_readiness_and_stops_cleanly_on_sigterm() {
     );
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_and_reflection_are_served() {
+    let d = Daemon::start();
+    let mut health = tonic_health::pb::health_client::HealthClient::new(d.channel().await);
+    for service in [
+        "",
+        "imaged.v1.ImageService",
+        "imaged.v1.DomainService",
+        "imaged.v1.OperationService",
+    ] {
+        let r = health
+            .check(tonic_health::pb::HealthCheckRequest {
+                service: service.into(),
+            })
+            .await
+            .unwrap_or_else(|e| panic!("health of {service:?}: {e}"))
+            .into_inner();
+        assert_eq!(
+            r.status,
+            tonic_health::pb::health_check_response::ServingStatus::Serving as i32,
+            "{service:?}"
+        );
+    }
+    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1::{
+        server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
+        ServerReflectionRequest,
+    };
+    let mut refl = ServerReflectionClient::new(d.channel().await);
+    let req = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut stream = refl
+        .server_reflection_info(tokio_stream::iter(vec![req]))
+        .await
+        .unwrap()
+        .into_inner();
+    let resp = stream
+        .message()
+        .await
+        .unwrap()
+        .expect("a reflection answer");
+    let Some(MessageResponse::ListServicesResponse(list)) = resp.message_response else {
+        panic!("{resp:?}")
+    };
+    let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+    for want in [
+        "imaged.v1.ImageService",
+        "imaged.v1.DomainService",
+        "imaged.v1.OperationService",
+        "grpc.health.v1.Health",
+    ] {
+        assert!(
+            names.iter().any(|n| n == want),
+            "{want} not listed: {names:?}"
+        );
+    }
+}
+
 #[test]
 fn bad_config_is_refused_with_the_key_name() {
     let dir = tempfile::tempdir().unwrap();

@@ -626,7 +626,7 @@ fn prep_steps_plan_apply_check_restore_and_busy_mount_on_a_real_guest() {
     }
     assert_eq!(g.read_file("/mnt/bound/file"), b"payload\n");
     assert!(swaps(&g).contains("/dev/vdb3"), "swap not on again");
-    assert!(!exists(&g, "/var/lib/imaged-prep"), "backups left behind");
+    assert!(!exists(&g, "/run/imaged-prep"), "backups left behind");
 
     // --- a busy mount: the step fails naming it, and the whole apply is undone -------------
     sh_ok(
@@ -658,7 +658,7 @@ fn prep_steps_plan_apply_check_restore_and_busy_mount_on_a_real_guest() {
         );
     }
     assert!(swaps(&g).contains("/dev/vdb3"));
-    assert!(!exists(&g, "/var/lib/imaged-prep"), "backups left behind");
+    assert!(!exists(&g, "/run/imaged-prep"), "backups left behind");
     // The step alone fails the same way.
     let e = prep::apply(&agent, &[PrepStep::FstabDataDisks]).unwrap_err();
     assert_eq!(e.kind(), ErrorKind::FailedPrecondition);

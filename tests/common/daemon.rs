@@ -207,6 +207,13 @@ impl Daemon {
         }
     }
 
+    /// Kills the daemon with SIGKILL (no chance to clean up) and reaps it.
+    pub fn kill(&mut self) {
+        let mut child = self.child.take().expect("daemon already stopped");
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+
     /// Stops the daemon with SIGTERM; returns its exit status.
     pub fn stop(&mut self) -> std::process::ExitStatus {
         let mut child = self.child.take().expect("daemon already stopped");

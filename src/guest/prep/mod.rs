@@ -21,9 +21,11 @@
 //! **Backups** live inside the guest, under [`BACKUP_ROOT`]`/<id>/<step>/<original path>`
 //! (one `<id>` per [`apply`] call; directories mode 0700, files with their own mode and
 //! owner), never next to the original: a copy beside `ifcfg-eth0` or in
-//! `/etc/network/interfaces.d/` would itself be read as network configuration. [`restore`]
-//! removes them; after an [`apply`] without restore they stay in the guest (and so in an image
-//! captured from it) for the admin.
+//! `/etc/network/interfaces.d/` would itself be read as network configuration. They live under
+//! `/run`, a tmpfs on every systemd guest, so they are never on the system disk: an image
+//! captured after the apply holds no copy of the source's static addresses or data-disk lines.
+//! [`restore`] removes them; after an [`apply`] without restore they stay until the guest
+//! reboots.
 //!
 //! The text edits are pure functions in the submodules ([`dhcp`], [`netplan`], [`setpasswd`],
 //! [`udev`], [`fstab`]); this module does the guest I/O around them. Files are edited as text
@@ -49,7 +51,7 @@ use crate::error::{Error, ErrorKind, Result};
 use fstab::Mount;
 
 /// Where backups go inside the guest (see the module doc).
-pub const BACKUP_ROOT: &str = "/var/lib/imaged-prep/backup";
+pub const BACKUP_ROOT: &str = "/run/imaged-prep/backup";
 /// Configuration files larger than this are not edited.
 pub const MAX_CONFIG_BYTES: usize = 8 << 20;
 /// Time allowed for one program run by the steps (mount, umount, lsblk, cp...).
@@ -1458,7 +1460,7 @@ fn restore_with(ctx: &Ctx<'_>, outcomes: &[StepOutcome]) -> Result<()> {
                 &format!("removing the backups in {d}"),
                 r#"rm -rf -- "$1"
 d=$(dirname -- "$1")
-while [ "${d#/var/lib/imaged-prep}" != "$d" ]; do rmdir -- "$d" 2>/dev/null || break; d=$(dirname -- "$d"); done
+while [ "${d#/run/imaged-prep}" != "$d" ]; do rmdir -- "$d" 2>/dev/null || break; d=$(dirname -- "$d"); done
 exit 0"#,
                 &[d],
             ) {
