@@ -31,9 +31,6 @@ use crate::repo::manifest::{chunk_len, cluster_mask, ChunkRef, Digest, ImageReco
 use crate::repo::{ChunkSink, PutOutcome};
 use source::{BlockSource, BASE_ALLOCATION};
 
-/// NBD `base:allocation` flag: the range reads as zeros.
-const STATE_ZERO: u32 = 2;
-
 /// Live counters of a running capture, shared with the operation that reports them.
 #[derive(Debug, Default)]
 pub struct Progress {
@@ -313,7 +310,7 @@ pub fn data_ranges(extents: &[Extent], start: u64, len: u64) -> Vec<std::ops::Ra
         if e.offset >= end {
             break;
         }
-        if e.flags & STATE_ZERO != 0 {
+        if e.flags & crate::nbd::NBD_STATE_ZERO != 0 {
             continue;
         }
         let r = e.offset.max(start)..(e.offset + e.length).min(end);
