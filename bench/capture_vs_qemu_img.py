@@ -119,6 +119,11 @@ def define_domain(src):
     return name
 
 
+def s3_delete(s3, key):
+    sh("curl", "-sf", "-X", "DELETE", "--aws-sigv4", "aws:amz:us-east-1:s3", "--user", f"{S3_KEY}:{S3_SECRET}",
+       "-H", "x-amz-content-sha256: UNSIGNED-PAYLOAD", f"{s3}/{S3_BUCKET}/{key}")
+
+
 def compare_targets(ctl, src, run, label, glance, s3, v):
     """Nova's way (convert to a temp file, upload it) against imaged's streamed capture."""
     rows = []
@@ -144,11 +149,24 @@ def compare_targets(ctl, src, run, label, glance, s3, v):
                    f"{s3}/{S3_BUCKET}/nova-{os.getpid()}-{v}.qcow2")
             nova_t = time.monotonic() - t0
             os.unlink(tmp)
+            # Leave the servers as they were: every run would add gigabytes.
+            if target == "glance":
+                sh("curl", "-sf", "-X", "DELETE", *hdr, f"{glance}/v2/images/{iid}")
+            else:
+                s3_delete(s3, f"nova-{os.getpid()}-{v}.qcow2")
             drop_caches()
             t, _, out = timed(ctl + ["capture", dom, "--name", f"bench-{os.getpid()}-{v}", "--mode", "cold", "--to", target, "--format", "qcow2"])
             op = json.loads(out)
             if op.get("state") != "active":
                 sys.exit(f"capture to {target} failed: {op}")
+            loc = op.get("location", "")
+            if target == "glance":
+                hdr = sum((["-H", f"{k}: {v2}"] for k, v2 in GLANCE_HEADERS.items()), [])
+                sh("curl", "-sf", "-X", "DELETE", *hdr, f"{glance}/v2/images/{loc}")
+            else:
+                key = loc.split(f"{S3_BUCKET}/", 1)[1]
+                for k in (key, key + ".sha256"):
+                    s3_delete(s3, k)
             print(f"{label:<22} {'Nova way: convert+upload to ' + target:<34} {nova_t:8.2f} {'temp ' + str(temp_peak >> 20) + ' MiB':>9}")
             print(f"{label:<22} {'imaged capture streamed to ' + target:<34} {t:8.2f} {'temp 0':>9} {t / nova_t:11.2f}x of Nova")
             rows.append({"step": f"nova to {target}", "seconds": round(nova_t, 3), "temp_bytes": temp_peak})

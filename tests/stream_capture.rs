@@ -83,6 +83,23 @@ fn s3_url(key: &str) -> String {
         .to_string()
 }
 
+fn s3_delete_url(key: &str) -> String {
+    let s = S3::get();
+    let bucket = rusty_s3::Bucket::new(
+        s.endpoint.parse().unwrap(),
+        rusty_s3::UrlStyle::Path,
+        s.bucket.clone(),
+        "us-east-1",
+    )
+    .unwrap();
+    let creds = rusty_s3::Credentials::new(s.access_key.clone(), s.secret_key.clone());
+    use rusty_s3::S3Action;
+    bucket
+        .delete_object(Some(&creds), key)
+        .sign(Duration::from_secs(300))
+        .to_string()
+}
+
 /// Watches the daemon's open files while a capture runs: the largest regular file it has
 /// open for writing, in bytes.
 fn watch_open_files(
@@ -225,6 +242,15 @@ async fn a_real_guest_streams_into_a_file_glance_and_s3() {
         );
         assert_identical(&disk, "qcow2", &back, fmt);
         std::fs::remove_file(&back).unwrap();
+        // Leave the shared test server as it was (a 2 GiB raw image per run adds up).
+        let mut rb = reqwest::Client::new().delete(format!("{}/v2/images/{id}", g.endpoint));
+        for (k, v) in Glance::headers(PROJECT) {
+            rb = rb.header(k, v);
+        }
+        assert!(
+            rb.send().await.unwrap().status().is_success(),
+            "deleting Glance image {id}"
+        );
     }
 
     // S3, qcow2 and raw; range GETs of the raw object match the disk's bytes.
@@ -289,6 +315,18 @@ async fn a_real_guest_streams_into_a_file_glance_and_s3() {
             }
         }
         std::fs::remove_file(&back).unwrap();
+        for k in [key.clone(), format!("{key}.sha256")] {
+            let r = reqwest::Client::new()
+                .delete(s3_delete_url(&k))
+                .send()
+                .await
+                .unwrap();
+            assert!(
+                r.status().is_success(),
+                "deleting s3 object {k}: {}",
+                r.status()
+            );
+        }
     }
 }
 

@@ -192,32 +192,7 @@ impl Agent {
                 p.path.display()
             )));
         }
-        let dir = p.path.parent().filter(|d| d.is_dir()).ok_or_else(|| {
-            precondition(format!(
-                "export path {}: its directory does not exist",
-                p.path.display()
-            ))
-        })?;
-        let _ = dir;
-        match std::fs::symlink_metadata(&p.path) {
-            Ok(md) if !p.overwrite => {
-                let _ = md;
-                return Err(Error::new(
-                    ErrorKind::AlreadyExists,
-                    format!(
-                        "export path {} exists; pass overwrite to replace it",
-                        p.path.display()
-                    ),
-                ));
-            }
-            Ok(md) if !md.is_file() => {
-                return Err(precondition(format!(
-                    "export path {} exists and is not a regular file",
-                    p.path.display()
-                )))
-            }
-            _ => {}
-        }
+        crate::target::file::check_destination(&p.path, p.overwrite, "export path")?;
         if let Some(op) = self.existing_request(&p.request_id, OpKind::Export)? {
             return Ok(op);
         }

@@ -35,6 +35,31 @@ impl FileTarget {
     }
 }
 
+/// Checks that `path` can be written as a new file: its directory exists, and it does not exist
+/// (or is a regular file and `overwrite` is set). `what` names it in messages ("export path").
+pub fn check_destination(path: &Path, overwrite: bool, what: &str) -> Result<()> {
+    if !path.parent().is_some_and(|d| d.is_dir()) {
+        return Err(precondition(format!(
+            "{what} {}: its directory does not exist",
+            path.display()
+        )));
+    }
+    match std::fs::symlink_metadata(path) {
+        Ok(_) if !overwrite => Err(Error::new(
+            ErrorKind::AlreadyExists,
+            format!(
+                "{what} {} exists; pass overwrite to replace it",
+                path.display()
+            ),
+        )),
+        Ok(md) if !md.is_file() => Err(precondition(format!(
+            "{what} {} exists and is not a regular file",
+            path.display()
+        ))),
+        _ => Ok(()),
+    }
+}
+
 #[tonic::async_trait]
 impl StreamTarget for FileTarget {
     fn describe(&self) -> String {
@@ -42,27 +67,7 @@ impl StreamTarget for FileTarget {
     }
 
     async fn check(&self) -> Result<()> {
-        let dir = self.path.parent().filter(|d| d.is_dir()).ok_or_else(|| {
-            precondition(format!(
-                "target file {}: its directory does not exist",
-                self.path.display()
-            ))
-        })?;
-        let _ = dir;
-        match std::fs::symlink_metadata(&self.path) {
-            Ok(_) if !self.overwrite => Err(Error::new(
-                ErrorKind::AlreadyExists,
-                format!(
-                    "target file {} exists; pass overwrite to replace it",
-                    self.path.display()
-                ),
-            )),
-            Ok(md) if !md.is_file() => Err(precondition(format!(
-                "target file {} exists and is not a regular file",
-                self.path.display()
-            ))),
-            _ => Ok(()),
-        }
+        check_destination(&self.path, self.overwrite, "target file")
     }
 
     async fn upload(&self, meta: &UploadMeta, body: StreamFactory<'_>) -> Result<Uploaded> {
