@@ -153,8 +153,9 @@ pub fn image_detail(i: &proto::Image, json: bool) {
     println!("id:             {}", i.id);
     println!("state:          {}", i.state);
     println!(
-        "size:           {} ({} bytes of data)",
+        "stored:         {} in {} data chunks ({} bytes)",
         human_bytes(i.size),
+        i.chunk_count - i.zero_chunks,
         i.size
     );
     println!(
@@ -375,6 +376,17 @@ impl ProgressView {
             return;
         }
         let p = o.progress.unwrap_or_default();
+        if o.error.is_none() && o.kind == proto::OperationKind::Export as i32 {
+            println!(
+                "export {} -> {}: {} ({} of data written, {} of zeros left as holes)",
+                o.image_name,
+                o.path,
+                op_state(o.state),
+                human_bytes(p.bytes_read),
+                human_bytes(p.bytes_zero)
+            );
+            return;
+        }
         match &o.error {
             Some(e) => eprintln!(
                 "{} {} {}: {}: {}",
