@@ -66,7 +66,8 @@ async fn download(url: String, headers: BTreeMap<String, String>, to: &Path) {
     std::fs::write(to, &bytes).unwrap();
 }
 
-fn s3_url(key: &str) -> String {
+/// A presigned URL to GET (or, with `delete`, DELETE) an object of the test bucket.
+fn s3_signed(key: &str, delete: bool) -> String {
     let s = S3::get();
     let bucket = rusty_s3::Bucket::new(
         s.endpoint.parse().unwrap(),
@@ -77,27 +78,22 @@ fn s3_url(key: &str) -> String {
     .unwrap();
     let creds = rusty_s3::Credentials::new(s.access_key.clone(), s.secret_key.clone());
     use rusty_s3::S3Action;
-    bucket
-        .get_object(Some(&creds), key)
-        .sign(Duration::from_secs(300))
-        .to_string()
+    let expiry = Duration::from_secs(300);
+    if delete {
+        bucket
+            .delete_object(Some(&creds), key)
+            .sign(expiry)
+            .to_string()
+    } else {
+        bucket
+            .get_object(Some(&creds), key)
+            .sign(expiry)
+            .to_string()
+    }
 }
 
-fn s3_delete_url(key: &str) -> String {
-    let s = S3::get();
-    let bucket = rusty_s3::Bucket::new(
-        s.endpoint.parse().unwrap(),
-        rusty_s3::UrlStyle::Path,
-        s.bucket.clone(),
-        "us-east-1",
-    )
-    .unwrap();
-    let creds = rusty_s3::Credentials::new(s.access_key.clone(), s.secret_key.clone());
-    use rusty_s3::S3Action;
-    bucket
-        .delete_object(Some(&creds), key)
-        .sign(Duration::from_secs(300))
-        .to_string()
+fn s3_url(key: &str) -> String {
+    s3_signed(key, false)
 }
 
 /// Watches the daemon's open files while a capture runs: the largest regular file it has
@@ -317,7 +313,7 @@ async fn a_real_guest_streams_into_a_file_glance_and_s3() {
         std::fs::remove_file(&back).unwrap();
         for k in [key.clone(), format!("{key}.sha256")] {
             let r = reqwest::Client::new()
-                .delete(s3_delete_url(&k))
+                .delete(s3_signed(&k, true))
                 .send()
                 .await
                 .unwrap();

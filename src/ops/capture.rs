@@ -325,13 +325,13 @@ impl Agent {
                 info.name
             )));
         }
-        let hv = self.inner.hv.clone();
         let name = info.name.clone();
-        let reply = blocking(move || {
-            hv.agent_command(&name, r#"{"execute":"guest-ping"}"#, 5)?;
-            hv.agent_command(&name, r#"{"execute":"guest-get-osinfo"}"#, 5)
-        })
-        .await?;
+        let reply = self
+            .hv(move |hv| {
+                hv.agent_command(&name, r#"{"execute":"guest-ping"}"#, 5)?;
+                hv.agent_command(&name, r#"{"execute":"guest-get-osinfo"}"#, 5)
+            })
+            .await?;
         let v: serde_json::Value = serde_json::from_str(&reply).unwrap_or_default();
         let id = v
             .pointer("/return/id")
@@ -362,9 +362,8 @@ impl Agent {
                 }
                 let res = self.cold_read(op, writer, &plan).await;
                 if plan.was_running && p.restart {
-                    let hv = self.inner.hv.clone();
                     let n = name.clone();
-                    match blocking(move || hv.start(&n)).await {
+                    match self.hv(move |hv| hv.start(&n)).await {
                         Ok(()) => {
                             tracing::info!(op = %op.id, domain = %name, "domain started again")
                         }
@@ -457,8 +456,8 @@ impl Agent {
             ShutdownHow::Acpi
         };
         loop {
-            let (hv, n) = (self.inner.hv.clone(), name.clone());
-            match blocking(move || hv.shutdown(&n, how)).await {
+            let n = name.clone();
+            match self.hv(move |hv| hv.shutdown(&n, how)).await {
                 Ok(()) => break,
                 Err(e) if how == ShutdownHow::Agent => {
                     tracing::warn!(op = %op.id, domain = %name, error = %e.chain(), "agent shutdown refused; trying ACPI");
@@ -471,22 +470,22 @@ impl Agent {
         let mut acpi_fallback_sent = how == ShutdownHow::Acpi;
         loop {
             op.cancel.check()?;
-            let (hv, n) = (self.inner.hv.clone(), name.clone());
-            if blocking(move || hv.domain_state(&n)).await? == DomainState::ShutOff {
+            let n = name.clone();
+            if self.hv(move |hv| hv.domain_state(&n)).await? == DomainState::ShutOff {
                 tracing::info!(op = %op.id, domain = %name, seconds = t0.elapsed().as_secs(), "domain is shut off");
                 return Ok(());
             }
             // An agent that accepted the command but did nothing: try the power button halfway.
             if !acpi_fallback_sent && t0.elapsed() > timeout / 2 {
                 acpi_fallback_sent = true;
-                let (hv, n) = (self.inner.hv.clone(), name.clone());
-                let _ = blocking(move || hv.shutdown(&n, ShutdownHow::Acpi)).await;
+                let n = name.clone();
+                let _ = self.hv(move |hv| hv.shutdown(&n, ShutdownHow::Acpi)).await;
             }
             if t0.elapsed() > timeout {
                 if force {
                     tracing::warn!(op = %op.id, domain = %name, "shutdown timed out; forcing the domain off");
-                    let (hv, n) = (self.inner.hv.clone(), name.clone());
-                    blocking(move || hv.destroy(&n)).await?;
+                    let n = name.clone();
+                    self.hv(move |hv| hv.destroy(&n)).await?;
                     return Ok(());
                 }
                 return Err(precondition(format!(
@@ -514,9 +513,8 @@ impl Agent {
         );
         // The domain may have been started between our check and qemu-nbd taking the image
         // lock; from here on it cannot start on this disk.
-        let hv = self.inner.hv.clone();
         let d = plan.info.name.clone();
-        let state = blocking(move || hv.domain_state(&d)).await?;
+        let state = self.hv(move |hv| hv.domain_state(&d)).await?;
         if state != DomainState::ShutOff {
             drop(export);
             return Err(precondition(format!(

@@ -123,10 +123,18 @@ impl Agent {
 
     // ----------------------------------------------------------------------------- domains
 
+    /// Runs a hypervisor call on the blocking pool (libvirt's API is synchronous).
+    async fn hv<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&dyn Hypervisor) -> Result<T> + Send + 'static,
+    ) -> Result<T> {
+        let hv = self.inner.hv.clone();
+        blocking(move || f(hv.as_ref())).await
+    }
+
     /// Every domain on the host.
     pub async fn list_domains(&self) -> Result<Vec<DomainInfo>> {
-        let hv = self.inner.hv.clone();
-        blocking(move || hv.list_domains()).await
+        self.hv(|hv| hv.list_domains()).await
     }
 
     /// One domain.
@@ -134,9 +142,8 @@ impl Agent {
         if name.is_empty() {
             return Err(invalid("domain name is empty"));
         }
-        let hv = self.inner.hv.clone();
         let name = name.to_string();
-        blocking(move || hv.domain(&name)).await
+        self.hv(move |hv| hv.domain(&name)).await
     }
 
     // ----------------------------------------------------------------------------- images
