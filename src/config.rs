@@ -103,6 +103,14 @@ pub struct CaptureConfig {
     pub readers: usize,
     /// Directory for NBD sockets of running captures.
     pub run_dir: PathBuf,
+    /// The longest a quiesced capture may keep the guest's filesystems frozen, in
+    /// milliseconds (1 to 60000). When the backup job takes longer to begin, the guest is
+    /// thawed at this bound and the capture fails rather than label an image quiesced that
+    /// was taken after the thaw.
+    pub max_freeze_ms: u64,
+    /// How long a shutdown capture with `restart` and `restore_source` waits, after starting
+    /// the guest again, for its agent to answer before the prep is undone (seconds, 1 to 3600).
+    pub agent_wait_secs: u64,
 }
 
 impl Default for CaptureConfig {
@@ -111,6 +119,8 @@ impl Default for CaptureConfig {
             qemu_nbd: PathBuf::from("qemu-nbd"),
             readers: 2,
             run_dir: PathBuf::from("/run/imaged/nbd"),
+            max_freeze_ms: 10_000,
+            agent_wait_secs: 300,
         }
     }
 }
@@ -188,6 +198,18 @@ impl Config {
             return Err(invalid(format!(
                 "capture.readers must be 1 to 16, got {}",
                 self.capture.readers
+            )));
+        }
+        if !(1..=60_000).contains(&self.capture.max_freeze_ms) {
+            return Err(invalid(format!(
+                "capture.max_freeze_ms must be 1 to 60000, got {}",
+                self.capture.max_freeze_ms
+            )));
+        }
+        if !(1..=3600).contains(&self.capture.agent_wait_secs) {
+            return Err(invalid(format!(
+                "capture.agent_wait_secs must be 1 to 3600, got {}",
+                self.capture.agent_wait_secs
             )));
         }
         for (name, t) in &self.targets {

@@ -75,7 +75,7 @@ fn group_id(group: &str) -> Result<u32> {
 }
 
 /// Serves the API until SIGTERM or SIGINT, then cancels running operations and returns.
-pub async fn serve(cfg: &Config, agent: Agent) -> Result<()> {
+pub async fn serve(cfg: &Config, agent: Agent, stop: StopSignals) -> Result<()> {
     let uds = bind_unix(
         &cfg.daemon.socket,
         cfg.socket_mode()?,
@@ -152,7 +152,7 @@ pub async fn serve(cfg: &Config, agent: Agent) -> Result<()> {
     );
     notify_systemd("READY=1\nSTATUS=serving");
 
-    wait_for_stop_signal().await;
+    stop.wait().await;
     tracing::info!("stop requested: cancelling running operations");
     notify_systemd("STOPPING=1\nSTATUS=stopping");
     agent.shutdown(STOP_GRACE).await;
@@ -166,13 +166,32 @@ pub async fn serve(cfg: &Config, agent: Agent) -> Result<()> {
     Ok(())
 }
 
-async fn wait_for_stop_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate()).expect("installing the SIGTERM handler");
-    let mut int = signal(SignalKind::interrupt()).expect("installing the SIGINT handler");
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
+/// The daemon's stop requests (SIGTERM, SIGINT), listened for from [`StopSignals::install`] on:
+/// install them before anything else, so no stop request falls to the default action.
+pub struct StopSignals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl StopSignals {
+    /// Installs the handlers (needs a running tokio runtime).
+    pub fn install() -> Result<StopSignals> {
+        use tokio::signal::unix::{signal, SignalKind};
+        let handler = |kind: SignalKind, name: &str| {
+            signal(kind).map_err(|e| Error::io(format!("installing the {name} handler"), e))
+        };
+        Ok(StopSignals {
+            term: handler(SignalKind::terminate(), "SIGTERM")?,
+            int: handler(SignalKind::interrupt(), "SIGINT")?,
+        })
+    }
+
+    /// Returns at the first stop request.
+    pub async fn wait(mut self) {
+        tokio::select! {
+            _ = self.term.recv() => {}
+            _ = self.int.recv() => {}
+        }
     }
 }
 

@@ -33,7 +33,30 @@ struct Args {
     repository: Option<PathBuf>,
 }
 
+/// Holds (`block`) or releases SIGTERM and SIGINT for the calling thread and every thread it
+/// starts afterwards. `main` holds them from its first line, so a stop request that arrives while
+/// the daemon starts waits, pending, until the handlers are installed, and is then served
+/// gracefully instead of killing the process by the default action. Child processes start with
+/// an empty mask (the standard library resets it before `exec`).
+fn hold_stop_signals(block: bool) {
+    // SAFETY: `set` is a plain C struct that sigemptyset initialises before any other use;
+    // pthread_sigmask only changes the calling thread's mask and reads `set`.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        let how = if block {
+            libc::SIG_BLOCK
+        } else {
+            libc::SIG_UNBLOCK
+        };
+        libc::pthread_sigmask(how, &set, std::ptr::null_mut());
+    }
+}
+
 fn main() -> std::process::ExitCode {
+    hold_stop_signals(true);
     let args = Args::parse();
     let (path, required) = match &args.config {
         Some(p) => (p.clone(), true),
@@ -87,14 +110,20 @@ fn main() -> std::process::ExitCode {
         }
     };
     let res = rt.block_on(async move {
-        let repo = Repository::open(&cfg.repository.path)?;
+        // The handlers first (this future runs on the main thread), then the signals are let
+        // through: one that came during start-up is delivered now, to the handler.
+        let stop = imaged::api::server::StopSignals::install()?;
+        hold_stop_signals(false);
         let hv = Arc::new(Libvirt::new(&cfg.libvirt.uri));
-        // Undo what live captures of a previous run left: thaw guests, end backup jobs.
+        // Undo what captures of a previous run left (thaw guests, end backup jobs, restore
+        // prep, start domains again) before anything else can fail: a full or read-only
+        // repository must not keep a guest frozen.
         imaged::ops::journal::Journal::new(&cfg.capture.run_dir)
             .recover(hv.clone())
             .await;
+        let repo = Repository::open(&cfg.repository.path)?;
         let agent = Agent::new(cfg.clone(), hv, repo);
-        imaged::api::server::serve(&cfg, agent).await
+        imaged::api::server::serve(&cfg, agent, stop).await
     });
     match res {
         Ok(()) => std::process::ExitCode::SUCCESS,

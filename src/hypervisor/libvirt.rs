@@ -9,6 +9,7 @@ use virt::enumutil::Enum;
 use virt::error::ErrorNumber;
 
 use std::ffi::CString;
+use std::path::Path;
 
 use super::{xml, DiskInfo, DomainInfo, DomainState, Hypervisor, ShutdownHow};
 use crate::error::{Error, ErrorKind, Result};
@@ -240,15 +241,53 @@ impl Hypervisor for Libvirt {
         Ok(())
     }
 
-    fn backup_end(&self, name: &str) -> Result<()> {
+    fn backup_end(&self, name: &str, socket: &Path) -> Result<()> {
         let conn = self.connect()?;
         let dom = self.lookup(&conn, name)?;
+        // SAFETY: `dom` is live for the call; a non-null result is a NUL-terminated string
+        // that libvirt allocated with malloc and that we own: copied, then freed once.
+        let xml = unsafe {
+            let p = virt::sys::virDomainBackupGetXMLDesc(dom.as_ptr(), 0);
+            if p.is_null() {
+                None
+            } else {
+                let s = std::ffi::CStr::from_ptr(p).to_string_lossy().into_owned();
+                libc::free(p.cast());
+                Some(s)
+            }
+        };
+        let Some(xml) = xml else {
+            let e = virt::error::Error::last_error();
+            // No backup job: nothing to end (whatever other job may run is not ours).
+            if matches!(
+                e.code(),
+                Enum::Known(ErrorNumber::NoDomainBackup)
+                    | Enum::Known(ErrorNumber::OperationInvalid)
+            ) {
+                return Ok(());
+            }
+            return Err(libvirt_err(
+                format!("reading the backup job of domain {name}"),
+                e,
+            ));
+        };
+        let ours = xml::backup_socket(&xml).is_some_and(|s| Path::new(&s) == socket);
+        if !ours {
+            return Err(Error::new(
+                ErrorKind::FailedPrecondition,
+                format!(
+                    "domain {name} runs a backup job that imaged did not start (its export is not {}); \
+                     it is left alone: end it with `virsh domjobabort {name}` if it is stale",
+                    socket.display()
+                ),
+            ));
+        }
         // SAFETY: `dom` is live for the call.
         let rc = unsafe { virt::sys::virDomainAbortJob(dom.as_ptr()) };
         if rc < 0 {
             let e = virt::error::Error::last_error();
             if e.code() == Enum::Known(ErrorNumber::OperationInvalid) {
-                return Ok(()); // no job: nothing to end
+                return Ok(()); // the job ended meanwhile
             }
             return Err(libvirt_err(
                 format!("ending the backup job of domain {name}"),

@@ -124,8 +124,10 @@ pub trait Hypervisor: Send + Sync + 'static {
         backup_xml: &str,
         checkpoint_xml: Option<&str>,
     ) -> Result<()>;
-    /// Ends the domain's backup job (`virDomainAbortJob`); Ok when none is running.
-    fn backup_end(&self, name: &str) -> Result<()>;
+    /// Ends the domain's pull-mode backup job if it is the one exporting on `socket` (ours);
+    /// Ok when no backup job runs. A backup job with another export was not started by us:
+    /// FAILED_PRECONDITION naming it, and it is left running.
+    fn backup_end(&self, name: &str, socket: &std::path::Path) -> Result<()>;
 }
 
 /// How to ask a guest to shut down.

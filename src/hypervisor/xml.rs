@@ -1,4 +1,5 @@
-//! Reading what we need out of libvirt domain XML: the disks and the guest agent channel.
+//! Reading what we need out of libvirt XML: a domain's disks and guest agent channel, and the
+//! export socket of a running pull-mode backup job.
 //!
 //! Pure functions over the XML text, tested on literal definitions.
 
@@ -71,6 +72,19 @@ fn parse_disk(n: roxmltree::Node) -> DiskInfo {
     }
 }
 
+/// The unix socket a pull-mode backup job exports on (`<domainbackup><server
+/// transport='unix' socket='...'/>`), from `virDomainBackupGetXMLDesc`; None for a push-mode
+/// job or a TCP export.
+pub fn backup_socket(xml: &str) -> Option<String> {
+    let doc = roxmltree::Document::parse(xml).ok()?;
+    let server = doc
+        .root_element()
+        .children()
+        .find(|n| n.has_tag_name("server"))?;
+    (server.attribute("transport") == Some("unix"))
+        .then(|| server.attribute("socket").map(str::to_string))?
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -110,5 +124,24 @@ mod tests {
         assert!(disks.is_empty());
         assert!(!agent);
         assert!(parse_domain_xml("<domain").is_err());
+    }
+
+    #[test]
+    fn backup_socket_of_a_pull_job() {
+        let x = "<domainbackup mode='pull'><server transport='unix' socket='/run/imaged/backup-op1/nbd.sock'/>\
+                 <disks><disk name='vda' backup='yes'/></disks></domainbackup>";
+        assert_eq!(
+            backup_socket(x).as_deref(),
+            Some("/run/imaged/backup-op1/nbd.sock")
+        );
+        assert_eq!(
+            backup_socket("<domainbackup mode='pull'><server transport='tcp' name='h' port='1'/></domainbackup>"),
+            None
+        );
+        assert_eq!(
+            backup_socket("<domainbackup mode='push'><disks/></domainbackup>"),
+            None
+        );
+        assert_eq!(backup_socket("not xml"), None);
     }
 }

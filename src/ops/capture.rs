@@ -7,7 +7,10 @@
 //! | quiesce | running, agent answers | filesystems frozen, backup job begun, thawed at once | QEMU's pull-mode backup export |
 //! | crash-consistent | running | backup job begun | QEMU's pull-mode backup export |
 //!
-//! Every precondition is checked before the call returns; the work then runs as an operation.
+//! Every precondition is checked before the call returns (the mode and option decision is
+//! [`super::mode::decide`]); the work then runs as an operation. What a capture does to the
+//! guest that must be undone or finished (a freeze, a backup job, a shutdown to restart from,
+//! prep changes) is recorded in the [`Journal`] first, so a restarted daemon finishes it.
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -15,14 +18,15 @@ use std::time::{Duration, Instant};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use super::journal::{Entry, Journal};
+use super::journal::{wait_for_agent, Entry, Journal};
+use super::mode::{consistency_of, decide, needs_agent, AgentState, Asked, Decision, Facts, Mode};
 use super::prep::report_outcome;
 use super::{blocking, check_readable, Agent, OpEntry, OpKind, OpState, Operation};
 use crate::capture::live;
 use crate::capture::source::{BlockSource, NbdExport};
 use crate::capture::stream::{self, StreamPlan};
 use crate::capture::{self as pipeline};
-use crate::error::{invalid, precondition, Error, ErrorKind, Result};
+use crate::error::{precondition, Error, ErrorKind, Result};
 use crate::export::Format;
 use crate::guest::prep::{PrepStep, StepOutcome};
 use crate::hypervisor::{DomainInfo, DomainState, ShutdownHow};
@@ -31,18 +35,6 @@ use crate::repo::{ImageRecord, ImageWriter, CHUNK_SIZE};
 use crate::target::file::FileTarget;
 use crate::target::{StreamTarget, UploadMeta};
 use crate::util::{now_unix, validate_image_name};
-
-/// How to reach a consistent disk.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum Mode {
-    /// Pick what a user expects (see the API docs).
-    #[default]
-    Auto,
-    Cold,
-    Shutdown,
-    Quiesce,
-    CrashConsistent,
-}
 
 /// A capture request.
 #[derive(Debug, Clone)]
@@ -107,12 +99,10 @@ impl Default for CaptureParams {
     }
 }
 
-/// The bound on how long a guest may stay frozen.
-const MAX_FREEZE: Duration = Duration::from_secs(10);
-
 /// What the checks decided: everything the task needs.
 struct Plan {
     mode: Mode,
+    decision: Decision,
     info: DomainInfo,
     target: String,
     path: PathBuf,
@@ -122,7 +112,6 @@ struct Plan {
     os: Option<GuestOs>,
     /// Prep steps to apply before the consistency point.
     steps: Vec<PrepStep>,
-    restore_source: bool,
 }
 
 impl Agent {
@@ -134,30 +123,43 @@ impl Agent {
         }
         let info = self.domain(&p.domain).await?;
         let steps = super::prep::parse_steps(&p.prep)?;
-        let (mode, os) = self.resolve_mode(&p, &info).await?;
+        let asked = Asked {
+            mode: p.mode,
+            prep: !steps.is_empty(),
+            restore_source: p.restore_source,
+            restart: p.restart,
+            force_off: p.force_off,
+        };
+        let (agent, os) = if !info.has_agent_channel {
+            (AgentState::NoChannel, None)
+        } else if needs_agent(&asked, info.state, info.has_agent_channel) {
+            match self.agent_os(&info).await {
+                Ok(os) if os.is_windows => (AgentState::Windows, Some(os)),
+                Ok(os) => (AgentState::Linux, Some(os)),
+                Err(e) => {
+                    tracing::info!(domain = %info.name, error = %e.chain(), "guest agent does not answer");
+                    (AgentState::Silent, None)
+                }
+            }
+        } else {
+            (AgentState::NotAsked, None)
+        };
+        let decision = decide(
+            &asked,
+            &Facts {
+                domain: &info.name,
+                state: info.state,
+                has_agent_channel: info.has_agent_channel,
+                agent,
+            },
+        )?;
+        let mode = decision.mode;
         let disk = info.disk(p.disk.as_deref())?.clone();
         if disk.path.is_empty() || !matches!(disk.source_type.as_str(), "file" | "block") {
             return Err(precondition(format!(
                 "disk {} of domain {} is a {} disk with no local path; only file and block disks can be captured",
                 disk.target, info.name, disk.source_type
             )));
-        }
-        if !steps.is_empty() {
-            if !matches!(mode, Mode::Quiesce | Mode::Shutdown) || info.state == DomainState::ShutOff
-            {
-                return Err(invalid(format!(
-                    "prep steps run inside the running guest before the capture: use mode quiesce or shutdown on a running domain (domain {} is {}, mode {})",
-                    info.name,
-                    info.state.as_str(),
-                    consistency_of(mode)
-                )));
-            }
-            self.check_prep_possible(&info)?;
-        }
-        if p.restore_source && (mode != Mode::Quiesce || steps.is_empty()) {
-            return Err(invalid(
-                "restore_source undoes prep steps in the running source after a quiesced capture: it needs mode quiesce and prep steps",
-            ));
         }
         if matches!(mode, Mode::Cold | Mode::Shutdown) {
             check_readable(
@@ -194,9 +196,9 @@ impl Agent {
         tracing::info!(op = %op.id, domain = %info.name, disk = %disk.target, mode = ?mode, image = %p.image_name, "capture queued");
         let plan = Plan {
             steps,
-            restore_source: p.restore_source,
             mode,
-            was_running: info.state != DomainState::ShutOff,
+            decision,
+            was_running: decision.was_running,
             os,
             target: disk.target.clone(),
             path: PathBuf::from(&disk.path),
@@ -250,73 +252,6 @@ impl Agent {
         Ok(Sink::Stream { target, format })
     }
 
-    /// Decides the mode and checks the domain's state suits it.
-    async fn resolve_mode(
-        &self,
-        p: &CaptureParams,
-        info: &DomainInfo,
-    ) -> Result<(Mode, Option<GuestOs>)> {
-        let name = &info.name;
-        let state = info.state;
-        let running = matches!(
-            state,
-            DomainState::Running | DomainState::Paused | DomainState::Blocked
-        );
-        let needs =
-            |what: &str| precondition(format!("domain {name} is {}; {what}", state.as_str()));
-        match p.mode {
-            Mode::Cold => {
-                if state != DomainState::ShutOff {
-                    return Err(needs(&format!(
-                        "a cold capture needs it shut off (shut it down first, e.g. `virsh shutdown {name}`, or use mode shutdown or quiesce)"
-                    )));
-                }
-                Ok((Mode::Cold, None))
-            }
-            Mode::Shutdown => {
-                if !running && state != DomainState::ShutOff {
-                    return Err(needs("a shutdown capture needs it running or shut off"));
-                }
-                Ok((Mode::Shutdown, None))
-            }
-            Mode::CrashConsistent => {
-                if !running {
-                    return Err(needs("a crash-consistent capture is live and needs it running (use mode cold for a shut-off domain)"));
-                }
-                Ok((Mode::CrashConsistent, None))
-            }
-            Mode::Quiesce => {
-                if !running {
-                    return Err(needs("a quiesced capture is live and needs it running (use mode cold for a shut-off domain)"));
-                }
-                let os = self.agent_os(info).await?;
-                if os.is_windows {
-                    return Err(precondition(format!(
-                        "domain {name} runs Windows: capture it in shutdown mode"
-                    )));
-                }
-                Ok((Mode::Quiesce, Some(os)))
-            }
-            Mode::Auto => {
-                if state == DomainState::ShutOff {
-                    return Ok((Mode::Cold, None));
-                }
-                if !running {
-                    return Err(needs("shut it off or start it, then capture"));
-                }
-                match self.agent_os(info).await {
-                    Ok(os) if os.is_windows => Ok((Mode::Shutdown, Some(os))),
-                    Ok(os) => Ok((Mode::Quiesce, Some(os))),
-                    Err(e) => Err(precondition(format!(
-                        "domain {name} is running and its guest agent does not answer, so it cannot be quiesced; \
-                         choose mode crash-consistent (live, no freeze) or shutdown (ACPI power button)"
-                    ))
-                    .with_source(e)),
-                }
-            }
-        }
-    }
-
     /// Pings the guest agent and reads the OS; FAILED_PRECONDITION when it does not answer.
     async fn agent_os(&self, info: &DomainInfo) -> Result<GuestOs> {
         if !info.has_agent_channel {
@@ -333,10 +268,18 @@ impl Agent {
             })
             .await?;
         let v: serde_json::Value = serde_json::from_str(&reply).unwrap_or_default();
+        // The id comes from inside the guest: it reaches Glance's `os_distro` only when it
+        // looks like an OS id (lower-case letters, digits, '.', '_', '-'; 1 to 64 of them).
         let id = v
             .pointer("/return/id")
             .and_then(|x| x.as_str())
-            .map(str::to_string);
+            .and_then(|id| {
+                let ok = valid_os_id(id);
+                if !ok {
+                    tracing::warn!(domain = %info.name, id = %id.escape_debug(), "ignoring the OS id the guest agent reported: not a plain OS id");
+                }
+                ok.then(|| id.to_string())
+            });
         Ok(GuestOs {
             is_windows: id.as_deref() == Some("mswindows"),
             id,
@@ -352,46 +295,166 @@ impl Agent {
     ) -> Result<()> {
         let _permit = self.slot(op).await?;
         op.set_state(OpState::Preparing);
-        let name = plan.info.name.clone();
         match plan.mode {
             Mode::Cold | Mode::Auto => self.cold_read(op, writer, &plan).await,
-            Mode::Shutdown => {
-                if plan.was_running {
-                    self.shut_down(op, &plan.info, p.shutdown_timeout, p.force_off)
-                        .await?;
+            Mode::Shutdown => self.shutdown_capture(op, writer, &plan, &p).await,
+            Mode::Quiesce | Mode::CrashConsistent => self.live_capture(op, writer, &plan).await,
+        }
+    }
+
+    /// Prep in the running guest, shut it down, read the disk cold; then, whatever happened,
+    /// start it again when asked and undo the prep when asked (or when the capture failed).
+    async fn shutdown_capture(
+        &self,
+        op: &OpEntry,
+        writer: Sink,
+        plan: &Plan,
+        p: &CaptureParams,
+    ) -> Result<()> {
+        let name = plan.info.name.clone();
+        let journal = Journal::new(&self.inner.cfg.capture.run_dir);
+        let mut entry = Entry::new(&op.id, &name);
+        let applied = self.prep_before(op, plan).await?;
+        entry.prep = applied.clone();
+        entry.restart = plan.decision.restart;
+        if let Err(e) = journal.write(&entry) {
+            if let Some(outcomes) = applied {
+                self.undo_prep(op, &name, outcomes, false).await;
+            }
+            return Err(e);
+        }
+        let res = async {
+            if plan.was_running {
+                self.shut_down(op, &plan.info, p.shutdown_timeout, p.force_off)
+                    .await?;
+            }
+            self.cold_read(op, writer, plan).await
+        }
+        .await;
+        let mut res = res;
+        if entry.restart {
+            match self.start_again(op, &name).await {
+                Ok(()) => {
+                    entry.restart = false;
+                    journal.update(&entry);
                 }
-                let res = self.cold_read(op, writer, &plan).await;
-                if plan.was_running && p.restart {
-                    let n = name.clone();
-                    match self.hv(move |hv| hv.start(&n)).await {
-                        Ok(()) => {
-                            tracing::info!(op = %op.id, domain = %name, "domain started again")
-                        }
-                        Err(e) => {
-                            tracing::error!(op = %op.id, domain = %name, error = %e.chain(), "could not start the domain again");
-                            if res.is_ok() {
-                                return Err(Error::new(
-                                    e.kind(),
-                                    format!("image {} was captured, but domain {name} could not be started again", op.image_name),
-                                )
-                                .with_source(e));
-                            }
-                        }
+                Err(e) => {
+                    // The journal keeps the duty: the next daemon start tries again.
+                    tracing::error!(op = %op.id, domain = %name, error = %e.chain(), "could not start the domain again");
+                    if res.is_ok() {
+                        res = Err(Error::new(
+                            e.kind(),
+                            format!("image {} was captured, but domain {name} could not be started again", op.image_name),
+                        )
+                        .with_source(e));
                     }
                 }
-                res
-            }
-            Mode::Quiesce | Mode::CrashConsistent => {
-                let applied = self.prep_before(op, &plan).await?;
-                let mut restore = applied.clone();
-                let res = self.live_read(op, writer, &plan, &mut restore).await;
-                // A failed capture gives the source its configuration back, whatever was asked.
-                if let (Err(_), Some(outcomes)) = (&res, restore) {
-                    self.undo_prep(op, &name, outcomes, false).await;
-                }
-                res
             }
         }
+        if let Some(outcomes) = applied {
+            let undo = plan.decision.restore_source || res.is_err();
+            if undo {
+                self.undo_prep_when_running(op, &name, outcomes, plan.decision.restore_source)
+                    .await;
+            }
+            entry.prep = None;
+            journal.update(&entry);
+        }
+        if !entry.restart {
+            journal.remove(&op.id);
+        }
+        res
+    }
+
+    /// Starts a domain that a shutdown capture shut down (nothing to do when it runs).
+    async fn start_again(&self, op: &OpEntry, name: &str) -> Result<()> {
+        let n = name.to_string();
+        let started = self
+            .hv(move |hv| {
+                if hv.domain_state(&n)? == DomainState::ShutOff {
+                    hv.start(&n)?;
+                    return Ok(true);
+                }
+                Ok(false)
+            })
+            .await?;
+        if started {
+            tracing::info!(op = %op.id, domain = %name, "domain started again");
+        }
+        Ok(())
+    }
+
+    /// Undoes prep in a guest that may be booting: waits (bounded by `capture.agent_wait_secs`)
+    /// for its agent, then restores. A guest left shut off keeps the prep, and the operation
+    /// says so.
+    async fn undo_prep_when_running(
+        &self,
+        op: &OpEntry,
+        name: &str,
+        outcomes: Vec<StepOutcome>,
+        asked: bool,
+    ) {
+        let n = name.to_string();
+        let state = self.hv(move |hv| hv.domain_state(&n)).await;
+        if matches!(state, Ok(DomainState::ShutOff)) {
+            tracing::warn!(op = %op.id, domain = %name, "the domain is shut off with the prep changes applied");
+            op.set_prep(
+                outcomes
+                    .iter()
+                    .map(|o| {
+                        let mut r = report_outcome(o, false);
+                        r.message = format!(
+                            "not undone: domain {name} is shut off with these changes applied (the capture failed before it could be started again)"
+                        );
+                        r
+                    })
+                    .collect(),
+            );
+            return;
+        }
+        let wait = Duration::from_secs(self.inner.cfg.capture.agent_wait_secs);
+        if let Err(e) = wait_for_agent(self.inner.hv.clone(), name, wait).await {
+            tracing::error!(op = %op.id, domain = %name, error = %e.chain(), "cannot undo the prep changes");
+            op.set_prep(
+                outcomes
+                    .iter()
+                    .map(|o| {
+                        let mut r = report_outcome(o, false);
+                        r.outcome = "failed".into();
+                        r.message = format!("restoring the source failed: {}", e.chain());
+                        r
+                    })
+                    .collect(),
+            );
+            return;
+        }
+        self.undo_prep(op, name, outcomes, asked).await;
+    }
+
+    /// Prep (if any), then the live read; a failed capture gives the source its
+    /// configuration back, whatever was asked.
+    async fn live_capture(&self, op: &OpEntry, writer: Sink, plan: &Plan) -> Result<()> {
+        let name = plan.info.name.clone();
+        let journal = Journal::new(&self.inner.cfg.capture.run_dir);
+        let mut entry = Entry::new(&op.id, &name);
+        let applied = self.prep_before(op, plan).await?;
+        entry.prep = applied.clone();
+        if let Err(e) = journal.write(&entry) {
+            if let Some(outcomes) = applied {
+                self.undo_prep(op, &name, outcomes, false).await;
+            }
+            return Err(e);
+        }
+        let mut restore = applied;
+        let res = self
+            .live_read(op, writer, plan, &mut restore, &journal, &mut entry)
+            .await;
+        if let (Err(_), Some(outcomes)) = (&res, restore) {
+            self.undo_prep(op, &name, outcomes, false).await;
+        }
+        entry.prep = None;
+        journal.update(&entry);
+        res
     }
 
     /// Applies the plan's prep steps in the running guest; None when there are none.
@@ -535,9 +598,10 @@ impl Agent {
         writer: Sink,
         plan: &Plan,
         restore: &mut Option<Vec<StepOutcome>>,
+        journal: &Journal,
+        entry: &mut Entry,
     ) -> Result<()> {
         let cfg = &self.inner.cfg.capture;
-        let journal = Journal::new(&cfg.run_dir);
         let quiesce = plan.mode == Mode::Quiesce;
         let all: Vec<String> = plan
             .info
@@ -546,14 +610,10 @@ impl Agent {
             .filter(|d| d.device == "disk")
             .map(|d| d.target.clone())
             .collect();
-        let entry = Entry {
-            op: op.id.clone(),
-            domain: plan.info.name.clone(),
-            backup_dir: cfg.run_dir.join(format!("backup-{}", op.id)),
-            frozen: quiesce,
-            started_at: now_unix(),
-        };
-        journal.write(&entry)?;
+        entry.backup_dir = cfg.run_dir.join(format!("backup-{}", op.id));
+        entry.frozen = quiesce;
+        journal.write(entry)?;
+        let max_freeze = Duration::from_millis(cfg.max_freeze_ms);
         let begun = live::begin(
             self.inner.hv.clone(),
             &plan.info.name,
@@ -562,24 +622,38 @@ impl Agent {
             &cfg.run_dir,
             &op.id,
             quiesce,
-            MAX_FREEZE,
+            max_freeze,
         )
         .await;
         let (export, point) = match begun {
             Ok(x) => x,
             Err(e) => {
-                journal.remove(&op.id);
+                // `begin` thawed and ended what it started; the journal keeps the freeze
+                // until the thaw is confirmed.
+                if quiesce
+                    && !live::thaw_until_thawed(
+                        self.inner.hv.clone(),
+                        plan.info.name.clone(),
+                        Duration::from_secs(30),
+                    )
+                    .await
+                {
+                    return Err(e);
+                }
+                entry.frozen = false;
+                entry.backup_dir = Default::default();
+                journal.update(entry);
                 return Err(e);
             }
         };
-        journal.write(&Entry {
-            frozen: false,
-            ..entry
-        })?;
+        entry.frozen = false;
+        journal.update(entry);
         op.set_freeze_window(point.freeze_window_ms);
-        if plan.restore_source {
+        if plan.decision.restore_source {
             if let Some(outcomes) = restore.take() {
                 self.undo_prep(op, &plan.info.name, outcomes, true).await;
+                entry.prep = None;
+                journal.update(entry);
             }
         }
         if quiesce {
@@ -590,7 +664,10 @@ impl Agent {
             .deliver(op, writer, export.clone(), &plan.provenance())
             .await;
         let ended = export.end().await;
-        journal.remove(&op.id);
+        if ended.is_ok() {
+            entry.backup_dir = Default::default();
+            journal.update(entry);
+        }
         res?;
         ended
     }
@@ -771,27 +848,44 @@ struct GuestOs {
     id: Option<String>,
 }
 
-/// The consistency level a mode gives.
-pub fn consistency_of(mode: Mode) -> &'static str {
-    match mode {
-        Mode::Cold | Mode::Auto | Mode::Shutdown => "cold",
-        Mode::Quiesce => "quiesced",
-        Mode::CrashConsistent => "crash-consistent",
-    }
+/// An OS id as `/etc/os-release` `ID=` spells them ("debian", "rhel", "opensuse-leap",
+/// "mswindows"): 1 to 64 lower-case letters, digits, '.', '_' or '-', starting with a letter or
+/// digit.
+pub fn valid_os_id(id: &str) -> bool {
+    (1..=64).contains(&id.len())
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"._-".contains(&b))
+        && id.as_bytes()[0].is_ascii_alphanumeric()
 }
 
-/// Parses a mode name from the CLI.
-pub fn parse_mode(s: &str) -> Result<Mode> {
-    Ok(match s {
-        "auto" => Mode::Auto,
-        "cold" => Mode::Cold,
-        "shutdown" => Mode::Shutdown,
-        "quiesce" => Mode::Quiesce,
-        "crash-consistent" => Mode::CrashConsistent,
-        other => {
-            return Err(invalid(format!(
-                "capture mode {other:?} is unknown: use auto, cold, shutdown, quiesce or crash-consistent"
-            )))
+#[cfg(test)]
+mod tests {
+    use super::valid_os_id;
+
+    #[test]
+    fn guest_os_ids_are_checked_before_they_reach_glance() {
+        for ok in [
+            "debian",
+            "rhel",
+            "opensuse-leap",
+            "sles_sap",
+            "ubuntu.22",
+            "mswindows",
+        ] {
+            assert!(valid_os_id(ok), "{ok}");
         }
-    })
+        for bad in [
+            "",
+            "Debian",
+            "deb ian",
+            "x\u{1b}[2J",
+            "-rf",
+            "a/b",
+            &"a".repeat(65),
+            "dé",
+        ] {
+            assert!(!valid_os_id(bad), "{bad:?}");
+        }
+    }
 }

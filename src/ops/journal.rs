@@ -1,41 +1,86 @@
-//! The live-capture journal: what a running capture did to a guest that a restarted daemon
-//! must undo (a freeze, a backup job, a scratch directory).
+//! The capture journal: what a running capture did to a guest that a restarted daemon must
+//! undo or finish. Each duty is recorded *before* the step that creates it and cleared only
+//! once it is done:
 //!
-//! One small JSON file per live capture under `<run_dir>/journal/`, written (temp + rename)
-//! before the guest is frozen and removed once the backup job has ended. It lives under
-//! `/run` on purpose: after a host reboot no guest is frozen and no job runs, so nothing
-//! stale can be replayed. At start the daemon [`recover`]s every entry it finds: it thaws the
-//! guest until `guest-fsfreeze-status` says thawed, ends the backup job and removes the
-//! scratch directory.
+//! - `frozen`: the guest's filesystems may be frozen → thaw until the agent says thawed;
+//! - `backup_dir`: a pull-mode backup job may run, exporting on `backup_dir/nbd.sock` → end it
+//!   (only that job: a job another tool started is never aborted) and remove the directory;
+//! - `restart`: a shutdown capture shut the guest down and was asked to start it again →
+//!   start it;
+//! - `prep`: prep steps were applied in the source guest and are to be undone (restore-source,
+//!   or the capture failed) → restore them through the guest agent, from the backups inside
+//!   the guest or, when those are gone (the guest rebooted: they live on its `/run`), from the
+//!   original contents kept in the entry itself.
+//!
+//! One small JSON file per capture under `<run_dir>/journal/` (temp + fsync + rename). It lives
+//! under `/run`: after a host reboot nothing is frozen and no job runs. At start the daemon
+//! [`Journal::recover`]s every entry before it opens the repository or serves a call, and removes
+//! an entry only once each of its duties is confirmed done; what cannot be done yet (the guest
+//! agent does not answer) stays for the next start, and says so in the log.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
 use crate::capture::live::thaw_until_thawed;
-use crate::error::Result;
-use crate::hypervisor::Hypervisor;
+use crate::error::{Error, Result};
+use crate::guest::prep::StepOutcome;
+use crate::hypervisor::{DomainState, Hypervisor};
 use crate::util;
 
-/// One live capture in progress.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+/// The duties one capture in progress leaves if the daemon dies.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
 pub struct Entry {
     pub op: String,
     pub domain: String,
-    /// The backup job's directory (socket, scratch file).
+    /// The backup job's directory (socket, scratch file); empty when no job was begun.
+    #[serde(default)]
     pub backup_dir: PathBuf,
     /// Set before the freeze, cleared after the thaw.
+    #[serde(default)]
     pub frozen: bool,
+    /// Start the domain again (a shutdown capture with restart).
+    #[serde(default)]
+    pub restart: bool,
+    /// Prep applied in the source and still to be undone.
+    #[serde(default)]
+    pub prep: Option<Vec<StepOutcome>>,
     pub started_at: i64,
 }
+
+impl Entry {
+    /// An entry with no duty yet.
+    pub fn new(op: &str, domain: &str) -> Entry {
+        Entry {
+            op: op.to_string(),
+            domain: domain.to_string(),
+            started_at: util::now_unix(),
+            ..Entry::default()
+        }
+    }
+
+    fn has_duties(&self) -> bool {
+        self.frozen
+            || !self.backup_dir.as_os_str().is_empty()
+            || self.restart
+            || self.prep.is_some()
+    }
+}
+
+/// A hypervisor call run on the blocking pool during recovery.
+type HvCall = Box<dyn FnOnce(&dyn Hypervisor) -> Result<()> + Send>;
 
 /// The journal directory.
 #[derive(Debug, Clone)]
 pub struct Journal {
     dir: PathBuf,
 }
+
+/// How long recovery waits for a restarted guest's agent before it leaves a prep restore for
+/// the next start.
+const RECOVERY_AGENT_WAIT: Duration = Duration::from_secs(180);
 
 impl Journal {
     /// The journal under `run_dir`.
@@ -49,13 +94,24 @@ impl Journal {
         self.dir.join(format!("{op}.json"))
     }
 
-    /// Records (or updates) an entry durably.
+    /// Records (or updates) an entry durably; an entry with no duty left is removed.
     pub fn write(&self, e: &Entry) -> Result<()> {
-        std::fs::create_dir_all(&self.dir).map_err(|err| {
-            crate::error::Error::io(format!("creating journal {}", self.dir.display()), err)
-        })?;
+        if !e.has_duties() {
+            self.remove(&e.op);
+            return Ok(());
+        }
+        std::fs::create_dir_all(&self.dir)
+            .map_err(|err| Error::io(format!("creating journal {}", self.dir.display()), err))?;
         let json = serde_json::to_vec(e).unwrap_or_default();
         util::write_atomic(&self.path(&e.op), &json)
+    }
+
+    /// Records an entry; on failure only logs (the in-memory duty still runs, and a journal
+    /// that cannot be written is reported by the writes that must succeed).
+    pub fn update(&self, e: &Entry) {
+        if let Err(err) = self.write(e) {
+            tracing::error!(op = %e.op, domain = %e.domain, error = %err.chain(), "cannot update the capture journal");
+        }
     }
 
     /// Forgets an entry.
@@ -63,40 +119,170 @@ impl Journal {
         let _ = std::fs::remove_file(self.path(op));
     }
 
-    /// Every entry left behind.
+    /// Every entry left behind. Unreadable files are named in the log and left in place.
     pub fn entries(&self) -> Vec<Entry> {
         let Ok(rd) = std::fs::read_dir(&self.dir) else {
             return Vec::new();
         };
-        rd.flatten()
-            .filter(|e| e.file_name().to_string_lossy().ends_with(".json"))
-            .filter_map(|e| std::fs::read(e.path()).ok())
-            .filter_map(|b| serde_json::from_slice(&b).ok())
-            .collect()
+        let mut out = Vec::new();
+        for f in rd.flatten() {
+            let p = f.path();
+            if !f.file_name().to_string_lossy().ends_with(".json") {
+                continue;
+            }
+            match std::fs::read(&p)
+                .ok()
+                .and_then(|b| serde_json::from_slice(&b).ok())
+            {
+                Some(e) => out.push(e),
+                None => {
+                    tracing::error!(file = %p.display(), "capture journal entry cannot be read; left in place for an admin")
+                }
+            }
+        }
+        out
     }
 
-    /// Undoes what dead captures left: thaws, ends backup jobs, removes scratch directories.
+    /// Carries out what dead captures left: thaws, ends their backup jobs, starts domains
+    /// again, restores prep. An entry goes once all its duties are done.
     pub async fn recover(&self, hv: Arc<dyn Hypervisor>) {
         for e in self.entries() {
-            tracing::warn!(op = %e.op, domain = %e.domain, frozen = e.frozen, "recovering a live capture left by a previous run");
-            if e.frozen {
-                thaw_until_thawed(hv.clone(), e.domain.clone(), Duration::from_secs(30)).await;
+            tracing::warn!(op = %e.op, domain = %e.domain, frozen = e.frozen, backup = !e.backup_dir.as_os_str().is_empty(),
+                restart = e.restart, prep = e.prep.is_some(), "recovering a capture left by a previous run");
+            self.recover_one(hv.clone(), e).await;
+        }
+    }
+
+    async fn recover_one(&self, hv: Arc<dyn Hypervisor>, mut e: Entry) {
+        let call = |f: HvCall| {
+            let h = hv.clone();
+            async move {
+                tokio::task::spawn_blocking(move || f(h.as_ref()))
+                    .await
+                    .unwrap_or_else(|_| Err(crate::error::internal("a recovery task failed")))
             }
-            let (h, d) = (hv.clone(), e.domain.clone());
-            match tokio::task::spawn_blocking(move || h.backup_end(&d)).await {
-                Ok(Ok(())) => tracing::info!(domain = %e.domain, "backup job ended"),
-                Ok(Err(err)) => {
-                    tracing::warn!(domain = %e.domain, error = %err.chain(), "could not end backup job")
+        };
+        if e.frozen {
+            if !thaw_until_thawed(hv.clone(), e.domain.clone(), Duration::from_secs(30)).await {
+                tracing::error!(op = %e.op, domain = %e.domain, "the guest could not be confirmed thawed; the journal entry stays for the next start");
+                return;
+            }
+            e.frozen = false;
+            self.update(&e);
+        }
+        if !e.backup_dir.as_os_str().is_empty() {
+            let (d, sock) = (e.domain.clone(), e.backup_dir.join("nbd.sock"));
+            match call(Box::new(move |h| h.backup_end(&d, &sock))).await {
+                Ok(()) => tracing::info!(op = %e.op, domain = %e.domain, "backup job ended"),
+                Err(err) if err.kind() == crate::error::ErrorKind::NotFound => {}
+                Err(err) if err.kind() == crate::error::ErrorKind::FailedPrecondition => {
+                    // Another tool's job: not ours to end, and ours is gone.
+                    tracing::warn!(op = %e.op, domain = %e.domain, error = %err.chain(), "left another backup job alone");
                 }
-                Err(_) => {}
+                Err(err) => {
+                    tracing::error!(op = %e.op, domain = %e.domain, error = %err.chain(), "could not end the backup job; the journal entry stays for the next start");
+                    return;
+                }
             }
+            // Only directories of our own run dir are removed.
             if e.backup_dir
                 .starts_with(self.dir.parent().unwrap_or(Path::new("/nonexistent")))
             {
                 let _ = std::fs::remove_dir_all(&e.backup_dir);
             }
-            self.remove(&e.op);
+            e.backup_dir = PathBuf::new();
+            self.update(&e);
         }
+        if e.restart {
+            let d = e.domain.clone();
+            let res = call(Box::new(move |h| {
+                if h.domain_state(&d)? == DomainState::ShutOff {
+                    h.start(&d)?;
+                }
+                Ok(())
+            }))
+            .await;
+            match res {
+                Ok(()) => tracing::info!(op = %e.op, domain = %e.domain, "domain running again"),
+                Err(err) if err.kind() == crate::error::ErrorKind::NotFound => {
+                    self.remove(&e.op);
+                    return;
+                }
+                Err(err) => {
+                    tracing::error!(op = %e.op, domain = %e.domain, error = %err.chain(), "could not start the domain again; the journal entry stays for the next start");
+                    return;
+                }
+            }
+            e.restart = false;
+            self.update(&e);
+        }
+        if let Some(outcomes) = e.prep.clone() {
+            match restore_prep_when_ready(hv.clone(), &e.domain, outcomes).await {
+                Ok(()) => {
+                    tracing::info!(op = %e.op, domain = %e.domain, "prep changes undone in the source")
+                }
+                Err(err) if err.kind() == crate::error::ErrorKind::Unavailable => {
+                    tracing::error!(op = %e.op, domain = %e.domain, error = %err.chain(), "cannot undo the prep changes yet; the journal entry stays for the next start");
+                    return;
+                }
+                Err(err) => {
+                    // Tried once in full: repeating a partial restore would not help.
+                    tracing::error!(op = %e.op, domain = %e.domain, error = %err.chain(), "undoing the prep changes failed; check the guest's files by hand");
+                }
+            }
+            e.prep = None;
+            self.update(&e);
+        }
+        self.remove(&e.op);
+    }
+}
+
+/// Waits (bounded) until the domain runs and its agent answers, then restores the prep. An
+/// agent that never answers is UNAVAILABLE (try again later); a domain that is gone NOT_FOUND.
+pub async fn restore_prep_when_ready(
+    hv: Arc<dyn Hypervisor>,
+    domain: &str,
+    outcomes: Vec<StepOutcome>,
+) -> Result<()> {
+    wait_for_agent(hv.clone(), domain, RECOVERY_AGENT_WAIT).await?;
+    let d = domain.to_string();
+    tokio::task::spawn_blocking(move || {
+        let agent = crate::guest::HypervisorAgent::through(hv, &d);
+        crate::guest::prep::restore(&agent, &outcomes)
+    })
+    .await
+    .unwrap_or_else(|_| Err(crate::error::internal("a restore task failed")))
+}
+
+/// Waits until `domain` runs and its guest agent answers a ping, for at most `limit`.
+pub async fn wait_for_agent(hv: Arc<dyn Hypervisor>, domain: &str, limit: Duration) -> Result<()> {
+    let t0 = Instant::now();
+    loop {
+        let (h, d) = (hv.clone(), domain.to_string());
+        let res = tokio::task::spawn_blocking(move || {
+            if h.domain_state(&d)? != DomainState::Running {
+                return Ok(false);
+            }
+            Ok(h.agent_command(&d, r#"{"execute":"guest-ping"}"#, 5)
+                .is_ok())
+        })
+        .await
+        .unwrap_or_else(|_| Err(crate::error::internal("an agent wait task failed")));
+        match res {
+            Ok(true) => return Ok(()),
+            Err(e) if e.kind() == crate::error::ErrorKind::NotFound => return Err(e),
+            _ => {}
+        }
+        if t0.elapsed() > limit {
+            return Err(Error::new(
+                crate::error::ErrorKind::Unavailable,
+                format!(
+                    "the guest agent of domain {domain} did not answer within {} s",
+                    limit.as_secs()
+                ),
+            ));
+        }
+        tokio::time::sleep(Duration::from_secs(2)).await;
     }
 }
 
@@ -105,20 +291,37 @@ mod tests {
     use super::*;
 
     #[test]
-    fn entries_round_trip() {
+    fn entries_round_trip_and_an_entry_without_duties_is_removed() {
         let d = tempfile::tempdir().unwrap();
         let j = Journal::new(d.path());
         assert!(j.entries().is_empty());
-        let e = Entry {
-            op: "op-1".into(),
-            domain: "web".into(),
-            backup_dir: d.path().join("b"),
-            frozen: true,
-            started_at: 5,
-        };
+        let mut e = Entry::new("op-1", "web");
+        e.backup_dir = d.path().join("b");
+        e.frozen = true;
+        e.restart = true;
         j.write(&e).unwrap();
         assert_eq!(j.entries(), vec![e.clone()]);
-        j.remove("op-1");
-        assert!(j.entries().is_empty());
+        e.frozen = false;
+        e.backup_dir = PathBuf::new();
+        j.write(&e).unwrap();
+        assert_eq!(j.entries(), vec![e.clone()]);
+        e.restart = false;
+        j.write(&e).unwrap();
+        assert!(j.entries().is_empty(), "no duty left: the entry is gone");
+    }
+
+    #[test]
+    fn entries_of_the_previous_format_still_read() {
+        let d = tempfile::tempdir().unwrap();
+        let j = Journal::new(d.path());
+        std::fs::create_dir_all(d.path().join("journal")).unwrap();
+        std::fs::write(
+            d.path().join("journal/op-2.json"),
+            br#"{"op":"op-2","domain":"db","backup_dir":"/run/imaged/nbd/backup-op-2","frozen":false,"started_at":7}"#,
+        )
+        .unwrap();
+        let e = &j.entries()[0];
+        assert_eq!(e.domain, "db");
+        assert!(!e.restart && e.prep.is_none());
     }
 }

@@ -20,6 +20,7 @@
 
 pub mod capture;
 pub mod journal;
+pub mod mode;
 pub mod operation;
 pub mod prep;
 
@@ -37,7 +38,8 @@ use crate::export::{self, Format};
 use crate::hypervisor::{DomainInfo, Hypervisor};
 use crate::repo::{DeleteStats, ImageRecord, ImageWriter, Repository};
 use crate::util::validate_image_name;
-pub use capture::{parse_mode, CaptureParams, Mode, TargetSpec};
+pub use capture::{CaptureParams, TargetSpec};
+pub use mode::{parse_mode, Mode};
 pub use operation::{
     OpEntry, OpError, OpKind, OpState, OpStatus, Operation, PrepReport, ProgressSnapshot,
     ReportedChange,

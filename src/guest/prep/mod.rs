@@ -203,6 +203,32 @@ pub struct AppliedFile {
     pub backup: String,
     /// sha256 of the original content (hex; empty for a created file).
     pub original_sha256: String,
+    /// The original content, kept on the host too (base64 in the journal): the backup in the
+    /// guest lives on its `/run` and is gone once the guest reboots (a shutdown capture). None
+    /// for a created file and a removed symbolic link.
+    #[serde(default, skip_serializing_if = "Option::is_none", with = "b64_opt")]
+    pub original: Option<Vec<u8>>,
+}
+
+/// Bytes as base64 text in serialized outcomes.
+mod b64_opt {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(v: &Option<Vec<u8>>, s: S) -> Result<S::Ok, S::Error> {
+        match v {
+            Some(b) => s.serialize_some(&crate::guest::agent::encode_b64(b)),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Vec<u8>>, D::Error> {
+        let text: Option<String> = Option::deserialize(d)?;
+        text.map(|t| {
+            crate::guest::agent::decode_b64_capped(&t, 64 << 20)
+                .ok_or_else(|| serde::de::Error::custom("original content is not base64"))
+        })
+        .transpose()
+    }
 }
 
 /// A swap area an apply switched off.
@@ -1337,6 +1363,7 @@ done"#,
                 action,
                 backup: String::new(),
                 original_sha256: String::new(),
+                original: None,
             });
             continue;
         };
@@ -1362,6 +1389,7 @@ done"#,
             action,
             backup: dest,
             original_sha256: sha256_hex(old),
+            original: (!is_link).then(|| old.clone()),
         });
     }
     Ok(out)
@@ -1371,17 +1399,22 @@ fn restore_file(ctx: &Ctx<'_>, f: &AppliedFile) -> Result<()> {
     match f.action {
         FileAction::Create => ctx.agent.remove_file(&f.path),
         FileAction::Modify => {
-            let data = ctx.agent.read_file(&f.backup)?.ok_or_else(|| {
-                Error::new(
-                    ErrorKind::FailedPrecondition,
-                    format!(
-                        "cannot restore {} in domain {}: its backup {} is gone",
-                        f.path,
-                        ctx.dom(),
-                        f.backup
-                    ),
-                )
-            })?;
+            let data = match (ctx.agent.read_file(&f.backup)?, &f.original) {
+                (Some(d), _) => d,
+                // The guest rebooted since (its /run is new): the host kept the content.
+                (None, Some(orig)) => orig.clone(),
+                (None, None) => {
+                    return Err(Error::new(
+                        ErrorKind::FailedPrecondition,
+                        format!(
+                            "cannot restore {} in domain {}: its backup {} is gone",
+                            f.path,
+                            ctx.dom(),
+                            f.backup
+                        ),
+                    ))
+                }
+            };
             if sha256_hex(&data) != f.original_sha256 {
                 return Err(Error::new(
                     ErrorKind::FailedPrecondition,
@@ -1395,14 +1428,23 @@ fn restore_file(ctx: &Ctx<'_>, f: &AppliedFile) -> Result<()> {
             }
             ctx.agent.write_file(&f.path, &data, None)
         }
-        FileAction::Delete => ctx
-            .sh(
+        FileAction::Delete => {
+            // The backup keeps the file as it was (a link stays a link, modes and owner kept);
+            // when the guest rebooted since, the host's copy of the content is written back.
+            let res = ctx.sh(
                 &format!("restoring {} from {}", f.path, f.backup),
-                r#"[ -e "$1" ] || [ -L "$1" ] || { echo "backup $1 is gone" >&2; exit 1; }
+                r#"[ -e "$1" ] || [ -L "$1" ] || { echo "backup $1 is gone" >&2; exit 3; }
 cp -a -- "$1" "$2""#,
                 &[&f.backup, &f.path],
-            )
-            .map(|_| ()),
+            );
+            match (res, &f.original) {
+                (Ok(_), _) => Ok(()),
+                (Err(_), Some(orig)) if sha256_hex(orig) == f.original_sha256 => {
+                    ctx.agent.write_file(&f.path, orig, None)
+                }
+                (Err(e), _) => Err(e),
+            }
+        }
     }
 }
 
@@ -1647,6 +1689,7 @@ mod tests {
                 action: FileAction::Modify,
                 backup: format!("{BACKUP_ROOT}/apply-1/etc/fstab"),
                 original_sha256: sha256_hex(b"x"),
+                original: Some(b"UUID=1 / ext4 defaults 0 1\n\x1b[2J".to_vec()),
             }],
             unmounted: vec![Mount {
                 target: "/mnt/data".into(),
