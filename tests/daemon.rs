@@ -99,6 +99,64 @@ fn notifies_readiness_and_stops_cleanly_on_sigterm() {
     );
 }
 
+/// The signal mask line `key` (SigBlk, SigCgt) of a process, as a bit set.
+fn signal_mask(pid: u32, key: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("{key}:")))
+        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        .unwrap_or(0)
+}
+
+/// A stop request that comes while the daemon is still starting (before it binds its socket
+/// or says READY) is served gracefully once the handler is in place: the daemon never dies by
+/// the signal's default action. Each round sends SIGTERM as soon as the new process holds it
+/// (its main's first line), at a different moment of the start-up.
+#[test]
+fn sigterm_during_start_up_stops_gracefully() {
+    let mut d = Daemon::start();
+    assert!(d.stop().success());
+    let mut held_early = 0;
+    for round in 0..12u64 {
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_imaged"))
+            .arg("--config")
+            .arg(d.dir.path().join("imaged.toml"))
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let term = 1u64 << (libc::SIGTERM - 1);
+        let t0 = std::time::Instant::now();
+        while signal_mask(child.id(), "SigBlk") & term == 0
+            && signal_mask(child.id(), "SigCgt") & term == 0
+        {
+            assert!(
+                t0.elapsed() < Duration::from_secs(10),
+                "imaged never held SIGTERM"
+            );
+            std::thread::yield_now();
+        }
+        if signal_mask(child.id(), "SigBlk") & term != 0 {
+            held_early += 1;
+        }
+        std::thread::sleep(Duration::from_millis(round * 3));
+        // SAFETY: kill(2) with a pid we spawned and have not reaped.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        let st = child.wait().unwrap();
+        assert!(
+            st.success(),
+            "round {round}: imaged died of the signal or failed: {st:?}"
+        );
+    }
+    assert!(
+        held_early > 0,
+        "SIGTERM was never seen held during start-up: a stop request then would kill imaged"
+    );
+    std::fs::remove_file(&d.socket).ok();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn health_and_reflection_are_served() {
     let d = Daemon::start();

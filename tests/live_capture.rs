@@ -9,7 +9,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::daemon::{run, Daemon};
+use common::daemon::{run, Daemon, DaemonOptions};
 use common::lab::{Guest, Lab};
 use imaged::proto;
 use tonic::Code;
@@ -42,6 +42,16 @@ fn fsck(raw: &Path) -> (i32, String) {
         out.status.code().unwrap_or(-1),
         String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
     )
+}
+
+/// The uid and gid QEMU runs as on this host.
+fn qemu_user() -> (u32, u32) {
+    imaged::capture::live::qemu_ids(
+        &std::fs::read_to_string("/etc/libvirt/qemu.conf").unwrap_or_default(),
+        &std::fs::read_to_string("/etc/passwd").unwrap(),
+        &std::fs::read_to_string("/etc/group").unwrap(),
+    )
+    .expect("QEMU's user")
 }
 
 fn boot(g: &Guest) {
@@ -233,25 +243,74 @@ async fn a_guest_is_never_left_frozen() {
         ),
     )
     .unwrap();
-    let t0 = Instant::now();
-    d.restart();
-    while !fsfreeze_status(&g).contains("thawed") {
-        assert!(
-            t0.elapsed() < Duration::from_secs(60),
-            "the restarted daemon did not thaw the guest:\n{}",
-            d.log_text()
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    // Its repository cannot be opened (a file where the directory was): the daemon cannot
+    // serve, but it thaws the guest before it gives up.
+    let saved = d.repo.with_extension("saved");
+    std::fs::rename(&d.repo, &saved).unwrap();
+    std::fs::write(&d.repo, b"not a directory").unwrap();
+    let status = d.run_to_exit(Duration::from_secs(90));
+    assert!(!status.success(), "imaged served without its repository");
     assert!(
-        !journal.join("op-killed.json").exists(),
-        "journal entry not cleared"
+        fsfreeze_status(&g).contains("thawed"),
+        "a broken repository kept the guest frozen:\n{}",
+        d.log_text()
     );
     assert!(
-        d.log_text().contains("recovering a live capture"),
+        !journal.join("op-killed.json").exists(),
+        "journal entry not cleared once the thaw was confirmed"
+    );
+    assert!(
+        d.log_text().contains("recovering a capture"),
         "{}",
         d.log_text()
     );
+    std::fs::remove_file(&d.repo).unwrap();
+    std::fs::rename(&saved, &d.repo).unwrap();
+    d.restart();
+
+    // 1b. A backup job that imaged did not start is never aborted, even when a journal entry
+    //     of ours names the same domain: the restarted daemon leaves it running.
+    assert!(d.stop().success());
+    let foreign = tempfile::Builder::new()
+        .prefix("foreign-backup-")
+        .tempdir()
+        .unwrap();
+    let (uid, gid) = qemu_user();
+    std::os::unix::fs::chown(foreign.path(), Some(uid), Some(gid)).unwrap();
+    let xml = foreign.path().join("backup.xml");
+    std::fs::write(
+        &xml,
+        format!(
+            "<domainbackup mode='pull'><server transport='unix' socket='{0}/nbd.sock'/><disks>\
+             <disk name='vda' backup='yes' type='file'><scratch file='{0}/scratch.qcow2'/></disk>\
+             </disks></domainbackup>",
+            foreign.path().display()
+        ),
+    )
+    .unwrap();
+    run("virsh", &["backup-begin", g.name(), xml.to_str().unwrap()]);
+    std::fs::write(
+        journal.join("op-other.json"),
+        format!(
+            r#"{{"op":"op-other","domain":"{}","backup_dir":"{}","frozen":false,"started_at":0}}"#,
+            g.name(),
+            d.run_dir().join("backup-op-other").display()
+        ),
+    )
+    .unwrap();
+    d.restart();
+    assert!(
+        !run("virsh", &["domjobinfo", g.name()]).contains("None"),
+        "imaged aborted a backup job it did not start:\n{}",
+        d.log_text()
+    );
+    assert!(
+        d.log_text().contains("left another backup job alone"),
+        "{}",
+        d.log_text()
+    );
+    assert!(!journal.join("op-other.json").exists());
+    run("virsh", &["domjobabort", g.name()]);
 
     // 2. The daemon is killed (SIGKILL) while it reads from a live backup job: the restarted
     //    daemon ends the job QEMU still runs and removes its scratch directory.
@@ -381,4 +440,47 @@ async fn a_guest_is_never_left_frozen() {
         Some(3),
         "a failed capture must not be listed"
     );
+}
+
+/// A "quiesced" label is never false: when the backup job begins only after the freeze bound
+/// (here 1 ms, so always), the guard has thawed the guest first, and the capture fails saying
+/// so instead of labelling a post-thaw image quiesced. The guest is thawed, no job or image is
+/// left.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quiesce_that_outlasts_its_freeze_bound_fails_instead_of_lying() {
+    let lab = Lab::get();
+    let g = lab.guest("bound").create();
+    boot(&g);
+    let d = Daemon::start_with(DaemonOptions {
+        capture_toml: "max_freeze_ms = 1".into(),
+        ..Default::default()
+    });
+    let mut images = d.images().await;
+    let op = images
+        .capture(req(g.name(), "not-quiesced", proto::CaptureMode::Quiesce))
+        .await
+        .unwrap()
+        .into_inner();
+    let end = d.wait_op(&op.id).await;
+    assert_eq!(state(&end), proto::OperationState::Failed, "{end:?}");
+    let msg = end.error.unwrap().message;
+    assert!(
+        msg.contains("freeze bound") && msg.contains("crash-consistent"),
+        "{msg}"
+    );
+    assert!(fsfreeze_status(&g).contains("thawed"));
+    assert!(run("virsh", &["domjobinfo", g.name()]).contains("None"));
+    assert_eq!(
+        d.imagectl(&["image", "not-quiesced"]).status.code(),
+        Some(3)
+    );
+    assert_eq!(
+        std::fs::read_dir(d.run_dir().join("journal"))
+            .map(|r| r.count())
+            .unwrap_or(0),
+        0,
+        "journal entry left"
+    );
+    assert_eq!(g.state(), "running");
+    g.destroy();
 }

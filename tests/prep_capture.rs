@@ -1,8 +1,10 @@
-//! Issue 3 end to end: a running guest with a static network configuration, persistent-net
-//! udev rules, an rc file and a real data disk mounted through fstab is captured in quiesce
-//! mode with `--prep all --restore-source` through imagectl. The *image* is prepared (read
-//! straight out of the exported ext4 image with debugfs) and boots to its guest agent; the
-//! *source* is exactly as it was, data disk mounted.
+//! Prep end to end: a running guest with a static network configuration, persistent-net udev
+//! rules, an rc file and a real data disk mounted through fstab is captured with `--prep all
+//! --restore-source` through imagectl, in quiesce mode and in shutdown mode (prep in the running
+//! guest, shut down, capture, start again, undo). The *image* is prepared (read straight out of
+//! the exported ext4 image with debugfs) and boots to its guest agent; the *source* is exactly
+//! as it was, data disk mounted. A daemon killed between the prep and its undo leaves a journal
+//! entry that the restarted daemon carries out.
 
 mod common;
 
@@ -54,14 +56,13 @@ fn watched(g: &Guest) -> Vec<(String, Option<Vec<u8>>)> {
     .collect()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn quiesced_capture_with_prep_prepares_the_image_and_restores_the_source() {
-    let lab = Lab::get();
-    let g = lab.guest("prep").data_disk(64 << 20).create();
+/// A running guest whose configuration every prep step changes: static network, udev rule,
+/// rc file, a data disk mounted by UUID. Returns it with the data disk's UUID.
+fn prepared_source(lab: &Lab, prefix: &str) -> (Guest, String) {
+    let g = lab.guest(prefix).data_disk(64 << 20).create();
     g.start();
     g.wait_agent(Duration::from_secs(180));
     g.wait_booted(Duration::from_secs(180));
-    // The source: static network, udev rule, rc file, a data disk mounted by UUID.
     g.write_file("/etc/network/interfaces", INTERFACES.as_bytes());
     g.write_file("/etc/udev/rules.d/70-persistent-net.rules", UDEV.as_bytes());
     g.write_file("/etc/init.d/rc", RC.as_bytes());
@@ -73,6 +74,183 @@ async fn quiesced_capture_with_prep_prepares_the_image_and_restores_the_source()
         .trim()
         .to_string();
     sh_ok(&g, &format!("echo 'UUID={uuid} /mnt/data ext4 defaults 0 2' >> /etc/fstab && mount /mnt/data && echo kept > /mnt/data/file && sync"));
+    (g, uuid)
+}
+
+/// The image `name` of `d`, exported raw, has every prep step applied.
+fn assert_image_prepared(d: &Daemon, name: &str, uuid: &str) {
+    let raw = d.dir.path().join(format!("{name}.raw"));
+    assert_eq!(
+        d.imagectl_json(&[
+            "export",
+            name,
+            "--format",
+            "raw",
+            "-o",
+            raw.to_str().unwrap()
+        ])["state"],
+        "active"
+    );
+    let ifaces = image_file(&raw, "/etc/network/interfaces").expect("interfaces in the image");
+    assert!(
+        ifaces.contains("iface eth0 inet dhcp") && !ifaces.contains("192.0.2.10"),
+        "{ifaces}"
+    );
+    assert!(
+        image_file(&raw, "/etc/udev/rules.d/70-persistent-net.rules").is_none(),
+        "udev rule still in the image"
+    );
+    let rc = image_file(&raw, "/etc/init.d/rc").expect("rc in the image");
+    assert_eq!(rc.matches(HOOK).count(), 1, "{rc}");
+    let fstab = image_file(&raw, "/etc/fstab").expect("fstab in the image");
+    assert!(
+        !fstab.contains(uuid),
+        "data disk in the image's fstab: {fstab}"
+    );
+    let _ = std::fs::remove_file(&raw);
+}
+
+/// The source guest is back as it was: files, data disk mounted with its data.
+fn assert_source_restored(g: &Guest, before: &[(String, Option<Vec<u8>>)], d: &Daemon) {
+    assert_eq!(
+        watched(g),
+        before,
+        "the source was not restored:\n{}",
+        d.log_text()
+    );
+    assert!(sh_ok(g, "findmnt -n -o TARGET /mnt/data").contains("/mnt/data"));
+    assert_eq!(sh_ok(g, "cat /mnt/data/file").trim(), "kept");
+}
+
+/// Shutdown mode with prep (the seeds' own flow: prep the VM, shut it down, capture it): the
+/// prep runs in the running guest before the shutdown, the image has it, and with `--restart
+/// --restore-source` the guest runs again with its own configuration. The same request on a
+/// shut-off guest is refused naming what works. A daemon killed while the prepped guest shuts
+/// down leaves a journal entry: the restarted daemon starts the guest and undoes the prep.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_capture_with_prep_prepares_the_image_restarts_and_restores_the_source() {
+    let lab = Lab::get();
+    let (g, uuid) = prepared_source(lab, "prepoff");
+    let before = watched(&g);
+    let mut d = Daemon::start();
+
+    let op = d.imagectl_json(&[
+        "capture",
+        g.name(),
+        "--name",
+        "offprep",
+        "--mode",
+        "shutdown",
+        "--prep",
+        "all",
+        "--restart",
+        "--restore-source",
+    ]);
+    assert_eq!(op["state"], "active", "{op}\n{}", d.log_text());
+    assert_eq!(op["consistency"], "cold");
+    let reports = op["prep"].as_array().expect("prep reports");
+    assert_eq!(reports.len(), 4, "{op}");
+    for r in reports {
+        assert_eq!(r["outcome"], "restored", "{r}");
+    }
+    assert_eq!(g.state(), "running", "the guest was not started again");
+    g.wait_booted(Duration::from_secs(180));
+    assert_source_restored(&g, &before, &d);
+    assert_image_prepared(&d, "offprep", &uuid);
+
+    // Prep on a shut-off guest: refused (FAILED_PRECONDITION, exit 4), nothing captured.
+    g.shutdown(Duration::from_secs(120));
+    let out = d.imagectl(&[
+        "capture",
+        g.name(),
+        "--name",
+        "never",
+        "--mode",
+        "shutdown",
+        "--prep",
+        "all",
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "prep on a shut-off guest was accepted"
+    );
+    assert!(
+        err.contains("shut off") && err.contains("start it and use mode shutdown"),
+        "{err}"
+    );
+    assert_eq!(d.imagectl(&["image", "never"]).status.code(), Some(3));
+    g.start();
+    g.wait_agent(Duration::from_secs(180));
+    g.wait_booted(Duration::from_secs(180));
+    assert_source_restored(&g, &before, &d);
+
+    // The daemon is killed while the prepped guest shuts down: the restarted daemon starts
+    // the guest again and undoes the prep (from the host's copy: the guest's /run is new).
+    let mut images = d.images().await;
+    let op = images
+        .capture(imaged::proto::CaptureRequest {
+            domain: g.name().into(),
+            image_name: "killed".into(),
+            mode: imaged::proto::CaptureMode::Shutdown as i32,
+            prep: vec!["all".into()],
+            restart: true,
+            restore_source: true,
+            ..Default::default()
+        })
+        .await
+        .expect("capture accepted")
+        .into_inner();
+    let t0 = std::time::Instant::now();
+    let mut ops = d.ops().await;
+    loop {
+        let o = ops
+            .get_operation(imaged::proto::GetOperationRequest { id: op.id.clone() })
+            .await
+            .unwrap()
+            .into_inner();
+        if !o.prep.is_empty() {
+            break; // the prep is applied; the shutdown begins
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(120),
+            "no prep report: {o:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    d.kill();
+    assert_ne!(
+        watched(&g),
+        before,
+        "the prep was not applied before the kill"
+    );
+    let journal = d.run_dir().join("journal");
+    assert_eq!(
+        std::fs::read_dir(&journal).map(|r| r.count()).unwrap_or(0),
+        1,
+        "the prep and the restart are journaled"
+    );
+    d.restart();
+    assert!(
+        d.log_text().contains("prep changes undone in the source"),
+        "{}",
+        d.log_text()
+    );
+    assert_eq!(g.state(), "running");
+    g.wait_booted(Duration::from_secs(180));
+    assert_source_restored(&g, &before, &d);
+    assert_eq!(
+        std::fs::read_dir(&journal).map(|r| r.count()).unwrap_or(0),
+        0,
+        "journal entry left after recovery"
+    );
+    g.destroy();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quiesced_capture_with_prep_prepares_the_image_and_restores_the_source() {
+    let lab = Lab::get();
+    let (g, uuid) = prepared_source(lab, "prep");
     let before = watched(&g);
 
     let d = Daemon::start();

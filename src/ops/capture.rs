@@ -325,12 +325,15 @@ impl Agent {
         }
         let res = async {
             if plan.was_running {
+                entry.shutting_down = true;
+                journal.write(&entry)?;
                 self.shut_down(op, &plan.info, p.shutdown_timeout, p.force_off)
                     .await?;
             }
             self.cold_read(op, writer, plan).await
         }
         .await;
+        entry.shutting_down = false;
         let mut res = res;
         if entry.restart {
             match self.start_again(op, &name).await {

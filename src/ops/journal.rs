@@ -44,6 +44,10 @@ pub struct Entry {
     /// Start the domain again (a shutdown capture with restart).
     #[serde(default)]
     pub restart: bool,
+    /// The guest was asked to shut down (set just before): recovery lets it finish before it
+    /// starts the guest or touches its files.
+    #[serde(default)]
+    pub shutting_down: bool,
     /// Prep applied in the source and still to be undone.
     #[serde(default)]
     pub prep: Option<Vec<StepOutcome>>,
@@ -193,6 +197,9 @@ impl Journal {
             e.backup_dir = PathBuf::new();
             self.update(&e);
         }
+        if e.shutting_down {
+            wait_until_off(hv.clone(), &e.domain, Duration::from_secs(120)).await;
+        }
         if e.restart {
             let d = e.domain.clone();
             let res = call(Box::new(move |h| {
@@ -235,6 +242,24 @@ impl Journal {
         }
         self.remove(&e.op);
     }
+}
+
+/// Waits (bounded) for a domain that was asked to shut down to be shut off (or gone).
+async fn wait_until_off(hv: Arc<dyn Hypervisor>, domain: &str, limit: Duration) {
+    let t0 = Instant::now();
+    while t0.elapsed() < limit {
+        let (h, d) = (hv.clone(), domain.to_string());
+        let state = tokio::task::spawn_blocking(move || h.domain_state(&d)).await;
+        if !matches!(state, Ok(Ok(s)) if s != DomainState::ShutOff) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    tracing::warn!(
+        domain,
+        "the domain did not shut off within {} s of the shutdown request",
+        limit.as_secs()
+    );
 }
 
 /// Waits (bounded) until the domain runs and its agent answers, then restores the prep. An

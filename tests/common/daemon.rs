@@ -47,9 +47,29 @@ impl Daemon {
         self.dir.path().join("run")
     }
 
-    /// Starts a stopped daemon again with the same config (same socket, repository, run dir).
-    pub fn restart(&mut self) {
+    /// Starts a stopped daemon again with the same config and waits, up to `limit`, for it to
+    /// exit by itself (for start-ups that must fail); returns its exit status.
+    pub fn run_to_exit(&mut self, limit: Duration) -> std::process::ExitStatus {
         assert!(self.child.is_none(), "stop the daemon first");
+        let mut child = self.spawn_again();
+        let t0 = Instant::now();
+        loop {
+            if let Some(st) = child.try_wait().unwrap() {
+                return st;
+            }
+            if t0.elapsed() > limit {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!(
+                    "imaged did not exit within {limit:?}; log:\n{}",
+                    self.log_text()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn spawn_again(&self) -> Child {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_imaged"));
         cmd.arg("--config")
             .arg(self.dir.path().join("imaged.toml"))
@@ -61,7 +81,13 @@ impl Daemon {
                 .open(&self.log)
                 .unwrap(),
         );
-        self.child = Some(cmd.spawn().expect("spawning imaged"));
+        cmd.spawn().expect("spawning imaged")
+    }
+
+    /// Starts a stopped daemon again with the same config (same socket, repository, run dir).
+    pub fn restart(&mut self) {
+        assert!(self.child.is_none(), "stop the daemon first");
+        self.child = Some(self.spawn_again());
         self.wait_ready();
     }
 
@@ -113,14 +139,14 @@ impl Daemon {
 
     fn wait_ready(&self) {
         let t0 = Instant::now();
-        while t0.elapsed() < Duration::from_secs(20) {
+        while t0.elapsed() < Duration::from_secs(240) {
             if std::os::unix::net::UnixStream::connect(&self.socket).is_ok() {
                 return;
             }
             std::thread::sleep(Duration::from_millis(50));
         }
         panic!(
-            "imaged did not open {} within 20 s; its log:\n{}",
+            "imaged did not open {} within 240 s; its log:\n{}",
             self.socket.display(),
             self.log_text()
         );
