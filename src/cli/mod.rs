@@ -72,11 +72,16 @@ enum Cmd {
     /// Capture a domain's system disk (or --disk) into a new image.
     ///
     /// Modes: cold (the domain is shut off and kept from starting while its disk is read),
-    /// shutdown (shut the guest down through its agent or ACPI, capture, --restart it),
-    /// quiesce (live: prep steps, filesystems frozen for the consistency point, thawed at
-    /// once), crash-consistent (live, no agent needed). The default picks cold for a shut-off
-    /// domain and quiesce for a running one whose guest agent answers. Waits and shows
-    /// progress unless --no-wait.
+    /// shutdown (prep steps in the running guest, shut it down through its agent or ACPI,
+    /// capture, --restart it), quiesce (live: prep steps, filesystems frozen for the
+    /// consistency point, thawed at once), crash-consistent (live, no agent needed). The
+    /// default picks cold for a shut-off domain and quiesce for a running one whose guest
+    /// agent answers. Options that do not fit the mode or the domain's state are refused
+    /// before anything is touched. Waits and shows progress unless --no-wait.
+    ///
+    /// Examples:
+    ///   imagectl capture web1 --name web1-live --mode quiesce --prep all --restore-source
+    ///   imagectl capture web1 --name web1-gold --mode shutdown --prep all --restart
     Capture {
         /// The libvirt domain.
         domain: String,
@@ -96,14 +101,14 @@ enum Cmd {
         /// Show the changes the prep steps would make (as diffs) and capture nothing.
         #[arg(long)]
         dry_run: bool,
-        /// quiesce: undo the prep changes in the running guest right after the consistency
-        /// point; the image keeps them.
+        /// Undo the prep changes in the source; the image keeps them. quiesce: right after
+        /// the consistency point; shutdown (with --restart): once the guest runs again.
         #[arg(long)]
         restore_source: bool,
         /// shutdown: force the domain off if it has not shut down in time.
         #[arg(long)]
         force_off: bool,
-        /// shutdown: start the domain again afterwards.
+        /// shutdown: start the domain again afterwards, whatever the outcome.
         #[arg(long)]
         restart: bool,
         /// shutdown: seconds to wait for the guest to power off.
