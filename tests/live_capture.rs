@@ -170,6 +170,61 @@ async fn quiesce_crash_consistent_and_shutdown_captures_of_a_running_guest() {
         "the shutdown image's filesystem is not clean:\n{out}"
     );
 
+    // Shutdown with restart, cancelled while the guest shuts down: the operation ends
+    // CANCELLED, no image is listed, and the guest is started again all the same.
+    g.wait_booted(Duration::from_secs(180));
+    let mut r = req(g.name(), "live-cancelled", proto::CaptureMode::Shutdown);
+    r.restart = true;
+    let op = images.capture(r).await.unwrap().into_inner();
+    let t0 = Instant::now();
+    while g.state() == "running" {
+        assert!(
+            t0.elapsed() < Duration::from_secs(120),
+            "the guest never shut down"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut ops = d.ops().await;
+    let _ = ops
+        .cancel_operation(proto::CancelOperationRequest { id: op.id.clone() })
+        .await;
+    let end = d.wait_op(&op.id).await;
+    assert!(
+        matches!(
+            state(&end),
+            proto::OperationState::Cancelled | proto::OperationState::Active
+        ),
+        "{end:?}"
+    );
+    if state(&end) == proto::OperationState::Cancelled {
+        assert_eq!(
+            d.imagectl(&["image", "live-cancelled"]).status.code(),
+            Some(3)
+        );
+    }
+    assert_eq!(
+        g.state(),
+        "running",
+        "restart was asked: {end:?}\n{}",
+        d.log_text()
+    );
+    g.wait_agent(Duration::from_secs(180));
+
+    // Restart and prep options outside shutdown are refused before anything happens.
+    let mut r = req(g.name(), "x", proto::CaptureMode::Quiesce);
+    r.restart = true;
+    let err = images.capture(r).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert!(
+        err.message().contains("restart applies to mode shutdown"),
+        "{}",
+        err.message()
+    );
+    let mut r = req(g.name(), "x", proto::CaptureMode::CrashConsistent);
+    r.prep = vec!["dhcp".into()];
+    let err = images.capture(r).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+
     // Cold on a running domain is refused, naming the state.
     let err = images
         .capture(req(g.name(), "x", proto::CaptureMode::Cold))
