@@ -672,7 +672,12 @@ async fn exports_are_private_files_never_written_through_links() {
         for overwrite in [false, true] {
             let op = export_req(&d, "golden", pf, &p, overwrite).await.unwrap();
             assert_eq!(state(&op), proto::OperationState::Active, "{op:?}");
-            assert_eq!(mode_of(&p), 0o600, "{} (overwrite {overwrite})", p.display());
+            assert_eq!(
+                mode_of(&p),
+                0o600,
+                "{} (overwrite {overwrite})",
+                p.display()
+            );
         }
         assert_identical(&src, "qcow2", &p, fmt);
     }
