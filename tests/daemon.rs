@@ -612,9 +612,13 @@ async fn read_only_repository_is_refused_before_reading() {
     );
 }
 
-fn mode_of(p: &Path) -> u32 {
+/// The permission bits of `p`, in octal like `0600`.
+fn mode_of(p: &Path) -> String {
     use std::os::unix::fs::PermissionsExt;
-    std::fs::symlink_metadata(p).unwrap().permissions().mode() & 0o7777
+    format!(
+        "{:04o}",
+        std::fs::symlink_metadata(p).unwrap().permissions().mode() & 0o7777
+    )
 }
 
 /// Every regular file under `dir` (no link followed).
@@ -674,7 +678,7 @@ async fn exports_are_private_files_never_written_through_links() {
             assert_eq!(state(&op), proto::OperationState::Active, "{op:?}");
             assert_eq!(
                 mode_of(&p),
-                0o600,
+                "0600",
                 "{} (overwrite {overwrite})",
                 p.display()
             );
@@ -755,7 +759,7 @@ async fn configured_export_file_mode_is_honoured_and_world_writable_refused() {
         .await
         .unwrap();
     assert_eq!(state(&op), proto::OperationState::Active, "{op:?}");
-    assert_eq!(mode_of(&p), 0o640);
+    assert_eq!(mode_of(&p), "0640");
 
     let cfg = d.dir.path().join("bad.toml");
     for mode in ["0666", "0602", "0777"] {

@@ -399,9 +399,13 @@ fn file_target(path: &Path, overwrite: bool) -> proto::target::Kind {
     })
 }
 
-fn mode_of(p: &Path) -> u32 {
+/// The permission bits of `p`, in octal like `0600`.
+fn mode_of(p: &Path) -> String {
     use std::os::unix::fs::PermissionsExt;
-    std::fs::symlink_metadata(p).unwrap().permissions().mode() & 0o7777
+    format!(
+        "{:04o}",
+        std::fs::symlink_metadata(p).unwrap().permissions().mode() & 0o7777
+    )
 }
 
 /// Issue 11, item 9: a capture into a file makes a file only root can read (or the configured
@@ -422,7 +426,7 @@ async fn file_target_is_private_and_never_written_through_links() {
             disk.to_str().unwrap(),
         ],
     );
-    for (mode_toml, want) in [("", 0o600), ("[export]\nfile_mode = \"0640\"\n", 0o640)] {
+    for (mode_toml, want) in [("", "0600"), ("[export]\nfile_mode = \"0640\"\n", "0640")] {
         let d = Daemon::start_with(DaemonOptions {
             extra_toml: mode_toml.into(),
             ..Default::default()
