@@ -23,6 +23,7 @@ pub struct Config {
     pub libvirt: LibvirtConfig,
     pub repository: RepositoryConfig,
     pub capture: CaptureConfig,
+    pub export: ExportConfig,
     /// Remote stream targets by name: `[targets.NAME]` with `kind = "glance"` or `"s3"`.
     pub targets: std::collections::BTreeMap<String, crate::target::TargetConfig>,
 }
@@ -125,6 +126,23 @@ impl Default for CaptureConfig {
     }
 }
 
+/// `[export]`: image files this daemon writes on the host (exports and the file target).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ExportConfig {
+    /// Permission bits of those files, octal as a string ("0600": root only). World-writable
+    /// modes are refused.
+    pub file_mode: String,
+}
+
+impl Default for ExportConfig {
+    fn default() -> Self {
+        ExportConfig {
+            file_mode: "0600".into(),
+        }
+    }
+}
+
 impl Config {
     /// Reads `path`. A missing file is fine only when `required` is false (the default path).
     pub fn load(path: &Path, required: bool) -> Result<Config> {
@@ -162,6 +180,7 @@ impl Config {
             )));
         }
         self.socket_mode()?;
+        self.export_file_mode()?;
         if !d.tcp_listen.is_empty() {
             let addr: std::net::SocketAddr = d.tcp_listen.parse().map_err(|_| {
                 invalid(format!(
@@ -247,6 +266,11 @@ impl Config {
         }
     }
 
+    /// `export.file_mode` as permission bits (never world-writable).
+    pub fn export_file_mode(&self) -> Result<u32> {
+        crate::hostfile::parse_mode(&self.export.file_mode, "export.file_mode")
+    }
+
     /// `daemon.log_level` as a tracing level.
     pub fn log_level(&self) -> Result<tracing::Level> {
         self.daemon.log_level.parse().map_err(|_| {
@@ -267,6 +291,7 @@ mod tests {
         let c = Config::parse("").unwrap();
         assert_eq!(c.libvirt.uri, "qemu:///system");
         assert_eq!(c.socket_mode().unwrap(), 0o660);
+        assert_eq!(c.export_file_mode().unwrap(), 0o600);
         assert_eq!(c.repository.path, PathBuf::from("/var/lib/imaged/repo"));
     }
 
@@ -289,6 +314,8 @@ mod tests {
             ("[daemon]\nlog_level = \"loud\"", "daemon.log_level"),
             ("[capture]\nreaders = 0", "capture.readers"),
             ("[repository]\npath = \"repo\"", "repository.path"),
+            ("[export]\nfile_mode = \"0666\"", "export.file_mode"),
+            ("[export]\nfile_mode = \"rw\"", "export.file_mode"),
         ] {
             let e = Config::parse(text).unwrap_err();
             assert!(e.to_string().contains(key), "{text}: {e}");

@@ -11,6 +11,7 @@
 //!   4 MiB chunks, hashed, zero chunks recognised, handed to a chunk sink.
 //! - [`repo`]: the local content-addressed repository (chunks + image manifests).
 //! - [`export`]: rebuilds raw or qcow2 files from a manifest in one forward pass.
+//! - [`hostfile`]: image files created on the host (mode, no symbolic links followed).
 //! - [`config`], [`error`]: the daemon's settings and the error kinds that map to gRPC codes.
 //! - [`cli`]: `imagectl`, the admin's command line (a gRPC client).
 
@@ -21,6 +22,7 @@ pub mod config;
 pub mod error;
 pub mod export;
 pub mod guest;
+pub mod hostfile;
 pub mod hypervisor;
 pub mod nbd;
 pub mod ops;

@@ -669,3 +669,169 @@ async fn read_only_repository_is_refused_before_reading() {
         "no operation may start: {ops}"
     );
 }
+
+/// The permission bits of `p`, in octal like `0600`.
+fn mode_of(p: &Path) -> String {
+    use std::os::unix::fs::PermissionsExt;
+    format!(
+        "{:04o}",
+        std::fs::symlink_metadata(p).unwrap().permissions().mode() & 0o7777
+    )
+}
+
+/// Every regular file under `dir` (no link followed).
+fn files_under(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap().flatten() {
+        let ft = e.file_type().unwrap();
+        if ft.is_dir() {
+            out.extend(files_under(&e.path()));
+        } else if ft.is_file() {
+            out.push(e.path());
+        }
+    }
+    out
+}
+
+async fn export_req(
+    d: &Daemon,
+    name: &str,
+    format: proto::ImageFormat,
+    path: &Path,
+    overwrite: bool,
+) -> Result<proto::Operation, tonic::Status> {
+    let mut images = d.images().await;
+    let op = images
+        .export_image(proto::ExportImageRequest {
+            name: name.into(),
+            format: format as i32,
+            path: path.to_str().unwrap().into(),
+            overwrite,
+            request_id: String::new(),
+        })
+        .await?
+        .into_inner();
+    Ok(d.wait_op(&op.id).await)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exports_are_private_files_never_written_through_links() {
+    let d = Daemon::start();
+    let src = make_source(d.dir.path());
+    assert_eq!(
+        state(&import(&d, &src, "golden").await),
+        proto::OperationState::Active
+    );
+    let out = d.dir.path().join("out");
+    std::fs::create_dir(&out).unwrap();
+
+    // Both formats, new and overwritten: 0600, whatever the daemon's umask.
+    for (fmt, pf) in [
+        ("qcow2", proto::ImageFormat::Qcow2),
+        ("raw", proto::ImageFormat::Raw),
+    ] {
+        let p = out.join(format!("golden.{fmt}"));
+        for overwrite in [false, true] {
+            let op = export_req(&d, "golden", pf, &p, overwrite).await.unwrap();
+            assert_eq!(state(&op), proto::OperationState::Active, "{op:?}");
+            assert_eq!(
+                mode_of(&p),
+                "0600",
+                "{} (overwrite {overwrite})",
+                p.display()
+            );
+        }
+        assert_identical(&src, "qcow2", &p, fmt);
+    }
+
+    // A symbolic link in the directory path, at its end or in the middle: refused by the call,
+    // naming the link, and nothing lands where it points.
+    let elsewhere = d.dir.path().join("elsewhere");
+    std::fs::create_dir_all(elsewhere.join("sub")).unwrap();
+    let link_dir = out.join("link");
+    std::os::unix::fs::symlink(&elsewhere, &link_dir).unwrap();
+    for dest in [link_dir.join("x.raw"), link_dir.join("sub/x.raw")] {
+        for overwrite in [false, true] {
+            let err = export_req(&d, "golden", proto::ImageFormat::Raw, &dest, overwrite)
+                .await
+                .expect_err("a path through a link must be refused");
+            assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+            assert!(
+                err.message().contains(link_dir.to_str().unwrap())
+                    && err.message().contains("symbolic link"),
+                "{}",
+                err.message()
+            );
+        }
+    }
+    // A symbolic link at the final name, to an existing file and to a new name.
+    let victim = elsewhere.join("victim");
+    std::fs::write(&victim, b"keep me").unwrap();
+    let link_file = out.join("to-victim.raw");
+    std::os::unix::fs::symlink(&victim, &link_file).unwrap();
+    let dangling = out.join("dangling.raw");
+    std::os::unix::fs::symlink(elsewhere.join("created"), &dangling).unwrap();
+    for dest in [&link_file, &dangling] {
+        for overwrite in [false, true] {
+            let err = export_req(&d, "golden", proto::ImageFormat::Raw, dest, overwrite)
+                .await
+                .expect_err("a link at the final name must be refused");
+            assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+            assert!(
+                err.message().contains(dest.to_str().unwrap())
+                    && err.message().contains("symbolic link"),
+                "{}",
+                err.message()
+            );
+        }
+    }
+    assert_eq!(std::fs::read(&victim).unwrap(), b"keep me");
+    assert_eq!(files_under(&elsewhere), vec![victim.clone()]);
+    assert!(std::fs::symlink_metadata(&link_file)
+        .unwrap()
+        .file_type()
+        .is_symlink());
+    // No temp file left anywhere.
+    let mut left = files_under(&out);
+    left.sort();
+    assert_eq!(
+        left,
+        vec![out.join("golden.qcow2"), out.join("golden.raw")],
+        "only the two exports"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn configured_export_file_mode_is_honoured_and_world_writable_refused() {
+    let d = Daemon::start_with(DaemonOptions {
+        extra_toml: "[export]\nfile_mode = \"0640\"\n".into(),
+        ..Default::default()
+    });
+    let src = make_source(d.dir.path());
+    assert_eq!(
+        state(&import(&d, &src, "golden").await),
+        proto::OperationState::Active
+    );
+    let p = d.dir.path().join("golden.raw");
+    let op = export_req(&d, "golden", proto::ImageFormat::Raw, &p, false)
+        .await
+        .unwrap();
+    assert_eq!(state(&op), proto::OperationState::Active, "{op:?}");
+    assert_eq!(mode_of(&p), "0640");
+
+    let cfg = d.dir.path().join("bad.toml");
+    for mode in ["0666", "0602", "0777"] {
+        std::fs::write(&cfg, format!("[export]\nfile_mode = \"{mode}\"\n")).unwrap();
+        let out = Command::new(env!("CARGO_BIN_EXE_imaged"))
+            .arg("--config")
+            .arg(&cfg)
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2), "{mode}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains("export.file_mode") && err.contains("world-write"),
+            "{mode}: {err}"
+        );
+    }
+}

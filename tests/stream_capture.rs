@@ -390,3 +390,106 @@ async fn bad_targets_are_refused_before_any_byte_is_read() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+fn file_target(path: &Path, overwrite: bool) -> proto::target::Kind {
+    proto::target::Kind::File(proto::FileTarget {
+        path: path.to_str().unwrap().into(),
+        format: proto::ImageFormat::Raw as i32,
+        overwrite,
+    })
+}
+
+/// The permission bits of `p`, in octal like `0600`.
+fn mode_of(p: &Path) -> String {
+    use std::os::unix::fs::PermissionsExt;
+    format!(
+        "{:04o}",
+        std::fs::symlink_metadata(p).unwrap().permissions().mode() & 0o7777
+    )
+}
+
+/// Issue 11, item 9: a capture into a file makes a file only root can read (or the configured
+/// mode), and never writes through a symbolic link in the path or at the name.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn file_target_is_private_and_never_written_through_links() {
+    let lab = Lab::get();
+    // A small disk keeps the capture short: no system disk, one 64 MiB data disk with data.
+    let guest = lab.guest("filemode").no_disk().data_disk(64 << 20).create();
+    let disk = guest.data_disk_paths()[0].to_path_buf();
+    run(
+        "qemu-io",
+        &[
+            "-f",
+            "qcow2",
+            "-c",
+            "write -P 0x5a 1M 2M",
+            disk.to_str().unwrap(),
+        ],
+    );
+    for (mode_toml, want) in [("", "0600"), ("[export]\nfile_mode = \"0640\"\n", "0640")] {
+        let d = Daemon::start_with(DaemonOptions {
+            extra_toml: mode_toml.into(),
+            ..Default::default()
+        });
+        let mut images = d.images().await;
+        let out = d.dir.path().join("out.raw");
+        let op = images
+            .capture(capture(guest.name(), "private", file_target(&out, false)))
+            .await
+            .expect("file capture")
+            .into_inner();
+        let op = d.wait_op(&op.id).await;
+        assert_eq!(
+            op.state,
+            proto::OperationState::Active as i32,
+            "{op:?}\n{}",
+            d.log_text()
+        );
+        assert_eq!(mode_of(&out), want, "{mode_toml:?}");
+        assert_identical(&disk, "qcow2", &out, "raw");
+    }
+
+    let d = Daemon::start();
+    let mut images = d.images().await;
+    let elsewhere = d.dir.path().join("elsewhere");
+    std::fs::create_dir(&elsewhere).unwrap();
+    let victim = elsewhere.join("victim");
+    std::fs::write(&victim, b"keep me").unwrap();
+    let link_dir = d.dir.path().join("link");
+    std::os::unix::fs::symlink(&elsewhere, &link_dir).unwrap();
+    let link_file = d.dir.path().join("to-victim.raw");
+    std::os::unix::fs::symlink(&victim, &link_file).unwrap();
+    for (dest, named) in [
+        (link_dir.join("x.raw"), &link_dir),
+        (link_file.clone(), &link_file),
+    ] {
+        for overwrite in [false, true] {
+            let err = images
+                .capture(capture(
+                    guest.name(),
+                    "through-link",
+                    file_target(&dest, overwrite),
+                ))
+                .await
+                .expect_err("a file target through a link must be refused");
+            assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+            assert!(
+                err.message().contains(named.to_str().unwrap())
+                    && err.message().contains("symbolic link"),
+                "{}",
+                err.message()
+            );
+        }
+    }
+    assert_eq!(std::fs::read(&victim).unwrap(), b"keep me");
+    assert_eq!(
+        std::fs::read_dir(&elsewhere).unwrap().count(),
+        1,
+        "nothing may land behind the link"
+    );
+    assert_eq!(
+        d.imagectl_json(&["ops"]).as_array().unwrap().len(),
+        0,
+        "no operation may start"
+    );
+}

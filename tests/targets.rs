@@ -1122,3 +1122,345 @@ async fn s3_stalled_network_fails_within_the_stall_timeout_and_aborts() {
     drop(proxy);
     assert_nothing_left(&key).await;
 }
+
+// ---------------------------------------------------------------------------------------------
+// Redirects (issue 11, item 11): never followed, since every request carries a credential.
+
+/// One request a [`Stub`] received.
+#[derive(Clone)]
+struct Seen {
+    method: String,
+    path: String,
+    /// Header lines, lowercased names: `name: value`.
+    headers: Vec<String>,
+    body: String,
+}
+
+/// A tiny HTTP/1.1 server on 127.0.0.1: answers each request with `answer(method, path)` (a
+/// status line and headers, without the final blank line; the stub adds `Content-Length: 0`
+/// unless a body is given after a `\r\n\r\n`), one request per connection, and records every
+/// connection and request it gets.
+struct Stub {
+    port: u16,
+    connections: Arc<AtomicUsize>,
+    seen: Arc<std::sync::Mutex<Vec<Seen>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl std::fmt::Debug for Seen {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} {} {:?} ({} body bytes)",
+            self.method,
+            self.path,
+            self.headers,
+            self.body.len()
+        )
+    }
+}
+
+impl Stub {
+    async fn start(answer: impl Fn(&str, &str) -> String + Send + Sync + 'static) -> Stub {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let connections = Arc::new(AtomicUsize::new(0));
+        let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let answer = Arc::new(answer);
+        let (c, s) = (connections.clone(), seen.clone());
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((conn, _)) = listener.accept().await else {
+                    return;
+                };
+                c.fetch_add(1, Ordering::SeqCst);
+                let (s, answer) = (s.clone(), answer.clone());
+                tokio::spawn(async move {
+                    let _ = Stub::serve(conn, &s, &*answer).await;
+                });
+            }
+        });
+        Stub {
+            port,
+            connections,
+            seen,
+            task,
+        }
+    }
+
+    async fn serve(
+        mut conn: tokio::net::TcpStream,
+        seen: &std::sync::Mutex<Vec<Seen>>,
+        answer: &(dyn Fn(&str, &str) -> String + Send + Sync),
+    ) -> std::io::Result<()> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut buf = Vec::new();
+        let mut piece = [0u8; 4096];
+        let head_end = loop {
+            if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                break i;
+            }
+            let n = conn.read(&mut piece).await?;
+            if n == 0 {
+                return Ok(());
+            }
+            buf.extend_from_slice(&piece[..n]);
+        };
+        let head = String::from_utf8_lossy(&buf[..head_end]).into_owned();
+        let mut lines = head.split("\r\n");
+        let mut first = lines.next().unwrap_or_default().split(' ');
+        let (method, path) = (
+            first.next().unwrap_or_default().to_string(),
+            first.next().unwrap_or_default().to_string(),
+        );
+        let headers: Vec<String> = lines
+            .map(|l| match l.split_once(':') {
+                Some((k, v)) => format!("{}: {}", k.trim().to_lowercase(), v.trim()),
+                None => l.to_string(),
+            })
+            .collect();
+        let len: usize = headers
+            .iter()
+            .find_map(|h| h.strip_prefix("content-length: "))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        let chunked = headers.iter().any(|h| h == "transfer-encoding: chunked");
+        let mut body = buf[head_end + 4..].to_vec();
+        // The whole body is read before answering (kept with its chunk framing).
+        while body.len() < len || (chunked && !body.ends_with(b"0\r\n\r\n")) {
+            let n = conn.read(&mut piece).await?;
+            if n == 0 {
+                break;
+            }
+            body.extend_from_slice(&piece[..n]);
+        }
+        let reply = answer(&method, &path);
+        seen.lock().unwrap().push(Seen {
+            method,
+            path,
+            headers,
+            body: String::from_utf8_lossy(&body).into_owned(),
+        });
+        let (head, body) = reply.split_once("\r\n\r\n").unwrap_or((&reply, ""));
+        let out = format!(
+            "{head}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        );
+        conn.write_all(out.as_bytes()).await?;
+        conn.shutdown().await
+    }
+
+    fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    fn connections(&self) -> usize {
+        self.connections.load(Ordering::SeqCst)
+    }
+
+    fn seen(&self) -> Vec<Seen> {
+        self.seen.lock().unwrap().clone()
+    }
+}
+
+impl Drop for Stub {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+fn redirect_to(code: u16, to: &str) -> String {
+    let reason = if code == 307 {
+        "Temporary Redirect"
+    } else {
+        "Permanent Redirect"
+    };
+    format!("HTTP/1.1 {code} {reason}\r\nLocation: {to}")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keystone_redirect_is_not_followed_and_no_secret_leaves() {
+    for code in [307, 308] {
+        // The second listener: anything reaching it would carry the credentials.
+        let elsewhere = Stub::start(|_, _| "HTTP/1.1 500 Nope".into()).await;
+        let to = format!("{}/v3/auth/tokens", elsewhere.url());
+        let to2 = to.clone();
+        let keystone = Stub::start(move |_, _| redirect_to(code, &to2)).await;
+        for (auth, secret) in [
+            (
+                GlanceAuth::Keystone {
+                    auth_url: format!("{}/v3", keystone.url()),
+                    username: "imaged".into(),
+                    password: "pw-must-not-travel".into(),
+                    project: "images".into(),
+                    user_domain: "Default".into(),
+                    project_domain: "Default".into(),
+                },
+                "pw-must-not-travel",
+            ),
+            (
+                GlanceAuth::ApplicationCredential {
+                    auth_url: keystone.url(),
+                    id: "ac-1".into(),
+                    secret: "ac-secret-must-not-travel".into(),
+                },
+                "ac-secret-must-not-travel",
+            ),
+        ] {
+            let target = GlanceTarget::new(GlanceConfig::new(None, auth)).unwrap();
+            let e = target.check().await.unwrap_err();
+            let chain = e.chain();
+            eprintln!("{code}: {chain}");
+            assert_eq!(e.kind(), ErrorKind::FailedPrecondition, "{chain}");
+            assert!(
+                chain.contains(&format!("{}/v3/auth/tokens", keystone.url()))
+                    && chain.contains(&format!("redirected to {to}"))
+                    && chain.contains("configure the final URL"),
+                "{chain}"
+            );
+            assert!(!chain.contains(secret), "{chain}");
+            // An upload fails the same way before a byte of the disk is read.
+            let src = Source::new(30, MIB);
+            let e = target
+                .upload(&meta(&unique("redirected"), "raw", src.size), &|| {
+                    src.stream()
+                })
+                .await
+                .unwrap_err();
+            assert_eq!(e.kind(), ErrorKind::FailedPrecondition, "{}", e.chain());
+            assert!(
+                e.chain().contains("configure the final URL"),
+                "{}",
+                e.chain()
+            );
+            assert_eq!(src.calls(), 0);
+        }
+        // Keystone did get the token requests (with the secrets: it is the configured host)...
+        let seen = keystone.seen();
+        assert!(seen.len() >= 4, "{seen:?}");
+        assert!(seen
+            .iter()
+            .all(|r| r.method == "POST" && r.path == "/v3/auth/tokens"));
+        assert!(seen[0].body.contains("pw-must-not-travel"));
+        // ...and nothing at all reached the host it pointed to.
+        assert_eq!(
+            elsewhere.connections(),
+            0,
+            "{code}: the redirect was followed: {:?}",
+            elsewhere.seen()
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn glance_redirect_is_not_followed_and_the_token_stays() {
+    const TOKEN: &str = "tok-must-not-travel";
+    let keystone = Stub::start(|_, _| {
+        format!(
+            "HTTP/1.1 201 Created\r\nX-Subject-Token: {TOKEN}\r\nContent-Type: application/json\r\n\r\n{{\"token\": {{}}}}"
+        )
+    })
+    .await;
+    let auth = || GlanceAuth::Keystone {
+        auth_url: keystone.url(),
+        username: "imaged".into(),
+        password: "pw".into(),
+        project: "images".into(),
+        user_domain: "Default".into(),
+        project_domain: "Default".into(),
+    };
+    for code in [307, 308] {
+        let elsewhere = Stub::start(|_, _| "HTTP/1.1 500 Nope".into()).await;
+        // The check (listing images) is redirected.
+        let base = elsewhere.url();
+        let glance = Stub::start(move |_, p| redirect_to(code, &format!("{base}{p}"))).await;
+        let target = GlanceTarget::new(GlanceConfig::new(Some(glance.url()), auth())).unwrap();
+        let e = target.check().await.unwrap_err();
+        let chain = e.chain();
+        eprintln!("{code}: {chain}");
+        assert_eq!(e.kind(), ErrorKind::FailedPrecondition, "{chain}");
+        assert!(
+            chain.contains(&format!("the endpoint {}/v2/images", glance.url()))
+                && chain.contains(&format!("redirected to {}/v2/images", elsewhere.url()))
+                && chain.contains("configure the final URL"),
+            "{chain}"
+        );
+        assert!(!chain.contains(TOKEN), "{chain}");
+        let seen = glance.seen();
+        assert!(
+            seen[0].headers.contains(&format!("x-auth-token: {TOKEN}")),
+            "the check carried the token: {seen:?}"
+        );
+
+        // The upload of the bytes is redirected: a clear error, not retried, image deleted.
+        let base = elsewhere.url();
+        let glance = Stub::start(move |method, path| match (method, path) {
+            ("GET", _) => {
+                "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n\r\n{\"images\": []}".into()
+            }
+            ("POST", "/v2/images") => {
+                "HTTP/1.1 201 Created\r\nContent-Type: application/json\r\n\r\n{\"id\": \"img-1\"}"
+                    .into()
+            }
+            ("PUT", p) => redirect_to(code, &format!("{base}{p}")),
+            ("DELETE", _) => "HTTP/1.1 204 No Content".into(),
+            _ => "HTTP/1.1 404 Not Found".into(),
+        })
+        .await;
+        let target = GlanceTarget::new(GlanceConfig::new(Some(glance.url()), auth())).unwrap();
+        let src = Source::new(31, MIB);
+        let e = target
+            .upload(&meta(&unique("redirected"), "raw", src.size), &|| {
+                src.stream()
+            })
+            .await
+            .unwrap_err();
+        let chain = e.chain();
+        eprintln!("{code}: {chain}");
+        assert_eq!(e.kind(), ErrorKind::FailedPrecondition, "{chain}");
+        assert!(
+            chain.contains(&format!(
+                "redirected to {}/v2/images/img-1/file",
+                elsewhere.url()
+            )) && chain.contains("configure the final URL"),
+            "{chain}"
+        );
+        assert!(!chain.contains(TOKEN), "{chain}");
+        assert_eq!(src.calls(), 1, "a redirect is not retried");
+        let seen = glance.seen();
+        let methods: Vec<&str> = seen.iter().map(|r| r.method.as_str()).collect();
+        assert_eq!(methods, ["POST", "PUT", "DELETE"]);
+        assert!(seen
+            .iter()
+            .all(|r| r.headers.contains(&format!("x-auth-token: {TOKEN}"))));
+
+        assert_eq!(elsewhere.connections(), 0, "{:?}", elsewhere.seen());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s3_redirect_is_not_followed_and_no_signature_leaves() {
+    for code in [307, 308] {
+        let elsewhere = Stub::start(|_, _| "HTTP/1.1 500 Nope".into()).await;
+        let base = elsewhere.url();
+        let s3 = Stub::start(move |_, p| redirect_to(code, &format!("{base}{p}"))).await;
+        let mut cfg = S3Config::new(s3.url(), "images", "AKIDREDIRECT", "sk-must-not-travel");
+        cfg.connect_timeout_secs = 3;
+        cfg.stall_timeout_secs = 10;
+        let target = S3Target::new(cfg).unwrap();
+        let e = target.check().await.unwrap_err();
+        let chain = e.chain();
+        eprintln!("{code}: {chain}");
+        assert_eq!(e.kind(), ErrorKind::FailedPrecondition, "{chain}");
+        assert!(
+            chain.contains(&format!("the endpoint {}/images", s3.url()))
+                && chain.contains(&format!("redirected to {}/images", elsewhere.url()))
+                && chain.contains("configure the final URL"),
+            "{chain}"
+        );
+        // The presigned query (the signature) is never shown.
+        assert!(!chain.contains("X-Amz-Signature"), "{chain}");
+        assert_eq!(s3.seen().len(), 1);
+        assert_eq!(elsewhere.connections(), 0, "{:?}", elsewhere.seen());
+    }
+}

@@ -49,11 +49,32 @@ impl Format {
     }
 }
 
-/// Writes image `rec` to the new file `dest` (which must not exist). Blocking.
+/// Writes image `rec` to `dest` as a new file of permission bits `mode`: a temp file in its
+/// directory, renamed into place when whole (replacing an existing file only with
+/// `overwrite`). No symbolic link is followed on the way (see [`crate::hostfile`]). Blocking.
+#[allow(clippy::too_many_arguments)]
+pub fn export_to(
+    repo: &Repository,
+    rec: &ImageRecord,
+    format: Format,
+    dest: &Path,
+    overwrite: bool,
+    mode: u32,
+    progress: &Progress,
+    cancel: &CancelToken,
+) -> Result<()> {
+    let new = crate::hostfile::Destination::open(dest, overwrite, "export path")?.create(mode)?;
+    write_file(repo, rec, format, new.file(), dest, progress, cancel)?;
+    cancel.check()?;
+    new.commit(overwrite)
+}
+
+/// Writes image `rec` into the empty `file` (named `dest` in messages). Blocking.
 pub fn write_file(
     repo: &Repository,
     rec: &ImageRecord,
     format: Format,
+    file: &std::fs::File,
     dest: &Path,
     progress: &Progress,
     cancel: &CancelToken,
@@ -61,11 +82,6 @@ pub fn write_file(
     progress
         .bytes_total
         .store(rec.virtual_size, Ordering::Relaxed);
-    let file = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .open(dest)
-        .map_err(|e| Error::io(format!("creating export file {}", dest.display()), e))?;
     let werr = |e: std::io::Error| Error::io(format!("writing export file {}", dest.display()), e);
     match format {
         Format::Raw => {
@@ -90,7 +106,7 @@ pub fn write_file(
                     )
                     .with_source(e)
                 })?;
-            let mut w = std::io::BufWriter::with_capacity(1 << 20, &file);
+            let mut w = std::io::BufWriter::with_capacity(1 << 20, file);
             for piece in layout.metadata() {
                 w.write_all(&piece).map_err(werr)?;
             }
@@ -121,7 +137,6 @@ pub fn write_file(
             }
         }
     }
-    file.sync_all().map_err(werr)?;
     Ok(())
 }
 

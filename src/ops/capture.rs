@@ -229,7 +229,13 @@ impl Agent {
                 path,
                 format,
                 overwrite,
-            } => (Box::new(FileTarget::new(path, *overwrite)?), *format),
+            } => (
+                Box::new(
+                    FileTarget::new(path, *overwrite)?
+                        .with_mode(self.inner.cfg.export_file_mode()?),
+                ),
+                *format,
+            ),
             TargetSpec::Remote { name, format } => {
                 let cfg = self.inner.cfg.targets.get(name).cloned().ok_or_else(|| {
                     let known: Vec<&str> = self.inner.cfg.targets.keys().map(String::as_str).collect();

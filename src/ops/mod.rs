@@ -9,7 +9,7 @@
 //! | [`Agent::domain`] | the domain exists | one domain |
 //! | [`Agent::capture`] | domain exists and is shut off; it has the disk; the disk file is readable; no operation holds the domain; the image name is valid and free; the repository is writable | a capture operation |
 //! | [`Agent::import`] | the file exists, is qcow2 or raw as named, and has no backing or external data file; the name is free | an import operation |
-//! | [`Agent::export`] | the image exists; the destination is absolute, its directory exists, the file does not (unless `overwrite`) | an export operation |
+//! | [`Agent::export`] | the image exists; the destination is absolute, its directory exists and is reached without symbolic links, the file does not exist (unless `overwrite`) and is not a link | an export operation (a file of `[export] file_mode`, 0600 by default) |
 //! | [`Agent::list_images`], [`Agent::image`] | — | images of the repository |
 //! | [`Agent::delete_image`] | the image exists and no export reads it | chunks freed |
 //! | [`Agent::operation`], [`Agent::operations`], [`Agent::watch`] | the operation is known | snapshots |
@@ -444,40 +444,22 @@ impl Agent {
     async fn run_export(&self, op: &OpEntry, rec: ImageRecord, p: ExportParams) -> Result<()> {
         let _permit = self.slot(op).await?;
         op.set_state(OpState::Preparing);
-        let dir = p.path.parent().map(Path::to_path_buf).unwrap_or_default();
-        let file_name = p
-            .path
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default();
-        let tmp = dir.join(format!(".{file_name}.{}.part", op.id));
+        let mode = self.inner.cfg.export_file_mode()?;
         op.set_state(OpState::Saving);
         let repo = self.inner.repo.clone();
         let progress = op.progress.clone();
         let cancel = op.cancel.clone();
-        let dest = p.path.clone();
-        let overwrite = p.overwrite;
         blocking(move || {
-            let res = export::write_file(&repo, &rec, p.format, &tmp, &progress, &cancel).and_then(
-                |()| {
-                    cancel.check()?;
-                    if !overwrite && dest.exists() {
-                        return Err(Error::new(
-                            ErrorKind::AlreadyExists,
-                            format!("export path {} appeared meanwhile", dest.display()),
-                        ));
-                    }
-                    std::fs::rename(&tmp, &dest).map_err(|e| {
-                        Error::io(format!("renaming export into {}", dest.display()), e)
-                    })?;
-                    crate::util::fsync_dir(&dir)
-                        .map_err(|e| Error::io(format!("syncing {}", dir.display()), e))
-                },
-            );
-            if res.is_err() {
-                let _ = std::fs::remove_file(&tmp);
-            }
-            res
+            export::export_to(
+                &repo,
+                &rec,
+                p.format,
+                &p.path,
+                p.overwrite,
+                mode,
+                &progress,
+                &cancel,
+            )
         })
         .await
     }

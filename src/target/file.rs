@@ -1,7 +1,9 @@
 //! A file on this host as a stream target: the same byte stream a remote target gets, written
 //! under a temp name in the destination's directory, fsynced and renamed into place, so the
 //! destination is either absent or whole. Runs of zeros are skipped with a seek (a raw stream
-//! becomes a sparse file).
+//! becomes a sparse file). The file is created with the configured mode (`[export] file_mode`,
+//! 0600 by default) through a descriptor of its directory, never through a symbolic link
+//! ([`crate::hostfile`]).
 
 use std::path::{Path, PathBuf};
 
@@ -10,17 +12,19 @@ use sha2::{Digest, Sha256};
 use tokio::io::{AsyncSeekExt, AsyncWriteExt};
 
 use super::{StreamFactory, StreamTarget, UploadMeta, Uploaded};
-use crate::error::{invalid, precondition, Error, ErrorKind, Result};
+use crate::error::{invalid, Error, ErrorKind, Result};
+use crate::hostfile::{Destination, DEFAULT_MODE};
 use crate::repo::manifest::is_zero;
 
 /// Writes one file.
 pub struct FileTarget {
     path: PathBuf,
     overwrite: bool,
+    mode: u32,
 }
 
 impl FileTarget {
-    /// A target writing `path` (absolute; replaced only with `overwrite`).
+    /// A target writing `path` (absolute; replaced only with `overwrite`), mode 0600.
     pub fn new(path: &Path, overwrite: bool) -> Result<FileTarget> {
         if !path.is_absolute() {
             return Err(invalid(format!(
@@ -31,33 +35,22 @@ impl FileTarget {
         Ok(FileTarget {
             path: path.to_path_buf(),
             overwrite,
+            mode: DEFAULT_MODE,
         })
+    }
+
+    /// The same target creating its file with permission bits `mode`.
+    pub fn with_mode(mut self, mode: u32) -> FileTarget {
+        self.mode = mode;
+        self
     }
 }
 
-/// Checks that `path` can be written as a new file: its directory exists, and it does not exist
-/// (or is a regular file and `overwrite` is set). `what` names it in messages ("export path").
+/// Checks that `path` can be written as a new file: its directory exists and is reached
+/// without a symbolic link, and the name is not a link and does not exist (or is a regular
+/// file and `overwrite` is set). `what` names it in messages ("export path").
 pub fn check_destination(path: &Path, overwrite: bool, what: &str) -> Result<()> {
-    if !path.parent().is_some_and(|d| d.is_dir()) {
-        return Err(precondition(format!(
-            "{what} {}: its directory does not exist",
-            path.display()
-        )));
-    }
-    match std::fs::symlink_metadata(path) {
-        Ok(_) if !overwrite => Err(Error::new(
-            ErrorKind::AlreadyExists,
-            format!(
-                "{what} {} exists; pass overwrite to replace it",
-                path.display()
-            ),
-        )),
-        Ok(md) if !md.is_file() => Err(precondition(format!(
-            "{what} {} exists and is not a regular file",
-            path.display()
-        ))),
-        _ => Ok(()),
-    }
+    Destination::open(path, overwrite, what).map(drop)
 }
 
 #[tonic::async_trait]
@@ -71,58 +64,33 @@ impl StreamTarget for FileTarget {
     }
 
     async fn upload(&self, meta: &UploadMeta, body: StreamFactory<'_>) -> Result<Uploaded> {
-        self.check().await?;
-        let dir = self.path.parent().unwrap_or(Path::new("/"));
-        let name = self
-            .path
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default();
-        let tmp = dir.join(format!(".{name}.{}.part", crate::util::random_id("w")));
-        let res = write(&tmp, meta, body).await;
-        let res = match res {
-            Ok(sha256) => {
-                if !self.overwrite && self.path.exists() {
-                    Err(Error::new(
-                        ErrorKind::AlreadyExists,
-                        format!("target file {} appeared meanwhile", self.path.display()),
-                    ))
-                } else {
-                    tokio::fs::rename(&tmp, &self.path)
-                        .await
-                        .map_err(|e| Error::io(format!("renaming into {}", self.path.display()), e))
-                        .and_then(|()| {
-                            crate::util::fsync_dir(dir)
-                                .map_err(|e| Error::io(format!("syncing {}", dir.display()), e))
-                        })
-                        .map(|()| sha256)
-                }
-            }
-            Err(e) => Err(e),
-        };
-        match res {
-            Ok(sha256) => Ok(Uploaded {
-                location: self.path.to_string_lossy().into_owned(),
-                size: meta.size,
-                sha256,
-                sha512: String::new(),
-            }),
-            Err(e) => {
-                let _ = tokio::fs::remove_file(&tmp).await;
-                Err(e)
-            }
-        }
+        let new =
+            Destination::open(&self.path, self.overwrite, "target file")?.create(self.mode)?;
+        let f = new
+            .file()
+            .try_clone()
+            .map_err(|e| Error::io(format!("target file {}", self.path.display()), e))?;
+        let sha256 = write(tokio::fs::File::from_std(f), &self.path, meta, body).await?;
+        let overwrite = self.overwrite;
+        tokio::task::spawn_blocking(move || new.commit(overwrite))
+            .await
+            .map_err(|e| crate::error::internal("a blocking task failed").with_source(e))??;
+        Ok(Uploaded {
+            location: self.path.to_string_lossy().into_owned(),
+            size: meta.size,
+            sha256,
+            sha512: String::new(),
+        })
     }
 }
 
-async fn write(tmp: &Path, meta: &UploadMeta, body: StreamFactory<'_>) -> Result<String> {
-    let werr = |e: std::io::Error| Error::io(format!("writing {}", tmp.display()), e);
-    let mut f = tokio::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .open(tmp)
-        .await
-        .map_err(werr)?;
+async fn write(
+    mut f: tokio::fs::File,
+    dest: &Path,
+    meta: &UploadMeta,
+    body: StreamFactory<'_>,
+) -> Result<String> {
+    let werr = |e: std::io::Error| Error::io(format!("writing target file {}", dest.display()), e);
     let mut stream = body();
     let mut hash = Sha256::new();
     let mut written = 0u64;
@@ -148,6 +116,7 @@ async fn write(tmp: &Path, meta: &UploadMeta, body: StreamFactory<'_>) -> Result
         ));
     }
     f.set_len(written).await.map_err(werr)?;
-    f.sync_all().await.map_err(werr)?;
+    // Settle tokio's pending write before the file is synced and renamed.
+    f.flush().await.map_err(werr)?;
     Ok(hex::encode(hash.finalize()))
 }

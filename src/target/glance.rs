@@ -464,6 +464,9 @@ impl Inner {
             .send()
             .await
             .map_err(|e| http::transport_error(what.clone(), e))?;
+        if let Some(e) = http::redirect_error(&what, &resp) {
+            return Err(e);
+        }
         let status = resp.status();
         if status == StatusCode::UNAUTHORIZED {
             return Err(Error::new(
@@ -584,6 +587,9 @@ impl Inner {
             .send()
             .await
             .map_err(|e| http::transport_error(what.to_string(), e))?;
+        if let Some(e) = http::redirect_error(what, &resp) {
+            return Err(e);
+        }
         let status = resp.status();
         Ok((status, http::small_body(resp, self.stall()).await))
     }
@@ -810,6 +816,9 @@ impl Inner {
             }
             Ok(Ok(resp)) => resp,
         };
+        if let Some(e) = http::redirect_error(&what, &resp) {
+            return Err(Failure::fatal(e));
+        }
         let status = resp.status();
         if !status.is_success() {
             let text = http::small_body(resp, self.stall()).await;

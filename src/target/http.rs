@@ -6,6 +6,12 @@
 //! records when the HTTP client last pulled bytes from it ([`Progress`]), and the request future
 //! runs under [`with_stall_guard`], which gives up once neither the body moved nor an answer came
 //! for the stall timeout. Time spent waiting for the producer (the disk) is not counted.
+//!
+//! Redirects are never followed. Every request of a target carries a credential (a Keystone
+//! password or application-credential secret in the body, an `X-Auth-Token`, fixed auth
+//! headers, an S3 signature), and a followed 307/308 would resend it to wherever the
+//! `Location` points, another host or plain http included. A 3xx answer becomes an error
+//! naming the URL and its `Location` ([`redirect_error`]): the config must name the final URL.
 
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -21,9 +27,10 @@ use super::{human, ByteStream};
 use crate::error::{Error, ErrorKind};
 
 /// The HTTP client of a target: bounded connect, keep-alive pool, HTTP/1.1 (streamed uploads
-/// and `Expect`-less PUTs behave the same on every server).
+/// and `Expect`-less PUTs behave the same on every server), no redirect followed.
 pub(crate) fn client(connect_timeout: Duration) -> Result<reqwest::Client, Error> {
     reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
         .connect_timeout(connect_timeout)
         .pool_idle_timeout(Duration::from_secs(30))
         .tcp_nodelay(true)
@@ -316,6 +323,44 @@ pub(crate) fn transport_error(what: impl Into<String>, err: reqwest::Error) -> E
         .with_source(err.without_url())
 }
 
+/// A URL as shown in messages: no user, password, query or fragment (a presigned S3 URL
+/// carries its signature in the query).
+fn shown_url(url: &reqwest::Url) -> String {
+    let mut u = url.clone();
+    let had_query = u.query().is_some();
+    let _ = u.set_username("");
+    let _ = u.set_password(None);
+    u.set_query(None);
+    u.set_fragment(None);
+    if had_query {
+        format!("{u}?…")
+    } else {
+        u.to_string()
+    }
+}
+
+/// The error for a redirect answer (3xx with a `Location`), which is never followed; `None`
+/// for any other answer.
+pub(crate) fn redirect_error(what: &str, resp: &reqwest::Response) -> Option<Error> {
+    let status = resp.status();
+    if !status.is_redirection() {
+        return None;
+    }
+    let location = resp.headers().get(reqwest::header::LOCATION)?;
+    let to = match location.to_str().ok().map(|l| resp.url().join(l)) {
+        Some(Ok(u)) => shown_url(&u),
+        _ => "an unreadable Location".to_string(),
+    };
+    Some(Error::new(
+        ErrorKind::FailedPrecondition,
+        format!(
+            "{what}: the endpoint {} answered {status} and redirected to {to}; redirects are \
+             not followed (they would carry the credentials elsewhere): configure the final URL",
+            shown_url(resp.url())
+        ),
+    ))
+}
+
 /// The error of a stall.
 pub(crate) fn stall_error(what: impl Into<String>, stalled: Stalled, sent: Option<u64>) -> Error {
     let at = sent
@@ -335,6 +380,8 @@ pub(crate) fn stall_error(what: impl Into<String>, stalled: Stalled, sent: Optio
 pub(crate) fn status_kind(status: reqwest::StatusCode) -> ErrorKind {
     use reqwest::StatusCode as S;
     match status {
+        // A redirect without a Location (one with is [`redirect_error`]): wrong URL configured.
+        s if s.is_redirection() => ErrorKind::FailedPrecondition,
         S::UNAUTHORIZED | S::FORBIDDEN => ErrorKind::FailedPrecondition,
         S::NOT_FOUND => ErrorKind::NotFound,
         S::CONFLICT => ErrorKind::AlreadyExists,

@@ -484,6 +484,9 @@ impl Inner {
             .send()
             .await
             .map_err(|e| http::transport_error(format!("s3 {what}"), e))?;
+        if let Some(e) = http::redirect_error(&format!("s3 {what}"), &resp) {
+            return Err(e);
+        }
         let status = resp.status();
         let b = &self.cfg.bucket;
         match status {
@@ -536,6 +539,9 @@ impl Inner {
             .send()
             .await
             .map_err(|e| http::transport_error(what.clone(), e))?;
+        if let Some(e) = http::redirect_error(&what, &resp) {
+            return Err(e);
+        }
         match resp.status() {
             s if s.is_success() => Ok(Some(
                 resp.headers()
@@ -579,6 +585,9 @@ impl Inner {
             .send()
             .await
             .map_err(|e| http::transport_error(what.clone(), e))?;
+        if let Some(e) = http::redirect_error(&what, &resp) {
+            return Err(e);
+        }
         let status = resp.status();
         let text = http::small_body(resp, self.stall()).await;
         if !status.is_success() {
@@ -627,6 +636,9 @@ impl Inner {
                 Err(stalled) => http::stall_error(what.clone(), stalled, None),
                 Ok(Err(e)) => http::transport_error(what.clone(), e),
                 Ok(Ok(resp)) => {
+                    if let Some(e) = http::redirect_error(&what, &resp) {
+                        return Err(e);
+                    }
                     let status = resp.status();
                     let etag = resp
                         .headers()
@@ -688,6 +700,9 @@ impl Inner {
             let err = match res {
                 Err(e) => http::transport_error(what.clone(), e),
                 Ok(resp) => {
+                    if let Some(e) = http::redirect_error(&what, &resp) {
+                        return Err(e);
+                    }
                     let status = resp.status();
                     let text = http::small_body(resp, self.stall()).await;
                     if status.is_success() {
@@ -724,6 +739,9 @@ impl Inner {
             .send()
             .await
             .map_err(|e| http::transport_error(what.clone(), e))?;
+        if let Some(e) = http::redirect_error(&what, &resp) {
+            return Err(e);
+        }
         let status = resp.status();
         let text = http::small_body(resp, self.stall()).await;
         if status.is_success() || status == StatusCode::NOT_FOUND {
@@ -770,6 +788,9 @@ impl Inner {
             let err = match res {
                 Err(e) => http::transport_error(what.clone(), e),
                 Ok(resp) => {
+                    if let Some(e) = http::redirect_error(&what, &resp) {
+                        return Err(e);
+                    }
                     let status = resp.status();
                     let text = http::small_body(resp, self.stall()).await;
                     if status.is_success() {
@@ -826,6 +847,9 @@ impl Inner {
             match res {
                 Err(e) => last = Some(http::transport_error(what.clone(), e)),
                 Ok(resp) => {
+                    if let Some(e) = http::redirect_error(&what, &resp) {
+                        return Err(e);
+                    }
                     let status = resp.status();
                     let text = http::small_body(resp, self.stall()).await;
                     if status.is_success() || status == StatusCode::NOT_FOUND {
