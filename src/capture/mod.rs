@@ -18,6 +18,7 @@
 //!
 //! Cancellation is checked before every chunk, so a cancel stops the read within one chunk.
 
+pub mod inspect;
 pub mod live;
 pub mod source;
 pub mod stream;
@@ -460,7 +461,7 @@ mod tests {
         let cur = Cursor::new(runs);
         let got: Vec<u64> = std::iter::from_fn(|| cur.take()).collect();
         assert_eq!(got, vec![0, 5, 6, last]);
-        let cur = Cursor::new(vec![0..10]);
+        let cur = Cursor::new(vec![0..5, 7..10]);
         assert_eq!(cur.take(), Some(0));
         cur.stop();
         assert_eq!(cur.take(), None);

@@ -220,6 +220,7 @@ impl Repository {
             name: name.to_string(),
             log: Arc::new(Mutex::new(SinkLog::default())),
             done: false,
+            precommit: None,
         })
     }
 
@@ -394,9 +395,20 @@ pub struct ImageWriter {
     /// Pins and new chunks recorded by this writer's sinks.
     log: Arc<Mutex<SinkLog>>,
     done: bool,
+    /// Run at commit, after the chunks are durable and before the manifest is written.
+    precommit: Option<PreCommit>,
 }
 
+/// A last check before an image becomes visible (e.g. "the imported file did not change").
+pub type PreCommit = Box<dyn FnOnce() -> Result<()> + Send>;
+
 impl ImageWriter {
+    /// Sets a check that [`ImageWriter::commit`] runs before it writes the manifest; its
+    /// error fails the commit and the image is never listed.
+    pub fn check_before_commit(&mut self, check: PreCommit) {
+        self.precommit = Some(check);
+    }
+
     /// The name being written.
     pub fn name(&self) -> &str {
         &self.name
@@ -428,6 +440,9 @@ impl ImageWriter {
                     ),
                 ));
             }
+        }
+        if let Some(check) = self.precommit.take() {
+            check()?;
         }
         let json = serde_json::to_vec_pretty(record)
             .map_err(|e| Error::new(ErrorKind::Internal, "encoding manifest").with_source(e))?;
