@@ -20,7 +20,9 @@
 //!   OpenStack's format inspector refuses such uploads for the same reason. An ISO 9660 image
 //!   *is* raw (the guest reads exactly those bytes), so it is accepted.
 //!
-//! The file's size and change times are recorded; a file that changes while it is read fails
+//! Cost: `qemu-img map` walks the whole virtual size (about 0.4 s for 64 TiB of holes, 6 s per
+//! PiB on the test machine), the other steps are O(file). The file's size and modification
+//! time are recorded; a file that changes while it is read fails
 //! the import ([`SourceFile::check_unchanged`]).
 
 use std::os::fd::AsRawFd;
@@ -44,12 +46,12 @@ pub struct SourceFile {
     stamp: Stamp,
 }
 
-/// What tells that a file changed: size, modification and change times.
+/// What tells that a file's bytes changed: its size and modification time. (Not its change
+/// time: replacing or unlinking the path, which changes nothing we read, updates that.)
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Stamp {
     len: u64,
     mtime: (i64, i64),
-    ctime: (i64, i64),
 }
 
 impl Stamp {
@@ -57,7 +59,6 @@ impl Stamp {
         Stamp {
             len: md.len(),
             mtime: (md.mtime(), md.mtime_nsec()),
-            ctime: (md.ctime(), md.ctime_nsec()),
         }
     }
 }
