@@ -84,13 +84,62 @@ impl Default for LibvirtConfig {
 pub struct RepositoryConfig {
     /// Directory of the local repository.
     pub path: PathBuf,
+    /// Largest virtual size a capture or import may have, in bytes; written as a number of
+    /// bytes or with a binary unit: "64T", "2P", "512G" (K, M, G, T, P, E; an "iB" is allowed).
+    #[serde(deserialize_with = "size_value")]
+    pub max_virtual_size: u64,
 }
+
+/// Default [`RepositoryConfig::max_virtual_size`]: 64 TiB.
+pub const DEFAULT_MAX_VIRTUAL_SIZE: u64 = 64 << 40;
 
 impl Default for RepositoryConfig {
     fn default() -> Self {
         RepositoryConfig {
             path: PathBuf::from("/var/lib/imaged/repo"),
+            max_virtual_size: DEFAULT_MAX_VIRTUAL_SIZE,
         }
+    }
+}
+
+/// Parses a byte size: digits, optionally followed by K, M, G, T, P or E (powers of 1024),
+/// optionally followed by "iB" or "B".
+pub fn parse_size(text: &str) -> Option<u64> {
+    let t = text.trim();
+    let t = t
+        .strip_suffix("iB")
+        .or_else(|| t.strip_suffix('B'))
+        .unwrap_or(t);
+    let digits = t.trim_end_matches(|c: char| c.is_ascii_alphabetic());
+    let unit = &t[digits.len()..];
+    let shift = match unit {
+        "" => 0,
+        "K" | "k" => 10,
+        "M" => 20,
+        "G" => 30,
+        "T" => 40,
+        "P" => 50,
+        "E" => 60,
+        _ => return None,
+    };
+    let n: u64 = digits.trim().parse().ok()?;
+    n.checked_mul(1u64 << shift)
+}
+
+fn size_value<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<u64, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Size {
+        Bytes(u64),
+        Text(String),
+    }
+    match Size::deserialize(d)? {
+        Size::Bytes(n) => Ok(n),
+        Size::Text(t) => parse_size(&t).ok_or_else(|| {
+            serde::de::Error::custom(format!(
+                "{t:?} is not a size: write bytes or a number with K, M, G, T, P or E, e.g. \"64T\""
+            ))
+        }),
     }
 }
 
@@ -213,6 +262,12 @@ impl Config {
                 self.repository.path
             )));
         }
+        if self.repository.max_virtual_size < 1 << 20 {
+            return Err(invalid(format!(
+                "repository.max_virtual_size must be at least 1M, got {} bytes",
+                self.repository.max_virtual_size
+            )));
+        }
         if !(1..=16).contains(&self.capture.readers) {
             return Err(invalid(format!(
                 "capture.readers must be 1 to 16, got {}",
@@ -293,6 +348,26 @@ mod tests {
         assert_eq!(c.socket_mode().unwrap(), 0o660);
         assert_eq!(c.export_file_mode().unwrap(), 0o600);
         assert_eq!(c.repository.path, PathBuf::from("/var/lib/imaged/repo"));
+    }
+
+    #[test]
+    fn max_virtual_size_takes_units() {
+        assert_eq!(
+            Config::parse("").unwrap().repository.max_virtual_size,
+            64 << 40
+        );
+        for (text, want) in [
+            ("\"2P\"", 2u64 << 50),
+            ("\"512GiB\"", 512 << 30),
+            ("1048576", 1 << 20),
+        ] {
+            let c = Config::parse(&format!("[repository]\nmax_virtual_size = {text}")).unwrap();
+            assert_eq!(c.repository.max_virtual_size, want, "{text}");
+        }
+        for bad in ["\"lots\"", "\"99E\"", "12"] {
+            let e = Config::parse(&format!("[repository]\nmax_virtual_size = {bad}")).unwrap_err();
+            assert!(e.to_string().contains("max_virtual_size"), "{bad}: {e}");
+        }
     }
 
     #[test]

@@ -58,7 +58,7 @@ pub fn image(r: &ImageRecord) -> proto::Image {
         source_disk: r.source_disk.clone(),
         created_at: r.created_at,
         updated_at: r.updated_at,
-        chunk_count: r.chunks.len() as u64,
+        chunk_count: r.chunk_count(),
         zero_chunks: r.zero_chunks(),
         chunk_size: r.chunk_size as u32,
     }

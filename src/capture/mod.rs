@@ -4,30 +4,33 @@
 //! block source (NBD: extent map + reads) ──► chunker (4 MiB, zero detection, sha256) ──► sink
 //! ```
 //!
-//! 1. The extent map (`base:allocation`) is fetched first. A chunk that lies wholly in
-//!    zero extents is recorded as a zero chunk without reading a byte; inside a data chunk,
-//!    only the data extents are read (the rest of the buffer is zeroed).
-//! 2. `readers` workers, each with its own NBD connection and one 4 MiB buffer, pull chunk
-//!    indices from a shared counter. Reading is async; hashing, the zero check and the store
-//!    run on the blocking pool, so one worker reads while another hashes. Memory is
-//!    `readers × 4 MiB` plus the manifest, whatever the disk size.
-//! 3. Each chunk's sha256 and its 64 KiB-cluster allocation mask go into the manifest; the
-//!    sink stores chunks it does not have yet.
+//! 0. The virtual size is checked against the configured maximum before anything is read.
+//! 1. The extent map (`base:allocation`) is fetched first and turned into runs of chunk
+//!    indices that touch data. Chunks outside them are zero and never visited, not even
+//!    counted one by one: a disk that claims a petabyte with a few MiB of data costs what the
+//!    data costs. Inside a data chunk, only the data extents are read (the rest is zeroed).
+//! 2. `readers` workers, each with its own NBD connection and one 4 MiB buffer, take chunk
+//!    indices from a shared cursor over those runs. Reading is async; hashing, the zero check
+//!    and the store run on the blocking pool, so one worker reads while another hashes. Memory
+//!    is `readers × 4 MiB` plus the data chunk list, whatever the virtual size.
+//! 3. Each data chunk's index, sha256 and 64 KiB-cluster allocation mask go into the manifest
+//!    (chunks that read as all zeros are left out); the sink stores chunks it does not have.
 //!
 //! Cancellation is checked before every chunk, so a cancel stops the read within one chunk.
 
+pub mod inspect;
 pub mod live;
 pub mod source;
 pub mod stream;
 
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use sha2::{Digest as _, Sha256};
 
 use crate::error::{Error, ErrorKind, Result};
 use crate::nbd::{Extent, NbdClient};
-use crate::repo::manifest::{chunk_len, cluster_mask, ChunkRef, Digest, ImageRecord, CHUNK_SIZE};
+use crate::repo::manifest::{chunk_len, cluster_mask, DataChunk, Digest, CHUNK_SIZE};
 use crate::repo::{ChunkSink, PutOutcome};
 use source::{BlockSource, BASE_ALLOCATION};
 
@@ -65,24 +68,47 @@ impl CancelToken {
     }
 }
 
-/// What the pipeline produced: the chunk list of the image.
+/// What the pipeline produced: the data chunks of the image, ascending by index.
 #[derive(Debug)]
 pub struct Captured {
     pub virtual_size: u64,
-    pub chunks: Vec<ChunkRef>,
+    pub chunks: Vec<DataChunk>,
     pub data_bytes: u64,
 }
 
-/// Reads every byte of `export` once into `sink`, `readers` connections in parallel.
+/// Refuses a disk larger than `max` bytes (the `[repository] max_virtual_size` setting)
+/// before a byte of it is read.
+pub fn check_virtual_size(size: u64, max: u64, what: &str) -> Result<()> {
+    if size > max {
+        return Err(Error::new(
+            ErrorKind::InvalidArgument,
+            format!(
+                "{what} has a virtual size of {size} bytes ({}), above the limit of {max} bytes ({}); \
+                 raise [repository] max_virtual_size in the daemon's config to accept it",
+                crate::util::human_bytes(size),
+                crate::util::human_bytes(max)
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Reads every data byte of `export` once into `sink`, `readers` connections in parallel.
+/// A disk larger than `max_virtual_size` is refused before anything is read.
 pub async fn run(
     export: &dyn BlockSource,
     readers: usize,
+    max_virtual_size: u64,
     sink: ChunkSink,
     progress: Arc<Progress>,
     cancel: CancelToken,
 ) -> Result<Captured> {
     let mut first = export.connect().await?;
     let size = first.size();
+    if let Err(e) = check_virtual_size(size, max_virtual_size, export.describe()) {
+        let _ = first.disconnect().await;
+        return Err(e);
+    }
     progress.bytes_total.store(size, Ordering::Relaxed);
     let extents = first
         .allocation_map(BASE_ALLOCATION, 0, size)
@@ -94,10 +120,21 @@ pub async fn run(
             )
             .with_source(e)
         })?;
+    let runs = data_chunk_runs(&extents);
+    // Every chunk outside the runs is zero: count it done now, without visiting it.
+    let visited: u64 = runs
+        .iter()
+        .map(|r| (r.end - r.start - 1) * CHUNK_SIZE + chunk_len(size, r.end - 1))
+        .sum();
+    progress
+        .bytes_zero
+        .fetch_add(size - visited, Ordering::Relaxed);
+    progress
+        .bytes_done
+        .fetch_add(size - visited, Ordering::Relaxed);
     let extents: Arc<Vec<Extent>> = Arc::new(extents);
-    let count = ImageRecord::chunk_count_for(size) as usize;
-    let results: Arc<Mutex<Vec<ChunkRef>>> = Arc::new(Mutex::new(vec![ChunkRef::Zero; count]));
-    let next = Arc::new(AtomicUsize::new(0));
+    let results: Arc<Mutex<Vec<DataChunk>>> = Arc::new(Mutex::new(Vec::new()));
+    let next = Arc::new(Cursor::new(runs));
     let mut clients = vec![first];
     for _ in 1..readers.max(1) {
         clients.push(export.connect().await?);
@@ -124,7 +161,7 @@ pub async fn run(
         });
         if let Err(e) = res {
             // Stop the other workers at their next chunk.
-            cancel_siblings(&next, count);
+            next.stop();
             // Prefer a real failure over the "cancelled" of a sibling.
             if first_err
                 .as_ref()
@@ -138,13 +175,9 @@ pub async fn run(
         return Err(e);
     }
     cancel.check()?;
-    let chunks = std::mem::take(&mut *results.lock().unwrap_or_else(|p| p.into_inner()));
-    let data_bytes = chunks
-        .iter()
-        .enumerate()
-        .filter(|(_, c)| matches!(c, ChunkRef::Data { .. }))
-        .map(|(i, _)| chunk_len(size, i as u64))
-        .sum();
+    let mut chunks = std::mem::take(&mut *results.lock().unwrap_or_else(|p| p.into_inner()));
+    chunks.sort_unstable_by_key(|c| c.index);
+    let data_bytes = chunks.iter().map(|c| chunk_len(size, c.index)).sum();
     Ok(Captured {
         virtual_size: size,
         chunks,
@@ -152,16 +185,74 @@ pub async fn run(
     })
 }
 
-fn cancel_siblings(next: &AtomicUsize, count: usize) {
-    next.store(count, Ordering::SeqCst);
+/// Runs of chunk indices `[start, end)` that touch a data extent (not known zero), sorted and
+/// coalesced: O(extents) entries, whatever the virtual size.
+pub fn data_chunk_runs(extents: &[Extent]) -> Vec<std::ops::Range<u64>> {
+    let mut out: Vec<std::ops::Range<u64>> = Vec::new();
+    for e in extents {
+        if e.flags & crate::nbd::NBD_STATE_ZERO != 0 || e.length == 0 {
+            continue;
+        }
+        let r = e.offset / CHUNK_SIZE..(e.offset + e.length).div_ceil(CHUNK_SIZE);
+        match out.last_mut() {
+            Some(last) if last.end >= r.start => last.end = last.end.max(r.end),
+            _ => out.push(r),
+        }
+    }
+    out
+}
+
+/// The shared cursor the workers take chunk indices from: walks the data runs in order.
+struct Cursor {
+    state: Mutex<(usize, u64)>,
+    runs: Vec<std::ops::Range<u64>>,
+    stopped: AtomicBool,
+}
+
+impl Cursor {
+    fn new(runs: Vec<std::ops::Range<u64>>) -> Cursor {
+        let first = runs.first().map_or(0, |r| r.start);
+        Cursor {
+            state: Mutex::new((0, first)),
+            runs,
+            stopped: AtomicBool::new(false),
+        }
+    }
+
+    /// The next chunk index to read, or None when all are taken (or the work stopped).
+    fn take(&self) -> Option<u64> {
+        if self.stopped.load(Ordering::SeqCst) {
+            return None;
+        }
+        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let (run, next) = &mut *st;
+        while *run < self.runs.len() {
+            let r = &self.runs[*run];
+            if *next < r.end {
+                let i = (*next).max(r.start);
+                *next = i + 1;
+                return Some(i);
+            }
+            *run += 1;
+            if let Some(r) = self.runs.get(*run) {
+                *next = r.start;
+            }
+        }
+        None
+    }
+
+    /// Makes every worker stop at its next chunk.
+    fn stop(&self) {
+        self.stopped.store(true, Ordering::SeqCst);
+    }
 }
 
 struct Worker {
     client: NbdClient,
     size: u64,
     extents: Arc<Vec<Extent>>,
-    next: Arc<AtomicUsize>,
-    results: Arc<Mutex<Vec<ChunkRef>>>,
+    next: Arc<Cursor>,
+    results: Arc<Mutex<Vec<DataChunk>>>,
     sink: ChunkSink,
     progress: Arc<Progress>,
     cancel: CancelToken,
@@ -225,12 +316,8 @@ impl Worker {
 
     /// Takes chunk indices until one holds data, recording the zero ones on the way.
     fn next_data_chunk(&mut self) -> Option<(usize, u64, Vec<std::ops::Range<u64>>)> {
-        let count = ImageRecord::chunk_count_for(self.size) as usize;
         loop {
-            let i = self.next.fetch_add(1, Ordering::SeqCst);
-            if i >= count {
-                return None;
-            }
+            let i = self.next.take()? as usize;
             let start = i as u64 * CHUNK_SIZE;
             let len = chunk_len(self.size, i as u64);
             let ranges = data_ranges(&self.extents, start, len);
@@ -281,10 +368,9 @@ impl Worker {
     /// Counts a hashed chunk and puts its entry in the manifest.
     fn record(&self, i: usize, len: u64, outcome: Option<(Digest, u64, PutOutcome)>) {
         let p = &self.progress;
-        let entry = match outcome {
+        match outcome {
             None => {
                 p.bytes_zero.fetch_add(len, Ordering::Relaxed);
-                ChunkRef::Zero
             }
             Some((digest, mask, o)) => {
                 let counter = match o {
@@ -292,11 +378,17 @@ impl Worker {
                     PutOutcome::Existing => &p.bytes_existing,
                 };
                 counter.fetch_add(len, Ordering::Relaxed);
-                ChunkRef::Data { digest, mask }
+                self.results
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .push(DataChunk {
+                        index: i as u64,
+                        digest,
+                        mask,
+                    });
             }
-        };
+        }
         p.bytes_done.fetch_add(len, Ordering::Relaxed);
-        self.results.lock().unwrap_or_else(|p| p.into_inner())[i] = entry;
     }
 }
 
@@ -349,5 +441,29 @@ mod tests {
         // A hole that is not zero (HOLE without ZERO) must still be read.
         let ex2 = vec![ext(0, m, 1), ext(m, m, 0)];
         assert_eq!(data_ranges(&ex2, 0, 2 * m), vec![0..2 * m]);
+    }
+
+    #[test]
+    fn runs_and_cursor_visit_only_data_chunks() {
+        let c = CHUNK_SIZE;
+        let pib = 1u64 << 50;
+        // A petabyte disk with data in chunk 0, chunks 5-6 (across a boundary) and the last.
+        let ex = vec![
+            ext(0, 4096, 0),
+            ext(4096, 5 * c - 4096 + 100, 3),
+            ext(5 * c + 100, c, 0),
+            ext(6 * c + 100, pib - 6 * c - 100 - 512, 3),
+            ext(pib - 512, 512, 0),
+        ];
+        let runs = data_chunk_runs(&ex);
+        let last = pib / c - 1;
+        assert_eq!(runs, vec![0..1, 5..7, last..last + 1]);
+        let cur = Cursor::new(runs);
+        let got: Vec<u64> = std::iter::from_fn(|| cur.take()).collect();
+        assert_eq!(got, vec![0, 5, 6, last]);
+        let cur = Cursor::new(vec![0..5, 7..10]);
+        assert_eq!(cur.take(), Some(0));
+        cur.stop();
+        assert_eq!(cur.take(), None);
     }
 }

@@ -9,6 +9,10 @@
 //! While qemu-nbd holds the image open it holds QEMU's shared image lock, which keeps a
 //! QEMU from starting on the same disk for writing: the domain cannot start mid-capture.
 //! The child gets SIGKILL if the daemon dies (`PR_SET_PDEATHSIG`) and on drop.
+//!
+//! Imports use [`NbdExport::start_file`]: qemu-nbd inherits the descriptor the import was
+//! inspected through ([`super::inspect::SourceFile`]) and opens it as `/dev/fd/3` with backing
+//! files disabled, so it reads exactly the file that was inspected, whatever the path names now.
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -75,18 +79,61 @@ impl NbdExport {
                 ),
             ));
         }
+        let describe = format!("{} ({format})", disk.display());
+        let args = [
+            format!("--format={format}").into(),
+            disk.as_os_str().to_owned(),
+        ];
+        Self::launch(qemu_nbd, &args, None, describe, run_dir, tag, connections).await
+    }
+
+    /// Starts qemu-nbd on an inspected import source: it inherits the open file and reads
+    /// it as `/dev/fd/3`, format named, backing files disabled; the path is not opened again.
+    pub async fn start_file(
+        qemu_nbd: &Path,
+        source: &super::inspect::SourceFile,
+        run_dir: &Path,
+        tag: &str,
+        connections: usize,
+    ) -> Result<NbdExport> {
+        use std::os::fd::AsRawFd;
+        let describe = format!("{} ({})", source.path().display(), source.format());
+        let args = [source.qemu_json().into()];
+        let fd = source.file().as_raw_fd();
+        Self::launch(
+            qemu_nbd,
+            &args,
+            Some(fd),
+            describe,
+            run_dir,
+            tag,
+            connections,
+        )
+        .await
+    }
+
+    async fn launch(
+        qemu_nbd: &Path,
+        image: &[std::ffi::OsString],
+        fd: Option<i32>,
+        describe: String,
+        run_dir: &Path,
+        tag: &str,
+        connections: usize,
+    ) -> Result<NbdExport> {
         std::fs::create_dir_all(run_dir)
             .map_err(|e| Error::io(format!("creating run directory {}", run_dir.display()), e))?;
         let socket = run_dir.join(format!("{tag}.sock"));
         let _ = std::fs::remove_file(&socket);
         let mut cmd = Command::new(qemu_nbd);
+        let (opts, file) = image.split_at(image.len() - 1);
         cmd.arg("--read-only")
-            .arg(format!("--format={format}"))
+            .args(opts)
             .arg(format!("--shared={}", connections.max(1)))
             .arg("--persistent")
             .arg(format!("--socket={}", socket.display()))
             .arg("--")
-            .arg(disk)
+            .args(file)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -101,7 +148,9 @@ impl NbdExport {
                 Ok(())
             });
         }
-        let describe = format!("{} ({format})", disk.display());
+        if let Some(fd) = fd {
+            super::inspect::inherit_as_child_fd(cmd.as_std_mut(), fd);
+        }
         let mut child = cmd.spawn().map_err(|e| {
             Error::new(
                 ErrorKind::Unavailable,

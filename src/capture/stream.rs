@@ -51,10 +51,20 @@ enum Segment {
 }
 
 impl StreamPlan {
-    /// Fetches the extent map of `export` and lays out the stream.
-    pub async fn new(export: &dyn BlockSource, format: Format) -> Result<StreamPlan> {
+    /// Fetches the extent map of `export` and lays out the stream. A disk larger than
+    /// `max_virtual_size` is refused before its map is read.
+    pub async fn new(
+        export: &dyn BlockSource,
+        format: Format,
+        max_virtual_size: u64,
+    ) -> Result<StreamPlan> {
         let mut c = export.connect().await?;
         let virtual_size = c.size();
+        if let Err(e) = super::check_virtual_size(virtual_size, max_virtual_size, export.describe())
+        {
+            let _ = c.disconnect().await;
+            return Err(e);
+        }
         let extents = c
             .allocation_map(BASE_ALLOCATION, 0, virtual_size)
             .await

@@ -18,7 +18,7 @@ use std::sync::atomic::Ordering;
 
 use crate::capture::{CancelToken, Progress};
 use crate::error::{invalid, Error, ErrorKind, Result};
-use crate::repo::manifest::{ChunkRef, CLUSTER_SIZE};
+use crate::repo::manifest::CLUSTER_SIZE;
 use crate::repo::{ImageRecord, Repository, CHUNK_SIZE};
 
 /// Output formats.
@@ -140,8 +140,8 @@ pub fn write_file(
     Ok(())
 }
 
-/// Calls `f(index, bytes, mask)` for each data chunk in guest order, counting progress and
-/// checking `cancel` between chunks.
+/// Calls `f(index, bytes, mask)` for each data chunk in guest order (the manifest lists data
+/// chunks only, so holes cost nothing), counting progress and checking `cancel` between chunks.
 fn for_each_data_chunk(
     repo: &Repository,
     rec: &ImageRecord,
@@ -149,30 +149,28 @@ fn for_each_data_chunk(
     cancel: &CancelToken,
     mut f: impl FnMut(u64, &[u8], u64) -> Result<()>,
 ) -> Result<()> {
+    // Zero chunks are never visited: their bytes are counted up front.
+    let data_len: u64 = rec.chunks.iter().map(|c| rec.chunk_len(c.index)).sum();
+    let zero_len = rec.virtual_size - data_len;
+    progress.bytes_zero.fetch_add(zero_len, Ordering::Relaxed);
+    progress.bytes_done.fetch_add(zero_len, Ordering::Relaxed);
     let mut buf = Vec::with_capacity(CHUNK_SIZE as usize);
-    for (i, c) in rec.chunks.iter().enumerate() {
+    for c in &rec.chunks {
         cancel.check()?;
-        let len = rec.chunk_len(i as u64);
-        match c {
-            ChunkRef::Zero => {
-                progress.bytes_zero.fetch_add(len, Ordering::Relaxed);
-            }
-            ChunkRef::Data { digest, mask } => {
-                repo.read_chunk(digest, &mut buf)?;
-                if buf.len() as u64 != len {
-                    return Err(Error::new(
-                        ErrorKind::Internal,
-                        format!(
-                            "image {}: chunk {i} holds {} bytes, expected {len}",
-                            rec.name,
-                            buf.len()
-                        ),
-                    ));
-                }
-                f(i as u64, &buf, *mask)?;
-                progress.bytes_read.fetch_add(len, Ordering::Relaxed);
-            }
+        let (i, len) = (c.index, rec.chunk_len(c.index));
+        repo.read_chunk(&c.digest, &mut buf)?;
+        if buf.len() as u64 != len {
+            return Err(Error::new(
+                ErrorKind::Internal,
+                format!(
+                    "image {}: chunk {i} holds {} bytes, expected {len}",
+                    rec.name,
+                    buf.len()
+                ),
+            ));
         }
+        f(i, &buf, c.mask)?;
+        progress.bytes_read.fetch_add(len, Ordering::Relaxed);
         progress.bytes_done.fetch_add(len, Ordering::Relaxed);
     }
     Ok(())

@@ -710,7 +710,8 @@ impl Agent {
     ) -> Result<()> {
         op.set_state(OpState::Saving);
         let started = Instant::now();
-        let plan = Arc::new(StreamPlan::new(source.as_ref(), format).await?);
+        let max = self.inner.cfg.repository.max_virtual_size;
+        let plan = Arc::new(StreamPlan::new(source.as_ref(), format, max).await?);
         let meta = UploadMeta {
             name: op.image_name.clone(),
             format: format.as_str().to_string(),
@@ -777,6 +778,7 @@ impl Agent {
         let captured = pipeline::run(
             source,
             readers,
+            self.inner.cfg.repository.max_virtual_size,
             writer.chunk_sink(),
             op.progress.clone(),
             op.cancel.clone(),

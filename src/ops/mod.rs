@@ -7,8 +7,9 @@
 //! |---|---|---|
 //! | [`Agent::list_domains`] | libvirt reachable | every domain with disks and state |
 //! | [`Agent::domain`] | the domain exists | one domain |
-//! | [`Agent::capture`] | domain exists and is shut off; it has the disk; the disk file is readable; no operation holds the domain; the image name is valid and free; the repository is writable | a capture operation |
-//! | [`Agent::import`] | the file exists, is qcow2 or raw as named, and has no backing or external data file; the name is free | an import operation |
+//! | [`Agent::capture`] | the domain exists; mode, state, agent and options fit ([`mode::decide`]); it has the disk; the disk file is readable (cold, shutdown); no operation holds the domain; the image name is valid and free; the target is writable and reachable | a capture operation |
+//! | [`Agent::plan_prep`] | the domain runs with an answering guest agent; steps named | the diffs each step would make, nothing changed |
+//! | [`Agent::import`] | the path names a non-empty regular file (no symlink, FIFO, device), within `max_virtual_size`; qcow2: no backing or external data file, passes `qemu-img check`, no data beyond the file's end; raw: not recognisably another format; the name is free (see [`crate::capture::inspect`]) | an import operation reading the very file inspected |
 //! | [`Agent::export`] | the image exists; the destination is absolute, its directory exists and is reached without symbolic links, the file does not exist (unless `overwrite`) and is not a link | an export operation (a file of `[export] file_mode`, 0600 by default) |
 //! | [`Agent::list_images`], [`Agent::image`] | — | images of the repository |
 //! | [`Agent::delete_image`] | the image exists and no export reads it | chunks freed |
@@ -16,7 +17,8 @@
 //! | [`Agent::cancel`] | the operation has not ended | it ends CANCELLED, leaving no partial image |
 //!
 //! A `request_id` given to capture, import or export makes a retried call return the
-//! operation of the first call instead of starting another.
+//! operation of the first call instead of starting another; for import and export the
+//! parameters must be the same as the first call's (else INVALID_ARGUMENT).
 
 pub mod capture;
 pub mod journal;
@@ -31,6 +33,7 @@ use std::time::Duration;
 
 use tokio::sync::Semaphore;
 
+use crate::capture::inspect::SourceFile;
 use crate::capture::source::NbdExport;
 use crate::config::Config;
 use crate::error::{internal, invalid, not_found, precondition, Error, ErrorKind, Result};
@@ -86,6 +89,9 @@ struct Table {
     by_request: HashMap<String, String>,
     /// Domain name -> id of the operation holding it.
     domain_locks: HashMap<String, String>,
+    /// Operation id -> the parameters of the call that started it (import, export), so that a
+    /// retry with the same request_id but other parameters is refused.
+    fingerprints: HashMap<String, String>,
 }
 
 /// Runs blocking work on tokio's blocking pool.
@@ -165,28 +171,35 @@ impl Agent {
                 p.format
             )));
         }
-        if let Some(op) = self.existing_request(&p.request_id, OpKind::Import)? {
+        let fp = format!(
+            "import\0{}\0{}\0{}",
+            p.path.display(),
+            p.format,
+            p.image_name
+        );
+        if let Some(op) = self.same_request(&p.request_id, OpKind::Import, &fp)? {
             return Ok(op);
         }
-        let what = format!("import file {}", p.path.display());
-        check_readable(&p.path, &what)?;
-        inspect_import(&p.path, &p.format).await?;
+        // Opened once; everything after reads this open file, never the path again.
+        let max = self.inner.cfg.repository.max_virtual_size;
+        let source = SourceFile::open(&p.path, &p.format, max).await?;
         let writer = self.reserve(&p.image_name).await?;
         let path = p.path.to_string_lossy().into_owned();
         let op = OpEntry::new(OpKind::Import, "", &p.image_name, &p.request_id, &path);
+        op.set_consistency("imported");
         {
             let mut t = self.table();
-            if let Some(op) = Self::request_in(&t, &p.request_id) {
+            if let Some(op) = Self::request_matching(&t, &p.request_id, OpKind::Import, &fp)? {
                 return Ok(op);
             }
             self.insert(&mut t, &op);
+            t.fingerprints.insert(op.id.clone(), fp);
         }
         tracing::info!(op = %op.id, path = %path, format = %p.format, image = %p.image_name, "import queued");
         let agent = self.clone();
         let entry = op.clone();
-        let (path, format) = (p.path.clone(), p.format.clone());
         tokio::spawn(async move {
-            let res = agent.run_import(&entry, writer, path, format).await;
+            let res = agent.run_import(&entry, writer, source).await;
             agent.end(&entry, res);
         });
         Ok(op.snapshot())
@@ -201,21 +214,30 @@ impl Agent {
                 p.path.display()
             )));
         }
-        crate::target::file::check_destination(&p.path, p.overwrite, "export path")?;
-        if let Some(op) = self.existing_request(&p.request_id, OpKind::Export)? {
+        let fp = format!(
+            "export\0{}\0{}\0{}\0{}",
+            p.image_name,
+            p.format.as_str(),
+            p.path.display(),
+            p.overwrite
+        );
+        if let Some(op) = self.same_request(&p.request_id, OpKind::Export, &fp)? {
             return Ok(op);
         }
+        crate::target::file::check_destination(&p.path, p.overwrite, "export path")?;
         let repo = self.inner.repo.clone();
         let name = p.image_name.clone();
         let (rec, guard) = blocking(move || repo.open_reader(&name)).await?;
         let path = p.path.to_string_lossy().into_owned();
         let op = OpEntry::new(OpKind::Export, "", &p.image_name, &p.request_id, &path);
+        op.set_location(&path);
         {
             let mut t = self.table();
-            if let Some(op) = Self::request_in(&t, &p.request_id) {
+            if let Some(op) = Self::request_matching(&t, &p.request_id, OpKind::Export, &fp)? {
                 return Ok(op);
             }
             self.insert(&mut t, &op);
+            t.fingerprints.insert(op.id.clone(), fp);
         }
         tracing::info!(op = %op.id, image = %p.image_name, path = %path, format = p.format.as_str(), "export queued");
         let agent = self.clone();
@@ -334,6 +356,37 @@ impl Agent {
         }
     }
 
+    /// The operation a request_id already started, when its kind and parameters (`fp`) are
+    /// the same; INVALID_ARGUMENT when the request_id was used for something else.
+    fn request_matching(
+        t: &Table,
+        request_id: &str,
+        kind: OpKind,
+        fp: &str,
+    ) -> Result<Option<Operation>> {
+        let Some(op) = Self::request_in(t, request_id) else {
+            return Ok(None);
+        };
+        if op.kind != kind {
+            return Err(invalid(format!(
+                "request_id {request_id} was already used for a {:?} operation ({})",
+                op.kind, op.id
+            )));
+        }
+        if t.fingerprints.get(&op.id).is_some_and(|f| f != fp) {
+            return Err(invalid(format!(
+                "request_id {request_id} was already used for {:?} operation {} with other \
+                 parameters; use a new request_id for a different request",
+                op.kind, op.id
+            )));
+        }
+        Ok(Some(op))
+    }
+
+    fn same_request(&self, request_id: &str, kind: OpKind, fp: &str) -> Result<Option<Operation>> {
+        Self::request_matching(&self.table(), request_id, kind, fp)
+    }
+
     fn insert(&self, t: &mut Table, op: &Arc<OpEntry>) {
         t.ops.insert(op.id.clone(), op.clone());
         t.order.push_back(op.id.clone());
@@ -355,6 +408,7 @@ impl Agent {
                 if let Some(e) = t.ops.remove(&id) {
                     t.by_request.remove(&e.request_id);
                 }
+                t.fingerprints.remove(&id);
                 t.order.remove(i);
                 excess -= 1;
             } else {
@@ -412,30 +466,27 @@ impl Agent {
         &self,
         op: &OpEntry,
         writer: ImageWriter,
-        path: PathBuf,
-        format: String,
+        source: SourceFile,
     ) -> Result<()> {
         let _permit = self.slot(op).await?;
         op.set_state(OpState::Preparing);
         let cfg = &self.inner.cfg.capture;
-        let export = NbdExport::start(
-            &cfg.qemu_nbd,
-            &path,
-            &format,
-            &cfg.run_dir,
-            &op.id,
-            cfg.readers,
-        )
-        .await?;
+        let export =
+            NbdExport::start_file(&cfg.qemu_nbd, &source, &cfg.run_dir, &op.id, cfg.readers)
+                .await?;
         let from = capture::Provenance {
             consistency: "imported".into(),
             domain: String::new(),
             disk: String::new(),
-            format,
+            format: source.format().to_string(),
             agent: false,
             os_type: None,
             os_distro: None,
         };
+        // A file that changed while it was read must not become an image: checked at the
+        // commit, before the manifest is written (the chunks are released on failure).
+        let mut writer = writer;
+        writer.check_before_commit(Box::new(move || source.check_unchanged()));
         let res = self.store(op, writer, &export, &from).await;
         export.stop().await;
         res
@@ -464,7 +515,6 @@ impl Agent {
         .await
     }
 }
-
 /// Fails with a precise error when `path` cannot be opened for reading.
 fn check_readable(path: &Path, what: &str) -> Result<()> {
     match std::fs::File::open(path) {
@@ -490,45 +540,4 @@ fn check_readable(path: &Path, what: &str) -> Result<()> {
         )
         .with_source(e)),
     }
-}
-
-/// Inspects an import file's header with `qemu-img info` (format named, never probed) and
-/// refuses backing files and external data files: an uploaded image must not make us read
-/// another file of this host.
-async fn inspect_import(path: &Path, format: &str) -> Result<()> {
-    let out = tokio::process::Command::new("qemu-img")
-        .args(["info", "--output=json", "-f", format])
-        .arg(path)
-        .output()
-        .await
-        .map_err(|e| {
-            Error::new(
-                ErrorKind::Unavailable,
-                "cannot run qemu-img (install qemu-utils)",
-            )
-            .with_source(e)
-        })?;
-    if !out.status.success() {
-        return Err(invalid(format!(
-            "import file {} is not a valid {format} image: {}",
-            path.display(),
-            String::from_utf8_lossy(&out.stderr).trim()
-        )));
-    }
-    let info: serde_json::Value = serde_json::from_slice(&out.stdout)
-        .map_err(|e| internal("qemu-img info printed JSON we cannot read").with_source(e))?;
-    if let Some(b) = info.get("backing-filename") {
-        return Err(invalid(format!(
-            "import file {} names a backing file {b}; flatten it first (qemu-img convert)",
-            path.display()
-        )));
-    }
-    let data_file = info.pointer("/format-specific/data/data-file");
-    if let Some(d) = data_file {
-        return Err(invalid(format!(
-            "import file {} names an external data file {d}; refusing to follow it",
-            path.display()
-        )));
-    }
-    Ok(())
 }

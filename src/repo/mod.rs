@@ -15,7 +15,12 @@
 //!   rename + fsync of the directory. An image is listed only once its manifest exists, so a
 //!   failed or cancelled capture is never visible;
 //! - chunks that a failed capture wrote and no image references are deleted at once, and
-//!   `tmp/` is emptied at start;
+//!   `tmp/` (and any temp manifest an interrupted write left in `images/`) is emptied at start;
+//! - a chunk file that exists is not trusted blindly: before a capture reuses it, its length
+//!   is checked and (once per daemon run) its digest; a truncated or damaged chunk (a power
+//!   loss before it reached the disk) is replaced by the new data;
+//! - deleting an image first reads every other manifest (streaming, digests only) to learn
+//!   which chunks are still in use; if any manifest cannot be read, nothing is deleted;
 //! - chunks an in-flight capture relies on are *pinned*: deleting an image never removes a
 //!   chunk a running capture has found already stored and is about to reference.
 
@@ -31,7 +36,7 @@ use sha2::{Digest as _, Sha256};
 
 use crate::error::{Error, ErrorKind, Result};
 use crate::util;
-pub use manifest::{ChunkRef, Digest, ImageRecord, CHUNK_SIZE, CLUSTER_SIZE};
+pub use manifest::{DataChunk, Digest, ImageRecord, CHUNK_SIZE, CLUSTER_SIZE};
 
 /// The repository. Cheap to clone (shared state behind an `Arc`).
 #[derive(Clone)]
@@ -52,6 +57,8 @@ struct State {
     reserved: HashSet<String>,
     /// Image name -> number of running exports reading it.
     readers: HashMap<String, usize>,
+    /// Chunks whose file was checked (length and digest) or written during this run.
+    verified: HashSet<Digest>,
 }
 
 /// What deleting an image freed.
@@ -79,6 +86,16 @@ impl Repository {
         if let Ok(rd) = std::fs::read_dir(repo.tmp_dir()) {
             for e in rd.flatten() {
                 let _ = std::fs::remove_file(e.path());
+            }
+        }
+        // Temp manifests (`.NAME.json.tmp-PID`) of writes a crash interrupted.
+        if let Ok(rd) = std::fs::read_dir(repo.images_dir()) {
+            for e in rd.flatten() {
+                let n = e.file_name().to_string_lossy().into_owned();
+                if n.starts_with('.') && n.contains(".json.tmp-") {
+                    tracing::info!(file = %e.path().display(), "removing a temp manifest left by an interrupted write");
+                    let _ = std::fs::remove_file(e.path());
+                }
             }
         }
         repo.check_writable()?;
@@ -163,7 +180,7 @@ impl Repository {
     pub fn get(&self, name: &str) -> Result<ImageRecord> {
         util::validate_image_name(name)?;
         let path = self.manifest_path(name);
-        let text = std::fs::read(&path).map_err(|e| {
+        let file = std::fs::File::open(&path).map_err(|e| {
             if e.kind() == std::io::ErrorKind::NotFound {
                 Error::new(
                     ErrorKind::NotFound,
@@ -173,13 +190,14 @@ impl Repository {
                 Error::io(format!("reading manifest {}", path.display()), e)
             }
         })?;
-        let rec: ImageRecord = serde_json::from_slice(&text).map_err(|e| {
-            Error::new(
-                ErrorKind::Internal,
-                format!("manifest {} is corrupt", path.display()),
-            )
-            .with_source(e)
-        })?;
+        let rec: ImageRecord =
+            serde_json::from_reader(std::io::BufReader::new(file)).map_err(|e| {
+                Error::new(
+                    ErrorKind::Internal,
+                    format!("manifest {} is corrupt", path.display()),
+                )
+                .with_source(e)
+            })?;
         rec.validate()?;
         Ok(rec)
     }
@@ -202,6 +220,7 @@ impl Repository {
             name: name.to_string(),
             log: Arc::new(Mutex::new(SinkLog::default())),
             done: false,
+            precommit: None,
         })
     }
 
@@ -242,7 +261,19 @@ impl Repository {
 
     /// Deletes image `name` and the chunks no other image (nor a running capture) uses.
     pub fn delete(&self, name: &str) -> Result<DeleteStats> {
-        let rec = self.get(name)?;
+        util::validate_image_name(name)?;
+        let path = self.manifest_path(name);
+        let file = std::fs::File::open(&path).map_err(|e| {
+            if e.kind() == std::io::ErrorKind::NotFound {
+                Error::new(
+                    ErrorKind::NotFound,
+                    format!("image {name} not found in the repository"),
+                )
+            } else {
+                Error::io(format!("reading manifest {}", path.display()), e)
+            }
+        })?;
+        let candidates = manifest::scan_digests(file, &path.display().to_string())?;
         let mut st = self.lock();
         if st.readers.get(name).copied().unwrap_or(0) > 0 {
             return Err(Error::new(
@@ -250,19 +281,13 @@ impl Repository {
                 format!("image {name} is being exported; delete it when the export has ended"),
             ));
         }
-        let path = self.manifest_path(name);
+        // Learn what the other images use before anything is removed: an unreadable manifest
+        // refuses the delete, as its chunks cannot be told apart.
+        let unused = self.unreferenced(&st, candidates, Some(name))?;
         std::fs::remove_file(&path)
             .map_err(|e| Error::io(format!("removing manifest {}", path.display()), e))?;
         let _ = util::fsync_dir(&self.images_dir());
-        let candidates: HashSet<Digest> = rec
-            .chunks
-            .iter()
-            .filter_map(|c| match c {
-                ChunkRef::Data { digest, .. } => Some(*digest),
-                ChunkRef::Zero => None,
-            })
-            .collect();
-        let stats = self.remove_unreferenced(&st, candidates)?;
+        let stats = self.remove_chunks(&mut st, unused);
         st.reserved.remove(name);
         tracing::info!(
             image = name,
@@ -273,26 +298,56 @@ impl Repository {
         Ok(stats)
     }
 
-    /// Removes each candidate chunk that no manifest references and no writer pins.
+    /// The candidates that no manifest (but `except`'s) references and no writer pins.
+    /// Every manifest is read streaming, digests only; one that cannot be read (corrupt, a
+    /// newer format) is a FAILED_PRECONDITION naming it, since the chunks it needs are unknown.
     /// Called with the state lock held so that no pin can appear meanwhile.
-    fn remove_unreferenced(
+    fn unreferenced(
         &self,
         st: &State,
         mut candidates: HashSet<Digest>,
-    ) -> Result<DeleteStats> {
+        except: Option<&str>,
+    ) -> Result<HashSet<Digest>> {
         candidates.retain(|d| !st.pins.contains_key(d));
         if candidates.is_empty() {
-            return Ok(DeleteStats::default());
+            return Ok(candidates);
         }
-        for rec in self.list()? {
-            for c in &rec.chunks {
-                if let ChunkRef::Data { digest, .. } = c {
-                    candidates.remove(digest);
-                }
+        let dir = self.images_dir();
+        let rd = std::fs::read_dir(&dir)
+            .map_err(|e| Error::io(format!("listing images in {}", dir.display()), e))?;
+        for entry in rd {
+            let entry =
+                entry.map_err(|e| Error::io(format!("listing images in {}", dir.display()), e))?;
+            let file_name = entry.file_name().to_string_lossy().into_owned();
+            let Some(image) = file_name.strip_suffix(".json") else {
+                continue;
+            };
+            if image.starts_with('.') || Some(image) == except {
+                continue;
+            }
+            let path = entry.path();
+            let what = path.display().to_string();
+            let file = std::fs::File::open(&path).map_err(|e| {
+                Error::new(
+                    ErrorKind::FailedPrecondition,
+                    format!("manifest {what} cannot be read; repair or remove it"),
+                )
+                .with_source(e)
+            })?;
+            let used = manifest::scan_digests(file, &what)?;
+            candidates.retain(|d| !used.contains(d));
+            if candidates.is_empty() {
+                break;
             }
         }
+        Ok(candidates)
+    }
+
+    /// Removes chunk files (that [`Self::unreferenced`] found unused, with the lock held).
+    fn remove_chunks(&self, st: &mut State, chunks: HashSet<Digest>) -> DeleteStats {
         let mut stats = DeleteStats::default();
-        for d in candidates {
+        for d in chunks {
+            st.verified.remove(&d);
             let p = self.chunk_path(&d);
             if let Ok(md) = std::fs::metadata(&p) {
                 if std::fs::remove_file(&p).is_ok() {
@@ -301,7 +356,7 @@ impl Repository {
                 }
             }
         }
-        Ok(stats)
+        stats
     }
 }
 
@@ -340,9 +395,20 @@ pub struct ImageWriter {
     /// Pins and new chunks recorded by this writer's sinks.
     log: Arc<Mutex<SinkLog>>,
     done: bool,
+    /// Run at commit, after the chunks are durable and before the manifest is written.
+    precommit: Option<PreCommit>,
 }
 
+/// A last check before an image becomes visible (e.g. "the imported file did not change").
+pub type PreCommit = Box<dyn FnOnce() -> Result<()> + Send>;
+
 impl ImageWriter {
+    /// Sets a check that [`ImageWriter::commit`] runs before it writes the manifest; its
+    /// error fails the commit and the image is never listed.
+    pub fn check_before_commit(&mut self, check: PreCommit) {
+        self.precommit = Some(check);
+    }
+
     /// The name being written.
     pub fn name(&self) -> &str {
         &self.name
@@ -363,19 +429,20 @@ impl ImageWriter {
         let root = self.repo.root().to_path_buf();
         syncfs(&root)?;
         for c in &record.chunks {
-            if let ChunkRef::Data { digest, .. } = c {
-                let p = self.repo.chunk_path(digest);
-                if !p.exists() {
-                    return Err(Error::new(
-                        ErrorKind::Internal,
-                        format!(
-                            "image {}: chunk {} is missing at commit",
-                            self.name,
-                            p.display()
-                        ),
-                    ));
-                }
+            let p = self.repo.chunk_path(&c.digest);
+            if !p.exists() {
+                return Err(Error::new(
+                    ErrorKind::Internal,
+                    format!(
+                        "image {}: chunk {} is missing at commit",
+                        self.name,
+                        p.display()
+                    ),
+                ));
             }
+        }
+        if let Some(check) = self.precommit.take() {
+            check()?;
         }
         let json = serde_json::to_vec_pretty(record)
             .map_err(|e| Error::new(ErrorKind::Internal, "encoding manifest").with_source(e))?;
@@ -397,6 +464,7 @@ impl ImageWriter {
             )
         };
         let mut st = repo.lock();
+        let st = &mut *st;
         for d in pinned {
             if let Some(n) = st.pins.get_mut(&d) {
                 *n -= 1;
@@ -407,7 +475,10 @@ impl ImageWriter {
         }
         if aborted && !new_chunks.is_empty() {
             let candidates: HashSet<Digest> = new_chunks.into_iter().collect();
-            match repo.remove_unreferenced(&st, candidates) {
+            match repo
+                .unreferenced(st, candidates, None)
+                .map(|unused| repo.remove_chunks(st, unused))
+            {
                 Ok(s) => {
                     tracing::info!(image = %self.name, chunks_removed = s.chunks_removed, bytes_freed = s.bytes_freed, "released chunks of an unfinished image")
                 }
@@ -455,7 +526,7 @@ impl ChunkSink {
             .pinned
             .push(*digest);
         let path = self.repo.chunk_path(digest);
-        if path.exists() {
+        if self.existing_is_good(digest, &path, data.len() as u64) {
             return Ok(PutOutcome::Existing);
         }
         let hexd = hex::encode(digest);
@@ -485,7 +556,37 @@ impl ChunkSink {
             .unwrap_or_else(|p| p.into_inner())
             .new_chunks
             .push(*digest);
+        self.repo.lock().verified.insert(*digest);
         Ok(PutOutcome::Stored)
+    }
+
+    /// True when the chunk file at `path` exists and holds `len` bytes hashing to `digest`.
+    /// The digest is checked once per daemon run (then remembered); the length every time.
+    /// A bad file is reported and left to be replaced by the caller's fresh copy.
+    fn existing_is_good(&self, digest: &Digest, path: &Path, len: u64) -> bool {
+        let Ok(md) = std::fs::metadata(path) else {
+            return false;
+        };
+        let hexd = hex::encode(digest);
+        if md.len() != len {
+            tracing::warn!(chunk = %hexd, size = md.len(), expected = len, "replacing a chunk file of the wrong length");
+            self.repo.lock().verified.remove(digest);
+            return false;
+        }
+        if self.repo.lock().verified.contains(digest) {
+            return true;
+        }
+        let mut buf = Vec::with_capacity(len as usize);
+        match self.repo.read_chunk(digest, &mut buf) {
+            Ok(()) => {
+                self.repo.lock().verified.insert(*digest);
+                true
+            }
+            Err(e) => {
+                tracing::warn!(chunk = %hexd, error = %e.chain(), "replacing a damaged chunk file");
+                false
+            }
+        }
     }
 }
 

@@ -30,6 +30,10 @@ pub struct DaemonOptions {
     pub repo: Option<PathBuf>,
     /// Extra TOML appended to the `[capture]` table, e.g. `readers = 1`.
     pub capture_toml: String,
+    /// Extra TOML appended to the `[daemon]` table, e.g. `max_running_operations = 1`.
+    pub daemon_toml: String,
+    /// Extra TOML appended to the `[repository]` table, e.g. `max_virtual_size = "2P"`.
+    pub repository_toml: String,
     /// NOTIFY_SOCKET for the child.
     pub notify_socket: Option<PathBuf>,
     /// More TOML tables appended at the end (e.g. `[targets.glance]`).
@@ -109,7 +113,9 @@ impl Daemon {
         std::fs::write(
             &config,
             format!(
-                "[daemon]\nsocket = {socket:?}\nlog_level = \"debug\"\n[repository]\npath = {repo:?}\n[capture]\nrun_dir = {:?}\n{}\n{}\n",
+                "[daemon]\nsocket = {socket:?}\nlog_level = \"debug\"\n{}\n[repository]\npath = {repo:?}\n{}\n[capture]\nrun_dir = {:?}\n{}\n{}\n",
+                opts.daemon_toml,
+                opts.repository_toml,
                 dir.path().join("run"),
                 opts.capture_toml,
                 opts.extra_toml
