@@ -56,14 +56,28 @@ async fn cold_capture_of_a_real_guest_round_trips_and_boots() {
     assert_eq!(disk["format"], "qcow2");
     assert_eq!(disk["virtual_size"], 2u64 << 30);
 
-    // Capture through the gRPC API.
+    // Capture through the gRPC API, with a request id: a retry gets the same operation, the
+    // same id with other parameters is refused.
     let mut images = d.images().await;
+    let mut first = capture_req(guest.name(), "first");
+    first.request_id = "capture-req-1".into();
     let op = images
-        .capture(capture_req(guest.name(), "first"))
+        .capture(first.clone())
         .await
         .expect("capture accepted")
         .into_inner();
     assert_eq!(op.domain, guest.name());
+    let again = images.capture(first.clone()).await.unwrap().into_inner();
+    assert_eq!(again.id, op.id, "a retry must return the first operation");
+    let mut other = first.clone();
+    other.image_name = "second-name".into();
+    let err = images.capture(other).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
+    assert!(
+        err.message().contains("other parameters"),
+        "{}",
+        err.message()
+    );
     let op = d.wait_op(&op.id).await;
     assert_eq!(
         state(&op),

@@ -118,7 +118,15 @@ impl Agent {
     /// Starts a capture of a domain's disk (see [`Mode`]).
     pub async fn capture(&self, p: CaptureParams) -> Result<Operation> {
         validate_image_name(&p.image_name)?;
-        if let Some(op) = self.existing_request(&p.request_id, OpKind::Capture)? {
+        // Every parameter but the request id: a retry must ask for the same capture.
+        let fp = format!(
+            "{:?}",
+            CaptureParams {
+                request_id: String::new(),
+                ..p.clone()
+            }
+        );
+        if let Some(op) = self.same_request(&p.request_id, OpKind::Capture, &fp)? {
             return Ok(op);
         }
         let info = self.domain(&p.domain).await?;
@@ -187,11 +195,12 @@ impl Agent {
                     ),
                 ));
             }
-            if let Some(op) = Self::request_in(&t, &p.request_id) {
+            if let Some(op) = Self::request_matching(&t, &p.request_id, OpKind::Capture, &fp)? {
                 return Ok(op);
             }
             t.domain_locks.insert(info.name.clone(), op.id.clone());
             self.insert(&mut t, &op);
+            t.fingerprints.insert(op.id.clone(), fp);
         }
         tracing::info!(op = %op.id, domain = %info.name, disk = %disk.target, mode = ?mode, image = %p.image_name, "capture queued");
         let plan = Plan {

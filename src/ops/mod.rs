@@ -345,17 +345,6 @@ impl Agent {
             .map(|e| e.snapshot())
     }
 
-    fn existing_request(&self, request_id: &str, kind: OpKind) -> Result<Option<Operation>> {
-        let t = self.table();
-        match Self::request_in(&t, request_id) {
-            Some(op) if op.kind != kind => Err(invalid(format!(
-                "request_id {request_id} was already used for a {:?} operation ({})",
-                op.kind, op.id
-            ))),
-            other => Ok(other),
-        }
-    }
-
     /// The operation a request_id already started, when its kind and parameters (`fp`) are
     /// the same; INVALID_ARGUMENT when the request_id was used for something else.
     fn request_matching(
