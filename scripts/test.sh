@@ -8,6 +8,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 scripts/install-deps.sh
+# grpcio, grpcio-tools, grpcio-reflection (pip) for the Python client test (tests/python_client.rs).
+scripts/install-python-deps.sh
 # Real servers for the Glance and S3 target tests (tests/targets.rs): apt glance-api,
 # python3-glance, python3-keystone, curl (no service started through init); cargo s3s-fs.
 for s in glance keystone s3; do bash tests/servers/$s.sh install; done
