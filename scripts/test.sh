@@ -7,7 +7,25 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# A run stops what it started: the test servers (Glance, Keystone, S3, started lazily by the
+# tests) and libvirt's daemons that were not running before are stopped on exit, also when a
+# step fails or the run is interrupted; what was running before is left running.
+running_before="$(mktemp /tmp/imaged-test-running.XXXXXX)"
+bash scripts/test-servers.sh record "$running_before"
+cleanup() {
+  local rc=$?
+  trap - EXIT INT TERM
+  bash scripts/test-servers.sh stop-started "$running_before" || true
+  rm -f "$running_before"
+  exit "$rc"
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
 scripts/install-deps.sh
+# grpcio, grpcio-tools, grpcio-reflection (pip) for the Python client test (tests/python_client.rs).
+scripts/install-python-deps.sh
 # Real servers for the Glance and S3 target tests (tests/targets.rs): apt glance-api,
 # python3-glance, python3-keystone, curl (no service started through init); cargo s3s-fs.
 for s in glance keystone s3; do bash tests/servers/$s.sh install; done

@@ -2,6 +2,7 @@
 //! the answer. No decision is taken here; errors map to status codes through
 //! [`crate::error::ErrorKind`].
 
+pub mod authority_hint;
 pub mod convert;
 pub mod server;
 

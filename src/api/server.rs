@@ -106,19 +106,25 @@ pub async fn serve(cfg: &Config, agent: Agent, stop: StopSignals) -> Result<()> 
     health_reporter
         .set_serving::<proto::operation_service_server::OperationServiceServer<Api>>()
         .await;
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()
-        .map_err(|e| {
-            Error::new(ErrorKind::Internal, "building the reflection service").with_source(e)
-        })?;
+    // Reflection v1 (grpcurl) and v1alpha (Python's grpcio-reflection, older tools).
+    let reflection_builder = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let reflection_err =
+        |e| Error::new(ErrorKind::Internal, "building the reflection service").with_source(e);
+    let reflection = reflection_builder().build_v1().map_err(reflection_err)?;
+    let reflection_v1alpha = reflection_builder()
+        .build_v1alpha()
+        .map_err(reflection_err)?;
 
     let api = Api::new(agent.clone());
     let router = || {
         Server::builder()
             .add_service(health.clone())
             .add_service(reflection.clone())
+            .add_service(reflection_v1alpha.clone())
             .add_service(proto::domain_service_server::DomainServiceServer::new(
                 api.clone(),
             ))

@@ -91,10 +91,14 @@ fn main() -> std::process::ExitCode {
         .with_target(false)
         .with_ansi(false)
         .with_writer(std::io::stderr);
+    // AuthorityHint: see imaged::api::authority_hint (grpc-core clients over the unix socket).
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    let hint = imaged::api::authority_hint::AuthorityHint;
     if journal {
-        builder.without_time().init();
+        builder.without_time().finish().with(hint).init();
     } else {
-        builder.init();
+        builder.finish().with(hint).init();
     }
 
     // libvirt prints every failed call to stderr by default; our errors carry its message.

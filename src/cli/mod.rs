@@ -207,7 +207,7 @@ async fn run(cli: Cli) -> u8 {
             if cli.json {
                 println!("{}", output::status_json(&status));
             }
-            eprintln!("imagectl: {}", status.message());
+            eprintln!("imagectl: {}", output::escape_controls(status.message()));
             exit_for(status.code())
         }
     }

@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Python packages for tests/python_client.rs (a stock Python gRPC client of imaged): grpcio,
+# grpcio-tools (stubs from proto/imaged/v1/imaged.proto) and grpcio-reflection (Python's stock
+# reflection client), pinned to the versions the test was run with, installed with the pip of the
+# `python3` on PATH (pyenv's CPython here), then checked by importing them.
+set -euo pipefail
+
+PY="${PYTHON:-python3}"
+command -v "$PY" >/dev/null || { echo "install-python-deps: $PY not found: install Python 3 with pip" >&2; exit 1; }
+"$PY" -m pip install --quiet --disable-pip-version-check --root-user-action=ignore \
+  grpcio==1.85.3 grpcio-tools==1.85.1 grpcio-reflection==1.85.1
+"$PY" -c 'import grpc, grpc_tools, grpc_reflection' ||
+  { echo "install-python-deps: grpcio, grpcio-tools or grpcio-reflection still not importable by $PY" >&2; exit 1; }
