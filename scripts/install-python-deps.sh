@@ -7,7 +7,10 @@ set -euo pipefail
 
 PY="${PYTHON:-python3}"
 command -v "$PY" >/dev/null || { echo "install-python-deps: $PY not found: install Python 3 with pip" >&2; exit 1; }
+# --break-system-packages: Debian's own python3 refuses pip installs outside a venv (PEP 668);
+# these test-only packages do not touch what Debian's packages provide.
+"$PY" -c 'import grpc, grpc_tools, grpc_reflection' 2>/dev/null ||
 "$PY" -m pip install --quiet --disable-pip-version-check --root-user-action=ignore \
-  grpcio==1.85.3 grpcio-tools==1.85.1 grpcio-reflection==1.85.1
+  --break-system-packages grpcio==1.85.3 grpcio-tools==1.85.1 grpcio-reflection==1.85.1
 "$PY" -c 'import grpc, grpc_tools, grpc_reflection' ||
   { echo "install-python-deps: grpcio, grpcio-tools or grpcio-reflection still not importable by $PY" >&2; exit 1; }
