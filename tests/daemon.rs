@@ -83,6 +83,10 @@ fn notifies_readiness_and_stops_cleanly_on_sigterm() {
         .expect("imaged sent no sd_notify message");
     let msg = String::from_utf8_lossy(&buf[..n]).into_owned();
     assert!(msg.contains("READY=1"), "{msg}");
+    // A new repository holds guests' disks: private to the daemon's user.
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&d.repo).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o700, "repository mode {mode:o}");
     let st = d.stop();
     assert!(
         st.success(),

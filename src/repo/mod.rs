@@ -71,6 +71,28 @@ pub struct DeleteStats {
 impl Repository {
     /// Opens (creating if needed) the repository at `root` and empties its `tmp/`.
     pub fn open(root: &Path) -> Result<Repository> {
+        // Chunks are guests' disk contents: a new repository is private to the daemon's user,
+        // and one that others may enter is named in the log.
+        {
+            use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(root)
+                .map_err(|e| {
+                    Error::io(
+                        format!("creating repository directory {}", root.display()),
+                        e,
+                    )
+                })?;
+            if let Ok(md) = std::fs::metadata(root) {
+                let mode = md.permissions().mode() & 0o777;
+                if mode & 0o077 != 0 {
+                    tracing::warn!(repository = %root.display(), mode = format!("{mode:04o}"),
+                        "other users may read the repository (it holds guests' disk contents): chmod 0700 it");
+                }
+            }
+        }
         for sub in ["chunks", "images", "tmp"] {
             let d = root.join(sub);
             std::fs::create_dir_all(&d).map_err(|e| {
