@@ -100,12 +100,21 @@ fn assert_image_prepared(d: &Daemon, name: &str, uuid: &str) {
         image_file(&raw, "/etc/udev/rules.d/70-persistent-net.rules").is_none(),
         "udev rule still in the image"
     );
+    assert!(ifaces.contains("iface lo inet loopback"), "{ifaces}");
     let rc = image_file(&raw, "/etc/init.d/rc").expect("rc in the image");
     assert_eq!(rc.matches(HOOK).count(), 1, "{rc}");
+    assert!(
+        rc.find(HOOK).unwrap() < rc.rfind("exit 0").unwrap(),
+        "the hook must come before exit 0: {rc}"
+    );
     let fstab = image_file(&raw, "/etc/fstab").expect("fstab in the image");
     assert!(
         !fstab.contains(uuid),
         "data disk in the image's fstab: {fstab}"
+    );
+    assert!(
+        fstab.contains("/dev/vda") || fstab.contains(" / "),
+        "the root entry must stay: {fstab}"
     );
     let _ = std::fs::remove_file(&raw);
 }
@@ -309,43 +318,7 @@ async fn quiesced_capture_with_prep_prepares_the_image_and_restores_the_source()
         .contains("thawed"));
 
     // The image is prepared.
-    let raw = d.dir.path().join("prepped.raw");
-    assert_eq!(
-        d.imagectl_json(&[
-            "export",
-            "prepped",
-            "--format",
-            "raw",
-            "-o",
-            raw.to_str().unwrap()
-        ])["state"],
-        "active"
-    );
-    let ifaces = image_file(&raw, "/etc/network/interfaces").expect("interfaces in the image");
-    assert!(
-        ifaces.contains("iface eth0 inet dhcp") && !ifaces.contains("192.0.2.10"),
-        "{ifaces}"
-    );
-    assert!(ifaces.contains("iface lo inet loopback"), "{ifaces}");
-    assert!(
-        image_file(&raw, "/etc/udev/rules.d/70-persistent-net.rules").is_none(),
-        "udev rule still in the image"
-    );
-    let rc = image_file(&raw, "/etc/init.d/rc").expect("rc in the image");
-    assert_eq!(rc.matches(HOOK).count(), 1, "{rc}");
-    assert!(
-        rc.find(HOOK).unwrap() < rc.rfind("exit 0").unwrap(),
-        "the hook must come before exit 0: {rc}"
-    );
-    let fstab = image_file(&raw, "/etc/fstab").expect("fstab in the image");
-    assert!(
-        !fstab.contains(&uuid),
-        "the data disk is still in the image's fstab: {fstab}"
-    );
-    assert!(
-        fstab.contains("/dev/vda") || fstab.contains(" / "),
-        "the root entry must stay: {fstab}"
-    );
+    assert_image_prepared(&d, "prepped", &uuid);
 
     // And it boots to its guest agent.
     let q = d.dir.path().join("prepped.qcow2");

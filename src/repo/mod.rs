@@ -198,20 +198,23 @@ impl Repository {
         Ok(out)
     }
 
-    /// One image by name.
-    pub fn get(&self, name: &str) -> Result<ImageRecord> {
+    /// Opens the manifest of image `name`; NOT_FOUND when there is none.
+    fn open_manifest(&self, name: &str) -> Result<(PathBuf, std::fs::File)> {
         util::validate_image_name(name)?;
         let path = self.manifest_path(name);
-        let file = std::fs::File::open(&path).map_err(|e| {
-            if e.kind() == std::io::ErrorKind::NotFound {
-                Error::new(
-                    ErrorKind::NotFound,
-                    format!("image {name} not found in the repository"),
-                )
-            } else {
-                Error::io(format!("reading manifest {}", path.display()), e)
-            }
-        })?;
+        match std::fs::File::open(&path) {
+            Ok(f) => Ok((path, f)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(Error::new(
+                ErrorKind::NotFound,
+                format!("image {name} not found in the repository"),
+            )),
+            Err(e) => Err(Error::io(format!("reading manifest {}", path.display()), e)),
+        }
+    }
+
+    /// One image by name.
+    pub fn get(&self, name: &str) -> Result<ImageRecord> {
+        let (path, file) = self.open_manifest(name)?;
         let rec: ImageRecord =
             serde_json::from_reader(std::io::BufReader::new(file)).map_err(|e| {
                 Error::new(
@@ -283,18 +286,7 @@ impl Repository {
 
     /// Deletes image `name` and the chunks no other image (nor a running capture) uses.
     pub fn delete(&self, name: &str) -> Result<DeleteStats> {
-        util::validate_image_name(name)?;
-        let path = self.manifest_path(name);
-        let file = std::fs::File::open(&path).map_err(|e| {
-            if e.kind() == std::io::ErrorKind::NotFound {
-                Error::new(
-                    ErrorKind::NotFound,
-                    format!("image {name} not found in the repository"),
-                )
-            } else {
-                Error::io(format!("reading manifest {}", path.display()), e)
-            }
-        })?;
+        let (path, file) = self.open_manifest(name)?;
         let candidates = manifest::scan_digests(file, &path.display().to_string())?;
         let mut st = self.lock();
         if st.readers.get(name).copied().unwrap_or(0) > 0 {
