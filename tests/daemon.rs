@@ -140,7 +140,7 @@ fn sigterm_during_start_up_stops_gracefully() {
                 t0.elapsed() < Duration::from_secs(10),
                 "imaged never held SIGTERM"
             );
-            std::thread::yield_now();
+            std::thread::sleep(Duration::from_micros(200));
         }
         if signal_mask(child.id(), "SigBlk") & term != 0 {
             held_early += 1;
@@ -148,7 +148,16 @@ fn sigterm_during_start_up_stops_gracefully() {
         std::thread::sleep(Duration::from_millis(round * 3));
         // SAFETY: kill(2) with a pid we spawned and have not reaped.
         unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-        let st = child.wait().unwrap();
+        let st = loop {
+            if let Some(st) = child.try_wait().unwrap() {
+                break st;
+            }
+            if t0.elapsed() > Duration::from_secs(60) {
+                let _ = child.kill();
+                panic!("round {round}: imaged did not stop within 60 s of SIGTERM");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
         assert!(
             st.success(),
             "round {round}: imaged died of the signal or failed: {st:?}"
@@ -159,6 +168,34 @@ fn sigterm_during_start_up_stops_gracefully() {
         "SIGTERM was never seen held during start-up: a stop request then would kill imaged"
     );
     std::fs::remove_file(&d.socket).ok();
+}
+
+/// Two daemons on one run directory would "recover" each other's running captures: the second
+/// one is refused at start, naming the directory, and the first keeps serving.
+#[test]
+fn a_second_daemon_on_the_same_run_directory_is_refused() {
+    let d = Daemon::start();
+    let cfg = std::fs::read_to_string(d.dir.path().join("imaged.toml")).unwrap();
+    let other = d.dir.path().join("other.toml");
+    let socket = d.dir.path().join("other.sock");
+    std::fs::write(
+        &other,
+        cfg.replace(
+            &format!("socket = {:?}", d.socket),
+            &format!("socket = {socket:?}"),
+        ),
+    )
+    .unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_imaged"))
+        .arg("--config")
+        .arg(&other)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "a second daemon started: {err}");
+    assert!(err.contains("another imaged uses run directory"), "{err}");
+    assert!(!socket.exists());
+    assert!(std::os::unix::net::UnixStream::connect(&d.socket).is_ok());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -524,7 +524,15 @@ async fn a_quiesce_that_outlasts_its_freeze_bound_fails_instead_of_lying() {
         "{msg}"
     );
     assert!(fsfreeze_status(&g).contains("thawed"));
-    assert!(run("virsh", &["domjobinfo", g.name()]).contains("None"));
+    // libvirt tears a backup job down asynchronously: give it a moment.
+    let t0 = Instant::now();
+    while !run("virsh", &["domjobinfo", g.name()]).contains("None") {
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "backup job left running"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
     assert_eq!(
         d.imagectl(&["image", "not-quiesced"]).status.code(),
         Some(3)

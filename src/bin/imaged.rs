@@ -55,6 +55,37 @@ fn hold_stop_signals(block: bool) {
     }
 }
 
+/// Takes the run directory's lock (`<run_dir>/imaged.lock`, held for the daemon's life), or
+/// fails naming the directory when another daemon holds it.
+fn lock_run_dir(run_dir: &std::path::Path) -> imaged::error::Result<std::fs::File> {
+    use imaged::error::{Error, ErrorKind};
+    use std::os::unix::fs::OpenOptionsExt;
+    use std::os::unix::io::AsRawFd;
+    std::fs::create_dir_all(run_dir)
+        .map_err(|e| Error::io(format!("creating run directory {}", run_dir.display()), e))?;
+    let path = run_dir.join("imaged.lock");
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .mode(0o600)
+        .open(&path)
+        .map_err(|e| Error::io(format!("opening {}", path.display()), e))?;
+    // SAFETY: flock on a descriptor we own and keep open; no memory is involved.
+    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        return Err(Error::new(
+            ErrorKind::FailedPrecondition,
+            format!(
+                "another imaged uses run directory {} (it holds {}); stop it first, or give this one another capture.run_dir",
+                run_dir.display(),
+                path.display()
+            ),
+        )
+        .with_source(std::io::Error::last_os_error()));
+    }
+    Ok(f)
+}
+
 fn main() -> std::process::ExitCode {
     hold_stop_signals(true);
     let args = Args::parse();
@@ -118,6 +149,9 @@ fn main() -> std::process::ExitCode {
         // through: one that came during start-up is delivered now, to the handler.
         let stop = imaged::api::server::StopSignals::install()?;
         hold_stop_signals(false);
+        // One daemon per run directory: a second one must not "recover" the captures the
+        // first is running (thaw its guests mid-freeze, end its backup jobs).
+        let _run_lock = lock_run_dir(&cfg.capture.run_dir)?;
         let hv = Arc::new(Libvirt::new(&cfg.libvirt.uri));
         // Undo what captures of a previous run left (thaw guests, end backup jobs, restore
         // prep, start domains again) before anything else can fail: a full or read-only

@@ -338,6 +338,7 @@ impl Agent {
             }
             return Err(e);
         }
+        report_applied(op, &applied);
         let res = async {
             if plan.was_running {
                 entry.shutting_down = true;
@@ -348,10 +349,17 @@ impl Agent {
             self.cold_read(op, writer, plan).await
         }
         .await;
+        // A shutdown asked for and then interrupted (cancel, timeout) may still be under way:
+        // let it finish before deciding whether there is a guest to start again.
+        let wait_off = if entry.shutting_down && res.is_err() {
+            p.shutdown_timeout
+        } else {
+            Duration::ZERO
+        };
         entry.shutting_down = false;
         let mut res = res;
         if entry.restart {
-            match self.start_again(op, &name).await {
+            match self.start_again(op, &name, wait_off).await {
                 Ok(()) => {
                     entry.restart = false;
                     journal.update(&entry);
@@ -371,21 +379,31 @@ impl Agent {
         }
         if let Some(outcomes) = applied {
             let undo = plan.decision.restore_source || res.is_err();
-            if undo {
-                self.undo_prep_when_running(op, &name, outcomes, plan.decision.restore_source)
+            let done = !undo
+                || self
+                    .undo_prep_when_running(op, &name, outcomes, plan.decision.restore_source)
                     .await;
+            // Not done (the guest is off, or its agent never answered): the journal keeps
+            // the duty for a later start of the daemon.
+            if done {
+                entry.prep = None;
             }
-            entry.prep = None;
             journal.update(&entry);
-        }
-        if !entry.restart {
-            journal.remove(&op.id);
         }
         res
     }
 
-    /// Starts a domain that a shutdown capture shut down (nothing to do when it runs).
-    async fn start_again(&self, op: &OpEntry, name: &str) -> Result<()> {
+    /// Starts a domain that a shutdown capture shut down (nothing to do when it runs). With
+    /// `wait_off`, first gives a shutdown under way that long to complete.
+    async fn start_again(&self, op: &OpEntry, name: &str, wait_off: Duration) -> Result<()> {
+        let t0 = Instant::now();
+        while t0.elapsed() < wait_off {
+            let n = name.to_string();
+            if self.hv(move |hv| hv.domain_state(&n)).await? == DomainState::ShutOff {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
         let n = name.to_string();
         let started = self
             .hv(move |hv| {
@@ -411,7 +429,7 @@ impl Agent {
         name: &str,
         outcomes: Vec<StepOutcome>,
         asked: bool,
-    ) {
+    ) -> bool {
         let n = name.to_string();
         let state = self.hv(move |hv| hv.domain_state(&n)).await;
         if matches!(state, Ok(DomainState::ShutOff)) {
@@ -422,13 +440,14 @@ impl Agent {
                     .map(|o| {
                         let mut r = report_outcome(o, false);
                         r.message = format!(
-                            "not undone: domain {name} is shut off with these changes applied (the capture failed before it could be started again)"
+                            "not undone yet: domain {name} is shut off with these changes applied; \
+                             imaged undoes them at its next start once the domain runs"
                         );
                         r
                     })
                     .collect(),
             );
-            return;
+            return false;
         }
         let wait = Duration::from_secs(self.inner.cfg.capture.agent_wait_secs);
         if let Err(e) = wait_for_agent(self.inner.hv.clone(), name, wait).await {
@@ -444,9 +463,10 @@ impl Agent {
                     })
                     .collect(),
             );
-            return;
+            return false;
         }
         self.undo_prep(op, name, outcomes, asked).await;
+        true
     }
 
     /// Prep (if any), then the live read; a failed capture gives the source its
@@ -463,6 +483,7 @@ impl Agent {
             }
             return Err(e);
         }
+        report_applied(op, &applied);
         let mut restore = applied;
         let res = self
             .live_read(op, writer, plan, &mut restore, &journal, &mut entry)
@@ -475,7 +496,8 @@ impl Agent {
         res
     }
 
-    /// Applies the plan's prep steps in the running guest; None when there are none.
+    /// Applies the plan's prep steps in the running guest; None when there are none. The
+    /// caller journals the outcomes, then reports them ([`report_applied`]).
     async fn prep_before(&self, op: &OpEntry, plan: &Plan) -> Result<Option<Vec<StepOutcome>>> {
         if plan.steps.is_empty() {
             return Ok(None);
@@ -492,7 +514,6 @@ impl Agent {
                 )
                 .with_source(e)
             })?;
-        op.set_prep(outcomes.iter().map(|o| report_outcome(o, false)).collect());
         Ok(Some(outcomes))
     }
 
@@ -643,29 +664,33 @@ impl Agent {
             max_freeze,
         )
         .await;
+        // The journal keeps the freeze until the thaw is confirmed (a failed thaw leaves a
+        // watchdog that dies with the daemon), and the job until it is known ended.
+        let thawed = !quiesce
+            || live::thaw_until_thawed(
+                self.inner.hv.clone(),
+                plan.info.name.clone(),
+                Duration::from_secs(30),
+            )
+            .await;
+        if thawed {
+            entry.frozen = false;
+            journal.update(entry);
+        }
         let (export, point) = match begun {
             Ok(x) => x,
             Err(e) => {
-                // `begin` thawed and ended what it started; the journal keeps the freeze
-                // until the thaw is confirmed.
-                if quiesce
-                    && !live::thaw_until_thawed(
-                        self.inner.hv.clone(),
-                        plan.info.name.clone(),
-                        Duration::from_secs(30),
-                    )
-                    .await
-                {
-                    return Err(e);
+                // `begin` ended what it started; a job begun late (after its call timed
+                // out) is ended here too, and only ours ever is.
+                let (d, sock) = (plan.info.name.clone(), entry.backup_dir.join("nbd.sock"));
+                if self.hv(move |hv| hv.backup_end(&d, &sock)).await.is_ok() {
+                    let _ = std::fs::remove_dir_all(&entry.backup_dir);
+                    entry.backup_dir = Default::default();
+                    journal.update(entry);
                 }
-                entry.frozen = false;
-                entry.backup_dir = Default::default();
-                journal.update(entry);
                 return Err(e);
             }
         };
-        entry.frozen = false;
-        journal.update(entry);
         op.set_freeze_window(point.freeze_window_ms);
         if plan.decision.restore_source {
             if let Some(outcomes) = restore.take() {
@@ -866,6 +891,13 @@ impl Plan {
 struct GuestOs {
     is_windows: bool,
     id: Option<String>,
+}
+
+/// Puts the prep outcomes on the operation (once they are journaled).
+fn report_applied(op: &OpEntry, applied: &Option<Vec<StepOutcome>>) {
+    if let Some(outcomes) = applied {
+        op.set_prep(outcomes.iter().map(|o| report_outcome(o, false)).collect());
+    }
 }
 
 /// An OS id as `/etc/os-release` `ID=` spells them ("debian", "rhel", "opensuse-leap",

@@ -104,8 +104,16 @@ impl Journal {
             self.remove(&e.op);
             return Ok(());
         }
-        std::fs::create_dir_all(&self.dir)
-            .map_err(|err| Error::io(format!("creating journal {}", self.dir.display()), err))?;
+        {
+            use std::os::unix::fs::DirBuilderExt;
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(&self.dir)
+                .map_err(|err| {
+                    Error::io(format!("creating journal {}", self.dir.display()), err)
+                })?;
+        }
         let json = serde_json::to_vec(e).unwrap_or_default();
         util::write_atomic(&self.path(&e.op), &json)
     }
@@ -150,9 +158,23 @@ impl Journal {
     /// Carries out what dead captures left: thaws, ends their backup jobs, starts domains
     /// again, restores prep. An entry goes once all its duties are done.
     pub async fn recover(&self, hv: Arc<dyn Hypervisor>) {
-        for e in self.entries() {
+        // Every frozen guest first: a freeze is the most urgent duty, and the slow ones
+        // (waiting for a guest to shut down or boot) must not keep another guest frozen.
+        let mut later = Vec::new();
+        for mut e in self.entries() {
             tracing::warn!(op = %e.op, domain = %e.domain, frozen = e.frozen, backup = !e.backup_dir.as_os_str().is_empty(),
                 restart = e.restart, prep = e.prep.is_some(), "recovering a capture left by a previous run");
+            if e.frozen {
+                if !thaw_until_thawed(hv.clone(), e.domain.clone(), Duration::from_secs(30)).await {
+                    tracing::error!(op = %e.op, domain = %e.domain, "the guest could not be confirmed thawed; the journal entry stays for the next start");
+                    continue;
+                }
+                e.frozen = false;
+                self.update(&e);
+            }
+            later.push(e);
+        }
+        for e in later {
             self.recover_one(hv.clone(), e).await;
         }
     }
@@ -166,14 +188,6 @@ impl Journal {
                     .unwrap_or_else(|_| Err(crate::error::internal("a recovery task failed")))
             }
         };
-        if e.frozen {
-            if !thaw_until_thawed(hv.clone(), e.domain.clone(), Duration::from_secs(30)).await {
-                tracing::error!(op = %e.op, domain = %e.domain, "the guest could not be confirmed thawed; the journal entry stays for the next start");
-                return;
-            }
-            e.frozen = false;
-            self.update(&e);
-        }
         if !e.backup_dir.as_os_str().is_empty() {
             let (d, sock) = (e.domain.clone(), e.backup_dir.join("nbd.sock"));
             match call(Box::new(move |h| h.backup_end(&d, &sock))).await {
@@ -224,6 +238,18 @@ impl Journal {
             self.update(&e);
         }
         if let Some(outcomes) = e.prep.clone() {
+            // A guest left shut off (no restart asked) keeps its prep until it runs again:
+            // waiting for its agent at every start would only delay the daemon.
+            let (h, d) = (hv.clone(), e.domain.clone());
+            let off = tokio::task::spawn_blocking(move || h.domain_state(&d))
+                .await
+                .ok()
+                .and_then(|r| r.ok())
+                == Some(DomainState::ShutOff);
+            if off {
+                tracing::warn!(op = %e.op, domain = %e.domain, "the domain is shut off with prep changes applied; a later start of imaged undoes them once it runs");
+                return;
+            }
             match restore_prep_when_ready(hv.clone(), &e.domain, outcomes).await {
                 Ok(()) => {
                     tracing::info!(op = %e.op, domain = %e.domain, "prep changes undone in the source")

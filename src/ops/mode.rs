@@ -9,7 +9,7 @@
 //!
 //! | mode | domain state | agent | prep | restore-source | restart / force-off |
 //! |---|---|---|---|---|---|
-//! | cold | shut off | — | refused | refused | refused |
+//! | cold | shut off | — | refused (INVALID_ARGUMENT) | refused | refused |
 //! | shutdown | running | any (prep: Linux or Windows agent) | before the shutdown | needs prep and restart: undone after the start | yes |
 //! | shutdown | shut off | — | refused (nothing runs) | refused | restart: nothing to start again; accepted |
 //! | quiesce | running | Linux agent | before the freeze | undone after the consistency point | refused |
@@ -154,6 +154,39 @@ pub fn decide(asked: &Asked, f: &Facts<'_>) -> Result<Decision> {
             )),
         }
     };
+    // What never fits the mode asked for is refused first, whatever the domain's state.
+    if asked.restore_source && !asked.prep {
+        return Err(invalid(
+            "restore_source undoes the prep steps in the source after the capture: it needs prep steps",
+        ));
+    }
+    if matches!(
+        asked.mode,
+        Mode::Cold | Mode::Quiesce | Mode::CrashConsistent
+    ) && (asked.restart || asked.force_off)
+    {
+        let opt = if asked.restart {
+            "restart"
+        } else {
+            "force_off"
+        };
+        return Err(invalid(format!(
+            "{opt} applies to mode shutdown only; mode {} does not shut the guest down",
+            asked.mode.name()
+        )));
+    }
+    if asked.prep && asked.mode == Mode::Cold {
+        return Err(invalid(format!(
+            "prep steps run inside the running guest: mode cold reads a shut-off disk; \
+             for domain {name} start it and use mode shutdown (prep, shut down, capture) or quiesce"
+        )));
+    }
+    if asked.prep && asked.mode == Mode::CrashConsistent {
+        return Err(invalid(
+            "prep steps need a consistency point after them that flushes the guest's writes: \
+             use mode quiesce or shutdown, not crash-consistent",
+        ));
+    }
     let mode = match asked.mode {
         Mode::Cold => {
             if state != DomainState::ShutOff {
@@ -253,10 +286,10 @@ pub fn decide(asked: &Asked, f: &Facts<'_>) -> Result<Decision> {
         }
     }
     if asked.restore_source {
-        if !asked.prep {
-            return Err(invalid(
-                "restore_source undoes the prep steps in the source after the capture: it needs prep steps",
-            ));
+        if f.agent == AgentState::Windows {
+            return Err(precondition(format!(
+                "domain {name} runs Windows: its network settings changed by netsh cannot be restored automatically, so restore_source is refused"
+            )));
         }
         if mode == Mode::Shutdown && !asked.restart {
             return Err(invalid(
@@ -371,6 +404,11 @@ mod tests {
                             }
                             if d.restore_source {
                                 assert!(d.prep, "{ctx}");
+                                assert_ne!(
+                                    agent,
+                                    AgentState::Windows,
+                                    "{ctx}: netsh cannot be undone"
+                                );
                                 if d.mode == Mode::Shutdown {
                                     assert!(d.restart, "{ctx}: restore needs the guest running");
                                 }
@@ -382,6 +420,18 @@ mod tests {
                         }
                         Err(e) => {
                             refused += 1;
+                            // Options that never fit the mode are INVALID_ARGUMENT whatever
+                            // the domain's state.
+                            let never_fits = (asked.mode == Mode::Cold && asked.prep)
+                                || (matches!(
+                                    asked.mode,
+                                    Mode::Cold | Mode::Quiesce | Mode::CrashConsistent
+                                ) && (asked.restart || asked.force_off))
+                                || (asked.mode == Mode::CrashConsistent && asked.prep)
+                                || (asked.restore_source && !asked.prep);
+                            if never_fits {
+                                assert_eq!(e.kind(), ErrorKind::InvalidArgument, "{ctx}: {e}");
+                            }
                             assert!(
                                 matches!(
                                     e.kind(),
