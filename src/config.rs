@@ -25,7 +25,7 @@ pub struct Config {
     pub capture: CaptureConfig,
     pub export: ExportConfig,
     /// Remote stream targets by name: `[targets.NAME]` with `kind = "glance"` or `"s3"`.
-    pub targets: std::collections::BTreeMap<String, crate::target::TargetConfig>,
+    pub targets: std::collections::BTreeMap<String, crate::upload::TargetConfig>,
 }
 
 /// `[daemon]`: how the API is served and logged.

@@ -21,13 +21,15 @@ pub mod cli;
 pub mod config;
 pub mod error;
 pub mod export;
+pub mod format;
 pub mod guest;
 pub mod hostfile;
 pub mod hypervisor;
 pub mod nbd;
 pub mod ops;
+pub mod progress;
 pub mod repo;
-pub mod target;
+pub mod upload;
 pub mod util;
 
 /// Generated protobuf and gRPC code for `imaged.v1`.

@@ -133,6 +133,15 @@ pub fn rfc3339(secs: i64) -> String {
     )
 }
 
+/// True when every byte is zero (64-byte blocks OR-folded, which the compiler vectorises).
+pub fn is_zero(buf: &[u8]) -> bool {
+    let mut blocks = buf.chunks_exact(64);
+    blocks
+        .by_ref()
+        .all(|c| c.iter().fold(0u8, |a, &b| a | b) == 0)
+        && blocks.remainder().iter().all(|&b| b == 0)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

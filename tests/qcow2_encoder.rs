@@ -12,7 +12,7 @@ use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::process::{Command, Output};
 
-use imaged::export::qcow2::{clusters_covering, write_qcow2, Qcow2Layout};
+use imaged::format::qcow2::{clusters_covering, write_qcow2, Qcow2Layout};
 
 const CS: u64 = Qcow2Layout::CLUSTER_SIZE;
 const MIB: u64 = 1 << 20;

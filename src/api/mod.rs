@@ -1,4 +1,4 @@
-//! The gRPC transport: thin services that decode a request, call the [`Agent`], and encode
+//! The gRPC transport: thin services that decode a request, call the [`Controller`], and encode
 //! the answer. No decision is taken here; errors map to status codes through
 //! [`crate::error::ErrorKind`].
 
@@ -14,20 +14,20 @@ use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 
 use crate::error::invalid;
-use crate::export::Format;
-use crate::ops::{Agent, CaptureParams, ExportParams, ImportParams, Mode, TargetSpec};
+use crate::format::Format;
+use crate::ops::{CaptureParams, Controller, ExportParams, ImportParams, Mode, TargetSpec};
 use crate::proto;
 
-/// Implements the three `imaged.v1` services over one [`Agent`].
+/// Implements the three `imaged.v1` services over one [`Controller`].
 #[derive(Clone)]
 pub struct Api {
-    agent: Agent,
+    ctl: Controller,
 }
 
 impl Api {
-    /// Services over `agent`.
-    pub fn new(agent: Agent) -> Api {
-        Api { agent }
+    /// Services over the controller `ctl`.
+    pub fn new(ctl: Controller) -> Api {
+        Api { ctl }
     }
 }
 
@@ -39,14 +39,14 @@ impl proto::domain_service_server::DomainService for Api {
         &self,
         _: Request<proto::ListDomainsRequest>,
     ) -> ApiResult<proto::ListDomainsResponse> {
-        let doms = self.agent.list_domains().await?;
+        let doms = self.ctl.list_domains().await?;
         Ok(Response::new(proto::ListDomainsResponse {
             domains: doms.iter().map(convert::domain).collect(),
         }))
     }
 
     async fn get_domain(&self, req: Request<proto::GetDomainRequest>) -> ApiResult<proto::Domain> {
-        let d = self.agent.domain(&req.into_inner().name).await?;
+        let d = self.ctl.domain(&req.into_inner().name).await?;
         Ok(Response::new(convert::domain(&d)))
     }
 }
@@ -70,7 +70,7 @@ impl proto::image_service_server::ImageService for Api {
             return Err(invalid("domain is empty: name the libvirt domain to capture").into());
         }
         let op = self
-            .agent
+            .ctl
             .capture(CaptureParams {
                 domain: r.domain,
                 image_name: r.image_name,
@@ -94,7 +94,7 @@ impl proto::image_service_server::ImageService for Api {
     async fn import(&self, req: Request<proto::ImportRequest>) -> ApiResult<proto::Operation> {
         let r = req.into_inner();
         let op = self
-            .agent
+            .ctl
             .import(ImportParams {
                 path: PathBuf::from(r.path),
                 format: r.format,
@@ -110,7 +110,7 @@ impl proto::image_service_server::ImageService for Api {
         req: Request<proto::PlanPrepRequest>,
     ) -> ApiResult<proto::PlanPrepResponse> {
         let r = req.into_inner();
-        let steps = self.agent.plan_prep(&r.domain, &r.prep).await?;
+        let steps = self.ctl.plan_prep(&r.domain, &r.prep).await?;
         Ok(Response::new(proto::PlanPrepResponse {
             steps: steps.iter().map(convert::prep_report).collect(),
         }))
@@ -120,14 +120,14 @@ impl proto::image_service_server::ImageService for Api {
         &self,
         _: Request<proto::ListImagesRequest>,
     ) -> ApiResult<proto::ListImagesResponse> {
-        let images = self.agent.list_images().await?;
+        let images = self.ctl.list_images().await?;
         Ok(Response::new(proto::ListImagesResponse {
             images: images.iter().map(convert::image).collect(),
         }))
     }
 
     async fn get_image(&self, req: Request<proto::GetImageRequest>) -> ApiResult<proto::Image> {
-        let r = self.agent.image(&req.into_inner().name).await?;
+        let r = self.ctl.image(&req.into_inner().name).await?;
         Ok(Response::new(convert::image(&r)))
     }
 
@@ -135,7 +135,7 @@ impl proto::image_service_server::ImageService for Api {
         &self,
         req: Request<proto::DeleteImageRequest>,
     ) -> ApiResult<proto::DeleteImageResponse> {
-        let s = self.agent.delete_image(&req.into_inner().name).await?;
+        let s = self.ctl.delete_image(&req.into_inner().name).await?;
         Ok(Response::new(proto::DeleteImageResponse {
             chunks_removed: s.chunks_removed,
             bytes_freed: s.bytes_freed,
@@ -153,7 +153,7 @@ impl proto::image_service_server::ImageService for Api {
             _ => return Err(invalid("export format must be QCOW2 or RAW").into()),
         };
         let op = self
-            .agent
+            .ctl
             .export(ExportParams {
                 image_name: r.name,
                 format,
@@ -212,7 +212,7 @@ impl proto::operation_service_server::OperationService for Api {
         &self,
         req: Request<proto::GetOperationRequest>,
     ) -> ApiResult<proto::Operation> {
-        let op = self.agent.operation(&req.into_inner().id)?;
+        let op = self.ctl.operation(&req.into_inner().id)?;
         Ok(Response::new(convert::operation(&op)))
     }
 
@@ -220,7 +220,7 @@ impl proto::operation_service_server::OperationService for Api {
         &self,
         _: Request<proto::ListOperationsRequest>,
     ) -> ApiResult<proto::ListOperationsResponse> {
-        let ops = self.agent.operations();
+        let ops = self.ctl.operations();
         Ok(Response::new(proto::ListOperationsResponse {
             operations: ops.iter().map(convert::operation).collect(),
         }))
@@ -232,7 +232,7 @@ impl proto::operation_service_server::OperationService for Api {
         &self,
         req: Request<proto::WatchOperationRequest>,
     ) -> ApiResult<Self::WatchOperationStream> {
-        let entry = self.agent.watch(&req.into_inner().id)?;
+        let entry = self.ctl.watch(&req.into_inner().id)?;
         let (tx, rx) = tokio::sync::mpsc::channel(4);
         tokio::spawn(async move {
             let mut status = entry.subscribe();
@@ -264,7 +264,7 @@ impl proto::operation_service_server::OperationService for Api {
         &self,
         req: Request<proto::CancelOperationRequest>,
     ) -> ApiResult<proto::Operation> {
-        let op = self.agent.cancel(&req.into_inner().id)?;
+        let op = self.ctl.cancel(&req.into_inner().id)?;
         Ok(Response::new(convert::operation(&op)))
     }
 }

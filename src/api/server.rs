@@ -12,7 +12,7 @@ use tonic::transport::Server;
 use super::Api;
 use crate::config::Config;
 use crate::error::{Error, ErrorKind, Result};
-use crate::ops::Agent;
+use crate::ops::Controller;
 use crate::proto;
 
 /// How long running operations get to cancel cleanly on SIGTERM.
@@ -75,7 +75,7 @@ fn group_id(group: &str) -> Result<u32> {
 }
 
 /// Serves the API until SIGTERM or SIGINT, then cancels running operations and returns.
-pub async fn serve(cfg: &Config, agent: Agent, stop: StopSignals) -> Result<()> {
+pub async fn serve(cfg: &Config, ctl: Controller, stop: StopSignals) -> Result<()> {
     let uds = bind_unix(
         &cfg.daemon.socket,
         cfg.socket_mode()?,
@@ -119,7 +119,7 @@ pub async fn serve(cfg: &Config, agent: Agent, stop: StopSignals) -> Result<()> 
         .build_v1alpha()
         .map_err(reflection_err)?;
 
-    let api = Api::new(agent.clone());
+    let api = Api::new(ctl.clone());
     let router = || {
         Server::builder()
             .add_service(health.clone())
@@ -152,7 +152,7 @@ pub async fn serve(cfg: &Config, agent: Agent, stop: StopSignals) -> Result<()> 
     tracing::info!(
         socket = %cfg.daemon.socket.display(),
         tcp = %cfg.daemon.tcp_listen,
-        repository = %agent.repository().root().display(),
+        repository = %ctl.repository().root().display(),
         libvirt = %cfg.libvirt.uri,
         "imaged ready"
     );
@@ -161,7 +161,7 @@ pub async fn serve(cfg: &Config, agent: Agent, stop: StopSignals) -> Result<()> 
     stop.wait().await;
     tracing::info!("stop requested: cancelling running operations");
     notify_systemd("STOPPING=1\nSTATUS=stopping");
-    agent.shutdown(STOP_GRACE).await;
+    ctl.shutdown(STOP_GRACE).await;
     let _ = stop_tx.send(true);
     let _ = uds_task.await;
     if let Some(t) = tcp_task {

@@ -8,7 +8,7 @@ use clap::Parser;
 
 use imaged::config::{Config, DEFAULT_CONFIG_PATH};
 use imaged::hypervisor::libvirt::Libvirt;
-use imaged::ops::Agent;
+use imaged::ops::Controller;
 use imaged::repo::Repository;
 
 /// The imaged host agent: captures libvirt/QEMU guest disks into an image repository and
@@ -160,8 +160,8 @@ fn main() -> std::process::ExitCode {
             .recover(hv.clone())
             .await;
         let repo = Repository::open(&cfg.repository.path)?;
-        let agent = Agent::new(cfg.clone(), hv, repo);
-        imaged::api::server::serve(&cfg, agent, stop).await
+        let ctl = Controller::new(cfg.clone(), hv, repo);
+        imaged::api::server::serve(&cfg, ctl, stop).await
     });
     match res {
         Ok(()) => std::process::ExitCode::SUCCESS,

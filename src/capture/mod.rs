@@ -23,50 +23,17 @@ pub mod live;
 pub mod source;
 pub mod stream;
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use sha2::{Digest as _, Sha256};
 
 use crate::error::{Error, ErrorKind, Result};
 use crate::nbd::{Extent, NbdClient};
+use crate::progress::{CancelToken, Progress};
 use crate::repo::manifest::{chunk_len, cluster_mask, DataChunk, Digest, CHUNK_SIZE};
 use crate::repo::{ChunkSink, PutOutcome};
 use source::{BlockSource, BASE_ALLOCATION};
-
-/// Live counters of a running capture, shared with the operation that reports them.
-#[derive(Debug, Default)]
-pub struct Progress {
-    pub bytes_total: AtomicU64,
-    pub bytes_done: AtomicU64,
-    pub bytes_read: AtomicU64,
-    pub bytes_zero: AtomicU64,
-    pub bytes_new: AtomicU64,
-    pub bytes_existing: AtomicU64,
-}
-
-/// A cancel flag shared between an operation and its pipeline.
-#[derive(Debug, Clone, Default)]
-pub struct CancelToken(Arc<AtomicBool>);
-
-impl CancelToken {
-    /// Asks the work to stop.
-    pub fn cancel(&self) {
-        self.0.store(true, Ordering::SeqCst);
-    }
-    /// True once cancelled.
-    pub fn is_cancelled(&self) -> bool {
-        self.0.load(Ordering::SeqCst)
-    }
-    /// CANCELLED error when cancelled.
-    pub fn check(&self) -> Result<()> {
-        if self.is_cancelled() {
-            Err(Error::new(ErrorKind::Cancelled, "cancelled"))
-        } else {
-            Ok(())
-        }
-    }
-}
 
 /// What the pipeline produced: the data chunks of the image, ascending by index.
 #[derive(Debug)]

@@ -22,11 +22,11 @@ use tokio::sync::{mpsc, Mutex};
 use super::source::{BlockSource, BASE_ALLOCATION};
 use super::{CancelToken, Progress};
 use crate::error::{Error, ErrorKind, Result};
-use crate::export::qcow2::{clusters_covering, Qcow2Layout};
-use crate::export::Format;
+use crate::format::qcow2::{clusters_covering, Qcow2Layout};
+use crate::format::Format;
 use crate::nbd::{Extent, NbdClient, NBD_STATE_ZERO};
 
-pub use crate::target::ByteStream;
+pub use crate::format::ByteStream;
 
 /// Largest read per segment.
 const SEGMENT: u64 = 4 << 20;

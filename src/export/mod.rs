@@ -2,52 +2,23 @@
 //!
 //! - **raw**: a sparse file; only the non-zero 64 KiB clusters are written (`pwrite`), holes
 //!   stay holes.
-//! - **qcow2**: our streaming encoder ([`qcow2`]): the manifest's cluster masks give the
+//! - **qcow2**: our streaming encoder ([`crate::format::qcow2`]): the manifest's cluster masks give the
 //!   allocation before any data is read, so the tables are written first and the data clusters
 //!   follow in guest order; the writer never seeks.
 //!
 //! Every chunk's digest is checked as it is read: a corrupt chunk fails the export instead of
 //! landing in the file.
 
-pub mod qcow2;
-
 use std::io::Write;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::atomic::Ordering;
 
-use crate::capture::{CancelToken, Progress};
-use crate::error::{invalid, Error, ErrorKind, Result};
+use crate::error::{Error, ErrorKind, Result};
+use crate::format::{qcow2, Format};
+use crate::progress::{CancelToken, Progress};
 use crate::repo::manifest::CLUSTER_SIZE;
 use crate::repo::{ImageRecord, Repository, CHUNK_SIZE};
-
-/// Output formats.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Format {
-    Qcow2,
-    Raw,
-}
-
-impl Format {
-    /// Parses "qcow2" or "raw".
-    pub fn parse(s: &str) -> Result<Format> {
-        match s {
-            "qcow2" => Ok(Format::Qcow2),
-            "raw" => Ok(Format::Raw),
-            other => Err(invalid(format!(
-                "format {other:?} is not supported: use qcow2 or raw"
-            ))),
-        }
-    }
-
-    /// The name.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Format::Qcow2 => "qcow2",
-            Format::Raw => "raw",
-        }
-    }
-}
 
 /// Writes image `rec` to `dest` as a new file of permission bits `mode`: a temp file in its
 /// directory, renamed into place when whole (replacing an existing file only with

@@ -21,19 +21,19 @@ use std::sync::Arc;
 use super::journal::{wait_for_agent, Entry, Journal};
 use super::mode::{consistency_of, decide, needs_agent, AgentState, Asked, Decision, Facts, Mode};
 use super::prep::report_outcome;
-use super::{blocking, check_readable, Agent, OpEntry, OpKind, OpState, Operation};
+use super::{blocking, check_readable, Controller, OpEntry, OpKind, OpState, Operation};
 use crate::capture::live;
 use crate::capture::source::{BlockSource, NbdExport};
 use crate::capture::stream::{self, StreamPlan};
 use crate::capture::{self as pipeline};
 use crate::error::{precondition, Error, ErrorKind, Result};
-use crate::export::Format;
+use crate::format::Format;
 use crate::guest::prep::{PrepStep, StepOutcome};
 use crate::hypervisor::{DomainInfo, DomainState, ShutdownHow};
 use crate::repo::manifest::{content_digest, FORMAT_VERSION};
 use crate::repo::{ImageRecord, ImageWriter, CHUNK_SIZE};
-use crate::target::file::FileTarget;
-use crate::target::{StreamTarget, UploadMeta};
+use crate::upload::file::FileTarget;
+use crate::upload::{StreamTarget, UploadMeta};
 use crate::util::{now_unix, validate_image_name};
 
 /// A capture request.
@@ -114,7 +114,7 @@ struct Plan {
     steps: Vec<PrepStep>,
 }
 
-impl Agent {
+impl Controller {
     /// Starts a capture of a domain's disk (see [`Mode`]).
     pub async fn capture(&self, p: CaptureParams) -> Result<Operation> {
         validate_image_name(&p.image_name)?;
@@ -218,11 +218,11 @@ impl Agent {
             },
             info,
         };
-        let agent = self.clone();
+        let ctl = self.clone();
         let entry = op.clone();
         tokio::spawn(async move {
-            let res = agent.run_capture(&entry, sink, plan, p).await;
-            agent.end(&entry, res);
+            let res = ctl.run_capture(&entry, sink, plan, p).await;
+            ctl.end(&entry, res);
         });
         Ok(op.snapshot())
     }

@@ -1,20 +1,20 @@
-//! The agent's one internal API: every action a transport (gRPC, tests) can ask for.
+//! The daemon's one internal API, the [`Controller`]: every action a transport (gRPC, tests) can ask for.
 //!
 //! Each action checks its preconditions *before* it returns, so a bad request is refused with
 //! a precise error and nothing is started; long work then runs as an [`Operation`] on a task.
 //!
 //! | action | preconditions | result |
 //! |---|---|---|
-//! | [`Agent::list_domains`] | libvirt reachable | every domain with disks and state |
-//! | [`Agent::domain`] | the domain exists | one domain |
-//! | [`Agent::capture`] | the domain exists; mode, state, agent and options fit ([`mode::decide`]); it has the disk; the disk file is readable (cold, shutdown); no operation holds the domain; the image name is valid and free; the target is writable and reachable | a capture operation |
-//! | [`Agent::plan_prep`] | the domain runs with an answering guest agent; steps named | the diffs each step would make, nothing changed |
-//! | [`Agent::import`] | the path names a non-empty regular file (no symlink, FIFO, device), within `max_virtual_size`; qcow2: no backing or external data file, passes `qemu-img check`, no data beyond the file's end; raw: not recognisably another format; the name is free (see [`crate::capture::inspect`]) | an import operation reading the very file inspected |
-//! | [`Agent::export`] | the image exists; the destination is absolute, its directory exists and is reached without symbolic links, the file does not exist (unless `overwrite`) and is not a link | an export operation (a file of `[export] file_mode`, 0600 by default) |
-//! | [`Agent::list_images`], [`Agent::image`] | — | images of the repository |
-//! | [`Agent::delete_image`] | the image exists and no export reads it | chunks freed |
-//! | [`Agent::operation`], [`Agent::operations`], [`Agent::watch`] | the operation is known | snapshots |
-//! | [`Agent::cancel`] | the operation has not ended | it ends CANCELLED, leaving no partial image |
+//! | [`Controller::list_domains`] | libvirt reachable | every domain with disks and state |
+//! | [`Controller::domain`] | the domain exists | one domain |
+//! | [`Controller::capture`] | the domain exists; mode, state, agent and options fit ([`mode::decide`]); it has the disk; the disk file is readable (cold, shutdown); no operation holds the domain; the image name is valid and free; the target is writable and reachable | a capture operation |
+//! | [`Controller::plan_prep`] | the domain runs with an answering guest agent; steps named | the diffs each step would make, nothing changed |
+//! | [`Controller::import`] | the path names a non-empty regular file (no symlink, FIFO, device), within `max_virtual_size`; qcow2: no backing or external data file, passes `qemu-img check`, no data beyond the file's end; raw: not recognisably another format; the name is free (see [`crate::capture::inspect`]) | an import operation reading the very file inspected |
+//! | [`Controller::export`] | the image exists; the destination is absolute, its directory exists and is reached without symbolic links, the file does not exist (unless `overwrite`) and is not a link | an export operation (a file of `[export] file_mode`, 0600 by default) |
+//! | [`Controller::list_images`], [`Controller::image`] | — | images of the repository |
+//! | [`Controller::delete_image`] | the image exists and no export reads it | chunks freed |
+//! | [`Controller::operation`], [`Controller::operations`], [`Controller::watch`] | the operation is known | snapshots |
+//! | [`Controller::cancel`] | the operation has not ended | it ends CANCELLED, leaving no partial image |
 //!
 //! A `request_id` given to capture, import or export makes a retried call return the
 //! operation of the first call instead of starting another; for import and export the
@@ -37,7 +37,8 @@ use crate::capture::inspect::SourceFile;
 use crate::capture::source::NbdExport;
 use crate::config::Config;
 use crate::error::{internal, invalid, not_found, precondition, Error, ErrorKind, Result};
-use crate::export::{self, Format};
+use crate::export;
+use crate::format::Format;
 use crate::hypervisor::{DomainInfo, Hypervisor};
 use crate::repo::{DeleteStats, ImageRecord, ImageWriter, Repository};
 use crate::util::validate_image_name;
@@ -67,9 +68,10 @@ pub struct ExportParams {
     pub request_id: String,
 }
 
-/// The agent: configuration, the hypervisor, the repository and the operation table.
+/// The controller: configuration, the hypervisor, the repository and the operation table; every
+/// action of the public surface is one of its methods.
 #[derive(Clone)]
-pub struct Agent {
+pub struct Controller {
     inner: Arc<Inner>,
 }
 
@@ -101,14 +103,14 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'sta
         .map_err(|e| internal("a blocking task failed").with_source(e))?
 }
 
-impl Agent {
-    /// An agent over `hv` and `repo` with settings from `cfg`.
-    pub fn new(cfg: Config, hv: Arc<dyn Hypervisor>, repo: Repository) -> Agent {
+impl Controller {
+    /// A controller over `hv` and `repo` with settings from `cfg`.
+    pub fn new(cfg: Config, hv: Arc<dyn Hypervisor>, repo: Repository) -> Controller {
         let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
             .map(|s| s.trim().to_string())
             .unwrap_or_default();
         let slots = Arc::new(Semaphore::new(cfg.daemon.max_running_operations));
-        Agent {
+        Controller {
             inner: Arc::new(Inner {
                 cfg,
                 hv,
@@ -196,11 +198,11 @@ impl Agent {
             t.fingerprints.insert(op.id.clone(), fp);
         }
         tracing::info!(op = %op.id, path = %path, format = %p.format, image = %p.image_name, "import queued");
-        let agent = self.clone();
+        let ctl = self.clone();
         let entry = op.clone();
         tokio::spawn(async move {
-            let res = agent.run_import(&entry, writer, source).await;
-            agent.end(&entry, res);
+            let res = ctl.run_import(&entry, writer, source).await;
+            ctl.end(&entry, res);
         });
         Ok(op.snapshot())
     }
@@ -224,7 +226,7 @@ impl Agent {
         if let Some(op) = self.same_request(&p.request_id, OpKind::Export, &fp)? {
             return Ok(op);
         }
-        crate::target::file::check_destination(&p.path, p.overwrite, "export path")?;
+        crate::upload::file::check_destination(&p.path, p.overwrite, "export path")?;
         let repo = self.inner.repo.clone();
         let name = p.image_name.clone();
         let (rec, guard) = blocking(move || repo.open_reader(&name)).await?;
@@ -240,12 +242,12 @@ impl Agent {
             t.fingerprints.insert(op.id.clone(), fp);
         }
         tracing::info!(op = %op.id, image = %p.image_name, path = %path, format = p.format.as_str(), "export queued");
-        let agent = self.clone();
+        let ctl = self.clone();
         let entry = op.clone();
         tokio::spawn(async move {
-            let res = agent.run_export(&entry, rec, p).await;
+            let res = ctl.run_export(&entry, rec, p).await;
             drop(guard);
-            agent.end(&entry, res);
+            ctl.end(&entry, res);
         });
         Ok(op.snapshot())
     }

@@ -11,8 +11,8 @@ use std::time::Instant;
 
 use tokio::sync::watch;
 
-use crate::capture::{CancelToken, Progress};
 use crate::error::{Error, ErrorKind};
+use crate::progress::{CancelToken, Progress};
 use crate::util::now_unix;
 
 /// What an operation does.

@@ -1,9 +1,9 @@
-//! Guest prep steps as agent actions: the dry run ([`Agent::plan_prep`]), and apply / restore
+//! Guest prep steps as agent actions: the dry run ([`Controller::plan_prep`]), and apply / restore
 //! around the consistency point of a capture. The steps themselves live in
 //! [`crate::guest::prep`]; this module checks the domain, runs them on the blocking pool
 //! through the guest agent, and turns their results into reports on the operation.
 
-use super::{blocking, Agent, PrepReport, ReportedChange};
+use super::{blocking, Controller, PrepReport, ReportedChange};
 use crate::error::{invalid, precondition, Result};
 use crate::guest::prep::{
     self, FileAction, OutcomeStatus, PlanStatus, PrepStep, StepOutcome, StepPlan,
@@ -16,7 +16,7 @@ pub fn parse_steps(names: &[String]) -> Result<Vec<PrepStep>> {
     PrepStep::parse_list(names)
 }
 
-impl Agent {
+impl Controller {
     /// Dry run: what each step would change in the running guest, as diffs. Changes nothing.
     pub async fn plan_prep(&self, domain: &str, steps: &[String]) -> Result<Vec<PrepReport>> {
         let steps = parse_steps(steps)?;
@@ -63,7 +63,7 @@ impl Agent {
         blocking(move || prep::apply(&LibvirtAgent::new(&uri, &name), &steps)).await
     }
 
-    /// Puts the guest back as it was before [`Agent::apply_prep`].
+    /// Puts the guest back as it was before [`Controller::apply_prep`].
     pub(super) async fn restore_prep(
         &self,
         domain: &str,

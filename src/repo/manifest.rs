@@ -390,14 +390,7 @@ pub fn cluster_mask(data: &[u8]) -> u64 {
     mask
 }
 
-/// True when every byte is zero (64-byte blocks OR-folded, which the compiler vectorises).
-pub fn is_zero(buf: &[u8]) -> bool {
-    let mut blocks = buf.chunks_exact(64);
-    blocks
-        .by_ref()
-        .all(|c| c.iter().fold(0u8, |a, &b| a | b) == 0)
-        && blocks.remainder().iter().all(|&b| b == 0)
-}
+pub use crate::util::is_zero;
 
 #[cfg(test)]
 mod tests {

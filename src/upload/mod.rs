@@ -40,10 +40,7 @@ pub mod glance;
 mod http;
 pub mod s3;
 
-/// A stream of the bytes of one image object.
-pub type ByteStream = std::pin::Pin<
-    Box<dyn futures_util::Stream<Item = Result<bytes::Bytes, crate::error::Error>> + Send>,
->;
+pub use crate::format::ByteStream;
 
 /// Makes a fresh stream of the whole object from its first byte (called again for a
 /// whole-upload retry).

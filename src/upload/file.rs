@@ -14,7 +14,7 @@ use tokio::io::{AsyncSeekExt, AsyncWriteExt};
 use super::{StreamFactory, StreamTarget, UploadMeta, Uploaded};
 use crate::error::{invalid, Error, ErrorKind, Result};
 use crate::hostfile::{Destination, DEFAULT_MODE};
-use crate::repo::manifest::is_zero;
+use crate::util::is_zero;
 
 /// Writes one file.
 pub struct FileTarget {
