@@ -1,0 +1,319 @@
+//! Captures: from a request to an image, by mode.
+//!
+//! | mode | the domain | consistency point | how the disk is read |
+//! |---|---|---|---|
+//! | cold | shut off | — | `qemu-nbd --read-only` on the disk file |
+//! | shutdown | running or shut off | the guest powered off (agent, else ACPI; forced only when asked) | as cold; started again if `restart` |
+//! | quiesce | running, agent answers | filesystems frozen, backup job begun, thawed at once | QEMU's pull-mode backup export |
+//! | crash-consistent | running | backup job begun | QEMU's pull-mode backup export |
+//!
+//! Every precondition is checked before the call returns (the mode and option decision is
+//! [`super::mode::decide`]); the work then runs as an operation. What a capture does to the
+//! guest that must be undone or finished (a freeze, a backup job, a shutdown to restart from,
+//! prep changes) is recorded in the [`super::journal::Journal`] first, so a restarted daemon
+//! finishes it.
+//!
+//! Where each part lives: this file holds the request ([`CaptureParams`], [`TargetSpec`]),
+//! the checks and the mode decision ([`Controller::capture`]) and the dispatch by mode;
+//! `shutdown.rs`, `live.rs` and `cold.rs` are the per-mode state machines; `prep.rs` applies
+//! and undoes prep around the consistency point; `sink.rs` opens where the bytes go and
+//! delivers them there (repository, file, Glance, S3).
+
+mod cold;
+mod live;
+mod prep;
+mod shutdown;
+mod sink;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use super::mode::{consistency_of, decide, needs_agent, AgentState, Asked, Decision, Facts, Mode};
+use super::{check_readable, Controller, OpEntry, OpKind, OpState, Operation};
+use crate::error::{precondition, Error, ErrorKind, Result};
+use crate::format::Format;
+use crate::guest::prep::PrepStep;
+use crate::hypervisor::DomainInfo;
+use crate::util::validate_image_name;
+pub(super) use sink::Provenance;
+use sink::Sink;
+
+/// A capture request.
+#[derive(Debug, Clone)]
+pub struct CaptureParams {
+    pub domain: String,
+    pub image_name: String,
+    pub request_id: String,
+    /// Disk target; `None` for the system disk.
+    pub disk: Option<String>,
+    pub mode: Mode,
+    pub shutdown_timeout: Duration,
+    pub force_off: bool,
+    pub restart: bool,
+    /// Where the image goes.
+    pub target: TargetSpec,
+    /// Prep step names ("dhcp", ..., "all") run in the guest before the consistency point.
+    pub prep: Vec<String>,
+    /// quiesce: undo the prep in the running guest right after the consistency point.
+    pub restore_source: bool,
+}
+
+/// Where a capture writes the image.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum TargetSpec {
+    /// The local repository (chunks, dedup).
+    #[default]
+    Repository,
+    /// One file on this host, written as a stream.
+    File {
+        path: PathBuf,
+        format: Format,
+        overwrite: bool,
+    },
+    /// A `[targets.NAME]` of the config (Glance, S3).
+    Remote { name: String, format: Format },
+}
+
+impl Default for CaptureParams {
+    fn default() -> Self {
+        CaptureParams {
+            domain: String::new(),
+            image_name: String::new(),
+            request_id: String::new(),
+            disk: None,
+            mode: Mode::Auto,
+            shutdown_timeout: Duration::from_secs(120),
+            force_off: false,
+            restart: false,
+            target: TargetSpec::Repository,
+            prep: Vec::new(),
+            restore_source: false,
+        }
+    }
+}
+
+/// What the checks decided: everything the task needs.
+struct Plan {
+    mode: Mode,
+    decision: Decision,
+    info: DomainInfo,
+    target: String,
+    path: PathBuf,
+    format: String,
+    was_running: bool,
+    /// What the guest agent said of the OS, when it was asked.
+    os: Option<GuestOs>,
+    /// Prep steps to apply before the consistency point.
+    steps: Vec<PrepStep>,
+}
+
+impl Controller {
+    /// Starts a capture of a domain's disk (see [`Mode`]).
+    pub async fn capture(&self, p: CaptureParams) -> Result<Operation> {
+        validate_image_name(&p.image_name)?;
+        // Every parameter but the request id: a retry must ask for the same capture.
+        let fp = format!(
+            "{:?}",
+            CaptureParams {
+                request_id: String::new(),
+                ..p.clone()
+            }
+        );
+        if let Some(op) = self.same_request(&p.request_id, OpKind::Capture, &fp)? {
+            return Ok(op);
+        }
+        let info = self.domain(&p.domain).await?;
+        let steps = super::prep::parse_steps(&p.prep)?;
+        let asked = Asked {
+            mode: p.mode,
+            prep: !steps.is_empty(),
+            restore_source: p.restore_source,
+            restart: p.restart,
+            force_off: p.force_off,
+        };
+        let (agent, os) = if !info.has_agent_channel {
+            (AgentState::NoChannel, None)
+        } else if needs_agent(&asked, info.state, info.has_agent_channel) {
+            match self.agent_os(&info).await {
+                Ok(os) if os.is_windows => (AgentState::Windows, Some(os)),
+                Ok(os) => (AgentState::Linux, Some(os)),
+                Err(e) => {
+                    tracing::info!(domain = %info.name, error = %e.chain(), "guest agent does not answer");
+                    (AgentState::Silent, None)
+                }
+            }
+        } else {
+            (AgentState::NotAsked, None)
+        };
+        let decision = decide(
+            &asked,
+            &Facts {
+                domain: &info.name,
+                state: info.state,
+                has_agent_channel: info.has_agent_channel,
+                agent,
+            },
+        )?;
+        let mode = decision.mode;
+        let disk = info.disk(p.disk.as_deref())?.clone();
+        if disk.path.is_empty() || !matches!(disk.source_type.as_str(), "file" | "block") {
+            return Err(precondition(format!(
+                "disk {} of domain {} is a {} disk with no local path; only file and block disks can be captured",
+                disk.target, info.name, disk.source_type
+            )));
+        }
+        if matches!(mode, Mode::Cold | Mode::Shutdown) {
+            check_readable(
+                std::path::Path::new(&disk.path),
+                &format!("disk {} of domain {}", disk.target, info.name),
+            )?;
+        }
+        let sink = self.open_sink(&p).await?;
+        let op = OpEntry::new(
+            OpKind::Capture,
+            &info.name,
+            &p.image_name,
+            &p.request_id,
+            &disk.path,
+        );
+        op.set_consistency(consistency_of(mode));
+        {
+            let mut t = self.table();
+            if let Some(holder) = t.domain_locks.get(&info.name) {
+                return Err(Error::new(
+                    ErrorKind::Aborted,
+                    format!(
+                        "domain {} is held by operation {holder}; wait for it or cancel it",
+                        info.name
+                    ),
+                ));
+            }
+            if let Some(op) = Self::request_matching(&t, &p.request_id, OpKind::Capture, &fp)? {
+                return Ok(op);
+            }
+            t.domain_locks.insert(info.name.clone(), op.id.clone());
+            self.insert(&mut t, &op);
+            t.fingerprints.insert(op.id.clone(), fp);
+        }
+        tracing::info!(op = %op.id, domain = %info.name, disk = %disk.target, mode = ?mode, image = %p.image_name, "capture queued");
+        let plan = Plan {
+            steps,
+            mode,
+            decision,
+            was_running: decision.was_running,
+            os,
+            target: disk.target.clone(),
+            path: PathBuf::from(&disk.path),
+            format: if disk.format.is_empty() {
+                "raw".into()
+            } else {
+                disk.format.clone()
+            },
+            info,
+        };
+        let ctl = self.clone();
+        let entry = op.clone();
+        tokio::spawn(async move {
+            let res = ctl.run_capture(&entry, sink, plan, p).await;
+            ctl.end(&entry, res);
+        });
+        Ok(op.snapshot())
+    }
+
+    /// Pings the guest agent and reads the OS; FAILED_PRECONDITION when it does not answer.
+    async fn agent_os(&self, info: &DomainInfo) -> Result<GuestOs> {
+        if !info.has_agent_channel {
+            return Err(precondition(format!(
+                "domain {} has no guest agent channel (org.qemu.guest_agent.0); add one and install qemu-guest-agent in the guest",
+                info.name
+            )));
+        }
+        let name = info.name.clone();
+        let reply = self
+            .hv(move |hv| {
+                hv.agent_command(&name, r#"{"execute":"guest-ping"}"#, 5)?;
+                hv.agent_command(&name, r#"{"execute":"guest-get-osinfo"}"#, 5)
+            })
+            .await?;
+        let v: serde_json::Value = serde_json::from_str(&reply).unwrap_or_default();
+        // The id comes from inside the guest: it reaches Glance's `os_distro` only when it
+        // looks like an OS id (lower-case letters, digits, '.', '_', '-'; 1 to 64 of them).
+        let id = v
+            .pointer("/return/id")
+            .and_then(|x| x.as_str())
+            .and_then(|id| {
+                let ok = valid_os_id(id);
+                if !ok {
+                    tracing::warn!(domain = %info.name, id = %id.escape_debug(), "ignoring the OS id the guest agent reported: not a plain OS id");
+                }
+                ok.then(|| id.to_string())
+            });
+        Ok(GuestOs {
+            is_windows: id.as_deref() == Some("mswindows"),
+            id,
+        })
+    }
+
+    async fn run_capture(
+        &self,
+        op: &OpEntry,
+        writer: Sink,
+        plan: Plan,
+        p: CaptureParams,
+    ) -> Result<()> {
+        let _permit = self.slot(op).await?;
+        op.set_state(OpState::Preparing);
+        match plan.mode {
+            Mode::Cold | Mode::Auto => self.cold_read(op, writer, &plan).await,
+            Mode::Shutdown => self.shutdown_capture(op, writer, &plan, &p).await,
+            Mode::Quiesce | Mode::CrashConsistent => self.live_capture(op, writer, &plan).await,
+        }
+    }
+}
+
+struct GuestOs {
+    is_windows: bool,
+    id: Option<String>,
+}
+
+/// An OS id as `/etc/os-release` `ID=` spells them ("debian", "rhel", "opensuse-leap",
+/// "mswindows"): 1 to 64 lower-case letters, digits, '.', '_' or '-', starting with a letter or
+/// digit.
+pub fn valid_os_id(id: &str) -> bool {
+    (1..=64).contains(&id.len())
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"._-".contains(&b))
+        && id.as_bytes()[0].is_ascii_alphanumeric()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::valid_os_id;
+
+    #[test]
+    fn guest_os_ids_are_checked_before_they_reach_glance() {
+        for ok in [
+            "debian",
+            "rhel",
+            "opensuse-leap",
+            "sles_sap",
+            "ubuntu.22",
+            "mswindows",
+        ] {
+            assert!(valid_os_id(ok), "{ok}");
+        }
+        for bad in [
+            "",
+            "Debian",
+            "deb ian",
+            "x\u{1b}[2J",
+            "-rf",
+            "a/b",
+            &"a".repeat(65),
+            "dé",
+        ] {
+            assert!(!valid_os_id(bad), "{bad:?}");
+        }
+    }
+}

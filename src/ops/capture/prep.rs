@@ -1,0 +1,72 @@
+//! Prep around the consistency point of a capture: applied in the running guest before it,
+//! reported on the operation once journaled, undone in the source when asked or on failure.
+
+use super::super::prep::report_outcome;
+use super::super::{Controller, OpEntry};
+use super::Plan;
+use crate::error::{Error, Result};
+use crate::guest::prep::StepOutcome;
+
+impl Controller {
+    /// Applies the plan's prep steps in the running guest; None when there are none. The
+    /// caller journals the outcomes, then reports them ([`report_applied`]).
+    pub(super) async fn prep_before(
+        &self,
+        op: &OpEntry,
+        plan: &Plan,
+    ) -> Result<Option<Vec<StepOutcome>>> {
+        if plan.steps.is_empty() {
+            return Ok(None);
+        }
+        let name = plan.info.name.clone();
+        tracing::info!(op = %op.id, domain = %name, steps = ?plan.steps, "applying prep steps");
+        let outcomes = self
+            .apply_prep(&name, plan.steps.clone())
+            .await
+            .map_err(|e| {
+                Error::new(
+                    e.kind(),
+                    format!("prep steps failed in domain {name}; the guest was left as it was"),
+                )
+                .with_source(e)
+            })?;
+        Ok(Some(outcomes))
+    }
+
+    /// Restores prep changes in the running source; reports the outcome on the operation.
+    pub(super) async fn undo_prep(
+        &self,
+        op: &OpEntry,
+        domain: &str,
+        outcomes: Vec<StepOutcome>,
+        asked: bool,
+    ) {
+        let reports: Vec<_> = outcomes.iter().map(|o| report_outcome(o, true)).collect();
+        match self.restore_prep(domain, outcomes).await {
+            Ok(()) => {
+                tracing::info!(op = %op.id, domain, asked, "prep changes undone in the source");
+                op.set_prep(reports);
+            }
+            Err(e) => {
+                tracing::error!(op = %op.id, domain, error = %e.chain(), "could not undo the prep changes in the source");
+                op.set_prep(
+                    reports
+                        .into_iter()
+                        .map(|mut r| {
+                            r.outcome = "failed".into();
+                            r.message = format!("restoring the source failed: {}", e.chain());
+                            r
+                        })
+                        .collect(),
+                );
+            }
+        }
+    }
+}
+
+/// Puts the prep outcomes on the operation (once they are journaled).
+pub(super) fn report_applied(op: &OpEntry, applied: &Option<Vec<StepOutcome>>) {
+    if let Some(outcomes) = applied {
+        op.set_prep(outcomes.iter().map(|o| report_outcome(o, false)).collect());
+    }
+}
