@@ -280,11 +280,7 @@ mod tests {
     use super::*;
 
     fn ext(offset: u64, length: u64, flags: u32) -> Extent {
-        Extent {
-            offset,
-            length,
-            flags,
-        }
+        Extent::new(offset, length, flags)
     }
 
     #[test]

@@ -92,6 +92,15 @@ pub struct Extent {
 }
 
 impl Extent {
+    /// An extent of `length` bytes at `offset` with status `flags`.
+    pub const fn new(offset: u64, length: u64, flags: u32) -> Extent {
+        Extent {
+            offset,
+            length,
+            flags,
+        }
+    }
+
     /// One past the last byte of the extent.
     pub fn end(&self) -> u64 {
         self.offset + self.length

@@ -8,7 +8,6 @@ use std::time::Duration;
 
 use super::super::journal::{Entry, Journal};
 use super::super::{Controller, OpEntry};
-use super::prep::report_applied;
 use super::sink::Sink;
 use super::Plan;
 use crate::capture::live;
@@ -23,15 +22,7 @@ impl Controller {
         let name = plan.info.name.clone();
         let journal = Journal::new(&self.inner.cfg.capture.run_dir);
         let mut entry = Entry::new(&op.id, &name);
-        let applied = self.prep_before(op, plan).await?;
-        entry.prep = applied.clone();
-        if let Err(e) = journal.write(&entry) {
-            if let Some(outcomes) = applied {
-                self.undo_prep(op, &name, outcomes, false).await;
-            }
-            return Err(e);
-        }
-        report_applied(op, &applied);
+        let applied = self.prep_journaled(op, plan, &journal, &mut entry).await?;
         let mut restore = applied;
         let res = self
             .live_read(op, writer, plan, &mut restore, &journal, &mut entry)

@@ -1,6 +1,7 @@
 //! Prep around the consistency point of a capture: applied in the running guest before it,
 //! reported on the operation once journaled, undone in the source when asked or on failure.
 
+use super::super::journal::{Entry, Journal};
 use super::super::prep::report_outcome;
 use super::super::{Controller, OpEntry};
 use super::Plan;
@@ -8,6 +9,28 @@ use crate::error::{Error, Result};
 use crate::guest::prep::StepOutcome;
 
 impl Controller {
+    /// Applies the plan's prep steps, then journals the entry with their outcomes before
+    /// anything else happens; if the journal cannot be written, the guest gets its
+    /// configuration back and the error is returned. The outcomes go on the operation.
+    pub(super) async fn prep_journaled(
+        &self,
+        op: &OpEntry,
+        plan: &Plan,
+        journal: &Journal,
+        entry: &mut Entry,
+    ) -> Result<Option<Vec<StepOutcome>>> {
+        let applied = self.prep_before(op, plan).await?;
+        entry.prep = applied.clone();
+        if let Err(e) = journal.write(entry) {
+            if let Some(outcomes) = applied {
+                self.undo_prep(op, &plan.info.name, outcomes, false).await;
+            }
+            return Err(e);
+        }
+        report_applied(op, &applied);
+        Ok(applied)
+    }
+
     /// Applies the plan's prep steps in the running guest; None when there are none. The
     /// caller journals the outcomes, then reports them ([`report_applied`]).
     pub(super) async fn prep_before(
@@ -65,7 +88,7 @@ impl Controller {
 }
 
 /// Puts the prep outcomes on the operation (once they are journaled).
-pub(super) fn report_applied(op: &OpEntry, applied: &Option<Vec<StepOutcome>>) {
+fn report_applied(op: &OpEntry, applied: &Option<Vec<StepOutcome>>) {
     if let Some(outcomes) = applied {
         op.set_prep(outcomes.iter().map(|o| report_outcome(o, false)).collect());
     }

@@ -7,7 +7,6 @@ use std::time::{Duration, Instant};
 use super::super::journal::{wait_for_agent, Entry, Journal};
 use super::super::prep::report_outcome;
 use super::super::{Controller, OpEntry};
-use super::prep::report_applied;
 use super::sink::Sink;
 use super::{CaptureParams, Plan};
 use crate::error::{precondition, Error, Result};
@@ -27,16 +26,8 @@ impl Controller {
         let name = plan.info.name.clone();
         let journal = Journal::new(&self.inner.cfg.capture.run_dir);
         let mut entry = Entry::new(&op.id, &name);
-        let applied = self.prep_before(op, plan).await?;
-        entry.prep = applied.clone();
         entry.restart = plan.decision.restart;
-        if let Err(e) = journal.write(&entry) {
-            if let Some(outcomes) = applied {
-                self.undo_prep(op, &name, outcomes, false).await;
-            }
-            return Err(e);
-        }
-        report_applied(op, &applied);
+        let applied = self.prep_journaled(op, plan, &journal, &mut entry).await?;
         let res = async {
             if plan.was_running {
                 entry.shutting_down = true;
