@@ -507,32 +507,8 @@ impl NbdClient {
         let mut filled = 0u64;
         let mut error: Option<ReplyError> = None;
         loop {
-            let (flags, kind, length) =
-                match self.reply_header(cookie).await? {
-                    Reply::Simple { error: 0 } => return Err(protocol(
-                        "simple reply to NBD_CMD_READ although structured replies were negotiated",
-                    )),
-                    Reply::Simple { error: errno } => {
-                        self.busy = false;
-                        let e = ReplyError {
-                            errno,
-                            message: String::new(),
-                            offset: None,
-                        };
-                        return Err(Self::server_error(CMD_READ, offset, len, e));
-                    }
-                    Reply::Chunk {
-                        flags,
-                        kind,
-                        length,
-                    } => (flags, kind, length),
-                };
+            let (flags, kind, length) = self.chunk_header(cookie, CMD_READ, offset, len).await?;
             match kind {
-                REPLY_TYPE_NONE => {
-                    if length != 0 || flags & REPLY_FLAG_DONE == 0 {
-                        return Err(protocol("malformed NBD_REPLY_TYPE_NONE chunk"));
-                    }
-                }
                 REPLY_TYPE_OFFSET_DATA => {
                     if length < 9 {
                         return Err(protocol(format!(
@@ -570,15 +546,9 @@ impl NbdClient {
                     buf[start as usize..end as usize].fill(0);
                     filled += end - start;
                 }
-                k if k & REPLY_TYPE_ERROR_BIT != 0 => {
-                    let e = self.error_chunk(k, length, offset, len).await?;
-                    error.get_or_insert(e);
-                }
                 k => {
-                    return Err(protocol(format!(
-                        "unexpected {} ({k}) chunk in the reply to NBD_CMD_READ",
-                        chunk_type_name(k)
-                    )))
+                    self.other_chunk(k, flags, length, CMD_READ, offset, len, &mut error)
+                        .await?
                 }
             }
             if flags & REPLY_FLAG_DONE != 0 {
@@ -594,6 +564,71 @@ impl NbdClient {
             return Err(protocol(format!(
                 "read of {len} bytes at offset {offset} succeeded with only {filled} bytes sent"
             )));
+        }
+        Ok(())
+    }
+
+    /// The next chunk header of the structured reply to `cmd` (`len` bytes at `offset`):
+    /// `(flags, type, length)`. A simple reply is a protocol error, or the server's error.
+    async fn chunk_header(
+        &mut self,
+        cookie: u64,
+        cmd: u16,
+        offset: u64,
+        len: u64,
+    ) -> Result<(u16, u16, u32), NbdError> {
+        match self.reply_header(cookie).await? {
+            Reply::Simple { error: 0 } => Err(protocol(format!(
+                "simple reply to {} although structured replies were negotiated",
+                command_name(cmd)
+            ))),
+            Reply::Simple { error: errno } => {
+                self.busy = false;
+                let e = ReplyError {
+                    errno,
+                    message: String::new(),
+                    offset: None,
+                };
+                Err(Self::server_error(cmd, offset, len, e))
+            }
+            Reply::Chunk {
+                flags,
+                kind,
+                length,
+            } => Ok((flags, kind, length)),
+        }
+    }
+
+    /// A chunk that is not content: `NBD_REPLY_TYPE_NONE` (must be empty and last), or an
+    /// error chunk (the first is kept in `error`); any other type is a protocol error.
+    #[allow(clippy::too_many_arguments)]
+    async fn other_chunk(
+        &mut self,
+        kind: u16,
+        flags: u16,
+        length: u32,
+        cmd: u16,
+        offset: u64,
+        len: u64,
+        error: &mut Option<ReplyError>,
+    ) -> Result<(), NbdError> {
+        match kind {
+            REPLY_TYPE_NONE => {
+                if length != 0 || flags & REPLY_FLAG_DONE == 0 {
+                    return Err(protocol("malformed NBD_REPLY_TYPE_NONE chunk"));
+                }
+            }
+            k if k & REPLY_TYPE_ERROR_BIT != 0 => {
+                let e = self.error_chunk(k, length, offset, len).await?;
+                error.get_or_insert(e);
+            }
+            k => {
+                return Err(protocol(format!(
+                    "unexpected {} ({k}) chunk in the reply to {}",
+                    chunk_type_name(k),
+                    command_name(cmd)
+                )))
+            }
         }
         Ok(())
     }
@@ -660,31 +695,10 @@ impl NbdClient {
         let mut extents: Option<Vec<Extent>> = None;
         let mut error: Option<ReplyError> = None;
         loop {
-            let (flags, kind, chunk_len) = match self.reply_header(cookie).await? {
-                Reply::Simple { error: 0 } => {
-                    return Err(protocol("simple reply to NBD_CMD_BLOCK_STATUS"))
-                }
-                Reply::Simple { error: errno } => {
-                    self.busy = false;
-                    let e = ReplyError {
-                        errno,
-                        message: String::new(),
-                        offset: None,
-                    };
-                    return Err(Self::server_error(CMD_BLOCK_STATUS, offset, req_len, e));
-                }
-                Reply::Chunk {
-                    flags,
-                    kind,
-                    length,
-                } => (flags, kind, length),
-            };
+            let (flags, kind, chunk_len) = self
+                .chunk_header(cookie, CMD_BLOCK_STATUS, offset, req_len)
+                .await?;
             match kind {
-                REPLY_TYPE_NONE => {
-                    if chunk_len != 0 || flags & REPLY_FLAG_DONE == 0 {
-                        return Err(protocol("malformed NBD_REPLY_TYPE_NONE chunk"));
-                    }
-                }
                 REPLY_TYPE_BLOCK_STATUS => {
                     if chunk_len < 12 || (chunk_len - 4) % 8 != 0 {
                         return Err(protocol(format!(
@@ -741,15 +755,10 @@ impl NbdClient {
                         extents = Some(list);
                     }
                 }
-                k if k & REPLY_TYPE_ERROR_BIT != 0 => {
-                    let e = self.error_chunk(k, chunk_len, offset, req_len).await?;
-                    error.get_or_insert(e);
-                }
                 k => {
-                    return Err(protocol(format!(
-                        "unexpected {} ({k}) chunk in the reply to NBD_CMD_BLOCK_STATUS",
-                        chunk_type_name(k)
-                    )))
+                    let cmd = CMD_BLOCK_STATUS;
+                    self.other_chunk(k, flags, chunk_len, cmd, offset, req_len, &mut error)
+                        .await?
                 }
             }
             if flags & REPLY_FLAG_DONE != 0 {
