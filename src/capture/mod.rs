@@ -43,6 +43,31 @@ pub struct Captured {
     pub data_bytes: u64,
 }
 
+/// Connects to `export`, refuses it when larger than `max_virtual_size`, and reads its
+/// allocation map: the connection, the virtual size and the `base:allocation` extents.
+pub(crate) async fn open_mapped(
+    export: &dyn BlockSource,
+    max_virtual_size: u64,
+) -> Result<(NbdClient, u64, Vec<Extent>)> {
+    let mut c = export.connect().await?;
+    let size = c.size();
+    if let Err(e) = check_virtual_size(size, max_virtual_size, export.describe()) {
+        let _ = c.disconnect().await;
+        return Err(e);
+    }
+    let extents = c
+        .allocation_map(BASE_ALLOCATION, 0, size)
+        .await
+        .map_err(|e| {
+            Error::new(
+                ErrorKind::Internal,
+                format!("reading the allocation map of {}", export.describe()),
+            )
+            .with_source(e)
+        })?;
+    Ok((c, size, extents))
+}
+
 /// Refuses a disk larger than `max` bytes (the `[repository] max_virtual_size` setting)
 /// before a byte of it is read.
 pub fn check_virtual_size(size: u64, max: u64, what: &str) -> Result<()> {
@@ -70,23 +95,8 @@ pub async fn run(
     progress: Arc<Progress>,
     cancel: CancelToken,
 ) -> Result<Captured> {
-    let mut first = export.connect().await?;
-    let size = first.size();
-    if let Err(e) = check_virtual_size(size, max_virtual_size, export.describe()) {
-        let _ = first.disconnect().await;
-        return Err(e);
-    }
+    let (first, size, extents) = open_mapped(export, max_virtual_size).await?;
     progress.bytes_total.store(size, Ordering::Relaxed);
-    let extents = first
-        .allocation_map(BASE_ALLOCATION, 0, size)
-        .await
-        .map_err(|e| {
-            Error::new(
-                ErrorKind::Internal,
-                format!("reading the allocation map of {}", export.describe()),
-            )
-            .with_source(e)
-        })?;
     let runs = data_chunk_runs(&extents);
     // Every chunk outside the runs is zero: count it done now, without visiting it.
     let visited: u64 = runs
@@ -385,24 +395,20 @@ pub fn data_ranges(extents: &[Extent], start: u64, len: u64) -> Vec<std::ops::Ra
 mod tests {
     use super::*;
 
-    fn ext(offset: u64, length: u64, flags: u32) -> Extent {
-        Extent::new(offset, length, flags)
-    }
-
     #[test]
     fn ranges_skip_zero_extents() {
         let m = 1 << 20;
         let ex = vec![
-            ext(0, m, 0),
-            ext(m, 2 * m, 3),
-            ext(3 * m, 2 * m, 0),
-            ext(5 * m, 4 * m, 2),
+            Extent::new(0, m, 0),
+            Extent::new(m, 2 * m, 3),
+            Extent::new(3 * m, 2 * m, 0),
+            Extent::new(5 * m, 4 * m, 2),
         ];
         assert_eq!(data_ranges(&ex, 0, 4 * m), vec![0..m, 3 * m..4 * m]);
         assert_eq!(data_ranges(&ex, 4 * m, 4 * m), vec![4 * m..5 * m]);
         assert!(data_ranges(&ex, 5 * m, 4 * m).is_empty());
         // A hole that is not zero (HOLE without ZERO) must still be read.
-        let ex2 = vec![ext(0, m, 1), ext(m, m, 0)];
+        let ex2 = vec![Extent::new(0, m, 1), Extent::new(m, m, 0)];
         assert_eq!(data_ranges(&ex2, 0, 2 * m), vec![0..2 * m]);
     }
 
@@ -412,11 +418,11 @@ mod tests {
         let pib = 1u64 << 50;
         // A petabyte disk with data in chunk 0, chunks 5-6 (across a boundary) and the last.
         let ex = vec![
-            ext(0, 4096, 0),
-            ext(4096, 5 * c - 4096 + 100, 3),
-            ext(5 * c + 100, c, 0),
-            ext(6 * c + 100, pib - 6 * c - 100 - 512, 3),
-            ext(pib - 512, 512, 0),
+            Extent::new(0, 4096, 0),
+            Extent::new(4096, 5 * c - 4096 + 100, 3),
+            Extent::new(5 * c + 100, c, 0),
+            Extent::new(6 * c + 100, pib - 6 * c - 100 - 512, 3),
+            Extent::new(pib - 512, 512, 0),
         ];
         let runs = data_chunk_runs(&ex);
         let last = pib / c - 1;

@@ -19,7 +19,7 @@ use bytes::{Bytes, BytesMut};
 use futures_util::stream::{FuturesOrdered, StreamExt};
 use tokio::sync::{mpsc, Mutex};
 
-use super::source::{BlockSource, BASE_ALLOCATION};
+use super::source::BlockSource;
 use super::{CancelToken, Progress};
 use crate::error::{Error, ErrorKind, Result};
 use crate::format::qcow2::{clusters_covering, Qcow2Layout};
@@ -58,23 +58,7 @@ impl StreamPlan {
         format: Format,
         max_virtual_size: u64,
     ) -> Result<StreamPlan> {
-        let mut c = export.connect().await?;
-        let virtual_size = c.size();
-        if let Err(e) = super::check_virtual_size(virtual_size, max_virtual_size, export.describe())
-        {
-            let _ = c.disconnect().await;
-            return Err(e);
-        }
-        let extents = c
-            .allocation_map(BASE_ALLOCATION, 0, virtual_size)
-            .await
-            .map_err(|e| {
-                Error::new(
-                    ErrorKind::Internal,
-                    format!("reading the allocation map of {}", export.describe()),
-                )
-                .with_source(e)
-            })?;
+        let (c, virtual_size, extents) = super::open_mapped(export, max_virtual_size).await?;
         let _ = c.disconnect().await;
         Self::from_extents(virtual_size, extents, format)
     }
@@ -279,16 +263,12 @@ async fn fetch(seg: Segment, pool: Pool, describe: Arc<String>) -> Result<(Bytes
 mod tests {
     use super::*;
 
-    fn ext(offset: u64, length: u64, flags: u32) -> Extent {
-        Extent::new(offset, length, flags)
-    }
-
     #[test]
     fn raw_plan_covers_every_byte() {
         let m = 1 << 20;
         let p = StreamPlan::from_extents(
             10 * m,
-            vec![ext(0, 3 * m, 0), ext(3 * m, 7 * m, 3)],
+            vec![Extent::new(0, 3 * m, 0), Extent::new(3 * m, 7 * m, 3)],
             Format::Raw,
         )
         .unwrap();
@@ -311,7 +291,11 @@ mod tests {
         let v = 100 * m + 512;
         let p = StreamPlan::from_extents(
             v,
-            vec![ext(0, m, 0), ext(m, 99 * m, 3), ext(100 * m, 512, 0)],
+            vec![
+                Extent::new(0, m, 0),
+                Extent::new(m, 99 * m, 3),
+                Extent::new(100 * m, 512, 0),
+            ],
             Format::Qcow2,
         )
         .unwrap();
