@@ -24,9 +24,9 @@ trap 'exit 130' INT
 trap 'exit 143' TERM
 
 scripts/install-deps.sh
-# grpcio, grpcio-tools, grpcio-reflection (pip) for the Python client test (tests/python_client.rs).
+# grpcio, grpcio-tools, grpcio-reflection (pip) for the Python client test (tests/it/python_client.rs).
 scripts/install-python-deps.sh
-# Real servers for the Glance and S3 target tests (tests/targets.rs): apt glance-api,
+# Real servers for the Glance and S3 target tests (tests/it/targets.rs): apt glance-api,
 # python3-glance, python3-keystone, curl (no service started through init); cargo s3s-fs.
 for s in glance keystone s3; do bash tests/servers/$s.sh install; done
 tests/lab/start-libvirt.sh

@@ -6,14 +6,12 @@
 //! as it was, data disk mounted. A daemon killed between the prep and its undo leaves a journal
 //! entry that the restarted daemon carries out.
 
-mod common;
-
 use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use common::daemon::Daemon;
-use common::lab::{Guest, Lab, SystemDisk};
+use crate::support::daemon::Daemon;
+use crate::support::lab::{Guest, Lab, SystemDisk};
 
 const INTERFACES: &str = "auto lo\niface lo inet loopback\n\nauto eth0\niface eth0 inet static\n    address 192.0.2.10\n    netmask 255.255.255.0\n    gateway 192.0.2.1\n";
 const UDEV: &str =

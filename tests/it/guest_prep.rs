@@ -12,13 +12,11 @@
 //! Run with `--nocapture` to see the timings. The lab panics (the tests fail) when libvirt or
 //! the guest image cannot be set up.
 
-mod common;
-
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::lab::{Guest, Lab, URI};
+use crate::support::lab::{Guest, Lab, URI};
 use imaged::error::ErrorKind;
 use imaged::guest::agent::{GuestAgent, HypervisorAgent, LibvirtAgent};
 use imaged::guest::prep::{self, FileAction, OutcomeStatus, PlanStatus, PrepStep, BACKUP_ROOT};

@@ -2,14 +2,11 @@
 //! talks to it over gRPC or through the real `imagectl` binary. The daemon is stopped (SIGTERM,
 //! then SIGKILL) when the handle drops, also when a test panics.
 
-#![allow(dead_code)]
-
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use imaged::proto;
-use imaged::proto::domain_service_client::DomainServiceClient;
 use imaged::proto::image_service_client::ImageServiceClient;
 use imaged::proto::operation_service_client::OperationServiceClient;
 use tonic::transport::Channel;
@@ -176,10 +173,6 @@ impl Daemon {
 
     pub async fn ops(&self) -> OperationServiceClient<Channel> {
         OperationServiceClient::new(self.channel().await)
-    }
-
-    pub async fn domains(&self) -> DomainServiceClient<Channel> {
-        DomainServiceClient::new(self.channel().await)
     }
 
     /// Runs the real `imagectl` against this daemon.

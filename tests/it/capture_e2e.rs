@@ -5,13 +5,11 @@
 //! finds the file. Then the refusals: unknown, running and diskless domains, a missing disk
 //! file, a domain another operation holds, and the domain kept from starting mid-read.
 
-mod common;
-
 use std::path::Path;
 use std::time::Duration;
 
-use common::daemon::{assert_identical, assert_qcow2_clean, Daemon};
-use common::lab::{virsh, Lab, SystemDisk};
+use crate::support::daemon::{assert_identical, assert_qcow2_clean, Daemon};
+use crate::support::lab::{virsh, Lab, SystemDisk};
 use imaged::proto;
 use tonic::Code;
 

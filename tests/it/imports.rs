@@ -4,12 +4,10 @@
 //! path swapped between inspection and read, damaged chunk files and unreadable manifests, and
 //! request_id retries.
 
-mod common;
-
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use common::daemon::{assert_identical, run, Daemon, DaemonOptions};
+use crate::support::daemon::{assert_identical, run, Daemon, DaemonOptions};
 use imaged::proto;
 use tonic::Code;
 

@@ -2,13 +2,13 @@
 //! path through `Import` (a disk file of the host) and `Export`, with real qemu-nbd, real
 //! qemu-img as the judge, and real filesystems for the failure cases (tmpfs full, read-only).
 
-mod common;
-
 use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use common::daemon::{assert_identical, assert_qcow2_clean, run, Daemon, DaemonOptions, Tmpfs};
+use crate::support::daemon::{
+    assert_identical, assert_qcow2_clean, run, Daemon, DaemonOptions, Tmpfs,
+};
 use imaged::proto;
 use tonic::Code;
 

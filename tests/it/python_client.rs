@@ -9,13 +9,11 @@
 //! Needs python3 with grpcio, grpcio-tools and grpcio-reflection (scripts/install-python-deps.sh)
 //! and, for the first test, the libvirt lab (a guest is defined, never started).
 
-mod common;
-
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use common::daemon::{run, Daemon};
-use common::lab::Lab;
+use crate::support::daemon::{run, Daemon};
+use crate::support::lab::Lab;
 use imaged::proto;
 
 /// Panics, naming the fix, unless python3 can import grpcio, grpcio-tools, grpcio-reflection.

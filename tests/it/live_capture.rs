@@ -3,14 +3,12 @@
 //! and the safety nets: no agent, a hung agent during the freeze, a daemon killed with a guest
 //! frozen.
 
-mod common;
-
 use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::daemon::{run, Daemon, DaemonOptions};
-use common::lab::{Guest, Lab};
+use crate::support::daemon::{run, Daemon, DaemonOptions};
+use crate::support::lab::{Guest, Lab};
 use imaged::proto;
 use tonic::Code;
 

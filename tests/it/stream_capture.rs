@@ -2,17 +2,15 @@
 //! file, a real Glance and a real S3 server, with no temp copy on the agent's host; the bytes
 //! that land there compare identical to the guest's disk.
 
-mod common;
-
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::daemon::{assert_identical, assert_qcow2_clean, run, Daemon, DaemonOptions};
-use common::lab::Lab;
-use common::servers::{Glance, S3};
+use crate::support::daemon::{assert_identical, assert_qcow2_clean, run, Daemon, DaemonOptions};
+use crate::support::lab::Lab;
+use crate::support::servers::{Glance, GLANCE_LOCK, S3, S3_LOCK};
 use imaged::proto;
 use tonic::Code;
 
@@ -142,6 +140,8 @@ fn watch_open_files(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_real_guest_streams_into_a_file_glance_and_s3() {
+    // Glance must stay up, and our uploads must not show in a targets test on s3s-fs's disk.
+    let (_g, _s) = (GLANCE_LOCK.read().await, S3_LOCK.read().await);
     let lab = Lab::get();
     let guest = lab.guest("stream").create();
     let d = Daemon::start_with(DaemonOptions {
@@ -328,6 +328,8 @@ async fn a_real_guest_streams_into_a_file_glance_and_s3() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_targets_are_refused_before_any_byte_is_read() {
+    // Glance must stay up, and our uploads must not show in a targets test on s3s-fs's disk.
+    let (_g, _s) = (GLANCE_LOCK.read().await, S3_LOCK.read().await);
     let lab = Lab::get();
     let guest = lab.guest("badtarget").create();
     let d = Daemon::start_with(DaemonOptions {
