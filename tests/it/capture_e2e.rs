@@ -8,14 +8,10 @@
 use std::path::Path;
 use std::time::Duration;
 
-use crate::support::daemon::{assert_identical, assert_qcow2_clean, Daemon};
+use crate::support::daemon::{assert_identical, assert_qcow2_clean, state, Daemon};
 use crate::support::lab::{virsh, Lab, SystemDisk};
 use imaged::proto;
 use tonic::Code;
-
-fn state(op: &proto::Operation) -> proto::OperationState {
-    proto::OperationState::try_from(op.state).unwrap()
-}
 
 fn capture_req(domain: &str, name: &str) -> proto::CaptureRequest {
     proto::CaptureRequest {
@@ -77,12 +73,7 @@ async fn cold_capture_of_a_real_guest_round_trips_and_boots() {
         err.message()
     );
     let op = d.wait_op(&op.id).await;
-    assert_eq!(
-        state(&op),
-        proto::OperationState::Active,
-        "{op:?}\n{}",
-        d.log_text()
-    );
+    d.assert_active(&op);
     let p = op.progress.unwrap();
     assert_eq!(p.bytes_total, 2 << 30);
     assert!(

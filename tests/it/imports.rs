@@ -7,13 +7,9 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use crate::support::daemon::{assert_identical, run, Daemon, DaemonOptions};
+use crate::support::daemon::{assert_identical, chunk_files, run, state, Daemon, DaemonOptions};
 use imaged::proto;
 use tonic::Code;
-
-fn state(op: &proto::Operation) -> proto::OperationState {
-    proto::OperationState::try_from(op.state).unwrap()
-}
 
 fn req(path: &Path, format: &str, name: &str, request_id: &str) -> proto::ImportRequest {
     proto::ImportRequest {
@@ -51,12 +47,7 @@ async fn import_ok(d: &Daemon, path: &Path, format: &str, name: &str) -> proto::
         .await
         .unwrap_or_else(|e| panic!("import of {} refused: {e:?}", path.display()));
     let op = d.wait_op(&op.id).await;
-    assert_eq!(
-        state(&op),
-        proto::OperationState::Active,
-        "{op:?}\n{}",
-        d.log_text()
-    );
+    d.assert_active(&op);
     op
 }
 
@@ -97,19 +88,6 @@ fn qemu_io(fmt: &str, path: &Path, cmds: &[&str]) {
     }
     args.push(path.to_str().unwrap());
     run("qemu-io", &args);
-}
-
-fn chunk_files(repo: &Path) -> Vec<PathBuf> {
-    let mut out = Vec::new();
-    if let Ok(rd) = std::fs::read_dir(repo.join("chunks")) {
-        for sub in rd.flatten() {
-            for f in std::fs::read_dir(sub.path()).unwrap().flatten() {
-                out.push(f.path());
-            }
-        }
-    }
-    out.sort();
-    out
 }
 
 fn manifests(repo: &Path) -> Vec<String> {
@@ -422,12 +400,7 @@ async fn the_file_inspected_is_the_file_read_even_when_the_path_is_swapped() {
         .await
         .unwrap();
         let op = d.wait_op(&op.id).await;
-        assert_eq!(
-            state(&op),
-            proto::OperationState::Active,
-            "{op:?}\n{}",
-            d.log_text()
-        );
+        d.assert_active(&op);
         let out = dir.path().join(format!("out{round}.qcow2"));
         export(&d, &format!("img{round}"), "qcow2", &out).await;
         assert_identical(&keep, "qcow2", &out, "qcow2");

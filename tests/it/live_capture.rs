@@ -7,7 +7,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use crate::support::daemon::{run, Daemon, DaemonOptions};
+use crate::support::daemon::{run, state, Daemon, DaemonOptions};
 use crate::support::lab::{Guest, Lab};
 use imaged::proto;
 use tonic::Code;
@@ -19,10 +19,6 @@ fn req(domain: &str, name: &str, mode: proto::CaptureMode) -> proto::CaptureRequ
         mode: mode as i32,
         ..Default::default()
     }
-}
-
-fn state(op: &proto::Operation) -> proto::OperationState {
-    proto::OperationState::try_from(op.state).unwrap()
 }
 
 fn fsfreeze_status(g: &Guest) -> String {
@@ -75,12 +71,7 @@ async fn quiesce_crash_consistent_and_shutdown_captures_of_a_running_guest() {
         .expect("quiesce accepted")
         .into_inner();
     let op = d.wait_op(&op.id).await;
-    assert_eq!(
-        state(&op),
-        proto::OperationState::Active,
-        "{op:?}\n{}",
-        d.log_text()
-    );
+    d.assert_active(&op);
     assert_eq!(op.consistency, "quiesced");
     assert!(
         op.freeze_window_ms > 0 && op.freeze_window_ms < 10_000,
@@ -141,12 +132,7 @@ async fn quiesce_crash_consistent_and_shutdown_captures_of_a_running_guest() {
     r.restart = true;
     let op = images.capture(r).await.unwrap().into_inner();
     let op = d.wait_op(&op.id).await;
-    assert_eq!(
-        state(&op),
-        proto::OperationState::Active,
-        "{op:?}\n{}",
-        d.log_text()
-    );
+    d.assert_active(&op);
     assert_eq!(op.consistency, "cold");
     assert_eq!(g.state(), "running", "restart was asked");
     g.wait_agent(Duration::from_secs(180));

@@ -12,7 +12,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use crate::support::daemon::{run, Daemon};
+use crate::support::daemon::{run, stdout_json, Daemon, SERVICES};
 use crate::support::lab::Lab;
 use imaged::proto;
 
@@ -62,20 +62,7 @@ fn client(stubs: &Path, socket: &Path, args: &[&str]) -> serde_json::Value {
         .args(args)
         .output()
         .expect("running python3");
-    assert!(
-        out.status.success(),
-        "{} {args:?} failed ({}):\n{}{}",
-        script.display(),
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
-        panic!(
-            "client.py printed no JSON ({e}): {}",
-            String::from_utf8_lossy(&out.stdout)
-        )
-    })
+    stdout_json(&format!("{} {args:?}", script.display()), &out)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -147,12 +134,7 @@ async fn python_grpcio_client_with_default_authority() {
     assert_eq!(out["image"]["content_digest"], img.content_digest, "{out}");
 
     let services = out["reflection_v1alpha"].as_array().unwrap();
-    for want in [
-        "imaged.v1.ImageService",
-        "imaged.v1.DomainService",
-        "imaged.v1.OperationService",
-        "grpc.health.v1.Health",
-    ] {
+    for want in SERVICES {
         assert!(
             services.iter().any(|s| s == want),
             "{want} not listed by v1alpha reflection: {out}"

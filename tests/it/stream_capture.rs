@@ -8,7 +8,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::support::daemon::{assert_identical, assert_qcow2_clean, run, Daemon, DaemonOptions};
+use crate::support::daemon::{
+    assert_identical, assert_qcow2_clean, mode_of, run, Daemon, DaemonOptions,
+};
 use crate::support::lab::Lab;
 use crate::support::servers::{Glance, GLANCE_LOCK, S3, S3_LOCK};
 use imaged::proto;
@@ -168,12 +170,7 @@ async fn a_real_guest_streams_into_a_file_glance_and_s3() {
             .expect("file capture")
             .into_inner();
         let op = d.wait_op(&op.id).await;
-        assert_eq!(
-            op.state,
-            proto::OperationState::Active as i32,
-            "{op:?}\n{}",
-            d.log_text()
-        );
+        d.assert_active(&op);
         assert_eq!(op.location, out.to_str().unwrap());
         if fmt == "qcow2" {
             assert_qcow2_clean(&out);
@@ -203,12 +200,7 @@ async fn a_real_guest_streams_into_a_file_glance_and_s3() {
         let op = d.wait_op(&op.id).await;
         stop.store(true, Ordering::SeqCst);
         let files = watcher.join().unwrap();
-        assert_eq!(
-            op.state,
-            proto::OperationState::Active as i32,
-            "{op:?}\n{}",
-            d.log_text()
-        );
+        d.assert_active(&op);
         let largest = largest.load(Ordering::SeqCst);
         assert!(
             largest < 1 << 20,
@@ -261,12 +253,7 @@ async fn a_real_guest_streams_into_a_file_glance_and_s3() {
             .expect("s3 capture")
             .into_inner();
         let op = d.wait_op(&op.id).await;
-        assert_eq!(
-            op.state,
-            proto::OperationState::Active as i32,
-            "{op:?}\n{}",
-            d.log_text()
-        );
+        d.assert_active(&op);
         let key = op
             .location
             .split_once(&format!("{}/", S3::get().bucket))
@@ -401,15 +388,6 @@ fn file_target(path: &Path, overwrite: bool) -> proto::target::Kind {
     })
 }
 
-/// The permission bits of `p`, in octal like `0600`.
-fn mode_of(p: &Path) -> String {
-    use std::os::unix::fs::PermissionsExt;
-    format!(
-        "{:04o}",
-        std::fs::symlink_metadata(p).unwrap().permissions().mode() & 0o7777
-    )
-}
-
 /// Issue 11, item 9: a capture into a file makes a file only root can read (or the configured
 /// mode), and never writes through a symbolic link in the path or at the name.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -441,12 +419,7 @@ async fn file_target_is_private_and_never_written_through_links() {
             .expect("file capture")
             .into_inner();
         let op = d.wait_op(&op.id).await;
-        assert_eq!(
-            op.state,
-            proto::OperationState::Active as i32,
-            "{op:?}\n{}",
-            d.log_text()
-        );
+        d.assert_active(&op);
         assert_eq!(mode_of(&out), want, "{mode_toml:?}");
         assert_identical(&disk, "qcow2", &out, "raw");
     }

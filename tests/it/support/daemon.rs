@@ -155,6 +155,16 @@ impl Daemon {
         );
     }
 
+    /// Asserts that an operation of this daemon ended `Active`; the daemon's log tells why not.
+    pub fn assert_active(&self, op: &proto::Operation) {
+        assert_eq!(
+            state(op),
+            proto::OperationState::Active,
+            "{op:?}\n{}",
+            self.log_text()
+        );
+    }
+
     /// What the daemon logged so far.
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
@@ -190,20 +200,7 @@ impl Daemon {
     pub fn imagectl_json(&self, args: &[&str]) -> serde_json::Value {
         let mut full = vec!["--json"];
         full.extend_from_slice(args);
-        let out = self.imagectl(&full);
-        assert!(
-            out.status.success(),
-            "imagectl {args:?} failed ({:?}): {}\n{}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr),
-            String::from_utf8_lossy(&out.stdout)
-        );
-        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
-            panic!(
-                "imagectl {args:?} printed no JSON ({e}): {}",
-                String::from_utf8_lossy(&out.stdout)
-            )
-        })
+        stdout_json(&format!("imagectl {args:?}"), &self.imagectl(&full))
     }
 
     /// Waits for an operation to end and returns its last snapshot.
@@ -277,6 +274,59 @@ impl Drop for Daemon {
             let _ = c.wait();
         }
     }
+}
+
+/// The gRPC services the daemon serves, as reflection lists them.
+pub const SERVICES: [&str; 4] = [
+    "imaged.v1.ImageService",
+    "imaged.v1.DomainService",
+    "imaged.v1.OperationService",
+    "grpc.health.v1.Health",
+];
+
+/// An operation's state.
+pub fn state(op: &proto::Operation) -> proto::OperationState {
+    proto::OperationState::try_from(op.state).unwrap()
+}
+
+/// Asserts that a program (`what`) exited 0, and parses the JSON it printed.
+pub fn stdout_json(what: &str, out: &Output) -> serde_json::Value {
+    assert!(
+        out.status.success(),
+        "{what} failed ({:?}): {}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr),
+        String::from_utf8_lossy(&out.stdout)
+    );
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "{what} printed no JSON ({e}): {}",
+            String::from_utf8_lossy(&out.stdout)
+        )
+    })
+}
+
+/// The chunk files of a repository (none when it has no `chunks` directory yet), sorted.
+pub fn chunk_files(repo: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    if let Ok(rd) = std::fs::read_dir(repo.join("chunks")) {
+        for sub in rd.flatten() {
+            for f in std::fs::read_dir(sub.path()).unwrap().flatten() {
+                out.push(f.path());
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+/// The permission bits of `p` (not following a link), in octal like `0600`.
+pub fn mode_of(p: &Path) -> String {
+    use std::os::unix::fs::PermissionsExt;
+    format!(
+        "{:04o}",
+        std::fs::symlink_metadata(p).unwrap().permissions().mode() & 0o7777
+    )
 }
 
 /// Runs a command, asserts success, returns stdout.
