@@ -330,24 +330,8 @@ async fn import_export_round_trip_and_dedup() {
 
     let q = d.dir.path().join("out.qcow2");
     let r = d.dir.path().join("out.raw");
-    let e1 = d.imagectl_json(&[
-        "export",
-        "golden",
-        "--format",
-        "qcow2",
-        "-o",
-        q.to_str().unwrap(),
-    ]);
-    assert_eq!(e1["state"], "active", "{e1}");
-    let e2 = d.imagectl_json(&[
-        "export",
-        "golden",
-        "--format",
-        "raw",
-        "-o",
-        r.to_str().unwrap(),
-    ]);
-    assert_eq!(e2["state"], "active", "{e2}");
+    d.imagectl_export("golden", "qcow2", &q);
+    d.imagectl_export("golden", "raw", &r);
     assert_qcow2_clean(&q);
     assert_identical(&src, "qcow2", &q, "qcow2");
     assert_identical(&src, "qcow2", &r, "raw");

@@ -82,17 +82,7 @@ async fn quiesce_crash_consistent_and_shutdown_captures_of_a_running_guest() {
     assert!(fsfreeze_status(&g).contains("thawed"), "guest left frozen");
     assert!(d.imagectl_json(&["image", "live-q"])["consistency"] == "quiesced");
     let raw = d.dir.path().join("live-q.raw");
-    assert_eq!(
-        d.imagectl_json(&[
-            "export",
-            "live-q",
-            "--format",
-            "raw",
-            "-o",
-            raw.to_str().unwrap()
-        ])["state"],
-        "active"
-    );
+    d.imagectl_export("live-q", "raw", &raw);
     let (code, out) = fsck(&raw);
     assert_eq!(
         code, 0,
@@ -137,17 +127,7 @@ async fn quiesce_crash_consistent_and_shutdown_captures_of_a_running_guest() {
     assert_eq!(g.state(), "running", "restart was asked");
     g.wait_agent(Duration::from_secs(180));
     let raw = d.dir.path().join("live-s.raw");
-    assert_eq!(
-        d.imagectl_json(&[
-            "export",
-            "live-s",
-            "--format",
-            "raw",
-            "-o",
-            raw.to_str().unwrap()
-        ])["state"],
-        "active"
-    );
+    d.imagectl_export("live-s", "raw", &raw);
     let (code, out) = fsck(&raw);
     assert_eq!(
         code, 0,

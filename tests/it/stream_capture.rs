@@ -68,15 +68,7 @@ async fn download(url: String, headers: BTreeMap<String, String>, to: &Path) {
 
 /// A presigned URL to GET (or, with `delete`, DELETE) an object of the test bucket.
 fn s3_signed(key: &str, delete: bool) -> String {
-    let s = S3::get();
-    let bucket = rusty_s3::Bucket::new(
-        s.endpoint.parse().unwrap(),
-        rusty_s3::UrlStyle::Path,
-        s.bucket.clone(),
-        "us-east-1",
-    )
-    .unwrap();
-    let creds = rusty_s3::Credentials::new(s.access_key.clone(), s.secret_key.clone());
+    let (bucket, creds) = S3::get().client();
     use rusty_s3::S3Action;
     let expiry = Duration::from_secs(300);
     if delete {

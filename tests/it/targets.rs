@@ -760,21 +760,8 @@ fn s3_cfg(endpoint: &str) -> S3Config {
     cfg
 }
 
-fn s3_client() -> (rusty_s3::Bucket, rusty_s3::Credentials) {
-    let s = S3::get();
-    let bucket = rusty_s3::Bucket::new(
-        s.endpoint.parse().unwrap(),
-        rusty_s3::UrlStyle::Path,
-        s.bucket.clone(),
-        "us-east-1",
-    )
-    .unwrap();
-    let creds = rusty_s3::Credentials::new(s.access_key.clone(), s.secret_key.clone());
-    (bucket, creds)
-}
-
 async fn s3_get(key: &str, range: Option<(u64, u64)>) -> reqwest::Response {
-    let (bucket, creds) = s3_client();
+    let (bucket, creds) = S3::get().client();
     let url = bucket
         .get_object(Some(&creds), key)
         .sign(Duration::from_secs(300));
@@ -786,7 +773,7 @@ async fn s3_get(key: &str, range: Option<(u64, u64)>) -> reqwest::Response {
 }
 
 async fn s3_head(key: &str) -> Option<reqwest::header::HeaderMap> {
-    let (bucket, creds) = s3_client();
+    let (bucket, creds) = S3::get().client();
     let url = bucket
         .head_object(Some(&creds), key)
         .sign(Duration::from_secs(300));
@@ -796,7 +783,7 @@ async fn s3_head(key: &str) -> Option<reqwest::header::HeaderMap> {
 
 /// Removes a test object and its companion once they were checked.
 async fn s3_delete(key: &str) {
-    let (bucket, creds) = s3_client();
+    let (bucket, creds) = S3::get().client();
     for k in [key.to_string(), format!("{key}.sha256")] {
         let url = bucket
             .delete_object(Some(&creds), &k)

@@ -203,6 +203,14 @@ impl Daemon {
         stdout_json(&format!("imagectl {args:?}"), &self.imagectl(&full))
     }
 
+    /// Exports the image `name` in `format` (`qcow2`, `raw`) to `dest` with `imagectl export`,
+    /// which must end `active`.
+    pub fn imagectl_export(&self, name: &str, format: &str, dest: &Path) {
+        let dest = dest.to_str().unwrap();
+        let op = self.imagectl_json(&["export", name, "--format", format, "-o", dest]);
+        assert_eq!(op["state"], "active", "{op}");
+    }
+
     /// Waits for an operation to end and returns its last snapshot.
     pub async fn wait_op(&self, id: &str) -> proto::Operation {
         let mut ops = self.ops().await;

@@ -134,6 +134,20 @@ impl Lab {
         self.guest(name_prefix).create()
     }
 
+    /// A guest whose system disk is a copy of the qcow2 `image` (e.g. an exported capture),
+    /// started; returns once its guest agent answers (within 180 s).
+    pub fn boot_from(&self, name_prefix: &str, image: &Path) -> Guest {
+        let guest = self
+            .guest(name_prefix)
+            .system_disk(SystemDisk::Qcow2)
+            .create();
+        fs::copy(image, guest.disk_path())
+            .unwrap_or_else(|e| panic!("copying {} into {}: {e}", image.display(), guest.name));
+        guest.start();
+        guest.wait_agent(Duration::from_secs(180));
+        guest
+    }
+
     /// A builder for a guest with options (data disks, no agent, no disk, ...).
     pub fn guest(&self, name_prefix: &str) -> GuestBuilder<'_> {
         GuestBuilder {
@@ -523,6 +537,16 @@ impl Guest {
     /// Runs `sh -c SCRIPT` in the guest.
     pub fn sh(&self, script: &str) -> ExecResult {
         self.exec(&["sh", "-c", script])
+    }
+    /// Runs `sh -c SCRIPT`, which must exit 0; returns its stdout.
+    pub fn sh_ok(&self, script: &str) -> String {
+        let (code, out, err) = self.sh(script);
+        assert_eq!(
+            code, 0,
+            "`{script}` in {} exited {code}: {err}{out}",
+            self.name
+        );
+        out
     }
 
     /// A guest agent command with arguments; its `return` member. Panics on any error.

@@ -216,6 +216,19 @@ impl S3 {
         out
     }
 
+    /// The bucket (path style) and credentials, to sign requests of our own.
+    pub fn client(&self) -> (rusty_s3::Bucket, rusty_s3::Credentials) {
+        let bucket = rusty_s3::Bucket::new(
+            self.endpoint.parse().unwrap(),
+            rusty_s3::UrlStyle::Path,
+            self.bucket.clone(),
+            "us-east-1",
+        )
+        .unwrap();
+        let creds = rusty_s3::Credentials::new(self.access_key.clone(), self.secret_key.clone());
+        (bucket, creds)
+    }
+
     /// The path of an object in the bucket.
     pub fn object_path(&self, key: &str) -> PathBuf {
         self.data_dir.join(&self.bucket).join(key)
