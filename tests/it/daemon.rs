@@ -7,9 +7,10 @@ use std::process::Command;
 use std::time::Duration;
 
 use crate::support::daemon::{
-    assert_identical, assert_qcow2_clean, chunk_files, mode_of, run, state, Daemon, DaemonOptions,
-    Tmpfs, SERVICES,
+    assert_identical, assert_qcow2_clean, chunk_files, get_op, mode_of, run, state, Daemon,
+    DaemonOptions, Tmpfs, SERVICES,
 };
+use crate::support::lab::qcow2_overlay;
 use imaged::proto;
 use tonic::Code;
 
@@ -406,20 +407,7 @@ async fn bad_requests_get_clear_errors_and_change_nothing() {
     }
     // An image with a backing file would make us read another file of the host.
     let child = d.dir.path().join("child.qcow2");
-    run(
-        "qemu-img",
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-F",
-            "qcow2",
-            "-b",
-            s,
-            child.to_str().unwrap(),
-        ],
-    );
+    qcow2_overlay(&src, &child);
     let err = images
         .import(imp("ok", child.to_str().unwrap(), "qcow2"))
         .await
@@ -569,11 +557,7 @@ async fn cancel_mid_capture_leaves_nothing() {
     let mut ops = d.ops().await;
     // Cancel once it is reading.
     loop {
-        let o = ops
-            .get_operation(proto::GetOperationRequest { id: op.id.clone() })
-            .await
-            .unwrap()
-            .into_inner();
+        let o = get_op(&mut ops, &op.id).await;
         let p = o.progress.unwrap_or_default();
         if p.bytes_done > 0 {
             assert!(

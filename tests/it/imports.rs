@@ -7,7 +7,9 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use crate::support::daemon::{assert_identical, chunk_files, run, state, Daemon, DaemonOptions};
+use crate::support::daemon::{
+    assert_identical, chunk_files, get_op, run, state, Daemon, DaemonOptions,
+};
 use imaged::proto;
 use tonic::Code;
 
@@ -380,13 +382,7 @@ async fn the_file_inspected_is_the_file_read_even_when_the_path_is_swapped() {
             std::fs::rename(&copy, &target).unwrap();
         }
         let mut ops = d.ops().await;
-        let held = ops
-            .get_operation(proto::GetOperationRequest {
-                id: hold.id.clone(),
-            })
-            .await
-            .unwrap()
-            .into_inner();
+        let held = get_op(&mut ops, &hold.id).await;
         assert!(
             !matches!(
                 state(&held),

@@ -7,7 +7,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use crate::support::daemon::{run, state, Daemon, DaemonOptions};
+use crate::support::daemon::{get_op, run, state, Daemon, DaemonOptions};
 use crate::support::lab::{Guest, Lab};
 use imaged::proto;
 use tonic::Code;
@@ -341,11 +341,7 @@ async fn a_guest_is_never_left_frozen() {
         .into_inner();
     let mut ops = d.ops().await;
     loop {
-        let o = ops
-            .get_operation(proto::GetOperationRequest { id: op.id.clone() })
-            .await
-            .unwrap()
-            .into_inner();
+        let o = get_op(&mut ops, &op.id).await;
         if state(&o) == proto::OperationState::Saving {
             break;
         }
@@ -427,11 +423,7 @@ async fn a_guest_is_never_left_frozen() {
         .unwrap()
         .into_inner();
     loop {
-        let o = ops
-            .get_operation(proto::GetOperationRequest { id: op.id.clone() })
-            .await
-            .unwrap()
-            .into_inner();
+        let o = get_op(&mut ops, &op.id).await;
         if state(&o) == proto::OperationState::Saving {
             break;
         }

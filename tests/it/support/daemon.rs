@@ -216,11 +216,7 @@ impl Daemon {
         let mut ops = self.ops().await;
         let t0 = Instant::now();
         loop {
-            let op = ops
-                .get_operation(proto::GetOperationRequest { id: id.into() })
-                .await
-                .unwrap()
-                .into_inner();
+            let op = get_op(&mut ops, id).await;
             if matches!(
                 proto::OperationState::try_from(op.state),
                 Ok(proto::OperationState::Active
@@ -291,6 +287,14 @@ pub const SERVICES: [&str; 4] = [
     "imaged.v1.OperationService",
     "grpc.health.v1.Health",
 ];
+
+/// One `GetOperation` call on a client the caller keeps (polling loops stay fast).
+pub async fn get_op(ops: &mut OperationServiceClient<Channel>, id: &str) -> proto::Operation {
+    ops.get_operation(proto::GetOperationRequest { id: id.into() })
+        .await
+        .unwrap()
+        .into_inner()
+}
 
 /// An operation's state.
 pub fn state(op: &proto::Operation) -> proto::OperationState {

@@ -273,18 +273,7 @@ impl GuestBuilder<'_> {
         match self.system_disk {
             SystemDisk::Overlay => {
                 let disk = dir.join("disk.qcow2");
-                qemu_img(&[
-                    "create",
-                    "-q",
-                    "-f",
-                    "qcow2",
-                    "-F",
-                    "qcow2",
-                    "-b",
-                    &base_s,
-                    &s(&disk),
-                ])
-                .unwrap_or_else(|e| panic!("{e}"));
+                qcow2_overlay(&base, &disk);
                 guest.disk = Some(disk);
             }
             SystemDisk::Qcow2 => {
@@ -715,6 +704,13 @@ pub fn virsh(args: &[&str]) -> Result<String, String> {
 /// Runs `qemu-img ARGS`; stdout, or an error holding the command and stderr.
 pub fn qemu_img(args: &[&str]) -> Result<String, String> {
     run("qemu-img", args)
+}
+
+/// Creates `overlay`, a qcow2 whose backing file is the qcow2 `backing`. Panics on failure.
+pub fn qcow2_overlay(backing: &Path, overlay: &Path) {
+    let (b, o) = (s(backing), s(overlay));
+    qemu_img(&["create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", &b, &o])
+        .unwrap_or_else(|e| panic!("{e}"));
 }
 
 /// Runs a program; stdout on exit 0, else an error naming the command, status and stderr.
