@@ -33,5 +33,6 @@ tests/lab/start-libvirt.sh
 tests/lab/build-guest.sh >/dev/null
 tests/lab/pick-accel.sh >/dev/null
 
-# Two cores: two test threads, so two TCG guests at most run at once.
+# Two cores: two test threads, so two TCG guests at most run at once. The integration tests are
+# one binary (tests/it); one module's tests: `cargo test --test it MODULE::`.
 cargo test --locked --no-fail-fast -- --test-threads=2
