@@ -830,7 +830,7 @@ fn esc(v: &str) -> String {
         .replace('"', "&quot;")
 }
 
-/// A guest agent command as `virsh qemu-agent-command` takes it: `{"execute": ..., "arguments": ...}`.
+/// A guest agent command with arguments, as `virsh qemu-agent-command` takes it.
 pub fn agent_command(execute: &str, arguments: Value) -> String {
     json!({ "execute": execute, "arguments": arguments }).to_string()
 }
