@@ -24,14 +24,15 @@ trap 'exit 130' INT
 trap 'exit 143' TERM
 
 scripts/install-deps.sh
-# grpcio, grpcio-tools, grpcio-reflection (pip) for the Python client test (tests/python_client.rs).
+# grpcio, grpcio-tools, grpcio-reflection (pip) for the Python client test (tests/it/python_client.rs).
 scripts/install-python-deps.sh
-# Real servers for the Glance and S3 target tests (tests/targets.rs): apt glance-api,
+# Real servers for the Glance and S3 target tests (tests/it/targets.rs): apt glance-api,
 # python3-glance, python3-keystone, curl (no service started through init); cargo s3s-fs.
 for s in glance keystone s3; do bash tests/servers/$s.sh install; done
 tests/lab/start-libvirt.sh
 tests/lab/build-guest.sh >/dev/null
 tests/lab/pick-accel.sh >/dev/null
 
-# Two cores: two test threads, so two TCG guests at most run at once.
+# Two cores: two test threads, so two TCG guests at most run at once. The integration tests are
+# one binary (tests/it); one module's tests: `cargo test --test it MODULE::`.
 cargo test --locked --no-fail-fast -- --test-threads=2

@@ -1,4 +1,4 @@
-"""A stock Python grpcio client of imaged over its unix socket (run by tests/python_client.rs).
+"""A stock Python grpcio client of imaged over its unix socket (run by tests/it/python_client.rs).
 
 Usage: client.py STUBS_DIR SOCKET MODE [QCOW2 DOMAIN]
   STUBS_DIR  where `python3 -m grpc_tools.protoc` wrote imaged/v1/imaged_pb2*.py

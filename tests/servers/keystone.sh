@@ -13,7 +13,7 @@
 # install: only installs what `start` needs (scripts/install-deps.sh calls it).
 # stop: stops that Glance and Keystone (by their pidfiles); state is kept.
 #
-# Fixed test identities (what tests/common/servers.rs expects):
+# Fixed test identities (what tests/it/support/servers.rs expects):
 #   admin / imaged-test-admin (project admin), imaged-test / imaged-test-pw (project
 #   imaged-test, role member), all in domain Default, region RegionOne.
 # Environment: IMAGED_KEYSTONE_PORT (15000), IMAGED_GLANCE_KS_PORT (19293),

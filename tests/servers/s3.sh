@@ -12,7 +12,7 @@
 # progress live in the root as `.upload-UUID.json` and `.upload_id-UUID.part-N` files, which the
 # tests inspect to prove that no upload was left behind (s3s-fs has no ListMultipartUploads).
 #
-# Environment (defaults are what tests/common/servers.rs expects):
+# Environment (defaults are what tests/it/support/servers.rs expects):
 #   IMAGED_S3_PORT (19000), IMAGED_S3_ACCESS_KEY (imaged-test), IMAGED_S3_SECRET_KEY
 #   (imaged-test-secret), IMAGED_S3_BUCKET (imaged-test), IMAGED_TEST_SERVERS
 #   (/var/lib/imaged-test-servers).

@@ -12,13 +12,11 @@
 //! Run with `--nocapture` to see the timings. The lab panics (the tests fail) when libvirt or
 //! the guest image cannot be set up.
 
-mod common;
-
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::lab::{Guest, Lab, URI};
+use crate::support::lab::{Guest, Lab, URI};
 use imaged::error::ErrorKind;
 use imaged::guest::agent::{GuestAgent, HypervisorAgent, LibvirtAgent};
 use imaged::guest::prep::{self, FileAction, OutcomeStatus, PlanStatus, PrepStep, BACKUP_ROOT};
@@ -228,24 +226,13 @@ fn mbr() -> Vec<u8> {
     m
 }
 
-fn sh_ok(g: &Guest, script: &str) -> String {
-    let (code, out, err) = g.sh(script);
-    assert_eq!(
-        code,
-        0,
-        "`{script}` in {} exited {code}: {err}{out}",
-        g.name()
-    );
-    out
-}
-
 fn exists(g: &Guest, path: &str) -> bool {
     g.exec(&["test", "-e", path]).0 == 0
 }
 
 /// Mount points in the guest.
 fn mounts(g: &Guest) -> Vec<String> {
-    sh_ok(g, "findmnt -rn -o TARGET")
+    g.sh_ok("findmnt -rn -o TARGET")
         .lines()
         .map(str::to_string)
         .collect()
@@ -256,7 +243,7 @@ fn swaps(g: &Guest) -> String {
 }
 
 fn stat(g: &Guest, path: &str) -> String {
-    sh_ok(g, &format!("stat -c '%u:%g %a' {path}"))
+    g.sh_ok(&format!("stat -c '%u:%g %a' {path}"))
         .trim()
         .to_string()
 }
@@ -278,16 +265,16 @@ const DATA_MOUNTS: [&str; 3] = ["/mnt/data", "/mnt/label", "/mnt/bound"];
 /// fstab and the fstab expected after the prep.
 fn set_up_data_disk(g: &Guest) -> (String, String) {
     g.write_file("/dev/vdb", &mbr());
-    sh_ok(
-        g,
-        // udev re-reads the table itself when the writer closes /dev/vdb (and is then busy).
+    // udev re-reads the table itself when the writer closes /dev/vdb (and is then busy).
+    g.sh_ok(
         "udevadm settle; i=0; until [ -b /dev/vdb3 ]; do \
            blockdev --rereadpt /dev/vdb 2>/dev/null; udevadm settle; i=$((i+1)); \
            [ $i -lt 20 ] || { echo no partitions >&2; exit 1; }; sleep 0.5; done && \
          mkfs.ext4 -q /dev/vdb1 && mkfs.ext4 -q -L datalabel /dev/vdb2 && mkswap /dev/vdb3 >/dev/null \
          && udevadm settle",
     );
-    let uuid = sh_ok(g, "blkid -s UUID -o value /dev/vdb1")
+    let uuid = g
+        .sh_ok("blkid -s UUID -o value /dev/vdb1")
         .trim()
         .to_string();
     assert_eq!(uuid.len(), 36, "{uuid}");
@@ -303,8 +290,7 @@ fn set_up_data_disk(g: &Guest) -> (String, String) {
          /mnt/data/sub /mnt/bound none bind 0 0\n{kept}"
     );
     g.write_file("/etc/fstab", fstab.as_bytes());
-    sh_ok(
-        g,
+    g.sh_ok(
         "mkdir -p /mnt/data /mnt/label /mnt/bound /mnt/scratch && mount /mnt/data && \
          mkdir -p /mnt/data/sub && echo payload > /mnt/data/sub/file && mount -a && swapon -a",
     );
@@ -317,8 +303,7 @@ fn set_up_data_disk(g: &Guest) -> (String, String) {
 }
 
 fn plant_files(g: &Guest) {
-    sh_ok(
-        g,
+    g.sh_ok(
         "mkdir -p /etc/sysconfig/network-scripts /etc/sysconfig/network /etc/netplan \
          /etc/NetworkManager/system-connections /etc/rc.d /etc/network/interfaces.d \
          /etc/systemd/network",
@@ -326,8 +311,7 @@ fn plant_files(g: &Guest) {
     for (path, content, _) in planted() {
         g.write_file(path, content.as_bytes());
     }
-    sh_ok(
-        g,
+    g.sh_ok(
         "chmod 644 /etc/udev/rules.d/*.rules /etc/sysconfig/network/dhcp && \
          chown 1234:1234 /etc/sysconfig/network-scripts/ifcfg-eth0 && \
          chmod 640 /etc/sysconfig/network-scripts/ifcfg-eth0 && \
@@ -381,12 +365,12 @@ fn agent_api(agent: &LibvirtAgent, g: &Guest) {
 
     assert_eq!(agent.read_file("/nonexistent/file").unwrap(), None);
     // A file bigger than one read piece, binary, read back exactly.
-    sh_ok(g, "head -c 5000000 /dev/urandom > /root/big");
+    g.sh_ok("head -c 5000000 /dev/urandom > /root/big");
     let t = Instant::now();
     let big = agent.read_file("/root/big").unwrap().unwrap();
     eprintln!("read_file of 5 MB: {:.1?}", t.elapsed());
     assert_eq!(big.len(), 5_000_000);
-    let sum = sh_ok(g, "sha256sum /root/big");
+    let sum = g.sh_ok("sha256sum /root/big");
     assert_eq!(
         sum.split_whitespace().next().unwrap(),
         hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&big))
@@ -405,16 +389,13 @@ fn agent_api(agent: &LibvirtAgent, g: &Guest) {
     // write_file: new file with a mode; replacing keeps owner and mode; through a link.
     agent.write_file("/root/w", b"one\n", Some(0o600)).unwrap();
     assert_eq!(stat(g, "/root/w"), "0:0 600");
-    sh_ok(
-        g,
-        "chown 1234:1234 /root/w && chmod 640 /root/w && ln -s /root/w /root/link",
-    );
+    g.sh_ok("chown 1234:1234 /root/w && chmod 640 /root/w && ln -s /root/w /root/link");
     agent.write_file("/root/link", b"two\n", None).unwrap();
     assert_eq!(g.read_file("/root/w"), b"two\n");
     assert_eq!(stat(g, "/root/w"), "1234:1234 640");
-    assert!(sh_ok(g, "ls -l /root/link").contains("-> /root/w"));
+    assert!(g.sh_ok("ls -l /root/link").contains("-> /root/w"));
     assert_eq!(
-        sh_ok(g, "ls -A /root | grep -c imaged-tmp || true").trim(),
+        g.sh_ok("ls -A /root | grep -c imaged-tmp || true").trim(),
         "0"
     );
     // A file above the one-program size goes through a temporary file and guest-file-write.
@@ -424,7 +405,8 @@ fn agent_api(agent: &LibvirtAgent, g: &Guest) {
     assert_eq!(stat(g, "/root/bigw"), "0:0 600");
     agent.remove_file("/root/bigw").unwrap();
     agent.rename("/root/w", "/root/w2").unwrap();
-    let mut listed = sh_ok(g, "ls -A1 /root")
+    let mut listed = g
+        .sh_ok("ls -A1 /root")
         .lines()
         .map(str::to_string)
         .collect::<Vec<_>>();
@@ -435,7 +417,7 @@ fn agent_api(agent: &LibvirtAgent, g: &Guest) {
     agent.remove_file("/root/w2").unwrap();
     assert!(!exists(g, "/root/w2"));
     assert!(agent.list_dir("/nonexistent").unwrap().is_empty());
-    sh_ok(g, "rm -f /root/big /root/link");
+    g.sh_ok("rm -f /root/big /root/link");
 }
 
 #[test]
@@ -629,10 +611,7 @@ fn prep_steps_plan_apply_check_restore_and_busy_mount_on_a_real_guest() {
     assert!(!exists(&g, "/run/imaged-prep"), "backups left behind");
 
     // --- a busy mount: the step fails naming it, and the whole apply is undone -------------
-    sh_ok(
-        &g,
-        "cd /mnt/data && (sleep 600 </dev/null >/dev/null 2>&1 &) ; sleep 0.5",
-    );
+    g.sh_ok("cd /mnt/data && (sleep 600 </dev/null >/dev/null 2>&1 &) ; sleep 0.5");
     let t = Instant::now();
     let e = prep::apply(&agent, &PrepStep::ALL).unwrap_err();
     eprintln!(

@@ -2,13 +2,15 @@
 //! path through `Import` (a disk file of the host) and `Export`, with real qemu-nbd, real
 //! qemu-img as the judge, and real filesystems for the failure cases (tmpfs full, read-only).
 
-mod common;
-
 use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use common::daemon::{assert_identical, assert_qcow2_clean, run, Daemon, DaemonOptions, Tmpfs};
+use crate::support::daemon::{
+    assert_identical, assert_qcow2_clean, chunk_files, get_op, mode_of, run, state, Daemon,
+    DaemonOptions, Tmpfs, SERVICES,
+};
+use crate::support::lab::qcow2_overlay;
 use imaged::proto;
 use tonic::Code;
 
@@ -51,18 +53,6 @@ async fn import(d: &Daemon, path: &Path, name: &str) -> proto::Operation {
         .expect("import accepted")
         .into_inner();
     d.wait_op(&op.id).await
-}
-
-fn state(op: &proto::Operation) -> proto::OperationState {
-    proto::OperationState::try_from(op.state).unwrap()
-}
-
-fn chunk_files(repo: &Path) -> usize {
-    let mut n = 0;
-    for sub in std::fs::read_dir(repo.join("chunks")).unwrap().flatten() {
-        n += std::fs::read_dir(sub.path()).unwrap().count();
-    }
-    n
 }
 
 #[test]
@@ -245,12 +235,7 @@ async fn health_and_reflection_are_served() {
         panic!("{resp:?}")
     };
     let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
-    for want in [
-        "imaged.v1.ImageService",
-        "imaged.v1.DomainService",
-        "imaged.v1.OperationService",
-        "grpc.health.v1.Health",
-    ] {
+    for want in SERVICES {
         assert!(
             names.iter().any(|n| n == want),
             "{want} not listed: {names:?}"
@@ -335,7 +320,7 @@ async fn import_export_round_trip_and_dedup() {
     // Five data chunks, two of them identical: four chunk files. (Two workers may both store
     // the identical pair at the same moment; the file is still one.)
     assert_eq!(
-        chunk_files(&d.repo),
+        chunk_files(&d.repo).len(),
         4,
         "identical chunks must be stored once: {p:?}"
     );
@@ -346,24 +331,8 @@ async fn import_export_round_trip_and_dedup() {
 
     let q = d.dir.path().join("out.qcow2");
     let r = d.dir.path().join("out.raw");
-    let e1 = d.imagectl_json(&[
-        "export",
-        "golden",
-        "--format",
-        "qcow2",
-        "-o",
-        q.to_str().unwrap(),
-    ]);
-    assert_eq!(e1["state"], "active", "{e1}");
-    let e2 = d.imagectl_json(&[
-        "export",
-        "golden",
-        "--format",
-        "raw",
-        "-o",
-        r.to_str().unwrap(),
-    ]);
-    assert_eq!(e2["state"], "active", "{e2}");
+    d.imagectl_export("golden", "qcow2", &q);
+    d.imagectl_export("golden", "raw", &r);
     assert_qcow2_clean(&q);
     assert_identical(&src, "qcow2", &q, "qcow2");
     assert_identical(&src, "qcow2", &r, "raw");
@@ -374,11 +343,11 @@ async fn import_export_round_trip_and_dedup() {
     );
 
     // The same disk again: every chunk is already stored.
-    let before = chunk_files(&d.repo);
+    let before = chunk_files(&d.repo).len();
     let op2 = import(&d, &src, "golden-again").await;
     assert_eq!(state(&op2), proto::OperationState::Active);
     assert_eq!(op2.progress.unwrap().bytes_new, 0);
-    assert_eq!(chunk_files(&d.repo), before);
+    assert_eq!(chunk_files(&d.repo).len(), before);
     let img2 = d.imagectl_json(&["image", "golden-again"]);
     assert_eq!(img2["content_digest"], img["content_digest"]);
 
@@ -387,7 +356,8 @@ async fn import_export_round_trip_and_dedup() {
     assert_eq!(del["chunks_removed"], 0);
     let del = d.imagectl_json(&["rm", "golden-again"]);
     assert_eq!(del["chunks_removed"].as_u64().unwrap() as usize, before);
-    assert_eq!(chunk_files(&d.repo), 0);
+    assert!(d.repo.join("chunks").is_dir());
+    assert_eq!(chunk_files(&d.repo).len(), 0);
     let list = d.imagectl_json(&["images"]);
     assert_eq!(list.as_array().unwrap().len(), 0);
 }
@@ -437,20 +407,7 @@ async fn bad_requests_get_clear_errors_and_change_nothing() {
     }
     // An image with a backing file would make us read another file of the host.
     let child = d.dir.path().join("child.qcow2");
-    run(
-        "qemu-img",
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-F",
-            "qcow2",
-            "-b",
-            s,
-            child.to_str().unwrap(),
-        ],
-    );
+    qcow2_overlay(&src, &child);
     let err = images
         .import(imp("ok", child.to_str().unwrap(), "qcow2"))
         .await
@@ -600,11 +557,7 @@ async fn cancel_mid_capture_leaves_nothing() {
     let mut ops = d.ops().await;
     // Cancel once it is reading.
     loop {
-        let o = ops
-            .get_operation(proto::GetOperationRequest { id: op.id.clone() })
-            .await
-            .unwrap()
-            .into_inner();
+        let o = get_op(&mut ops, &op.id).await;
         let p = o.progress.unwrap_or_default();
         if p.bytes_done > 0 {
             assert!(
@@ -630,7 +583,7 @@ async fn cancel_mid_capture_leaves_nothing() {
     assert_eq!(end.error.unwrap().code, "CANCELLED");
     assert_eq!(d.imagectl_json(&["images"]).as_array().unwrap().len(), 0);
     assert_eq!(
-        chunk_files(&d.repo),
+        chunk_files(&d.repo).len(),
         0,
         "chunks of the cancelled capture were left behind"
     );
@@ -661,7 +614,8 @@ async fn disk_full_fails_cleanly_and_releases_space() {
         err.message
     );
     assert_eq!(d.imagectl_json(&["images"]).as_array().unwrap().len(), 0);
-    assert_eq!(chunk_files(&fs.dir), 0);
+    assert!(fs.dir.join("chunks").is_dir());
+    assert_eq!(chunk_files(&fs.dir).len(), 0);
     let used_after = fs.used();
     assert!(
         used_after <= used_before + (1 << 20),
@@ -709,15 +663,6 @@ async fn read_only_repository_is_refused_before_reading() {
         0,
         "no operation may start: {ops}"
     );
-}
-
-/// The permission bits of `p`, in octal like `0600`.
-fn mode_of(p: &Path) -> String {
-    use std::os::unix::fs::PermissionsExt;
-    format!(
-        "{:04o}",
-        std::fs::symlink_metadata(p).unwrap().permissions().mode() & 0o7777
-    )
 }
 
 /// Every regular file under `dir` (no link followed).

@@ -4,18 +4,14 @@
 //! path swapped between inspection and read, damaged chunk files and unreadable manifests, and
 //! request_id retries.
 
-mod common;
-
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use common::daemon::{assert_identical, run, Daemon, DaemonOptions};
+use crate::support::daemon::{
+    assert_identical, chunk_files, get_op, run, state, Daemon, DaemonOptions,
+};
 use imaged::proto;
 use tonic::Code;
-
-fn state(op: &proto::Operation) -> proto::OperationState {
-    proto::OperationState::try_from(op.state).unwrap()
-}
 
 fn req(path: &Path, format: &str, name: &str, request_id: &str) -> proto::ImportRequest {
     proto::ImportRequest {
@@ -53,12 +49,7 @@ async fn import_ok(d: &Daemon, path: &Path, format: &str, name: &str) -> proto::
         .await
         .unwrap_or_else(|e| panic!("import of {} refused: {e:?}", path.display()));
     let op = d.wait_op(&op.id).await;
-    assert_eq!(
-        state(&op),
-        proto::OperationState::Active,
-        "{op:?}\n{}",
-        d.log_text()
-    );
+    d.assert_active(&op);
     op
 }
 
@@ -99,19 +90,6 @@ fn qemu_io(fmt: &str, path: &Path, cmds: &[&str]) {
     }
     args.push(path.to_str().unwrap());
     run("qemu-io", &args);
-}
-
-fn chunk_files(repo: &Path) -> Vec<PathBuf> {
-    let mut out = Vec::new();
-    if let Ok(rd) = std::fs::read_dir(repo.join("chunks")) {
-        for sub in rd.flatten() {
-            for f in std::fs::read_dir(sub.path()).unwrap().flatten() {
-                out.push(f.path());
-            }
-        }
-    }
-    out.sort();
-    out
 }
 
 fn manifests(repo: &Path) -> Vec<String> {
@@ -404,13 +382,7 @@ async fn the_file_inspected_is_the_file_read_even_when_the_path_is_swapped() {
             std::fs::rename(&copy, &target).unwrap();
         }
         let mut ops = d.ops().await;
-        let held = ops
-            .get_operation(proto::GetOperationRequest {
-                id: hold.id.clone(),
-            })
-            .await
-            .unwrap()
-            .into_inner();
+        let held = get_op(&mut ops, &hold.id).await;
         assert!(
             !matches!(
                 state(&held),
@@ -424,12 +396,7 @@ async fn the_file_inspected_is_the_file_read_even_when_the_path_is_swapped() {
         .await
         .unwrap();
         let op = d.wait_op(&op.id).await;
-        assert_eq!(
-            state(&op),
-            proto::OperationState::Active,
-            "{op:?}\n{}",
-            d.log_text()
-        );
+        d.assert_active(&op);
         let out = dir.path().join(format!("out{round}.qcow2"));
         export(&d, &format!("img{round}"), "qcow2", &out).await;
         assert_identical(&keep, "qcow2", &out, "qcow2");

@@ -14,8 +14,8 @@
 //! scratch files and NBD sockets there. Dropping a [`Guest`] destroys and undefines the domain
 //! and removes its directory, also when the test panicked (the console tail is printed then).
 //!
-//! Everything goes through the command line (`virsh -c qemu:///system`, `qemu-img`); only std
-//! is used, with a small JSON reader and base64 codec for the guest agent's replies.
+//! Everything goes through the command line (`virsh -c qemu:///system`, `qemu-img`); the guest
+//! agent's commands and replies are JSON (`serde_json`) with base64 payloads (`base64`).
 //!
 //! Environment: `IMAGED_LAB_CACHE` (default `/var/cache/imaged-lab`), `IMAGED_LAB_RUN`
 //! (default `/var/lib/imaged-lab/run`), `IMAGED_LAB_ACCEL` (`kvm`/`qemu`, skips the test boot).
@@ -29,6 +29,10 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::OnceLock;
 use std::thread::sleep;
 use std::time::{Duration, Instant};
+
+use base64::engine::general_purpose::STANDARD as BASE64;
+use base64::Engine as _;
+use serde_json::{json, Value};
 
 /// The libvirt connection every lab command uses.
 pub const URI: &str = "qemu:///system";
@@ -45,7 +49,6 @@ const QEMU_USER: &str = "libvirt-qemu";
 /// The lab of one test binary: where the guest image is and how guests run.
 #[derive(Debug)]
 pub struct Lab {
-    cache_dir: PathBuf,
     image_dir: PathBuf,
     run_dir: PathBuf,
     accel: String,
@@ -100,7 +103,6 @@ impl Lab {
         make_dirs(&run_dir, 0o755)
             .map_err(|e| format!("cannot create {}: {e}", run_dir.display()))?;
         let lab = Lab {
-            cache_dir,
             image_dir,
             run_dir,
             accel,
@@ -112,10 +114,6 @@ impl Lab {
     /// `kvm` or `qemu` (TCG): the domain type of lab guests.
     pub fn accel(&self) -> &str {
         &self.accel
-    }
-    /// The cache directory given to the scripts.
-    pub fn cache_dir(&self) -> &Path {
-        &self.cache_dir
     }
     /// The cached base image every guest's overlay is backed by. Never write to it.
     pub fn base_image(&self) -> PathBuf {
@@ -129,15 +127,25 @@ impl Lab {
     pub fn initrd(&self) -> PathBuf {
         self.image_dir.join("initrd.img")
     }
-    /// Where the guests' directories are.
-    pub fn run_dir(&self) -> &Path {
-        &self.run_dir
-    }
 
     /// A new guest with the default shape: overlay system disk, guest agent channel, 1 GiB,
     /// 2 vCPUs, no NIC. Defined, not started.
     pub fn new_guest(&self, name_prefix: &str) -> Guest {
         self.guest(name_prefix).create()
+    }
+
+    /// A guest whose system disk is a copy of the qcow2 `image` (e.g. an exported capture),
+    /// started; returns once its guest agent answers (within 180 s).
+    pub fn boot_from(&self, name_prefix: &str, image: &Path) -> Guest {
+        let guest = self
+            .guest(name_prefix)
+            .system_disk(SystemDisk::Qcow2)
+            .create();
+        fs::copy(image, guest.disk_path())
+            .unwrap_or_else(|e| panic!("copying {} into {}: {e}", image.display(), guest.name));
+        guest.start();
+        guest.wait_agent(Duration::from_secs(180));
+        guest
     }
 
     /// A builder for a guest with options (data disks, no agent, no disk, ...).
@@ -148,9 +156,6 @@ impl Lab {
             system_disk: SystemDisk::Overlay,
             agent: true,
             data_disks: Vec::new(),
-            memory_mib: 1024,
-            vcpus: 2,
-            extra_cmdline: String::new(),
         }
     }
 
@@ -200,13 +205,6 @@ pub enum SystemDisk {
     None,
 }
 
-/// Format of a data disk.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum DiskFormat {
-    Qcow2,
-    Raw,
-}
-
 /// Options of a lab guest; [`GuestBuilder::create`] defines it.
 #[derive(Debug)]
 pub struct GuestBuilder<'a> {
@@ -214,10 +212,8 @@ pub struct GuestBuilder<'a> {
     prefix: String,
     system_disk: SystemDisk,
     agent: bool,
-    data_disks: Vec<(u64, DiskFormat)>,
-    memory_mib: u32,
-    vcpus: u32,
-    extra_cmdline: String,
+    /// Sizes of the qcow2 data disks.
+    data_disks: Vec<u64>,
 }
 
 impl GuestBuilder<'_> {
@@ -236,31 +232,10 @@ impl GuestBuilder<'_> {
         self
     }
     /// Adds an empty qcow2 data disk of `size` bytes (vdb, then vdc, ...).
-    pub fn data_disk(self, size: u64) -> Self {
-        self.data_disk_format(size, DiskFormat::Qcow2)
-    }
-    /// Adds an empty data disk of `size` bytes in the given format.
-    pub fn data_disk_format(mut self, size: u64, format: DiskFormat) -> Self {
-        self.data_disks.push((size, format));
+    pub fn data_disk(mut self, size: u64) -> Self {
+        self.data_disks.push(size);
         self
     }
-    /// Guest memory (default 1024 MiB).
-    pub fn memory_mib(mut self, mib: u32) -> Self {
-        self.memory_mib = mib;
-        self
-    }
-    /// Virtual CPUs (default 2).
-    pub fn vcpus(mut self, n: u32) -> Self {
-        self.vcpus = n;
-        self
-    }
-    /// Appends words to the kernel command line.
-    pub fn cmdline(mut self, extra: &str) -> Self {
-        self.extra_cmdline.push(' ');
-        self.extra_cmdline.push_str(extra);
-        self
-    }
-
     /// Creates the guest's directory and disks and defines the domain (not started).
     pub fn create(self) -> Guest {
         let lab = self.lab;
@@ -298,18 +273,7 @@ impl GuestBuilder<'_> {
         match self.system_disk {
             SystemDisk::Overlay => {
                 let disk = dir.join("disk.qcow2");
-                qemu_img(&[
-                    "create",
-                    "-q",
-                    "-f",
-                    "qcow2",
-                    "-F",
-                    "qcow2",
-                    "-b",
-                    &base_s,
-                    &s(&disk),
-                ])
-                .unwrap_or_else(|e| panic!("{e}"));
+                qcow2_overlay(&base, &disk);
                 guest.disk = Some(disk);
             }
             SystemDisk::Qcow2 => {
@@ -327,15 +291,11 @@ impl GuestBuilder<'_> {
             }
             SystemDisk::None => {}
         }
-        for (i, (size, format)) in self.data_disks.iter().enumerate() {
-            let (ext, fmt) = match format {
-                DiskFormat::Qcow2 => ("qcow2", "qcow2"),
-                DiskFormat::Raw => ("raw", "raw"),
-            };
-            let path = dir.join(format!("data{}.{ext}", i + 1));
-            qemu_img(&["create", "-q", "-f", fmt, &s(&path), &size.to_string()])
+        for (i, size) in self.data_disks.iter().enumerate() {
+            let path = dir.join(format!("data{}.qcow2", i + 1));
+            qemu_img(&["create", "-q", "-f", "qcow2", &s(&path), &size.to_string()])
                 .unwrap_or_else(|e| panic!("{e}"));
-            guest.data_disks.push((path, fmt));
+            guest.data_disks.push(path);
         }
 
         let xml = self.domain_xml(&guest);
@@ -352,16 +312,11 @@ impl GuestBuilder<'_> {
         let mut x = String::new();
         let _ = writeln!(x, "<domain type='{}'>", lab.accel);
         let _ = writeln!(x, "  <name>{}</name>", esc(&g.name));
-        let _ = writeln!(x, "  <memory unit='MiB'>{}</memory>", self.memory_mib);
-        let _ = writeln!(x, "  <vcpu>{}</vcpu>", self.vcpus);
+        x.push_str("  <memory unit='MiB'>1024</memory>\n  <vcpu>2</vcpu>\n");
         x.push_str("  <os>\n    <type arch='x86_64' machine='pc'>hvm</type>\n");
         let _ = writeln!(x, "    <kernel>{}</kernel>", esc(&s(&lab.kernel())));
         let _ = writeln!(x, "    <initrd>{}</initrd>", esc(&s(&lab.initrd())));
-        let _ = writeln!(
-            x,
-            "    <cmdline>{}</cmdline>",
-            esc(&format!("{CMDLINE}{}", self.extra_cmdline))
-        );
+        let _ = writeln!(x, "    <cmdline>{}</cmdline>", esc(CMDLINE));
         x.push_str("  </os>\n  <features><acpi/><apic/></features>\n  <clock offset='utc'/>\n");
         x.push_str("  <on_poweroff>destroy</on_poweroff>\n  <on_reboot>restart</on_reboot>\n");
         x.push_str("  <on_crash>destroy</on_crash>\n  <devices>\n");
@@ -376,8 +331,8 @@ impl GuestBuilder<'_> {
         if let Some(d) = &g.disk {
             disk(d, g.disk_format, "vda");
         }
-        for (i, (path, fmt)) in g.data_disks.iter().enumerate() {
-            disk(path, fmt, &format!("vd{}", (b'b' + i as u8) as char));
+        for (i, path) in g.data_disks.iter().enumerate() {
+            disk(path, "qcow2", &format!("vd{}", (b'b' + i as u8) as char));
         }
         let _ = write!(
             x,
@@ -403,8 +358,9 @@ pub struct Guest {
     name: String,
     dir: PathBuf,
     disk: Option<PathBuf>,
+    /// `qcow2` or `raw`: the system disk's format.
     disk_format: &'static str,
-    data_disks: Vec<(PathBuf, &'static str)>,
+    data_disks: Vec<PathBuf>,
     console: PathBuf,
     defined: bool,
 }
@@ -427,17 +383,9 @@ impl Guest {
             .as_deref()
             .unwrap_or_else(|| panic!("guest {} has no system disk", self.name))
     }
-    /// `qcow2` or `raw`: the system disk's format.
-    pub fn disk_format(&self) -> &str {
-        self.disk_format
-    }
     /// The data disks (`vdb`, `vdc`, ...), in order.
     pub fn data_disk_paths(&self) -> Vec<&Path> {
-        self.data_disks.iter().map(|(p, _)| p.as_path()).collect()
-    }
-    /// The serial console log file.
-    pub fn console_path(&self) -> &Path {
-        &self.console
+        self.data_disks.iter().map(PathBuf::as_path).collect()
     }
     /// The serial console output so far (empty before the first start).
     pub fn console_log(&self) -> String {
@@ -579,54 +527,40 @@ impl Guest {
     pub fn sh(&self, script: &str) -> ExecResult {
         self.exec(&["sh", "-c", script])
     }
+    /// Runs `sh -c SCRIPT`, which must exit 0; returns its stdout.
+    pub fn sh_ok(&self, script: &str) -> String {
+        let (code, out, err) = self.sh(script);
+        assert_eq!(
+            code, 0,
+            "`{script}` in {} exited {code}: {err}{out}",
+            self.name
+        );
+        out
+    }
+
+    /// A guest agent command with arguments; its `return` member. Panics on any error.
+    fn call(&self, execute: &str, arguments: Value) -> Value {
+        let reply = self.agent(&agent_command(execute, arguments));
+        agent_return(&reply).unwrap_or_else(|e| panic!("{execute} in {}: {e}", self.name))
+    }
 
     fn exec_full(&self, argv: &[&str], stdin: Option<&[u8]>, timeout: Duration) -> ExecResult {
         let (path, args) = argv.split_first().expect("exec needs a program");
-        let mut cmd = format!(
-            r#"{{"execute":"guest-exec","arguments":{{"path":{},"arg":[{}],"capture-output":true"#,
-            json_str(path),
-            args.iter()
-                .map(|a| json_str(a))
-                .collect::<Vec<_>>()
-                .join(",")
-        );
+        let mut arguments = json!({ "path": path, "arg": args, "capture-output": true });
         if let Some(input) = stdin {
-            let _ = write!(cmd, r#","input-data":"{}""#, b64_encode(input));
+            arguments["input-data"] = BASE64.encode(input).into();
         }
-        cmd.push_str("}}");
-        let reply = self.agent(&cmd);
-        let pid = Json::parse(&reply)
-            .ok()
-            .and_then(|j| j.get("return")?.get("pid")?.as_i64())
-            .unwrap_or_else(|| panic!("guest-exec {argv:?}: unexpected reply {reply}"));
-        let status = format!(r#"{{"execute":"guest-exec-status","arguments":{{"pid":{pid}}}}}"#);
+        let pid = self.call("guest-exec", arguments)["pid"]
+            .as_i64()
+            .unwrap_or_else(|| panic!("guest-exec {argv:?}: no pid in the reply"));
         let start = Instant::now();
         let mut pause = Duration::from_millis(50);
         loop {
-            let reply = self.agent(&status);
-            let j =
-                Json::parse(&reply).unwrap_or_else(|e| panic!("guest-exec-status: {e}: {reply}"));
-            let r = j
-                .get("return")
-                .unwrap_or_else(|| panic!("guest-exec-status: {reply}"));
-            if r.get("exited").and_then(Json::as_bool) == Some(true) {
-                for flag in ["out-truncated", "err-truncated"] {
-                    if r.get(flag).and_then(Json::as_bool) == Some(true) {
-                        panic!("guest-exec {argv:?}: output truncated by the agent ({flag})");
-                    }
-                }
-                let code = match (r.get("exitcode"), r.get("signal")) {
-                    (Some(c), _) => c.as_i64().unwrap_or(-1) as i32,
-                    (None, Some(sig)) => 128 + sig.as_i64().unwrap_or(0) as i32,
-                    _ => -1,
-                };
-                let data = |k: &str| {
-                    r.get(k)
-                        .and_then(Json::as_str)
-                        .map(|b| String::from_utf8_lossy(&b64_decode(b)).into_owned())
-                        .unwrap_or_default()
-                };
-                return (code, data("out-data"), data("err-data"));
+            let r = self.call("guest-exec-status", json!({ "pid": pid }));
+            if let Some(done) =
+                exec_status(&r).unwrap_or_else(|e| panic!("guest-exec {argv:?}: {e}"))
+            {
+                return done;
             }
             if start.elapsed() > timeout {
                 panic!(
@@ -641,75 +575,47 @@ impl Guest {
 
     /// Writes a file in the guest through guest-file-open/write/close.
     pub fn write_file(&self, path: &str, data: &[u8]) {
-        let open = format!(
-            r#"{{"execute":"guest-file-open","arguments":{{"path":{},"mode":"w"}}}}"#,
-            json_str(path)
-        );
-        let h = self.file_handle(&open);
+        let h = self.file_handle(path, "w");
         // One argv word stays below the kernel's 128 KiB limit.
         for chunk in data.chunks(48 * 1024) {
-            self.agent(&format!(
-                r#"{{"execute":"guest-file-write","arguments":{{"handle":{h},"buf-b64":"{}"}}}}"#,
-                b64_encode(chunk)
-            ));
+            self.call(
+                "guest-file-write",
+                json!({ "handle": h, "buf-b64": BASE64.encode(chunk) }),
+            );
         }
-        self.agent(&format!(
-            r#"{{"execute":"guest-file-close","arguments":{{"handle":{h}}}}}"#
-        ));
+        self.call("guest-file-close", json!({ "handle": h }));
     }
 
     /// Reads a whole file from the guest through guest-file-open/read/close.
     pub fn read_file(&self, path: &str) -> Vec<u8> {
-        let open = format!(
-            r#"{{"execute":"guest-file-open","arguments":{{"path":{},"mode":"r"}}}}"#,
-            json_str(path)
-        );
-        let h = self.file_handle(&open);
+        let h = self.file_handle(path, "r");
         let mut out = Vec::new();
         loop {
-            let reply = self.agent(&format!(
-                r#"{{"execute":"guest-file-read","arguments":{{"handle":{h},"count":1048576}}}}"#
-            ));
-            let j = Json::parse(&reply).unwrap_or_else(|e| panic!("guest-file-read: {e}: {reply}"));
-            let r = j
-                .get("return")
-                .unwrap_or_else(|| panic!("guest-file-read: {reply}"));
-            out.extend(b64_decode(
-                r.get("buf-b64").and_then(Json::as_str).unwrap_or(""),
-            ));
-            if r.get("eof").and_then(Json::as_bool) != Some(false) {
+            let r = self.call("guest-file-read", json!({ "handle": h, "count": 1048576 }));
+            out.extend(
+                agent_data(r["buf-b64"].as_str().unwrap_or(""))
+                    .unwrap_or_else(|e| panic!("guest-file-read {path}: {e}")),
+            );
+            if r["eof"] != false {
                 break;
             }
         }
-        self.agent(&format!(
-            r#"{{"execute":"guest-file-close","arguments":{{"handle":{h}}}}}"#
-        ));
+        self.call("guest-file-close", json!({ "handle": h }));
         out
     }
 
-    fn file_handle(&self, open: &str) -> i64 {
-        let reply = self.agent(open);
-        Json::parse(&reply)
-            .ok()
-            .and_then(|j| j.get("return")?.as_i64())
-            .unwrap_or_else(|| panic!("{open}: unexpected reply {reply}"))
+    fn file_handle(&self, path: &str, mode: &str) -> i64 {
+        self.call("guest-file-open", json!({ "path": path, "mode": mode }))
+            .as_i64()
+            .unwrap_or_else(|| panic!("guest-file-open {path}: no handle in the reply"))
     }
 
     /// Graceful shutdown through the guest agent (`virsh shutdown --mode agent`; guest-shutdown
     /// sends no reply), then polls the state until `shut off`. Returns how long it took.
     pub fn shutdown(&self, timeout: Duration) -> Duration {
-        self.shutdown_mode("agent", timeout)
-    }
-    /// Graceful shutdown by an ACPI power button press. Send it only after
-    /// [`Guest::wait_booted`]: an early one is lost.
-    pub fn shutdown_acpi(&self, timeout: Duration) -> Duration {
-        self.shutdown_mode("acpi", timeout)
-    }
-
-    fn shutdown_mode(&self, mode: &str, timeout: Duration) -> Duration {
         let start = Instant::now();
-        virsh(&["shutdown", "--mode", mode, &self.name])
-            .unwrap_or_else(|e| panic!("{mode} shutdown of {}: {e}", self.name));
+        virsh(&["shutdown", "--mode", "agent", &self.name])
+            .unwrap_or_else(|e| panic!("agent shutdown of {}: {e}", self.name));
         self.wait_state("shut off", timeout.saturating_sub(start.elapsed()));
         start.elapsed()
     }
@@ -798,6 +704,13 @@ pub fn virsh(args: &[&str]) -> Result<String, String> {
 /// Runs `qemu-img ARGS`; stdout, or an error holding the command and stderr.
 pub fn qemu_img(args: &[&str]) -> Result<String, String> {
     run("qemu-img", args)
+}
+
+/// Creates `overlay`, a qcow2 whose backing file is the qcow2 `backing`. Panics on failure.
+pub fn qcow2_overlay(backing: &Path, overlay: &Path) {
+    let (b, o) = (s(backing), s(overlay));
+    qemu_img(&["create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", &b, &o])
+        .unwrap_or_else(|e| panic!("{e}"));
 }
 
 /// Runs a program; stdout on exit 0, else an error naming the command, status and stderr.
@@ -917,269 +830,46 @@ fn esc(v: &str) -> String {
         .replace('"', "&quot;")
 }
 
-/// A JSON string literal.
-pub fn json_str(v: &str) -> String {
-    let mut o = String::with_capacity(v.len() + 2);
-    o.push('"');
-    for c in v.chars() {
-        match c {
-            '"' => o.push_str("\\\""),
-            '\\' => o.push_str("\\\\"),
-            '\n' => o.push_str("\\n"),
-            '\r' => o.push_str("\\r"),
-            '\t' => o.push_str("\\t"),
-            c if (c as u32) < 0x20 => {
-                let _ = write!(o, "\\u{:04x}", c as u32);
-            }
-            c => o.push(c),
-        }
-    }
-    o.push('"');
-    o
+/// A guest agent command with arguments, as `virsh qemu-agent-command` takes it.
+pub fn agent_command(execute: &str, arguments: Value) -> String {
+    json!({ "execute": execute, "arguments": arguments }).to_string()
 }
 
-const B64: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-
-/// Standard base64 with padding.
-pub fn b64_encode(data: &[u8]) -> String {
-    let mut o = String::with_capacity(data.len().div_ceil(3) * 4);
-    for c in data.chunks(3) {
-        let n = (u32::from(c[0]) << 16)
-            | (u32::from(*c.get(1).unwrap_or(&0)) << 8)
-            | u32::from(*c.get(2).unwrap_or(&0));
-        for i in 0..4 {
-            if i <= c.len() {
-                o.push(B64[(n >> (18 - 6 * i) & 63) as usize] as char);
-            } else {
-                o.push('=');
-            }
-        }
-    }
-    o
-}
-
-/// Decodes standard base64; padding, whitespace and unknown characters are skipped.
-pub fn b64_decode(text: &str) -> Vec<u8> {
-    let mut o = Vec::with_capacity(text.len() / 4 * 3);
-    let (mut acc, mut bits) = (0u32, 0u32);
-    for b in text.bytes() {
-        let Some(v) = B64.iter().position(|&x| x == b) else {
-            continue;
-        };
-        acc = (acc << 6) | v as u32;
-        bits += 6;
-        if bits >= 8 {
-            bits -= 8;
-            o.push((acc >> bits) as u8);
-            acc &= (1 << bits) - 1;
-        }
-    }
-    o
-}
-
-/// A parsed JSON value (enough for guest agent replies).
-#[derive(Debug, Clone, PartialEq)]
-pub enum Json {
-    Null,
-    Bool(bool),
-    Num(f64),
-    Str(String),
-    Arr(Vec<Json>),
-    Obj(Vec<(String, Json)>),
-}
-
-impl Json {
-    /// Parses a whole JSON document.
-    pub fn parse(text: &str) -> Result<Json, String> {
-        let mut p = JsonParser {
-            b: text.as_bytes(),
-            i: 0,
-        };
-        let v = p.value()?;
-        p.ws();
-        if p.i != p.b.len() {
-            return Err(format!("trailing data at byte {}", p.i));
-        }
-        Ok(v)
-    }
-    /// A member of an object.
-    pub fn get(&self, key: &str) -> Option<&Json> {
-        match self {
-            Json::Obj(m) => m.iter().find(|(k, _)| k == key).map(|(_, v)| v),
-            _ => None,
-        }
-    }
-    pub fn as_str(&self) -> Option<&str> {
-        match self {
-            Json::Str(s) => Some(s),
-            _ => None,
-        }
-    }
-    pub fn as_i64(&self) -> Option<i64> {
-        match self {
-            Json::Num(n) if n.fract() == 0.0 => Some(*n as i64),
-            _ => None,
-        }
-    }
-    pub fn as_bool(&self) -> Option<bool> {
-        match self {
-            Json::Bool(b) => Some(*b),
-            _ => None,
-        }
-    }
-    pub fn as_array(&self) -> Option<&[Json]> {
-        match self {
-            Json::Arr(a) => Some(a),
-            _ => None,
-        }
+/// The `return` member of a guest agent reply, or why there is none.
+pub fn agent_return(reply: &str) -> Result<Value, String> {
+    let mut j: Value = serde_json::from_str(reply).map_err(|e| format!("{e}: {reply}"))?;
+    match j.get_mut("return") {
+        Some(r) => Ok(r.take()),
+        None => Err(format!("no \"return\" in {reply}")),
     }
 }
 
-struct JsonParser<'a> {
-    b: &'a [u8],
-    i: usize,
+/// What a `guest-exec-status` return says: `None` while the program runs, else its exit code
+/// (128 + signal when killed by one), stdout and stderr. Output the agent truncated is an error.
+pub fn exec_status(r: &Value) -> Result<Option<ExecResult>, String> {
+    if r["exited"] != true {
+        return Ok(None);
+    }
+    for flag in ["out-truncated", "err-truncated"] {
+        if r[flag] == true {
+            return Err(format!("output truncated by the agent ({flag})"));
+        }
+    }
+    let code = match (r.get("exitcode"), r.get("signal")) {
+        (Some(c), _) => c.as_i64().unwrap_or(-1) as i32,
+        (None, Some(sig)) => 128 + sig.as_i64().unwrap_or(0) as i32,
+        _ => -1,
+    };
+    let data = |k: &str| -> Result<String, String> {
+        let bytes = agent_data(r[k].as_str().unwrap_or(""))?;
+        Ok(String::from_utf8_lossy(&bytes).into_owned())
+    };
+    Ok(Some((code, data("out-data")?, data("err-data")?)))
 }
 
-impl JsonParser<'_> {
-    fn ws(&mut self) {
-        while self.i < self.b.len() && self.b[self.i].is_ascii_whitespace() {
-            self.i += 1;
-        }
-    }
-    fn eat(&mut self, c: u8) -> Result<(), String> {
-        self.ws();
-        if self.b.get(self.i) == Some(&c) {
-            self.i += 1;
-            Ok(())
-        } else {
-            Err(format!("expected '{}' at byte {}", c as char, self.i))
-        }
-    }
-    fn lit(&mut self, word: &str, v: Json) -> Result<Json, String> {
-        if self.b[self.i..].starts_with(word.as_bytes()) {
-            self.i += word.len();
-            Ok(v)
-        } else {
-            Err(format!("bad literal at byte {}", self.i))
-        }
-    }
-    fn value(&mut self) -> Result<Json, String> {
-        self.ws();
-        match self.b.get(self.i) {
-            None => Err("unexpected end".into()),
-            Some(b'{') => {
-                self.i += 1;
-                let mut m = Vec::new();
-                self.ws();
-                if self.b.get(self.i) == Some(&b'}') {
-                    self.i += 1;
-                    return Ok(Json::Obj(m));
-                }
-                loop {
-                    self.ws();
-                    let k = self.string()?;
-                    self.eat(b':')?;
-                    m.push((k, self.value()?));
-                    self.ws();
-                    match self.b.get(self.i) {
-                        Some(b',') => self.i += 1,
-                        Some(b'}') => {
-                            self.i += 1;
-                            return Ok(Json::Obj(m));
-                        }
-                        _ => return Err(format!("expected ',' or '}}' at byte {}", self.i)),
-                    }
-                }
-            }
-            Some(b'[') => {
-                self.i += 1;
-                let mut a = Vec::new();
-                self.ws();
-                if self.b.get(self.i) == Some(&b']') {
-                    self.i += 1;
-                    return Ok(Json::Arr(a));
-                }
-                loop {
-                    a.push(self.value()?);
-                    self.ws();
-                    match self.b.get(self.i) {
-                        Some(b',') => self.i += 1,
-                        Some(b']') => {
-                            self.i += 1;
-                            return Ok(Json::Arr(a));
-                        }
-                        _ => return Err(format!("expected ',' or ']' at byte {}", self.i)),
-                    }
-                }
-            }
-            Some(b'"') => Ok(Json::Str(self.string()?)),
-            Some(b't') => self.lit("true", Json::Bool(true)),
-            Some(b'f') => self.lit("false", Json::Bool(false)),
-            Some(b'n') => self.lit("null", Json::Null),
-            Some(_) => {
-                let start = self.i;
-                while self.i < self.b.len()
-                    && matches!(
-                        self.b[self.i],
-                        b'0'..=b'9' | b'-' | b'+' | b'.' | b'e' | b'E'
-                    )
-                {
-                    self.i += 1;
-                }
-                std::str::from_utf8(&self.b[start..self.i])
-                    .ok()
-                    .and_then(|t| t.parse().ok())
-                    .map(Json::Num)
-                    .ok_or_else(|| format!("bad number at byte {start}"))
-            }
-        }
-    }
-    fn hex4(&mut self) -> Result<u32, String> {
-        let h = self.b.get(self.i..self.i + 4).ok_or("short \\u escape")?;
-        self.i += 4;
-        u32::from_str_radix(std::str::from_utf8(h).map_err(|e| e.to_string())?, 16)
-            .map_err(|e| e.to_string())
-    }
-    fn string(&mut self) -> Result<String, String> {
-        if self.b.get(self.i) != Some(&b'"') {
-            return Err(format!("expected a string at byte {}", self.i));
-        }
-        self.i += 1;
-        let mut o: Vec<u8> = Vec::new();
-        loop {
-            let c = *self.b.get(self.i).ok_or("unterminated string")?;
-            self.i += 1;
-            match c {
-                b'"' => return String::from_utf8(o).map_err(|e| e.to_string()),
-                b'\\' => {
-                    let e = *self.b.get(self.i).ok_or("unterminated escape")?;
-                    self.i += 1;
-                    let ch = match e {
-                        b'n' => '\n',
-                        b't' => '\t',
-                        b'r' => '\r',
-                        b'b' => '\u{8}',
-                        b'f' => '\u{c}',
-                        b'u' => {
-                            let mut cp = self.hex4()?;
-                            if (0xD800..0xDC00).contains(&cp)
-                                && self.b[self.i..].starts_with(b"\\u")
-                            {
-                                self.i += 2;
-                                let lo = self.hex4()?;
-                                cp = 0x10000
-                                    + ((cp - 0xD800) << 10)
-                                    + (lo.wrapping_sub(0xDC00) & 0x3FF);
-                            }
-                            char::from_u32(cp).unwrap_or('\u{FFFD}')
-                        }
-                        other => other as char,
-                    };
-                    let mut buf = [0u8; 4];
-                    o.extend_from_slice(ch.encode_utf8(&mut buf).as_bytes());
-                }
-                c => o.push(c),
-            }
-        }
-    }
+/// A base64 payload of the guest agent (`out-data`, `buf-b64`, ...), decoded.
+pub fn agent_data(b64: &str) -> Result<Vec<u8>, String> {
+    BASE64
+        .decode(b64)
+        .map_err(|e| format!("bad base64 from the guest agent ({e}): {b64:?}"))
 }

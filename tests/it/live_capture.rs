@@ -3,14 +3,12 @@
 //! and the safety nets: no agent, a hung agent during the freeze, a daemon killed with a guest
 //! frozen.
 
-mod common;
-
 use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::daemon::{run, Daemon, DaemonOptions};
-use common::lab::{Guest, Lab};
+use crate::support::daemon::{get_op, run, state, Daemon, DaemonOptions};
+use crate::support::lab::{Guest, Lab};
 use imaged::proto;
 use tonic::Code;
 
@@ -21,10 +19,6 @@ fn req(domain: &str, name: &str, mode: proto::CaptureMode) -> proto::CaptureRequ
         mode: mode as i32,
         ..Default::default()
     }
-}
-
-fn state(op: &proto::Operation) -> proto::OperationState {
-    proto::OperationState::try_from(op.state).unwrap()
 }
 
 fn fsfreeze_status(g: &Guest) -> String {
@@ -77,12 +71,7 @@ async fn quiesce_crash_consistent_and_shutdown_captures_of_a_running_guest() {
         .expect("quiesce accepted")
         .into_inner();
     let op = d.wait_op(&op.id).await;
-    assert_eq!(
-        state(&op),
-        proto::OperationState::Active,
-        "{op:?}\n{}",
-        d.log_text()
-    );
+    d.assert_active(&op);
     assert_eq!(op.consistency, "quiesced");
     assert!(
         op.freeze_window_ms > 0 && op.freeze_window_ms < 10_000,
@@ -93,17 +82,7 @@ async fn quiesce_crash_consistent_and_shutdown_captures_of_a_running_guest() {
     assert!(fsfreeze_status(&g).contains("thawed"), "guest left frozen");
     assert!(d.imagectl_json(&["image", "live-q"])["consistency"] == "quiesced");
     let raw = d.dir.path().join("live-q.raw");
-    assert_eq!(
-        d.imagectl_json(&[
-            "export",
-            "live-q",
-            "--format",
-            "raw",
-            "-o",
-            raw.to_str().unwrap()
-        ])["state"],
-        "active"
-    );
+    d.imagectl_export("live-q", "raw", &raw);
     let (code, out) = fsck(&raw);
     assert_eq!(
         code, 0,
@@ -143,27 +122,12 @@ async fn quiesce_crash_consistent_and_shutdown_captures_of_a_running_guest() {
     r.restart = true;
     let op = images.capture(r).await.unwrap().into_inner();
     let op = d.wait_op(&op.id).await;
-    assert_eq!(
-        state(&op),
-        proto::OperationState::Active,
-        "{op:?}\n{}",
-        d.log_text()
-    );
+    d.assert_active(&op);
     assert_eq!(op.consistency, "cold");
     assert_eq!(g.state(), "running", "restart was asked");
     g.wait_agent(Duration::from_secs(180));
     let raw = d.dir.path().join("live-s.raw");
-    assert_eq!(
-        d.imagectl_json(&[
-            "export",
-            "live-s",
-            "--format",
-            "raw",
-            "-o",
-            raw.to_str().unwrap()
-        ])["state"],
-        "active"
-    );
+    d.imagectl_export("live-s", "raw", &raw);
     let (code, out) = fsck(&raw);
     assert_eq!(
         code, 0,
@@ -377,11 +341,7 @@ async fn a_guest_is_never_left_frozen() {
         .into_inner();
     let mut ops = d.ops().await;
     loop {
-        let o = ops
-            .get_operation(proto::GetOperationRequest { id: op.id.clone() })
-            .await
-            .unwrap()
-            .into_inner();
+        let o = get_op(&mut ops, &op.id).await;
         if state(&o) == proto::OperationState::Saving {
             break;
         }
@@ -463,11 +423,7 @@ async fn a_guest_is_never_left_frozen() {
         .unwrap()
         .into_inner();
     loop {
-        let o = ops
-            .get_operation(proto::GetOperationRequest { id: op.id.clone() })
-            .await
-            .unwrap()
-            .into_inner();
+        let o = get_op(&mut ops, &op.id).await;
         if state(&o) == proto::OperationState::Saving {
             break;
         }

@@ -3,10 +3,8 @@
 //! than any fixed column width: every row's cells start at the offsets of the header's words
 //! (right-aligned columns end where their header ends), whatever the values' lengths.
 
-mod common;
-
-use common::daemon::{run, Daemon};
-use common::lab::Lab;
+use crate::support::daemon::{run, Daemon};
+use crate::support::lab::Lab;
 
 /// Offsets where the header's words start.
 fn header_offsets(header: &str) -> Vec<usize> {

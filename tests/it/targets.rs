@@ -1,23 +1,22 @@
 //! The Glance and S3 stream targets against real servers: Debian's glance-api (standalone,
 //! trusted-headers auth), a real Keystone with a second glance-api that validates its tokens,
 //! and s3s-fs, all started by `tests/servers/*.sh` (installed on first use; see
-//! `common::servers`). The bytes come from a seeded generator (position-addressable,
+//! `support::servers`). The bytes come from a seeded generator (position-addressable,
 //! so any range can be recomputed), not from a disk, so these tests do not depend on the
 //! capture pipeline. Faults are injected by a TCP proxy (`CutProxy`) that cuts, stalls or
 //! rejects requests, and, for Glance, by stopping the real server mid-upload.
 //!
 //! Tests of one server run in parallel; the ones that stop Glance or inspect s3s-fs's on-disk
-//! upload state take that server's lock exclusively.
-
-mod common;
+//! upload state take that server's lock (`support::servers`, shared with the other modules'
+//! tests of these servers) exclusively.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::support::servers::{CutProxy, Fault, Glance, Keystone, GLANCE_LOCK, S3, S3_LOCK};
 use bytes::Bytes;
-use common::servers::{CutProxy, Fault, Glance, Keystone, S3};
 use imaged::error::{Error, ErrorKind};
 use imaged::upload::glance::{Glance as GlanceTarget, GlanceAuth, GlanceConfig};
 use imaged::upload::s3::{S3Config, S3 as S3Target};
@@ -25,12 +24,8 @@ use imaged::upload::{ByteStream, StreamTarget, UploadMeta};
 use rusty_s3::S3Action;
 use serde_json::Value;
 use sha2::{Digest, Sha256, Sha512};
-use tokio::sync::RwLock;
 
 const MIB: u64 = 1 << 20;
-
-static GLANCE_LOCK: RwLock<()> = RwLock::const_new(());
-static S3_LOCK: RwLock<()> = RwLock::const_new(());
 
 // ---------------------------------------------------------------------------------------------
 // The synthetic image: byte p of stream `seed` is byte p%8 of splitmix64(seed, p/8).
@@ -540,7 +535,7 @@ async fn glance_killed_mid_upload_image_deleted_once_glance_is_back() {
         .nth(1)
         .map(|rest| rest.chars().take(36).collect::<String>())
         .expect("the error names the image");
-    let partial = std::path::Path::new(common::servers::STATE_DIR)
+    let partial = std::path::Path::new(crate::support::servers::STATE_DIR)
         .join("glance/images")
         .join(&id);
     if let Ok(md) = std::fs::metadata(&partial) {
@@ -765,21 +760,8 @@ fn s3_cfg(endpoint: &str) -> S3Config {
     cfg
 }
 
-fn s3_client() -> (rusty_s3::Bucket, rusty_s3::Credentials) {
-    let s = S3::get();
-    let bucket = rusty_s3::Bucket::new(
-        s.endpoint.parse().unwrap(),
-        rusty_s3::UrlStyle::Path,
-        s.bucket.clone(),
-        "us-east-1",
-    )
-    .unwrap();
-    let creds = rusty_s3::Credentials::new(s.access_key.clone(), s.secret_key.clone());
-    (bucket, creds)
-}
-
 async fn s3_get(key: &str, range: Option<(u64, u64)>) -> reqwest::Response {
-    let (bucket, creds) = s3_client();
+    let (bucket, creds) = S3::get().client();
     let url = bucket
         .get_object(Some(&creds), key)
         .sign(Duration::from_secs(300));
@@ -791,7 +773,7 @@ async fn s3_get(key: &str, range: Option<(u64, u64)>) -> reqwest::Response {
 }
 
 async fn s3_head(key: &str) -> Option<reqwest::header::HeaderMap> {
-    let (bucket, creds) = s3_client();
+    let (bucket, creds) = S3::get().client();
     let url = bucket
         .head_object(Some(&creds), key)
         .sign(Duration::from_secs(300));
@@ -801,7 +783,7 @@ async fn s3_head(key: &str) -> Option<reqwest::header::HeaderMap> {
 
 /// Removes a test object and its companion once they were checked.
 async fn s3_delete(key: &str) {
-    let (bucket, creds) = s3_client();
+    let (bucket, creds) = S3::get().client();
     for k in [key.to_string(), format!("{key}.sha256")] {
         let url = bucket
             .delete_object(Some(&creds), &k)

@@ -9,13 +9,11 @@
 //! Needs python3 with grpcio, grpcio-tools and grpcio-reflection (scripts/install-python-deps.sh)
 //! and, for the first test, the libvirt lab (a guest is defined, never started).
 
-mod common;
-
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use common::daemon::{run, Daemon};
-use common::lab::Lab;
+use crate::support::daemon::{run, stdout_json, Daemon, SERVICES};
+use crate::support::lab::Lab;
 use imaged::proto;
 
 /// Panics, naming the fix, unless python3 can import grpcio, grpcio-tools, grpcio-reflection.
@@ -64,20 +62,7 @@ fn client(stubs: &Path, socket: &Path, args: &[&str]) -> serde_json::Value {
         .args(args)
         .output()
         .expect("running python3");
-    assert!(
-        out.status.success(),
-        "{} {args:?} failed ({}):\n{}{}",
-        script.display(),
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
-        panic!(
-            "client.py printed no JSON ({e}): {}",
-            String::from_utf8_lossy(&out.stdout)
-        )
-    })
+    stdout_json(&format!("{} {args:?}", script.display()), &out)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -149,12 +134,7 @@ async fn python_grpcio_client_with_default_authority() {
     assert_eq!(out["image"]["content_digest"], img.content_digest, "{out}");
 
     let services = out["reflection_v1alpha"].as_array().unwrap();
-    for want in [
-        "imaged.v1.ImageService",
-        "imaged.v1.DomainService",
-        "imaged.v1.OperationService",
-        "grpc.health.v1.Health",
-    ] {
+    for want in SERVICES {
         assert!(
             services.iter().any(|s| s == want),
             "{want} not listed by v1alpha reflection: {out}"

@@ -5,19 +5,13 @@
 //! finds the file. Then the refusals: unknown, running and diskless domains, a missing disk
 //! file, a domain another operation holds, and the domain kept from starting mid-read.
 
-mod common;
-
 use std::path::Path;
 use std::time::Duration;
 
-use common::daemon::{assert_identical, assert_qcow2_clean, Daemon};
-use common::lab::{virsh, Lab, SystemDisk};
+use crate::support::daemon::{assert_identical, assert_qcow2_clean, state, Daemon};
+use crate::support::lab::{virsh, Lab, SystemDisk};
 use imaged::proto;
 use tonic::Code;
-
-fn state(op: &proto::Operation) -> proto::OperationState {
-    proto::OperationState::try_from(op.state).unwrap()
-}
 
 fn capture_req(domain: &str, name: &str) -> proto::CaptureRequest {
     proto::CaptureRequest {
@@ -79,12 +73,7 @@ async fn cold_capture_of_a_real_guest_round_trips_and_boots() {
         err.message()
     );
     let op = d.wait_op(&op.id).await;
-    assert_eq!(
-        state(&op),
-        proto::OperationState::Active,
-        "{op:?}\n{}",
-        d.log_text()
-    );
+    d.assert_active(&op);
     let p = op.progress.unwrap();
     assert_eq!(p.bytes_total, 2 << 30);
     assert!(
@@ -110,40 +99,14 @@ async fn cold_capture_of_a_real_guest_round_trips_and_boots() {
     // Exports compare identical to the guest's disk (read through its backing chain).
     let q = d.dir.path().join("first.qcow2");
     let r = d.dir.path().join("first.raw");
-    assert_eq!(
-        d.imagectl_json(&[
-            "export",
-            "first",
-            "--format",
-            "qcow2",
-            "-o",
-            q.to_str().unwrap()
-        ])["state"],
-        "active"
-    );
-    assert_eq!(
-        d.imagectl_json(&[
-            "export",
-            "first",
-            "--format",
-            "raw",
-            "-o",
-            r.to_str().unwrap()
-        ])["state"],
-        "active"
-    );
+    d.imagectl_export("first", "qcow2", &q);
+    d.imagectl_export("first", "raw", &r);
     assert_qcow2_clean(&q);
     assert_identical(guest.disk_path(), "qcow2", &q, "qcow2");
     assert_identical(guest.disk_path(), "qcow2", &r, "raw");
 
     // A domain booted from the exported qcow2 reaches its guest agent and has the file.
-    let clone = lab
-        .guest("from-image")
-        .system_disk(SystemDisk::Qcow2)
-        .create();
-    std::fs::copy(&q, clone.disk_path()).unwrap();
-    clone.start();
-    clone.wait_agent(Duration::from_secs(180));
+    let clone = lab.boot_from("from-image", &q);
     let marker = clone.exec_ok(&["cat", "/root/marker"]);
     assert_eq!(marker.trim(), "captured-by-imaged");
     clone.destroy();

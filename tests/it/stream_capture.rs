@@ -2,17 +2,17 @@
 //! file, a real Glance and a real S3 server, with no temp copy on the agent's host; the bytes
 //! that land there compare identical to the guest's disk.
 
-mod common;
-
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::daemon::{assert_identical, assert_qcow2_clean, run, Daemon, DaemonOptions};
-use common::lab::Lab;
-use common::servers::{Glance, S3};
+use crate::support::daemon::{
+    assert_identical, assert_qcow2_clean, mode_of, run, Daemon, DaemonOptions,
+};
+use crate::support::lab::Lab;
+use crate::support::servers::{Glance, GLANCE_LOCK, S3, S3_LOCK};
 use imaged::proto;
 use tonic::Code;
 
@@ -68,15 +68,7 @@ async fn download(url: String, headers: BTreeMap<String, String>, to: &Path) {
 
 /// A presigned URL to GET (or, with `delete`, DELETE) an object of the test bucket.
 fn s3_signed(key: &str, delete: bool) -> String {
-    let s = S3::get();
-    let bucket = rusty_s3::Bucket::new(
-        s.endpoint.parse().unwrap(),
-        rusty_s3::UrlStyle::Path,
-        s.bucket.clone(),
-        "us-east-1",
-    )
-    .unwrap();
-    let creds = rusty_s3::Credentials::new(s.access_key.clone(), s.secret_key.clone());
+    let (bucket, creds) = S3::get().client();
     use rusty_s3::S3Action;
     let expiry = Duration::from_secs(300);
     if delete {
@@ -142,6 +134,8 @@ fn watch_open_files(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_real_guest_streams_into_a_file_glance_and_s3() {
+    // Glance must stay up, and our uploads must not show in a targets test on s3s-fs's disk.
+    let (_g, _s) = (GLANCE_LOCK.read().await, S3_LOCK.read().await);
     let lab = Lab::get();
     let guest = lab.guest("stream").create();
     let d = Daemon::start_with(DaemonOptions {
@@ -168,12 +162,7 @@ async fn a_real_guest_streams_into_a_file_glance_and_s3() {
             .expect("file capture")
             .into_inner();
         let op = d.wait_op(&op.id).await;
-        assert_eq!(
-            op.state,
-            proto::OperationState::Active as i32,
-            "{op:?}\n{}",
-            d.log_text()
-        );
+        d.assert_active(&op);
         assert_eq!(op.location, out.to_str().unwrap());
         if fmt == "qcow2" {
             assert_qcow2_clean(&out);
@@ -203,12 +192,7 @@ async fn a_real_guest_streams_into_a_file_glance_and_s3() {
         let op = d.wait_op(&op.id).await;
         stop.store(true, Ordering::SeqCst);
         let files = watcher.join().unwrap();
-        assert_eq!(
-            op.state,
-            proto::OperationState::Active as i32,
-            "{op:?}\n{}",
-            d.log_text()
-        );
+        d.assert_active(&op);
         let largest = largest.load(Ordering::SeqCst);
         assert!(
             largest < 1 << 20,
@@ -261,12 +245,7 @@ async fn a_real_guest_streams_into_a_file_glance_and_s3() {
             .expect("s3 capture")
             .into_inner();
         let op = d.wait_op(&op.id).await;
-        assert_eq!(
-            op.state,
-            proto::OperationState::Active as i32,
-            "{op:?}\n{}",
-            d.log_text()
-        );
+        d.assert_active(&op);
         let key = op
             .location
             .split_once(&format!("{}/", S3::get().bucket))
@@ -328,6 +307,8 @@ async fn a_real_guest_streams_into_a_file_glance_and_s3() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_targets_are_refused_before_any_byte_is_read() {
+    // Glance must stay up, and our uploads must not show in a targets test on s3s-fs's disk.
+    let (_g, _s) = (GLANCE_LOCK.read().await, S3_LOCK.read().await);
     let lab = Lab::get();
     let guest = lab.guest("badtarget").create();
     let d = Daemon::start_with(DaemonOptions {
@@ -399,15 +380,6 @@ fn file_target(path: &Path, overwrite: bool) -> proto::target::Kind {
     })
 }
 
-/// The permission bits of `p`, in octal like `0600`.
-fn mode_of(p: &Path) -> String {
-    use std::os::unix::fs::PermissionsExt;
-    format!(
-        "{:04o}",
-        std::fs::symlink_metadata(p).unwrap().permissions().mode() & 0o7777
-    )
-}
-
 /// Issue 11, item 9: a capture into a file makes a file only root can read (or the configured
 /// mode), and never writes through a symbolic link in the path or at the name.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -439,12 +411,7 @@ async fn file_target_is_private_and_never_written_through_links() {
             .expect("file capture")
             .into_inner();
         let op = d.wait_op(&op.id).await;
-        assert_eq!(
-            op.state,
-            proto::OperationState::Active as i32,
-            "{op:?}\n{}",
-            d.log_text()
-        );
+        d.assert_active(&op);
         assert_eq!(mode_of(&out), want, "{mode_toml:?}");
         assert_identical(&disk, "qcow2", &out, "raw");
     }

@@ -13,18 +13,27 @@
 //! stays open), or a cut / an HTTP error answer for requests whose head contains a marker (an S3
 //! part number). It runs on its own thread and runtime, so it works under any test runtime,
 //! and stops when dropped.
-
-#![allow(dead_code)]
+//!
+//! The servers are shared by every test of the binary, whatever its module: a test that uses
+//! Glance or S3 holds [`GLANCE_LOCK`] or [`S3_LOCK`] shared, and a test that stops Glance or
+//! asserts on s3s-fs's on-disk upload state (which any upload changes) holds it exclusively.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::RwLock;
+
+/// The standalone Glance ([`Glance`]): shared by its users, exclusive for a test that stops it.
+pub static GLANCE_LOCK: RwLock<()> = RwLock::const_new(());
+/// The S3 server ([`S3`]): shared by its users, exclusive for a test that asserts on the
+/// uploads s3s-fs holds on disk ([`S3::uploads_on_disk`]).
+pub static S3_LOCK: RwLock<()> = RwLock::const_new(());
 
 /// Where the scripts keep state.
 pub const STATE_DIR: &str = "/var/lib/imaged-test-servers";
@@ -207,6 +216,19 @@ impl S3 {
         out
     }
 
+    /// The bucket (path style) and credentials, to sign requests of our own.
+    pub fn client(&self) -> (rusty_s3::Bucket, rusty_s3::Credentials) {
+        let bucket = rusty_s3::Bucket::new(
+            self.endpoint.parse().unwrap(),
+            rusty_s3::UrlStyle::Path,
+            self.bucket.clone(),
+            "us-east-1",
+        )
+        .unwrap();
+        let creds = rusty_s3::Credentials::new(self.access_key.clone(), self.secret_key.clone());
+        (bucket, creds)
+    }
+
     /// The path of an object in the bucket.
     pub fn object_path(&self, key: &str) -> PathBuf {
         self.data_dir.join(&self.bucket).join(key)
@@ -216,8 +238,6 @@ impl S3 {
 /// What a [`CutProxy`] does to the traffic.
 #[derive(Debug, Clone)]
 pub enum Fault {
-    /// Forward everything.
-    None,
     /// The first `times` connections that carry more than `bytes` bytes from the client are cut
     /// (both sides closed) at that point; later ones are forwarded.
     CutAfter { bytes: u64, times: usize },
@@ -234,7 +254,6 @@ pub enum Fault {
 pub struct CutProxy {
     pub addr: SocketAddr,
     hits: Arc<AtomicUsize>,
-    forwarded: Arc<AtomicU64>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
@@ -251,13 +270,11 @@ impl CutProxy {
         std_listener.set_nonblocking(true).expect("nonblocking");
         let addr = std_listener.local_addr().expect("proxy addr");
         let hits = Arc::new(AtomicUsize::new(0));
-        let forwarded = Arc::new(AtomicU64::new(0));
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let state = Arc::new(ProxyState {
             upstream,
             fault,
             hits: hits.clone(),
-            forwarded: forwarded.clone(),
             remaining: AtomicUsize::new(0),
         });
         if let Fault::CutAfter { times, .. } | Fault::StallAfter { times, .. } = &state.fault {
@@ -291,7 +308,6 @@ impl CutProxy {
         CutProxy {
             addr,
             hits,
-            forwarded,
             stop: Some(stop_tx),
             thread: Some(thread),
         }
@@ -305,11 +321,6 @@ impl CutProxy {
     /// How many times the fault was applied.
     pub fn hits(&self) -> usize {
         self.hits.load(Ordering::SeqCst)
-    }
-
-    /// Bytes forwarded from clients to the server.
-    pub fn forwarded(&self) -> u64 {
-        self.forwarded.load(Ordering::SeqCst)
     }
 }
 
@@ -328,7 +339,6 @@ struct ProxyState {
     upstream: SocketAddr,
     fault: Fault,
     hits: Arc<AtomicUsize>,
-    forwarded: Arc<AtomicU64>,
     remaining: AtomicUsize,
 }
 
@@ -363,12 +373,10 @@ impl ProxyState {
                 }
                 let data = &buf[..n];
                 match &self.fault {
-                    Fault::None => {}
                     Fault::CutAfter { bytes, .. } | Fault::StallAfter { bytes, .. } => {
                         if seen <= *bytes && seen + n as u64 > *bytes && self.take_turn() {
                             let keep = (*bytes - seen) as usize;
                             sw.write_all(&data[..keep]).await?;
-                            self.forwarded.fetch_add(keep as u64, Ordering::SeqCst);
                             self.hits.fetch_add(1, Ordering::SeqCst);
                             return Ok(if matches!(self.fault, Fault::StallAfter { .. }) {
                                 Action::Stall
@@ -394,7 +402,6 @@ impl ProxyState {
                 }
                 sw.write_all(data).await?;
                 seen += n as u64;
-                self.forwarded.fetch_add(n as u64, Ordering::SeqCst);
             }
         };
         let action = tokio::select! {

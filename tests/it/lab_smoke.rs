@@ -1,12 +1,15 @@
-//! Smoke test of the test lab itself (tests/common/lab.rs and tests/lab/*.sh): a real guest
+//! Smoke test of the test lab itself (tests/it/support/lab.rs and tests/lab/*.sh): a real guest
 //! boots under libvirt, its guest agent runs a program, it shuts down through the agent, and it
 //! is gone afterwards. Run with `--nocapture` to see the timings.
 
-mod common;
-
-use common::lab::{self, b64_decode, b64_encode, json_str, Json, Lab};
 use std::path::Path;
 use std::time::{Duration, Instant};
+
+use base64::engine::general_purpose::STANDARD as BASE64;
+use base64::Engine as _;
+use serde_json::json;
+
+use crate::support::lab::{self, Lab};
 
 #[test]
 fn guest_boots_runs_a_command_and_shuts_down() {
@@ -30,14 +33,9 @@ fn guest_boots_runs_a_command_and_shuts_down() {
             &guest.disk_path().to_string_lossy(),
         ])
         .expect("qemu-img info");
-        let backing = Json::parse(&info)
-            .unwrap()
-            .get("backing-filename")
-            .and_then(|b| b.as_str().map(str::to_string));
-        assert_eq!(
-            backing.as_deref(),
-            Some(&*lab.base_image().to_string_lossy())
-        );
+        let info: serde_json::Value = serde_json::from_str(&info).unwrap();
+        let backing = info["backing-filename"].as_str();
+        assert_eq!(backing, Some(&*lab.base_image().to_string_lossy()));
 
         let t = Instant::now();
         guest.start();
@@ -91,8 +89,17 @@ fn builder_options_define_the_asked_shape() {
     assert!(!no_disk.xml().contains("<disk"), "no disk expected");
 }
 
+/// The lab's side of the guest agent protocol, without a guest: commands are JSON whatever the
+/// arguments hold, replies' `return` members and base64 payloads are read back.
 #[test]
 fn helpers_encode_and_parse() {
+    let argv = ["a\"b\\c\n\u{1}", "é", ""];
+    let cmd = lab::agent_command("guest-exec", json!({ "path": "sh", "arg": argv }));
+    let back: serde_json::Value = serde_json::from_str(&cmd).unwrap();
+    assert_eq!(back["execute"], "guest-exec");
+    assert_eq!(back["arguments"]["arg"], json!(argv), "{cmd}");
+    assert!(cmd.contains(r#""a\"b\\c\n\u0001""#), "{cmd}");
+
     for data in [
         &b""[..],
         b"f",
@@ -103,24 +110,28 @@ fn helpers_encode_and_parse() {
         b"foobar",
         &[0, 255, 128, 7],
     ] {
-        assert_eq!(b64_decode(&b64_encode(data)), data);
+        let r = json!({ "exited": true, "exitcode": 0, "out-data": BASE64.encode(data) });
+        let (_, out, _) = lab::exec_status(&r).unwrap().unwrap();
+        assert_eq!(out.as_bytes(), String::from_utf8_lossy(data).as_bytes());
+        assert_eq!(lab::agent_data(&BASE64.encode(data)).unwrap(), data);
     }
-    assert_eq!(b64_encode(b"foobar"), "Zm9vYmFy");
-    assert_eq!(b64_encode(b"fo"), "Zm8=");
-    let j = Json::parse(
-        r#" {"return": {"exitcode": 0, "out-data": "aGk=\n", "exited": true, "x": [1, null, "\u00e9\n"]}} "#,
+    assert_eq!(lab::agent_data("Zm9vYmFy").unwrap(), b"foobar");
+    assert_eq!(lab::agent_data("Zm8=").unwrap(), b"fo");
+
+    let r = lab::agent_return(
+        r#" {"return": {"exitcode": 3, "out-data": "aGk=", "err-data": "w6kK", "exited": true, "x": [1, null, "\u00e9\n"]}} "#,
     )
     .unwrap();
-    let r = j.get("return").unwrap();
-    assert_eq!(r.get("exitcode").unwrap().as_i64(), Some(0));
-    assert_eq!(r.get("exited").unwrap().as_bool(), Some(true));
     assert_eq!(
-        b64_decode(r.get("out-data").unwrap().as_str().unwrap()),
-        b"hi"
+        lab::exec_status(&r).unwrap(),
+        Some((3, "hi".to_string(), "é\n".to_string()))
     );
-    assert_eq!(
-        r.get("x").unwrap().as_array().unwrap()[2].as_str(),
-        Some("é\n")
-    );
-    assert_eq!(json_str("a\"b\\c\n\u{1}"), r#""a\"b\\c\n\u0001""#);
+    assert_eq!(r["x"][2], "é\n");
+    // Killed by a signal, still running, truncated output, an error reply.
+    let killed = json!({ "exited": true, "signal": 9 });
+    assert_eq!(lab::exec_status(&killed).unwrap().unwrap().0, 137);
+    assert_eq!(lab::exec_status(&json!({ "exited": false })).unwrap(), None);
+    let cut = json!({ "exited": true, "exitcode": 0, "out-truncated": true });
+    assert!(lab::exec_status(&cut).is_err());
+    assert!(lab::agent_return(r#"{"error": {"class": "GenericError"}}"#).is_err());
 }

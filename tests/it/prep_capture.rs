@@ -6,26 +6,18 @@
 //! as it was, data disk mounted. A daemon killed between the prep and its undo leaves a journal
 //! entry that the restarted daemon carries out.
 
-mod common;
-
 use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use common::daemon::Daemon;
-use common::lab::{Guest, Lab, SystemDisk};
+use crate::support::daemon::Daemon;
+use crate::support::lab::{Guest, Lab};
 
 const INTERFACES: &str = "auto lo\niface lo inet loopback\n\nauto eth0\niface eth0 inet static\n    address 192.0.2.10\n    netmask 255.255.255.0\n    gateway 192.0.2.1\n";
 const UDEV: &str =
     "SUBSYSTEM==\"net\", ACTION==\"add\", ATTR{address}==\"52:54:00:12:34:56\", NAME=\"eth0\"\n";
 const RC: &str = "#!/bin/sh\n# rc: runs the scripts of a runlevel\necho starting\nexit 0\n";
 const HOOK: &str = "sh /etc/init.d/setpasswd.sh";
-
-fn sh_ok(g: &Guest, script: &str) -> String {
-    let (code, out, err) = g.sh(script);
-    assert_eq!(code, 0, "{script}: {out}{err}");
-    out
-}
 
 /// A file of an ext4 image, read without mounting it.
 fn image_file(raw: &Path, path: &str) -> Option<String> {
@@ -66,31 +58,19 @@ fn prepared_source(lab: &Lab, prefix: &str) -> (Guest, String) {
     g.write_file("/etc/network/interfaces", INTERFACES.as_bytes());
     g.write_file("/etc/udev/rules.d/70-persistent-net.rules", UDEV.as_bytes());
     g.write_file("/etc/init.d/rc", RC.as_bytes());
-    sh_ok(
-        &g,
-        "chmod 755 /etc/init.d/rc && mkfs.ext4 -q /dev/vdb && mkdir -p /mnt/data",
-    );
-    let uuid = sh_ok(&g, "blkid -s UUID -o value /dev/vdb")
+    g.sh_ok("chmod 755 /etc/init.d/rc && mkfs.ext4 -q /dev/vdb && mkdir -p /mnt/data");
+    let uuid = g
+        .sh_ok("blkid -s UUID -o value /dev/vdb")
         .trim()
         .to_string();
-    sh_ok(&g, &format!("echo 'UUID={uuid} /mnt/data ext4 defaults 0 2' >> /etc/fstab && mount /mnt/data && echo kept > /mnt/data/file && sync"));
+    g.sh_ok(&format!("echo 'UUID={uuid} /mnt/data ext4 defaults 0 2' >> /etc/fstab && mount /mnt/data && echo kept > /mnt/data/file && sync"));
     (g, uuid)
 }
 
 /// The image `name` of `d`, exported raw, has every prep step applied.
 fn assert_image_prepared(d: &Daemon, name: &str, uuid: &str) {
     let raw = d.dir.path().join(format!("{name}.raw"));
-    assert_eq!(
-        d.imagectl_json(&[
-            "export",
-            name,
-            "--format",
-            "raw",
-            "-o",
-            raw.to_str().unwrap()
-        ])["state"],
-        "active"
-    );
+    d.imagectl_export(name, "raw", &raw);
     let ifaces = image_file(&raw, "/etc/network/interfaces").expect("interfaces in the image");
     assert!(
         ifaces.contains("iface eth0 inet dhcp") && !ifaces.contains("192.0.2.10"),
@@ -127,8 +107,10 @@ fn assert_source_restored(g: &Guest, before: &[(String, Option<Vec<u8>>)], d: &D
         "the source was not restored:\n{}",
         d.log_text()
     );
-    assert!(sh_ok(g, "findmnt -n -o TARGET /mnt/data").contains("/mnt/data"));
-    assert_eq!(sh_ok(g, "cat /mnt/data/file").trim(), "kept");
+    assert!(g
+        .sh_ok("findmnt -n -o TARGET /mnt/data")
+        .contains("/mnt/data"));
+    assert_eq!(g.sh_ok("cat /mnt/data/file").trim(), "kept");
 }
 
 /// Shutdown mode with prep (the seeds' own flow: prep the VM, shut it down, capture it): the
@@ -311,8 +293,10 @@ async fn quiesced_capture_with_prep_prepares_the_image_and_restores_the_source()
 
     // The source is as it was, data disk mounted, guest thawed and running.
     assert_eq!(watched(&g), before, "the source was not restored");
-    assert!(sh_ok(&g, "findmnt -n -o TARGET /mnt/data").contains("/mnt/data"));
-    assert_eq!(sh_ok(&g, "cat /mnt/data/file").trim(), "kept");
+    assert!(g
+        .sh_ok("findmnt -n -o TARGET /mnt/data")
+        .contains("/mnt/data"));
+    assert_eq!(g.sh_ok("cat /mnt/data/file").trim(), "kept");
     assert!(g
         .agent(r#"{"execute":"guest-fsfreeze-status"}"#)
         .contains("thawed"));
@@ -322,24 +306,8 @@ async fn quiesced_capture_with_prep_prepares_the_image_and_restores_the_source()
 
     // And it boots to its guest agent.
     let q = d.dir.path().join("prepped.qcow2");
-    assert_eq!(
-        d.imagectl_json(&[
-            "export",
-            "prepped",
-            "--format",
-            "qcow2",
-            "-o",
-            q.to_str().unwrap()
-        ])["state"],
-        "active"
-    );
-    let clone = lab
-        .guest("prepped-boot")
-        .system_disk(SystemDisk::Qcow2)
-        .create();
-    std::fs::copy(&q, clone.disk_path()).unwrap();
-    clone.start();
-    clone.wait_agent(Duration::from_secs(180));
+    d.imagectl_export("prepped", "qcow2", &q);
+    let clone = lab.boot_from("prepped-boot", &q);
     clone.destroy();
     g.destroy();
 }

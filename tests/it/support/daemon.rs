@@ -2,14 +2,11 @@
 //! talks to it over gRPC or through the real `imagectl` binary. The daemon is stopped (SIGTERM,
 //! then SIGKILL) when the handle drops, also when a test panics.
 
-#![allow(dead_code)]
-
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use imaged::proto;
-use imaged::proto::domain_service_client::DomainServiceClient;
 use imaged::proto::image_service_client::ImageServiceClient;
 use imaged::proto::operation_service_client::OperationServiceClient;
 use tonic::transport::Channel;
@@ -158,6 +155,16 @@ impl Daemon {
         );
     }
 
+    /// Asserts that an operation of this daemon ended `Active`; the daemon's log tells why not.
+    pub fn assert_active(&self, op: &proto::Operation) {
+        assert_eq!(
+            state(op),
+            proto::OperationState::Active,
+            "{op:?}\n{}",
+            self.log_text()
+        );
+    }
+
     /// What the daemon logged so far.
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
@@ -178,10 +185,6 @@ impl Daemon {
         OperationServiceClient::new(self.channel().await)
     }
 
-    pub async fn domains(&self) -> DomainServiceClient<Channel> {
-        DomainServiceClient::new(self.channel().await)
-    }
-
     /// Runs the real `imagectl` against this daemon.
     pub fn imagectl(&self, args: &[&str]) -> Output {
         Command::new(env!("CARGO_BIN_EXE_imagectl"))
@@ -197,20 +200,15 @@ impl Daemon {
     pub fn imagectl_json(&self, args: &[&str]) -> serde_json::Value {
         let mut full = vec!["--json"];
         full.extend_from_slice(args);
-        let out = self.imagectl(&full);
-        assert!(
-            out.status.success(),
-            "imagectl {args:?} failed ({:?}): {}\n{}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr),
-            String::from_utf8_lossy(&out.stdout)
-        );
-        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
-            panic!(
-                "imagectl {args:?} printed no JSON ({e}): {}",
-                String::from_utf8_lossy(&out.stdout)
-            )
-        })
+        stdout_json(&format!("imagectl {args:?}"), &self.imagectl(&full))
+    }
+
+    /// Exports the image `name` in `format` (`qcow2`, `raw`) to `dest` with `imagectl export`,
+    /// which must end `active`.
+    pub fn imagectl_export(&self, name: &str, format: &str, dest: &Path) {
+        let dest = dest.to_str().unwrap();
+        let op = self.imagectl_json(&["export", name, "--format", format, "-o", dest]);
+        assert_eq!(op["state"], "active", "{op}");
     }
 
     /// Waits for an operation to end and returns its last snapshot.
@@ -218,11 +216,7 @@ impl Daemon {
         let mut ops = self.ops().await;
         let t0 = Instant::now();
         loop {
-            let op = ops
-                .get_operation(proto::GetOperationRequest { id: id.into() })
-                .await
-                .unwrap()
-                .into_inner();
+            let op = get_op(&mut ops, id).await;
             if matches!(
                 proto::OperationState::try_from(op.state),
                 Ok(proto::OperationState::Active
@@ -284,6 +278,67 @@ impl Drop for Daemon {
             let _ = c.wait();
         }
     }
+}
+
+/// The gRPC services the daemon serves, as reflection lists them.
+pub const SERVICES: [&str; 4] = [
+    "imaged.v1.ImageService",
+    "imaged.v1.DomainService",
+    "imaged.v1.OperationService",
+    "grpc.health.v1.Health",
+];
+
+/// One `GetOperation` call on a client the caller keeps (polling loops stay fast).
+pub async fn get_op(ops: &mut OperationServiceClient<Channel>, id: &str) -> proto::Operation {
+    ops.get_operation(proto::GetOperationRequest { id: id.into() })
+        .await
+        .unwrap()
+        .into_inner()
+}
+
+/// An operation's state.
+pub fn state(op: &proto::Operation) -> proto::OperationState {
+    proto::OperationState::try_from(op.state).unwrap()
+}
+
+/// Asserts that a program (`what`) exited 0, and parses the JSON it printed.
+pub fn stdout_json(what: &str, out: &Output) -> serde_json::Value {
+    assert!(
+        out.status.success(),
+        "{what} failed ({:?}): {}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr),
+        String::from_utf8_lossy(&out.stdout)
+    );
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "{what} printed no JSON ({e}): {}",
+            String::from_utf8_lossy(&out.stdout)
+        )
+    })
+}
+
+/// The chunk files of a repository (none when it has no `chunks` directory yet), sorted.
+pub fn chunk_files(repo: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    if let Ok(rd) = std::fs::read_dir(repo.join("chunks")) {
+        for sub in rd.flatten() {
+            for f in std::fs::read_dir(sub.path()).unwrap().flatten() {
+                out.push(f.path());
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+/// The permission bits of `p` (not following a link), in octal like `0600`.
+pub fn mode_of(p: &Path) -> String {
+    use std::os::unix::fs::PermissionsExt;
+    format!(
+        "{:04o}",
+        std::fs::symlink_metadata(p).unwrap().permissions().mode() & 0o7777
+    )
 }
 
 /// Runs a command, asserts success, returns stdout.

@@ -1,0 +1,26 @@
+//! The integration tests, one binary: the shared test support (`support`: the libvirt lab, the
+//! daemon harness and the remote test servers) compiles once, and the suite links one test
+//! executable instead of one per file. Each former `tests/NAME.rs` is the module `NAME` here,
+//! so a test is named `NAME::test_name` (`cargo test --test it NAME::` runs one module).
+//!
+//! Tests of different modules now run side by side (two at a time under `scripts/test.sh`).
+//! What they share is made safe for that: lab domains, daemons and temp dirs carry unique
+//! names, and the real Glance and S3 servers are guarded by the locks in `support::servers`
+//! (shared for ordinary use, exclusive for a test that stops Glance or inspects s3s-fs's
+//! on-disk upload state).
+
+mod support;
+
+mod capture_e2e;
+mod daemon;
+mod guest_prep;
+mod imagectl_tables;
+mod imports;
+mod lab_smoke;
+mod live_capture;
+mod nbd_client;
+mod prep_capture;
+mod python_client;
+mod qcow2_encoder;
+mod stream_capture;
+mod targets;
