@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Python packages for tests/python_client.rs (a stock Python gRPC client of imaged): grpcio,
+# Python packages for tests/it/python_client.rs (a stock Python gRPC client of imaged): grpcio,
 # grpcio-tools (stubs from proto/imaged/v1/imaged.proto) and grpcio-reflection (Python's stock
 # reflection client), pinned to the versions the test was run with, installed with the pip of the
 # `python3` on PATH (pyenv's CPython here), then checked by importing them.

@@ -1,7 +1,7 @@
 //! Unit tests of the NBD client against a scripted fake server over an in-memory pipe:
 //! the bounds checks a hostile or broken server must hit, reply reassembly, request
 //! splitting and the loop of `allocation_map`. Real servers are exercised in
-//! `tests/nbd_client.rs`.
+//! `tests/it/nbd_client.rs`.
 
 use std::time::Duration;
 
