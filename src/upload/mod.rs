@@ -35,6 +35,7 @@ use std::fmt;
 
 use crate::error::Error;
 
+mod defaults;
 pub mod file;
 pub mod glance;
 mod http;
