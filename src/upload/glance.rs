@@ -50,7 +50,7 @@ use super::defaults;
 use super::http::{
     self, CleanupGuard, Executor, Failure, Meter, MeteredBody, Progress, RetryPolicy, Undo,
 };
-use super::{human, validate_meta, Secret, StreamFactory, StreamTarget, UploadMeta, Uploaded};
+use super::{human, Protocol, Remote, Secret, StreamFactory, UploadMeta, Uploaded};
 use crate::error::{invalid, Error, ErrorKind};
 
 /// How imaged proves who it is to Glance.
@@ -205,7 +205,7 @@ pub struct Glance {
     inner: Arc<Inner>,
 }
 
-struct Inner {
+pub(crate) struct Inner {
     cfg: GlanceConfig,
     http: Executor,
     fixed_headers: HeaderMap,
@@ -291,6 +291,14 @@ impl Glance {
     }
 }
 
+impl Remote for Glance {
+    type Protocol = Inner;
+
+    fn protocol(&self) -> &Arc<Inner> {
+        &self.inner
+    }
+}
+
 impl fmt::Debug for Glance {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Glance")
@@ -323,24 +331,6 @@ fn keystone_v3(auth_url: &str) -> String {
 }
 
 impl Inner {
-    fn describe(&self) -> String {
-        if let Some(ep) = &self.cfg.endpoint {
-            return format!("glance {}", normalize_endpoint(ep));
-        }
-        if let Ok(guard) = self.session.try_lock() {
-            if let Some(s) = guard.as_ref() {
-                return format!("glance {}", s.endpoint);
-            }
-        }
-        match &self.cfg.auth {
-            GlanceAuth::Keystone { auth_url, .. }
-            | GlanceAuth::ApplicationCredential { auth_url, .. } => {
-                format!("glance (from the catalog of keystone {auth_url})")
-            }
-            GlanceAuth::Headers(_) => "glance".into(),
-        }
-    }
-
     /// A usable session (endpoint + token), from the cache or fresh from Keystone.
     async fn session(&self) -> Result<Session, Error> {
         let mut guard = self.session.lock().await;
@@ -544,32 +534,6 @@ impl Inner {
                 http::excerpt(text)
             ),
         )
-    }
-
-    async fn check(&self) -> Result<(), Error> {
-        let s = self.session().await?;
-        let what = format!("glance {}: listing images", s.endpoint);
-        let (status, text) = self
-            .call(&s, Method::GET, "/v2/images?limit=1", None, &what)
-            .await?;
-        if status.is_success() {
-            let doc: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
-            if doc["images"].is_array() {
-                return Ok(());
-            }
-            return Err(Error::new(
-                ErrorKind::FailedPrecondition,
-                format!("{what}: the answer is not a Glance v2 image list (wrong endpoint?)"),
-            ));
-        }
-        let mut e = self.answer_error(&what, status, &text);
-        if status == StatusCode::NOT_FOUND {
-            e = Error::new(
-                ErrorKind::FailedPrecondition,
-                format!("{what}: no Glance v2 API there (404)"),
-            );
-        }
-        Err(e)
     }
 
     fn create_body(&self, meta: &UploadMeta) -> Result<Value, Error> {
@@ -955,25 +919,64 @@ impl Undo for PendingImage {
 }
 
 #[tonic::async_trait]
-impl StreamTarget for Glance {
+impl Protocol for Inner {
     fn describe(&self) -> String {
-        self.inner.describe()
+        if let Some(ep) = &self.cfg.endpoint {
+            return format!("glance {}", normalize_endpoint(ep));
+        }
+        if let Ok(guard) = self.session.try_lock() {
+            if let Some(s) = guard.as_ref() {
+                return format!("glance {}", s.endpoint);
+            }
+        }
+        match &self.cfg.auth {
+            GlanceAuth::Keystone { auth_url, .. }
+            | GlanceAuth::ApplicationCredential { auth_url, .. } => {
+                format!("glance (from the catalog of keystone {auth_url})")
+            }
+            GlanceAuth::Headers(_) => "glance".into(),
+        }
     }
 
     async fn check(&self) -> Result<(), Error> {
-        self.inner.check().await
+        let s = self.session().await?;
+        let what = format!("glance {}: listing images", s.endpoint);
+        let (status, text) = self
+            .call(&s, Method::GET, "/v2/images?limit=1", None, &what)
+            .await?;
+        if status.is_success() {
+            let doc: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
+            if doc["images"].is_array() {
+                return Ok(());
+            }
+            return Err(Error::new(
+                ErrorKind::FailedPrecondition,
+                format!("{what}: the answer is not a Glance v2 image list (wrong endpoint?)"),
+            ));
+        }
+        let mut e = self.answer_error(&what, status, &text);
+        if status == StatusCode::NOT_FOUND {
+            e = Error::new(
+                ErrorKind::FailedPrecondition,
+                format!("{what}: no Glance v2 API there (404)"),
+            );
+        }
+        Err(e)
     }
 
-    async fn upload(&self, meta: &UploadMeta, body: StreamFactory<'_>) -> Result<Uploaded, Error> {
-        validate_meta(meta)?;
-        let create = self.inner.create_body(meta)?;
+    async fn upload(
+        this: &Arc<Self>,
+        meta: &UploadMeta,
+        body: StreamFactory<'_>,
+    ) -> Result<Uploaded, Error> {
+        let create = this.create_body(meta)?;
         let started = Instant::now();
         let left_behind = Mutex::new(Vec::new());
-        let outcome = RetryPolicy::new(self.inner.cfg.attempts, Duration::from_secs(1))
+        let outcome = RetryPolicy::new(this.cfg.attempts, Duration::from_secs(1))
             .run(
-                |_| self.inner.attempt(meta, &create, body, &left_behind),
+                |_| this.attempt(meta, &create, body, &left_behind),
                 |r| {
-                    tracing::warn!(image = %meta.name, target = %self.describe(),
+                    tracing::warn!(image = %meta.name, target = %this.describe(),
                         attempt = r.attempt, attempts = r.attempts, error = %r.error.chain(),
                         retry_in_ms = r.wait.as_millis() as u64,
                         "glance upload failed, restarting it from the first byte");
@@ -984,7 +987,7 @@ impl StreamTarget for Glance {
             Ok(up) => {
                 let secs = started.elapsed().as_secs_f64();
                 tracing::info!(image = %meta.name, image_id = %up.location,
-                    target = %self.describe(), bytes = up.size, secs,
+                    target = %this.describe(), bytes = up.size, secs,
                     mib_per_s = up.size as f64 / (1 << 20) as f64 / secs.max(1e-6),
                     "glance upload verified");
                 return Ok(up);
@@ -1014,7 +1017,7 @@ impl StreamTarget for Glance {
                 meta.name,
                 meta.format,
                 human(meta.size),
-                self.describe()
+                this.describe()
             ),
         )
         .with_source(g.error))
@@ -1024,6 +1027,7 @@ impl StreamTarget for Glance {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::upload::StreamTarget;
 
     fn headers_cfg() -> GlanceConfig {
         let mut h = BTreeMap::new();

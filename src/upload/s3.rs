@@ -52,7 +52,7 @@ use tokio::task::JoinSet;
 
 use super::defaults;
 use super::http::{self, CleanupGuard, Digests, Executor, Failure, Progress, RetryPolicy, Undo};
-use super::{human, validate_meta, Secret, StreamFactory, StreamTarget, UploadMeta, Uploaded};
+use super::{human, Protocol, Remote, Secret, StreamFactory, UploadMeta, Uploaded};
 use crate::error::{invalid, Error, ErrorKind};
 
 /// Settings of an S3 target.
@@ -154,7 +154,15 @@ pub struct S3 {
     inner: Arc<Inner>,
 }
 
-struct Inner {
+impl Remote for S3 {
+    type Protocol = Inner;
+
+    fn protocol(&self) -> &Arc<Inner> {
+        &self.inner
+    }
+}
+
+pub(crate) struct Inner {
     cfg: S3Config,
     bucket: Bucket,
     creds: Credentials,
@@ -270,7 +278,7 @@ impl S3 {
 
     /// The object key an upload of `meta` writes.
     pub fn key_for(&self, meta: &UploadMeta) -> String {
-        format!("{}{}.{}", self.inner.cfg.prefix, meta.name, meta.format)
+        self.inner.key_for(meta)
     }
 }
 
@@ -382,8 +390,8 @@ fn metadata_headers(meta: &UploadMeta) -> Result<Vec<(String, String)>, Error> {
 }
 
 impl Inner {
-    fn describe(&self) -> String {
-        format!("s3 {} bucket {}", self.endpoint, self.cfg.bucket)
+    fn key_for(&self, meta: &UploadMeta) -> String {
+        format!("{}{}.{}", self.cfg.prefix, meta.name, meta.format)
     }
 
     fn location(&self, key: &str) -> String {
@@ -431,51 +439,6 @@ impl Inner {
                 }
             ),
         )
-    }
-
-    async fn check(&self) -> Result<(), Error> {
-        let what = format!("{}: checking bucket {}", self.endpoint, self.cfg.bucket);
-        let url = self.bucket.head_bucket(Some(&self.creds)).sign(SIGN_EXPIRY);
-        let resp = self
-            .http
-            .send(&format!("s3 {what}"), self.http.client().head(url))
-            .await?;
-        let status = resp.status();
-        let b = &self.cfg.bucket;
-        match status {
-            s if s.is_success() => Ok(()),
-            StatusCode::NOT_FOUND => Err(Error::new(
-                ErrorKind::FailedPrecondition,
-                format!("s3 {}: bucket {b} does not exist", self.endpoint),
-            )),
-            StatusCode::FORBIDDEN | StatusCode::UNAUTHORIZED => Err(Error::new(
-                ErrorKind::FailedPrecondition,
-                format!(
-                    "s3 {}: access to bucket {b} denied ({status}): wrong access key or secret \
-                     key, or no permission on the bucket",
-                    self.endpoint
-                ),
-            )),
-            StatusCode::MOVED_PERMANENTLY => {
-                let region = resp
-                    .headers()
-                    .get("x-amz-bucket-region")
-                    .and_then(|v| v.to_str().ok())
-                    .unwrap_or("another region")
-                    .to_string();
-                Err(Error::new(
-                    ErrorKind::FailedPrecondition,
-                    format!(
-                        "s3 {}: bucket {b} is in {region}, not {}: fix the region",
-                        self.endpoint, self.cfg.region
-                    ),
-                ))
-            }
-            s => Err(Error::new(
-                http::status_kind(s),
-                format!("s3 {what}: S3 answered {s}"),
-            )),
-        }
     }
 
     /// The object's length, or `None` when it does not exist (or cannot be seen).
@@ -930,19 +893,62 @@ impl Inner {
 }
 
 #[tonic::async_trait]
-impl StreamTarget for S3 {
+impl Protocol for Inner {
     fn describe(&self) -> String {
-        self.inner.describe()
+        format!("s3 {} bucket {}", self.endpoint, self.cfg.bucket)
     }
 
     async fn check(&self) -> Result<(), Error> {
-        self.inner.check().await
+        let what = format!("{}: checking bucket {}", self.endpoint, self.cfg.bucket);
+        let url = self.bucket.head_bucket(Some(&self.creds)).sign(SIGN_EXPIRY);
+        let resp = self
+            .http
+            .send(&format!("s3 {what}"), self.http.client().head(url))
+            .await?;
+        let status = resp.status();
+        let b = &self.cfg.bucket;
+        match status {
+            s if s.is_success() => Ok(()),
+            StatusCode::NOT_FOUND => Err(Error::new(
+                ErrorKind::FailedPrecondition,
+                format!("s3 {}: bucket {b} does not exist", self.endpoint),
+            )),
+            StatusCode::FORBIDDEN | StatusCode::UNAUTHORIZED => Err(Error::new(
+                ErrorKind::FailedPrecondition,
+                format!(
+                    "s3 {}: access to bucket {b} denied ({status}): wrong access key or secret \
+                     key, or no permission on the bucket",
+                    self.endpoint
+                ),
+            )),
+            StatusCode::MOVED_PERMANENTLY => {
+                let region = resp
+                    .headers()
+                    .get("x-amz-bucket-region")
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("another region")
+                    .to_string();
+                Err(Error::new(
+                    ErrorKind::FailedPrecondition,
+                    format!(
+                        "s3 {}: bucket {b} is in {region}, not {}: fix the region",
+                        self.endpoint, self.cfg.region
+                    ),
+                ))
+            }
+            s => Err(Error::new(
+                http::status_kind(s),
+                format!("s3 {what}: S3 answered {s}"),
+            )),
+        }
     }
 
-    async fn upload(&self, meta: &UploadMeta, body: StreamFactory<'_>) -> Result<Uploaded, Error> {
-        validate_meta(meta)?;
-        let inner = &self.inner;
-        let key = self.key_for(meta);
+    async fn upload(
+        inner: &Arc<Self>,
+        meta: &UploadMeta,
+        body: StreamFactory<'_>,
+    ) -> Result<Uploaded, Error> {
+        let key = inner.key_for(meta);
         if key.len() > 1024 {
             return Err(invalid(format!(
                 "image {}: object key {key:?} is longer than S3's 1024 bytes",
@@ -1028,6 +1034,7 @@ impl StreamTarget for S3 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::upload::StreamTarget;
 
     #[test]
     fn part_sizes() {
@@ -1080,10 +1087,14 @@ mod tests {
 
     #[test]
     fn rfc2047_padding() {
-        assert_eq!(rfc2047("a"), "=?UTF-8?B?YQ==?=");
-        assert_eq!(rfc2047("ab"), "=?UTF-8?B?YWI=?=");
-        assert_eq!(rfc2047("abc"), "=?UTF-8?B?YWJj?=");
-        assert_eq!(rfc2047(""), "=?UTF-8?B??=");
+        for (value, encoded) in [
+            ("a", "=?UTF-8?B?YQ==?="),
+            ("ab", "=?UTF-8?B?YWI=?="),
+            ("abc", "=?UTF-8?B?YWJj?="),
+            ("", "=?UTF-8?B??="),
+        ] {
+            assert_eq!(rfc2047(value), encoded);
+        }
     }
 
     #[test]
