@@ -1,6 +1,6 @@
 //! OpenStack Glance v2 as a stream target.
 //!
-//! Protocol flow of one upload ([`Glance::upload`]):
+//! Protocol flow of one upload (`upload` of [`Glance`] as a [`StreamTarget`](super::StreamTarget)):
 //!
 //! 1. Authenticate. Keystone v3 (`POST {auth_url}/v3/auth/tokens`, password or application
 //!    credential): the token comes back in the `X-Subject-Token` header and is sent as

@@ -1,7 +1,8 @@
 //! S3 (and S3-compatible: Ceph RGW, MinIO, s3s) as a stream target, by multipart upload.
 //!
-//! Protocol flow of one upload ([`S3::upload`]), every request signed with SigV4 presigned URLs
-//! (rusty-s3) and sent with reqwest:
+//! Protocol flow of one upload (`upload` of [`S3`] as a [`StreamTarget`](super::StreamTarget)),
+//! every request signed with SigV4 presigned URLs (rusty-s3) and sent by the shared executor
+//! (`upload::http`):
 //!
 //! 1. `HEAD` the object `{prefix}{name}.{format}`: an existing object is refused
 //!    (ALREADY_EXISTS) unless `overwrite` is set.
