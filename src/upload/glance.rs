@@ -1,6 +1,7 @@
 //! OpenStack Glance v2 as a stream target.
 //!
-//! Protocol flow of one upload (`upload` of [`Glance`] as a [`StreamTarget`](super::StreamTarget)):
+//! Protocol flow of one upload (`upload` of [`Glance`] as a
+//! [`StreamTarget`](super::StreamTarget)):
 //!
 //! 1. Authenticate. Keystone v3 (`POST {auth_url}/v3/auth/tokens`, password or application
 //!    credential): the token comes back in the `X-Subject-Token` header and is sent as
@@ -882,8 +883,8 @@ impl Inner {
                 };
                 let kind = f.error.kind();
                 Err(Failure {
-                    retryable: f.retryable,
                     error: Error::new(kind, note).with_source(f.error),
+                    retryable: f.retryable,
                 })
             }
         }
