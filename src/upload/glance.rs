@@ -1,6 +1,7 @@
 //! OpenStack Glance v2 as a stream target.
 //!
-//! Protocol flow of one upload ([`Glance::upload`]):
+//! Protocol flow of one upload (`upload` of [`Glance`] as a
+//! [`StreamTarget`](super::StreamTarget)):
 //!
 //! 1. Authenticate. Keystone v3 (`POST {auth_url}/v3/auth/tokens`, password or application
 //!    credential): the token comes back in the `X-Subject-Token` header and is sent as
@@ -37,16 +38,20 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use futures_util::future::BoxFuture;
 use reqwest::header::{HeaderMap, HeaderName, HeaderValue, CONTENT_TYPE};
 use reqwest::{Method, StatusCode};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use super::http::{self, Meter, MeteredBody, Progress};
-use super::{human, validate_meta, Secret, StreamFactory, StreamTarget, UploadMeta, Uploaded};
+use super::defaults;
+use super::http::{
+    self, CleanupGuard, Executor, Failure, Meter, MeteredBody, Progress, RetryPolicy, Undo,
+};
+use super::{human, Protocol, Remote, Secret, StreamFactory, UploadMeta, Uploaded};
 use crate::error::{invalid, Error, ErrorKind};
 
 /// How imaged proves who it is to Glance.
@@ -60,9 +65,9 @@ pub enum GlanceAuth {
         username: String,
         password: Secret,
         project: String,
-        #[serde(default = "default_domain")]
+        #[serde(default = "defaults::keystone_domain")]
         user_domain: String,
-        #[serde(default = "default_domain")]
+        #[serde(default = "defaults::keystone_domain")]
         project_domain: String,
     },
     /// Keystone v3 application credential (already scoped to its project).
@@ -109,10 +114,6 @@ impl fmt::Debug for GlanceAuth {
     }
 }
 
-fn default_domain() -> String {
-    "Default".into()
-}
-
 /// Settings of a Glance target.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -123,54 +124,32 @@ pub struct GlanceConfig {
     pub endpoint: Option<String>,
     pub auth: GlanceAuth,
     /// Catalog endpoint interface: public, internal or admin.
-    #[serde(default = "default_interface")]
+    #[serde(default = "defaults::glance_interface")]
     pub interface: String,
     /// Catalog region (any when unset).
     #[serde(default)]
     pub region: Option<String>,
     /// Visibility of created images.
-    #[serde(default = "default_visibility")]
+    #[serde(default = "defaults::glance_visibility")]
     pub visibility: String,
     /// Whole-upload attempts in total (transient failures only).
-    #[serde(default = "default_attempts")]
+    #[serde(default = "defaults::glance_attempts")]
     pub attempts: u32,
-    #[serde(default = "default_connect_timeout")]
+    #[serde(default = "defaults::connect_timeout_secs")]
     pub connect_timeout_secs: u64,
     /// A transfer with no progress for this long fails.
-    #[serde(default = "default_stall_timeout")]
+    #[serde(default = "defaults::stall_timeout_secs")]
     pub stall_timeout_secs: u64,
     /// Use the interoperable import flow (stage + glance-direct) instead of `PUT …/file`.
     #[serde(default)]
     pub use_import: bool,
     /// How long an import may take after the staging upload.
-    #[serde(default = "default_import_timeout")]
+    #[serde(default = "defaults::glance_import_timeout_secs")]
     pub import_timeout_secs: u64,
     /// How long a failed upload's image deletion is retried in the background when Glance is
     /// unreachable.
-    #[serde(default = "default_cleanup_patience")]
+    #[serde(default = "defaults::glance_cleanup_patience_secs")]
     pub cleanup_patience_secs: u64,
-}
-
-fn default_interface() -> String {
-    "public".into()
-}
-fn default_visibility() -> String {
-    "private".into()
-}
-fn default_attempts() -> u32 {
-    2
-}
-fn default_connect_timeout() -> u64 {
-    10
-}
-fn default_stall_timeout() -> u64 {
-    60
-}
-fn default_import_timeout() -> u64 {
-    3600
-}
-fn default_cleanup_patience() -> u64 {
-    600
 }
 
 impl GlanceConfig {
@@ -179,15 +158,15 @@ impl GlanceConfig {
         GlanceConfig {
             endpoint,
             auth,
-            interface: default_interface(),
+            interface: defaults::glance_interface(),
             region: None,
-            visibility: default_visibility(),
-            attempts: default_attempts(),
-            connect_timeout_secs: default_connect_timeout(),
-            stall_timeout_secs: default_stall_timeout(),
+            visibility: defaults::glance_visibility(),
+            attempts: defaults::glance_attempts(),
+            connect_timeout_secs: defaults::connect_timeout_secs(),
+            stall_timeout_secs: defaults::stall_timeout_secs(),
             use_import: false,
-            import_timeout_secs: default_import_timeout(),
-            cleanup_patience_secs: default_cleanup_patience(),
+            import_timeout_secs: defaults::glance_import_timeout_secs(),
+            cleanup_patience_secs: defaults::glance_cleanup_patience_secs(),
         }
     }
 }
@@ -227,9 +206,9 @@ pub struct Glance {
     inner: Arc<Inner>,
 }
 
-struct Inner {
+pub(crate) struct Inner {
     cfg: GlanceConfig,
-    http: reqwest::Client,
+    http: Executor,
     fixed_headers: HeaderMap,
     session: tokio::sync::Mutex<Option<Session>>,
 }
@@ -240,25 +219,6 @@ struct Session {
     endpoint: String,
     token: Option<Secret>,
     obtained: Instant,
-}
-
-/// A failed attempt: the error, and whether a new attempt may succeed.
-struct Failure {
-    error: Error,
-    retryable: bool,
-}
-
-impl Failure {
-    fn of(error: Error) -> Self {
-        let retryable = error.kind() == ErrorKind::Unavailable;
-        Failure { error, retryable }
-    }
-    fn fatal(error: Error) -> Self {
-        Failure {
-            error,
-            retryable: false,
-        }
-    }
 }
 
 /// What happened to the image of a failed attempt.
@@ -312,7 +272,10 @@ impl Glance {
                 check_url("keystone auth_url", auth_url)?;
             }
         }
-        let http = http::client(Duration::from_secs(cfg.connect_timeout_secs))?;
+        let http = Executor::new(
+            Duration::from_secs(cfg.connect_timeout_secs),
+            Duration::from_secs(cfg.stall_timeout_secs),
+        )?;
         Ok(Glance {
             inner: Arc::new(Inner {
                 cfg,
@@ -329,6 +292,14 @@ impl Glance {
     }
 }
 
+impl Remote for Glance {
+    type Protocol = Inner;
+
+    fn protocol(&self) -> &Arc<Inner> {
+        &self.inner
+    }
+}
+
 impl fmt::Debug for Glance {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Glance")
@@ -338,20 +309,7 @@ impl fmt::Debug for Glance {
 }
 
 fn check_url(what: &str, url: &str) -> Result<(), Error> {
-    // The URL is not echoed: it might hold a password.
-    let parsed = reqwest::Url::parse(url)
-        .map_err(|e| invalid(format!("glance target: {what} is not a URL: {e}")))?;
-    if !matches!(parsed.scheme(), "http" | "https") || parsed.host_str().is_none() {
-        return Err(invalid(format!(
-            "glance target: {what} must be an http(s) URL with a host"
-        )));
-    }
-    if !parsed.username().is_empty() || parsed.password().is_some() {
-        return Err(invalid(format!(
-            "glance target: {what} must not carry credentials in the URL"
-        )));
-    }
-    Ok(())
+    http::check_url("glance", what, url).map(drop)
 }
 
 /// `http://host:9292/v2/` → `http://host:9292`.
@@ -374,28 +332,6 @@ fn keystone_v3(auth_url: &str) -> String {
 }
 
 impl Inner {
-    fn stall(&self) -> Duration {
-        Duration::from_secs(self.cfg.stall_timeout_secs)
-    }
-
-    fn describe(&self) -> String {
-        if let Some(ep) = &self.cfg.endpoint {
-            return format!("glance {}", normalize_endpoint(ep));
-        }
-        if let Ok(guard) = self.session.try_lock() {
-            if let Some(s) = guard.as_ref() {
-                return format!("glance {}", s.endpoint);
-            }
-        }
-        match &self.cfg.auth {
-            GlanceAuth::Keystone { auth_url, .. }
-            | GlanceAuth::ApplicationCredential { auth_url, .. } => {
-                format!("glance (from the catalog of keystone {auth_url})")
-            }
-            GlanceAuth::Headers(_) => "glance".into(),
-        }
-    }
-
     /// A usable session (endpoint + token), from the cache or fresh from Keystone.
     async fn session(&self) -> Result<Session, Error> {
         let mut guard = self.session.lock().await;
@@ -458,15 +394,8 @@ impl Inner {
         let what = format!("keystone {auth_url}");
         let resp = self
             .http
-            .post(&url)
-            .json(&body)
-            .timeout(self.stall())
-            .send()
-            .await
-            .map_err(|e| http::transport_error(what.clone(), e))?;
-        if let Some(e) = http::redirect_error(&what, &resp) {
-            return Err(e);
-        }
+            .send(&what, self.http.client().post(&url).json(&body))
+            .await?;
         let status = resp.status();
         if status == StatusCode::UNAUTHORIZED {
             return Err(Error::new(
@@ -475,7 +404,7 @@ impl Inner {
             ));
         }
         if !status.is_success() {
-            let text = http::small_body(resp, self.stall()).await;
+            let text = self.http.read(resp).await.text;
             let kind = match status {
                 StatusCode::NOT_FOUND => ErrorKind::FailedPrecondition,
                 s => http::status_kind(s),
@@ -499,7 +428,7 @@ impl Inner {
                     format!("{what}: token answer has no X-Subject-Token header"),
                 )
             })?;
-        let text = http::small_body(resp, self.stall()).await;
+        let text = self.http.read(resp).await.text;
         let endpoint = match &self.cfg.endpoint {
             Some(ep) => normalize_endpoint(ep),
             None => {
@@ -559,6 +488,7 @@ impl Inner {
     fn request(&self, s: &Session, method: Method, path: &str) -> reqwest::RequestBuilder {
         let mut rb = self
             .http
+            .client()
             .request(method, format!("{}{path}", s.endpoint))
             .headers(self.fixed_headers.clone());
         if let Some(t) = &s.token {
@@ -579,19 +509,12 @@ impl Inner {
         body: Option<&Value>,
         what: &str,
     ) -> Result<(StatusCode, String), Error> {
-        let mut rb = self.request(s, method, path).timeout(self.stall());
+        let mut rb = self.request(s, method, path);
         if let Some(b) = body {
             rb = rb.json(b);
         }
-        let resp = rb
-            .send()
-            .await
-            .map_err(|e| http::transport_error(what.to_string(), e))?;
-        if let Some(e) = http::redirect_error(what, &resp) {
-            return Err(e);
-        }
-        let status = resp.status();
-        Ok((status, http::small_body(resp, self.stall()).await))
+        let answer = self.http.call(what, rb).await?;
+        Ok((answer.status, answer.text))
     }
 
     /// The error for an unexpected answer.
@@ -612,32 +535,6 @@ impl Inner {
                 http::excerpt(text)
             ),
         )
-    }
-
-    async fn check(&self) -> Result<(), Error> {
-        let s = self.session().await?;
-        let what = format!("glance {}: listing images", s.endpoint);
-        let (status, text) = self
-            .call(&s, Method::GET, "/v2/images?limit=1", None, &what)
-            .await?;
-        if status.is_success() {
-            let doc: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
-            if doc["images"].is_array() {
-                return Ok(());
-            }
-            return Err(Error::new(
-                ErrorKind::FailedPrecondition,
-                format!("{what}: the answer is not a Glance v2 image list (wrong endpoint?)"),
-            ));
-        }
-        let mut e = self.answer_error(&what, status, &text);
-        if status == StatusCode::NOT_FOUND {
-            e = Error::new(
-                ErrorKind::FailedPrecondition,
-                format!("{what}: no Glance v2 API there (404)"),
-            );
-        }
-        Err(e)
     }
 
     fn create_body(&self, meta: &UploadMeta) -> Result<Value, Error> {
@@ -732,24 +629,20 @@ impl Inner {
     /// Deletes the image of a failed attempt: a few quick tries, then (Glance unreachable) a
     /// background task for the configured patience.
     async fn cleanup(self: &Arc<Self>, id: &str) -> Cleanup {
-        let mut last = None;
-        for attempt in 1..=3u32 {
-            match self.delete_image(id).await {
-                Ok(()) => {
-                    tracing::info!(image_id = %id, "deleted the glance image of a failed upload");
-                    return Cleanup::Deleted;
-                }
-                Err(e) if e.kind() == ErrorKind::Unavailable => {
-                    last = Some(e);
-                    if attempt < 3 {
-                        tokio::time::sleep(http::backoff(Duration::from_millis(500), attempt))
-                            .await;
-                    }
-                }
-                Err(e) => return Cleanup::Failed(e.chain()),
+        let tries = RetryPolicy::new(3, Duration::from_millis(500))
+            .run(
+                |_| async { self.delete_image(id).await.map_err(Failure::of) },
+                |_| {},
+            )
+            .await;
+        let reason = match tries {
+            Ok(()) => {
+                tracing::info!(image_id = %id, "deleted the glance image of a failed upload");
+                return Cleanup::Deleted;
             }
-        }
-        let reason = last.map(|e| e.chain()).unwrap_or_default();
+            Err(g) if !g.retryable => return Cleanup::Failed(g.error.chain()),
+            Err(g) => g.error.chain(),
+        };
         let patience = Duration::from_secs(self.cfg.cleanup_patience_secs);
         if patience.is_zero() {
             return Cleanup::Failed(reason);
@@ -795,7 +688,10 @@ impl Inner {
             .request(s, Method::PUT, &format!("/v2/images/{id}/{path}"))
             .header(CONTENT_TYPE, "application/octet-stream")
             .body(reqwest::Body::wrap_stream(body));
-        let res = http::with_stall_guard(req.send(), &progress, self.stall()).await;
+        let res = self
+            .http
+            .send_streamed(&what, req, &progress, Some(&meter))
+            .await;
         let (sent, producer_error, complete) = {
             let mut m = http::lock(&meter);
             (m.sent(), m.producer_error.take(), m.complete)
@@ -803,30 +699,12 @@ impl Inner {
         if let Some(e) = producer_error {
             return Err(Failure::fatal(e));
         }
-        let resp = match res {
-            Err(stalled) => {
-                return Err(Failure::of(http::stall_error(what, stalled, Some(sent))));
-            }
-            Ok(Err(e)) => {
-                let e = http::transport_error(
-                    format!("{what} after {} of {}", human(sent), human(meta.size)),
-                    e,
-                );
-                return Err(Failure::of(e));
-            }
-            Ok(Ok(resp)) => resp,
-        };
-        if let Some(e) = http::redirect_error(&what, &resp) {
-            return Err(Failure::fatal(e));
-        }
+        let resp = res?;
         let status = resp.status();
         if !status.is_success() {
-            let text = http::small_body(resp, self.stall()).await;
+            let text = self.http.read(resp).await.text;
             let e = self.answer_error(&what, status, &text);
-            return Err(Failure {
-                error: e,
-                retryable: http::is_transient_status(status),
-            });
+            return Err(Failure::answer(e, status));
         }
         if !complete {
             return Err(Failure::fatal(Error::new(
@@ -870,10 +748,10 @@ impl Inner {
             .await
             .map_err(Failure::of)?;
         if !status.is_success() {
-            return Err(Failure {
-                error: self.answer_error(&what, status, &text),
-                retryable: http::is_transient_status(status),
-            });
+            return Err(Failure::answer(
+                self.answer_error(&what, status, &text),
+                status,
+            ));
         }
         Ok(())
     }
@@ -891,7 +769,7 @@ impl Inner {
         let wait = if self.cfg.use_import {
             Duration::from_secs(self.cfg.import_timeout_secs)
         } else {
-            self.stall()
+            self.http.stall()
         };
         let deadline = Instant::now() + wait;
         let img = loop {
@@ -958,7 +836,7 @@ impl Inner {
         meta: &UploadMeta,
         create: &Value,
         factory: StreamFactory<'_>,
-        left_behind: &mut Vec<String>,
+        left_behind: &Mutex<Vec<String>>,
     ) -> Result<Uploaded, Failure> {
         let s = self.session().await.map_err(Failure::of)?;
         let id = self
@@ -969,13 +847,13 @@ impl Inner {
             "glance image created, streaming");
         // Deletes the image if this future is dropped (the operation was cancelled) before
         // the image is verified or cleaned up below.
-        let mut guard = PendingImage {
+        let mut guard = CleanupGuard::new(PendingImage {
             inner: Arc::clone(self),
-            id: Some(id.clone()),
-        };
+            id: id.clone(),
+        });
         let outcome = self.send_and_verify(&s, &id, meta, factory).await;
         if outcome.is_ok() {
-            guard.id = None;
+            guard.disarm();
         }
         match outcome {
             Ok((sha256, sha512, size)) => Ok(Uploaded {
@@ -986,7 +864,8 @@ impl Inner {
             }),
             Err(f) => {
                 let cleanup = self.cleanup(&id).await;
-                guard.id = None;
+                guard.disarm();
+                let mut left_behind = left_behind.lock().unwrap_or_else(|e| e.into_inner());
                 let note = match cleanup {
                     Cleanup::Deleted => format!("glance image {id} was deleted"),
                     Cleanup::Deferred(why) => {
@@ -1013,106 +892,143 @@ impl Inner {
 }
 
 /// An image created by an attempt that has not ended yet: if the upload future is dropped
-/// (a cancelled operation), its deletion is started on the runtime, as after a failure.
+/// (a cancelled operation), its [`CleanupGuard`] deletes it as after a failure.
 struct PendingImage {
     inner: Arc<Inner>,
-    id: Option<String>,
+    id: String,
 }
 
-impl Drop for PendingImage {
-    fn drop(&mut self) {
-        let Some(id) = self.id.take() else { return };
-        match tokio::runtime::Handle::try_current() {
-            Ok(rt) => {
-                tracing::warn!(image_id = %id, "glance upload cancelled: deleting its image");
-                let inner = Arc::clone(&self.inner);
-                rt.spawn(async move {
-                    if let Cleanup::Failed(why) = inner.cleanup(&id).await {
-                        tracing::error!(image_id = %id, error = %why,
-                            "could not delete the glance image of a cancelled upload: delete it by hand");
-                    }
-                });
+impl Undo for PendingImage {
+    fn cancelled(&self) {
+        tracing::warn!(image_id = %self.id, "glance upload cancelled: deleting its image");
+    }
+
+    fn stranded(&self) {
+        tracing::error!(image_id = %self.id,
+            "glance upload dropped outside a runtime: its image is left behind");
+    }
+
+    fn undo(&self) -> BoxFuture<'static, ()> {
+        let (inner, id) = (Arc::clone(&self.inner), self.id.clone());
+        Box::pin(async move {
+            if let Cleanup::Failed(why) = inner.cleanup(&id).await {
+                tracing::error!(image_id = %id, error = %why,
+                    "could not delete the glance image of a cancelled upload: delete it by hand");
             }
-            Err(_) => tracing::error!(image_id = %id,
-                "glance upload dropped outside a runtime: its image is left behind"),
-        }
+        })
     }
 }
 
 #[tonic::async_trait]
-impl StreamTarget for Glance {
+impl Protocol for Inner {
     fn describe(&self) -> String {
-        self.inner.describe()
+        if let Some(ep) = &self.cfg.endpoint {
+            return format!("glance {}", normalize_endpoint(ep));
+        }
+        if let Ok(guard) = self.session.try_lock() {
+            if let Some(s) = guard.as_ref() {
+                return format!("glance {}", s.endpoint);
+            }
+        }
+        match &self.cfg.auth {
+            GlanceAuth::Keystone { auth_url, .. }
+            | GlanceAuth::ApplicationCredential { auth_url, .. } => {
+                format!("glance (from the catalog of keystone {auth_url})")
+            }
+            GlanceAuth::Headers(_) => "glance".into(),
+        }
     }
 
     async fn check(&self) -> Result<(), Error> {
-        self.inner.check().await
+        let s = self.session().await?;
+        let what = format!("glance {}: listing images", s.endpoint);
+        let (status, text) = self
+            .call(&s, Method::GET, "/v2/images?limit=1", None, &what)
+            .await?;
+        if status.is_success() {
+            let doc: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
+            if doc["images"].is_array() {
+                return Ok(());
+            }
+            return Err(Error::new(
+                ErrorKind::FailedPrecondition,
+                format!("{what}: the answer is not a Glance v2 image list (wrong endpoint?)"),
+            ));
+        }
+        let mut e = self.answer_error(&what, status, &text);
+        if status == StatusCode::NOT_FOUND {
+            e = Error::new(
+                ErrorKind::FailedPrecondition,
+                format!("{what}: no Glance v2 API there (404)"),
+            );
+        }
+        Err(e)
     }
 
-    async fn upload(&self, meta: &UploadMeta, body: StreamFactory<'_>) -> Result<Uploaded, Error> {
-        validate_meta(meta)?;
-        let create = self.inner.create_body(meta)?;
-        let attempts = self.inner.cfg.attempts.max(1);
+    async fn upload(
+        this: &Arc<Self>,
+        meta: &UploadMeta,
+        body: StreamFactory<'_>,
+    ) -> Result<Uploaded, Error> {
+        let create = this.create_body(meta)?;
         let started = Instant::now();
-        let mut left_behind = Vec::new();
-        for attempt in 1..=attempts {
-            match self
-                .inner
-                .attempt(meta, &create, body, &mut left_behind)
-                .await
-            {
-                Ok(up) => {
-                    let secs = started.elapsed().as_secs_f64();
-                    tracing::info!(image = %meta.name, image_id = %up.location,
-                        target = %self.describe(), bytes = up.size, secs,
-                        mib_per_s = up.size as f64 / (1 << 20) as f64 / secs.max(1e-6),
-                        "glance upload verified");
-                    return Ok(up);
-                }
-                Err(f) if f.retryable && attempt < attempts => {
-                    let wait = http::backoff(Duration::from_secs(1), attempt);
-                    tracing::warn!(image = %meta.name, target = %self.describe(), attempt,
-                        attempts, error = %f.error.chain(), retry_in_ms = wait.as_millis() as u64,
+        let left_behind = Mutex::new(Vec::new());
+        let outcome = RetryPolicy::new(this.cfg.attempts, Duration::from_secs(1))
+            .run(
+                |_| this.attempt(meta, &create, body, &left_behind),
+                |r| {
+                    tracing::warn!(image = %meta.name, target = %this.describe(),
+                        attempt = r.attempt, attempts = r.attempts, error = %r.error.chain(),
+                        retry_in_ms = r.wait.as_millis() as u64,
                         "glance upload failed, restarting it from the first byte");
-                    tokio::time::sleep(wait).await;
-                }
-                Err(f) => {
-                    let earlier = left_behind
-                        .iter()
-                        .filter(|id| !f.error.to_string().contains(id.as_str()))
-                        .cloned()
-                        .collect::<Vec<_>>();
-                    let earlier = if earlier.is_empty() {
-                        String::new()
-                    } else {
-                        format!(
-                            "; images of earlier attempts not deleted yet: {}",
-                            earlier.join(", ")
-                        )
-                    };
-                    let kind = f.error.kind();
-                    return Err(Error::new(
-                        kind,
-                        format!(
-                            "upload of image {} ({}, {}) to {} failed (attempt {attempt} of \
-                             {attempts}){earlier}",
-                            meta.name,
-                            meta.format,
-                            human(meta.size),
-                            self.describe()
-                        ),
-                    )
-                    .with_source(f.error));
-                }
+                },
+            )
+            .await;
+        let g = match outcome {
+            Ok(up) => {
+                let secs = started.elapsed().as_secs_f64();
+                tracing::info!(image = %meta.name, image_id = %up.location,
+                    target = %this.describe(), bytes = up.size, secs,
+                    mib_per_s = up.size as f64 / (1 << 20) as f64 / secs.max(1e-6),
+                    "glance upload verified");
+                return Ok(up);
             }
-        }
-        unreachable!("the last attempt returns")
+            Err(g) => g,
+        };
+        let earlier = left_behind
+            .into_inner()
+            .unwrap_or_else(|e| e.into_inner())
+            .into_iter()
+            .filter(|id| !g.error.to_string().contains(id.as_str()))
+            .collect::<Vec<_>>();
+        let earlier = if earlier.is_empty() {
+            String::new()
+        } else {
+            format!(
+                "; images of earlier attempts not deleted yet: {}",
+                earlier.join(", ")
+            )
+        };
+        let (attempt, attempts) = (g.attempt, g.attempts);
+        Err(Error::new(
+            g.error.kind(),
+            format!(
+                "upload of image {} ({}, {}) to {} failed (attempt {attempt} of \
+                 {attempts}){earlier}",
+                meta.name,
+                meta.format,
+                human(meta.size),
+                this.describe()
+            ),
+        )
+        .with_source(g.error))
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::upload::StreamTarget;
 
     fn headers_cfg() -> GlanceConfig {
         let mut h = BTreeMap::new();

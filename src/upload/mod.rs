@@ -32,9 +32,11 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
+use std::sync::Arc;
 
 use crate::error::Error;
 
+mod defaults;
 pub mod file;
 pub mod glance;
 mod http;
@@ -81,6 +83,47 @@ pub trait StreamTarget: Send + Sync {
     async fn check(&self) -> Result<(), Error>;
     /// Streams the object made by `body` and verifies it; cleans up on failure.
     async fn upload(&self, meta: &UploadMeta, body: StreamFactory<'_>) -> Result<Uploaded, Error>;
+}
+
+/// The protocol of a remote destination (Glance, S3), shared through an `Arc` by its handle
+/// and the tasks it spawns (clean-ups, parts).
+#[tonic::async_trait]
+pub(crate) trait Protocol: Send + Sync + 'static {
+    /// See [`StreamTarget::describe`].
+    fn describe(&self) -> String;
+    /// See [`StreamTarget::check`].
+    async fn check(&self) -> Result<(), Error>;
+    /// See [`StreamTarget::upload`]; `meta` was checked already.
+    async fn upload(
+        this: &Arc<Self>,
+        meta: &UploadMeta,
+        body: StreamFactory<'_>,
+    ) -> Result<Uploaded, Error>;
+}
+
+/// The public handle of a remote destination ([`glance::Glance`], [`s3::S3`]): its protocol.
+/// Every handle is a [`StreamTarget`] the same way: the upload's metadata is checked, then the
+/// protocol runs.
+pub(crate) trait Remote: Send + Sync {
+    type Protocol: Protocol;
+
+    fn protocol(&self) -> &Arc<Self::Protocol>;
+}
+
+#[tonic::async_trait]
+impl<R: Remote> StreamTarget for R {
+    fn describe(&self) -> String {
+        self.protocol().describe()
+    }
+
+    async fn check(&self) -> Result<(), Error> {
+        self.protocol().check().await
+    }
+
+    async fn upload(&self, meta: &UploadMeta, body: StreamFactory<'_>) -> Result<Uploaded, Error> {
+        validate_meta(meta)?;
+        Protocol::upload(self.protocol(), meta, body).await
+    }
 }
 
 /// The settings of one remote target, as written in a config file: `kind = "glance"` or

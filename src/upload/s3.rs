@@ -1,7 +1,8 @@
 //! S3 (and S3-compatible: Ceph RGW, MinIO, s3s) as a stream target, by multipart upload.
 //!
-//! Protocol flow of one upload ([`S3::upload`]), every request signed with SigV4 presigned URLs
-//! (rusty-s3) and sent with reqwest:
+//! Protocol flow of one upload (`upload` of [`S3`] as a [`StreamTarget`](super::StreamTarget)),
+//! every request signed with SigV4 presigned URLs (rusty-s3) and sent by the shared executor
+//! (`upload::http`):
 //!
 //! 1. `HEAD` the object `{prefix}{name}.{format}`: an existing object is refused
 //!    (ALREADY_EXISTS) unless `overwrite` is set.
@@ -41,6 +42,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
+use futures_util::future::BoxFuture;
 use futures_util::StreamExt;
 use reqwest::header::{CONTENT_LENGTH, CONTENT_TYPE, ETAG};
 use reqwest::StatusCode;
@@ -49,8 +51,9 @@ use rusty_s3::{Bucket, Credentials, S3Action, UrlStyle};
 use serde::Deserialize;
 use tokio::task::JoinSet;
 
-use super::http::{self, Digests, Progress};
-use super::{human, validate_meta, Secret, StreamFactory, StreamTarget, UploadMeta, Uploaded};
+use super::defaults;
+use super::http::{self, CleanupGuard, Digests, Executor, Failure, Progress, RetryPolicy, Undo};
+use super::{human, Protocol, Remote, Secret, StreamFactory, UploadMeta, Uploaded};
 use crate::error::{invalid, Error, ErrorKind};
 
 /// Settings of an S3 target.
@@ -59,7 +62,7 @@ use crate::error::{invalid, Error, ErrorKind};
 pub struct S3Config {
     /// Service URL, e.g. `https://s3.eu-west-1.amazonaws.com` or `http://rgw:7480`.
     pub endpoint: String,
-    #[serde(default = "default_region")]
+    #[serde(default = "defaults::s3_region")]
     pub region: String,
     pub bucket: String,
     /// Prepended to every object key (e.g. `images/`).
@@ -71,62 +74,34 @@ pub struct S3Config {
     #[serde(default)]
     pub session_token: Option<Secret>,
     /// `http://host/bucket/key` (true) or `http://bucket.host/key` (false).
-    #[serde(default = "yes")]
+    #[serde(default = "defaults::yes")]
     pub path_style: bool,
     /// Replace an existing object of the same name.
     #[serde(default)]
     pub overwrite: bool,
     /// Smallest part size; raised for big objects so no more than 9000 parts are needed.
-    #[serde(default = "default_min_part")]
+    #[serde(default = "defaults::s3_min_part_size_mib")]
     pub min_part_size_mib: u64,
     /// Parts uploading at once (1 to 8); memory holds this many parts plus one.
-    #[serde(default = "default_in_flight")]
+    #[serde(default = "defaults::s3_parts_in_flight")]
     pub parts_in_flight: usize,
     /// Resends of a failed part (network error, stall, 5xx).
-    #[serde(default = "default_part_retries")]
+    #[serde(default = "defaults::s3_part_retries")]
     pub part_retries: u32,
     /// First retry delay; doubles each time, at most 8 s.
-    #[serde(default = "default_backoff_ms")]
+    #[serde(default = "defaults::s3_retry_backoff_ms")]
     pub retry_backoff_ms: u64,
     /// Write the `{key}.sha256` companion object.
-    #[serde(default = "yes")]
+    #[serde(default = "defaults::yes")]
     pub checksum_object: bool,
-    #[serde(default = "default_connect_timeout")]
+    #[serde(default = "defaults::connect_timeout_secs")]
     pub connect_timeout_secs: u64,
     /// A transfer with no progress for this long fails.
-    #[serde(default = "default_stall_timeout")]
+    #[serde(default = "defaults::stall_timeout_secs")]
     pub stall_timeout_secs: u64,
     /// How long the server may take to assemble the parts (CompleteMultipartUpload).
-    #[serde(default = "default_complete_timeout")]
+    #[serde(default = "defaults::s3_complete_timeout_secs")]
     pub complete_timeout_secs: u64,
-}
-
-fn default_region() -> String {
-    "us-east-1".into()
-}
-fn yes() -> bool {
-    true
-}
-fn default_min_part() -> u64 {
-    16
-}
-fn default_in_flight() -> usize {
-    1
-}
-fn default_part_retries() -> u32 {
-    3
-}
-fn default_backoff_ms() -> u64 {
-    500
-}
-fn default_connect_timeout() -> u64 {
-    10
-}
-fn default_stall_timeout() -> u64 {
-    60
-}
-fn default_complete_timeout() -> u64 {
-    600
 }
 
 impl S3Config {
@@ -139,7 +114,7 @@ impl S3Config {
     ) -> Self {
         S3Config {
             endpoint: endpoint.into(),
-            region: default_region(),
+            region: defaults::s3_region(),
             bucket: bucket.into(),
             prefix: String::new(),
             access_key: access_key.into(),
@@ -147,14 +122,14 @@ impl S3Config {
             session_token: None,
             path_style: true,
             overwrite: false,
-            min_part_size_mib: default_min_part(),
-            parts_in_flight: default_in_flight(),
-            part_retries: default_part_retries(),
-            retry_backoff_ms: default_backoff_ms(),
+            min_part_size_mib: defaults::s3_min_part_size_mib(),
+            parts_in_flight: defaults::s3_parts_in_flight(),
+            part_retries: defaults::s3_part_retries(),
+            retry_backoff_ms: defaults::s3_retry_backoff_ms(),
             checksum_object: true,
-            connect_timeout_secs: default_connect_timeout(),
-            stall_timeout_secs: default_stall_timeout(),
-            complete_timeout_secs: default_complete_timeout(),
+            connect_timeout_secs: defaults::connect_timeout_secs(),
+            stall_timeout_secs: defaults::stall_timeout_secs(),
+            complete_timeout_secs: defaults::s3_complete_timeout_secs(),
         }
     }
 }
@@ -180,78 +155,72 @@ pub struct S3 {
     inner: Arc<Inner>,
 }
 
-struct Inner {
+impl Remote for S3 {
+    type Protocol = Inner;
+
+    fn protocol(&self) -> &Arc<Inner> {
+        &self.inner
+    }
+}
+
+pub(crate) struct Inner {
     cfg: S3Config,
     bucket: Bucket,
     creds: Credentials,
-    http: reqwest::Client,
+    http: Executor,
     endpoint: String,
 }
 
-/// What an upload created so far, for the cleanup. While `armed`, dropping it (the upload
-/// future was dropped: a cancelled operation) aborts the upload from a task spawned on the
-/// runtime, as after a failure.
+/// What an upload created so far, for the cleanup. Its [`CleanupGuard`] is disarmed once
+/// CompleteMultipartUpload went through (the object is whole, nothing to abort); while armed,
+/// dropping it (the upload future was dropped: a cancelled operation) aborts the upload, as
+/// after a failure.
 struct Made {
     inner: Arc<Inner>,
     key: String,
     upload_id: String,
     companion: Option<String>,
-    /// CompleteMultipartUpload went through: the object is whole, nothing to abort.
-    completed: bool,
-    armed: bool,
 }
 
-impl Drop for Made {
-    fn drop(&mut self) {
-        if !self.armed || self.completed {
-            return;
-        }
+impl Undo for Made {
+    fn cancelled(&self) {
+        tracing::warn!(upload_id = %self.upload_id, object = %self.inner.location(&self.key),
+            "s3 upload cancelled: aborting it");
+    }
+
+    fn stranded(&self) {
+        tracing::error!(upload_id = %self.upload_id,
+            "s3 upload dropped outside a runtime: its multipart upload is left behind");
+    }
+
+    fn undo(&self) -> BoxFuture<'static, ()> {
         let (inner, key, upload_id, companion) = (
             Arc::clone(&self.inner),
             self.key.clone(),
             self.upload_id.clone(),
             self.companion.clone(),
         );
-        match tokio::runtime::Handle::try_current() {
-            Ok(rt) => {
-                tracing::warn!(upload_id = %upload_id, object = %inner.location(&key),
-                    "s3 upload cancelled: aborting it");
-                rt.spawn(async move {
-                    // Parts still on the wire when the upload was dropped may land after a
-                    // first abort (S3 documents this): abort again a moment later.
-                    let first = inner.abort(&key, &upload_id).await;
-                    tokio::time::sleep(Duration::from_secs(1)).await;
-                    let second = inner.abort(&key, &upload_id).await;
-                    if let (Err(e), Err(_)) = (first, second) {
-                        tracing::error!(upload_id = %upload_id, error = %e.chain(),
-                            "could not abort the multipart upload of a cancelled upload");
-                    }
-                    if let Some(c) = companion {
-                        let _ = inner.delete_object(&c).await;
-                    }
-                });
+        Box::pin(async move {
+            // Parts still on the wire when the upload was dropped may land after a first
+            // abort (S3 documents this): abort again a moment later.
+            let first = inner.abort(&key, &upload_id).await;
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            let second = inner.abort(&key, &upload_id).await;
+            if let (Err(e), Err(_)) = (first, second) {
+                tracing::error!(upload_id = %upload_id, error = %e.chain(),
+                    "could not abort the multipart upload of a cancelled upload");
             }
-            Err(_) => tracing::error!(upload_id = %upload_id,
-                "s3 upload dropped outside a runtime: its multipart upload is left behind"),
-        }
+            if let Some(c) = companion {
+                let _ = inner.delete_object(&c).await;
+            }
+        })
     }
 }
 
 impl S3 {
     /// Checks the settings and builds the HTTP client (nothing is contacted yet).
     pub fn new(cfg: S3Config) -> Result<Self, Error> {
-        let url = reqwest::Url::parse(&cfg.endpoint)
-            .map_err(|e| invalid(format!("s3 target: endpoint is not a URL: {e}")))?;
-        if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() {
-            return Err(invalid(
-                "s3 target: endpoint must be an http(s) URL with a host",
-            ));
-        }
-        if !url.username().is_empty() || url.password().is_some() {
-            return Err(invalid(
-                "s3 target: endpoint must not carry credentials in the URL",
-            ));
-        }
+        let url = http::check_url("s3", "endpoint", &cfg.endpoint)?;
         if cfg.bucket.is_empty() {
             return Err(invalid("s3 target: bucket is empty"));
         }
@@ -287,7 +256,10 @@ impl S3 {
             ),
             None => Credentials::new(cfg.access_key.clone(), cfg.secret_key.expose()),
         };
-        let http = http::client(Duration::from_secs(cfg.connect_timeout_secs))?;
+        let http = Executor::new(
+            Duration::from_secs(cfg.connect_timeout_secs),
+            Duration::from_secs(cfg.stall_timeout_secs),
+        )?;
         let endpoint = cfg.endpoint.trim_end_matches('/').to_string();
         Ok(S3 {
             inner: Arc::new(Inner {
@@ -307,7 +279,7 @@ impl S3 {
 
     /// The object key an upload of `meta` writes.
     pub fn key_for(&self, meta: &UploadMeta) -> String {
-        format!("{}{}.{}", self.inner.cfg.prefix, meta.name, meta.format)
+        self.inner.key_for(meta)
     }
 }
 
@@ -419,12 +391,8 @@ fn metadata_headers(meta: &UploadMeta) -> Result<Vec<(String, String)>, Error> {
 }
 
 impl Inner {
-    fn stall(&self) -> Duration {
-        Duration::from_secs(self.cfg.stall_timeout_secs)
-    }
-
-    fn describe(&self) -> String {
-        format!("s3 {} bucket {}", self.endpoint, self.cfg.bucket)
+    fn key_for(&self, meta: &UploadMeta) -> String {
+        format!("{}{}.{}", self.cfg.prefix, meta.name, meta.format)
     }
 
     fn location(&self, key: &str) -> String {
@@ -474,57 +442,6 @@ impl Inner {
         )
     }
 
-    async fn check(&self) -> Result<(), Error> {
-        let what = format!("{}: checking bucket {}", self.endpoint, self.cfg.bucket);
-        let url = self.bucket.head_bucket(Some(&self.creds)).sign(SIGN_EXPIRY);
-        let resp = self
-            .http
-            .head(url)
-            .timeout(self.stall())
-            .send()
-            .await
-            .map_err(|e| http::transport_error(format!("s3 {what}"), e))?;
-        if let Some(e) = http::redirect_error(&format!("s3 {what}"), &resp) {
-            return Err(e);
-        }
-        let status = resp.status();
-        let b = &self.cfg.bucket;
-        match status {
-            s if s.is_success() => Ok(()),
-            StatusCode::NOT_FOUND => Err(Error::new(
-                ErrorKind::FailedPrecondition,
-                format!("s3 {}: bucket {b} does not exist", self.endpoint),
-            )),
-            StatusCode::FORBIDDEN | StatusCode::UNAUTHORIZED => Err(Error::new(
-                ErrorKind::FailedPrecondition,
-                format!(
-                    "s3 {}: access to bucket {b} denied ({status}): wrong access key or secret \
-                     key, or no permission on the bucket",
-                    self.endpoint
-                ),
-            )),
-            StatusCode::MOVED_PERMANENTLY => {
-                let region = resp
-                    .headers()
-                    .get("x-amz-bucket-region")
-                    .and_then(|v| v.to_str().ok())
-                    .unwrap_or("another region")
-                    .to_string();
-                Err(Error::new(
-                    ErrorKind::FailedPrecondition,
-                    format!(
-                        "s3 {}: bucket {b} is in {region}, not {}: fix the region",
-                        self.endpoint, self.cfg.region
-                    ),
-                ))
-            }
-            s => Err(Error::new(
-                http::status_kind(s),
-                format!("s3 {what}: S3 answered {s}"),
-            )),
-        }
-    }
-
     /// The object's length, or `None` when it does not exist (or cannot be seen).
     async fn head_object(&self, key: &str) -> Result<Option<u64>, Error> {
         let what = format!("s3 {}: HEAD {}", self.endpoint, self.location(key));
@@ -532,16 +449,7 @@ impl Inner {
             .bucket
             .head_object(Some(&self.creds), key)
             .sign(SIGN_EXPIRY);
-        let resp = self
-            .http
-            .head(url)
-            .timeout(self.stall())
-            .send()
-            .await
-            .map_err(|e| http::transport_error(what.clone(), e))?;
-        if let Some(e) = http::redirect_error(&what, &resp) {
-            return Err(e);
-        }
+        let resp = self.http.send(&what, self.http.client().head(url)).await?;
         match resp.status() {
             s if s.is_success() => Ok(Some(
                 resp.headers()
@@ -575,21 +483,13 @@ impl Inner {
         let url = action.sign(SIGN_EXPIRY);
         let mut rb = self
             .http
+            .client()
             .post(url)
-            .timeout(self.stall())
             .header(CONTENT_TYPE, "application/octet-stream");
         for (k, v) in headers {
             rb = rb.header(k.as_str(), v.as_str());
         }
-        let resp = rb
-            .send()
-            .await
-            .map_err(|e| http::transport_error(what.clone(), e))?;
-        if let Some(e) = http::redirect_error(&what, &resp) {
-            return Err(e);
-        }
-        let status = resp.status();
-        let text = http::small_body(resp, self.stall()).await;
+        let http::Answer { status, text, .. } = self.http.call(&what, rb).await?;
         if !status.is_success() {
             return Err(self.answer_error(&what, status, &text));
         }
@@ -601,6 +501,23 @@ impl Inner {
             .with_source(e)
         })?;
         Ok(parsed.upload_id().to_string())
+    }
+
+    /// Resends of a failed part, the companion or the completion: `part_retries` after the
+    /// first attempt.
+    fn retry_policy(&self) -> RetryPolicy {
+        RetryPolicy::new(
+            self.cfg.part_retries + 1,
+            Duration::from_millis(self.cfg.retry_backoff_ms),
+        )
+    }
+
+    /// The failure of an S3 answer that is not a success: retryable when transient.
+    fn answer_failure(&self, what: &str, answer: &http::Answer) -> Failure {
+        Failure::answer(
+            self.answer_error(what, answer.status, &answer.text),
+            answer.status,
+        )
     }
 
     /// Uploads one part from its buffer, resending it on transient failures.
@@ -617,10 +534,7 @@ impl Inner {
             human(data.len() as u64),
             self.location(&key)
         );
-        let attempts = self.cfg.part_retries + 1;
-        let mut attempt = 0;
-        loop {
-            attempt += 1;
+        let once = |_| async {
             let url = self
                 .bucket
                 .upload_part(Some(&self.creds), &key, number, &upload_id)
@@ -629,101 +543,67 @@ impl Inner {
             let body = http::BufferBody::new(data.clone(), progress.clone());
             let req = self
                 .http
+                .client()
                 .put(url)
                 .header(CONTENT_LENGTH, data.len())
                 .body(reqwest::Body::wrap_stream(body));
-            let err = match http::with_stall_guard(req.send(), &progress, self.stall()).await {
-                Err(stalled) => http::stall_error(what.clone(), stalled, None),
-                Ok(Err(e)) => http::transport_error(what.clone(), e),
-                Ok(Ok(resp)) => {
-                    if let Some(e) = http::redirect_error(&what, &resp) {
-                        return Err(e);
-                    }
-                    let status = resp.status();
-                    let etag = resp
-                        .headers()
-                        .get(ETAG)
-                        .and_then(|v| v.to_str().ok())
-                        .map(str::to_string);
-                    let text = http::small_body(resp, self.stall()).await;
-                    match (status.is_success(), etag) {
-                        (true, Some(etag)) => return Ok((number, etag)),
-                        (true, None) => {
-                            return Err(Error::new(
-                                ErrorKind::Internal,
-                                format!("{what}: S3 answered {status} without an ETag"),
-                            ))
-                        }
-                        (false, _) => {
-                            let e = self.answer_error(&what, status, &text);
-                            if !http::is_transient_status(status) {
-                                return Err(e);
-                            }
-                            e
-                        }
-                    }
-                }
-            };
-            if attempt >= attempts {
-                return Err(Error::new(
-                    err.kind(),
-                    format!("part {number} failed {attempts} times, giving up"),
-                )
-                .with_source(err));
+            let resp = self.http.send_streamed(&what, req, &progress, None).await?;
+            let answer = self.http.read(resp).await;
+            let etag = answer
+                .headers
+                .get(ETAG)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string);
+            match (answer.status.is_success(), etag) {
+                (true, Some(etag)) => Ok((number, etag)),
+                (true, None) => Err(Failure::fatal(Error::new(
+                    ErrorKind::Internal,
+                    format!("{what}: S3 answered {} without an ETag", answer.status),
+                ))),
+                (false, _) => Err(self.answer_failure(&what, &answer)),
             }
-            let wait = http::backoff(Duration::from_millis(self.cfg.retry_backoff_ms), attempt);
-            tracing::warn!(part = number, attempt, attempts, error = %err.chain(),
-                retry_in_ms = wait.as_millis() as u64, "s3 part upload failed, resending it");
-            tokio::time::sleep(wait).await;
-        }
+        };
+        let told = |r: &http::Retry<'_>| {
+            tracing::warn!(part = number, attempt = r.attempt, attempts = r.attempts,
+                error = %r.error.chain(), retry_in_ms = r.wait.as_millis() as u64,
+                "s3 part upload failed, resending it");
+        };
+        self.retry_policy().run(once, told).await.map_err(|g| {
+            if !g.retryable {
+                return g.error;
+            }
+            Error::new(
+                g.error.kind(),
+                format!("part {number} failed {} times, giving up", g.attempts),
+            )
+            .with_source(g.error)
+        })
     }
 
     /// A small object (the sha256 companion), retried like a part.
     async fn put_small(&self, key: &str, body: String) -> Result<(), Error> {
         let what = format!("s3 {}: PUT {}", self.endpoint, self.location(key));
-        let attempts = self.cfg.part_retries + 1;
-        let mut attempt = 0;
-        loop {
-            attempt += 1;
+        let once = |_| async {
             let url = self
                 .bucket
                 .put_object(Some(&self.creds), key)
                 .sign(SIGN_EXPIRY);
-            let res = self
+            let rb = self
                 .http
+                .client()
                 .put(url)
-                .timeout(self.stall())
                 .header(CONTENT_TYPE, "text/plain")
-                .body(body.clone())
-                .send()
-                .await;
-            let err = match res {
-                Err(e) => http::transport_error(what.clone(), e),
-                Ok(resp) => {
-                    if let Some(e) = http::redirect_error(&what, &resp) {
-                        return Err(e);
-                    }
-                    let status = resp.status();
-                    let text = http::small_body(resp, self.stall()).await;
-                    if status.is_success() {
-                        return Ok(());
-                    }
-                    let e = self.answer_error(&what, status, &text);
-                    if !http::is_transient_status(status) {
-                        return Err(e);
-                    }
-                    e
-                }
-            };
-            if attempt >= attempts {
-                return Err(err);
+                .body(body.clone());
+            let answer = self.http.call(&what, rb).await.map_err(Failure::of)?;
+            if answer.status.is_success() {
+                return Ok(());
             }
-            tokio::time::sleep(http::backoff(
-                Duration::from_millis(self.cfg.retry_backoff_ms),
-                attempt,
-            ))
-            .await;
-        }
+            Err(self.answer_failure(&what, &answer))
+        };
+        self.retry_policy()
+            .run(once, |_| {})
+            .await
+            .map_err(|g| g.error)
     }
 
     async fn delete_object(&self, key: &str) -> Result<(), Error> {
@@ -732,22 +612,14 @@ impl Inner {
             .bucket
             .delete_object(Some(&self.creds), key)
             .sign(SIGN_EXPIRY);
-        let resp = self
+        let answer = self
             .http
-            .delete(url)
-            .timeout(self.stall())
-            .send()
-            .await
-            .map_err(|e| http::transport_error(what.clone(), e))?;
-        if let Some(e) = http::redirect_error(&what, &resp) {
-            return Err(e);
-        }
-        let status = resp.status();
-        let text = http::small_body(resp, self.stall()).await;
-        if status.is_success() || status == StatusCode::NOT_FOUND {
+            .call(&what, self.http.client().delete(url))
+            .await?;
+        if answer.status.is_success() || answer.status == StatusCode::NOT_FOUND {
             Ok(())
         } else {
-            Err(self.answer_error(&what, status, &text))
+            Err(self.answer_error(&what, answer.status, &answer.text))
         }
     }
 
@@ -765,70 +637,58 @@ impl Inner {
             self.location(key),
             etags.len()
         );
-        let attempts = self.cfg.part_retries + 1;
-        let mut attempt = 0;
-        loop {
-            attempt += 1;
-            let action = self.bucket.complete_multipart_upload(
-                Some(&self.creds),
-                key,
-                upload_id,
-                etags.iter().map(String::as_str),
-            );
-            let url = action.sign(SIGN_EXPIRY);
-            let body = action.body();
-            let res = self
-                .http
-                .post(url)
-                .timeout(Duration::from_secs(self.cfg.complete_timeout_secs))
-                .header(CONTENT_TYPE, "application/xml")
-                .body(body)
-                .send()
-                .await;
-            let err = match res {
-                Err(e) => http::transport_error(what.clone(), e),
-                Ok(resp) => {
-                    if let Some(e) = http::redirect_error(&what, &resp) {
-                        return Err(e);
-                    }
-                    let status = resp.status();
-                    let text = http::small_body(resp, self.stall()).await;
-                    if status.is_success() {
-                        return match CompleteMultipartUploadResponse::parse(&text) {
-                            Ok(_) => Ok(()),
-                            Err(_) => Err({
-                                let mut e = self.answer_error(&what, status, &text);
-                                if e.kind() == ErrorKind::Internal {
-                                    e = Error::new(ErrorKind::Unavailable, e.to_string());
-                                }
-                                e
-                            }),
-                        };
-                    }
-                    let (code, _) = s3_error_fields(&text);
-                    if attempt > 1 && code == "NoSuchUpload" {
-                        // An earlier try completed it but its answer was lost.
-                        if self.head_object(key).await? == Some(size) {
-                            return Ok(());
-                        }
-                    }
-                    let e = self.answer_error(&what, status, &text);
-                    if !http::is_transient_status(status) {
-                        return Err(e);
-                    }
-                    e
+        let once = |attempt: u32| {
+            let what = &what;
+            async move {
+                let action = self.bucket.complete_multipart_upload(
+                    Some(&self.creds),
+                    key,
+                    upload_id,
+                    etags.iter().map(String::as_str),
+                );
+                let url = action.sign(SIGN_EXPIRY);
+                let rb = self
+                    .http
+                    .client()
+                    .post(url)
+                    .header(CONTENT_TYPE, "application/xml")
+                    .body(action.body());
+                let timeout = Duration::from_secs(self.cfg.complete_timeout_secs);
+                let answer = self
+                    .http
+                    .call_within(what, rb, timeout)
+                    .await
+                    .map_err(Failure::of)?;
+                if answer.status.is_success() {
+                    return match CompleteMultipartUploadResponse::parse(&answer.text) {
+                        Ok(_) => Ok(()),
+                        Err(_) => Err(Failure::fatal({
+                            let mut e = self.answer_error(what, answer.status, &answer.text);
+                            if e.kind() == ErrorKind::Internal {
+                                e = Error::new(ErrorKind::Unavailable, e.to_string());
+                            }
+                            e
+                        })),
+                    };
                 }
-            };
-            if attempt >= attempts {
-                return Err(err);
+                let (code, _) = s3_error_fields(&answer.text);
+                if attempt > 1 && code == "NoSuchUpload" {
+                    // An earlier try completed it but its answer was lost.
+                    if self.head_object(key).await.map_err(Failure::fatal)? == Some(size) {
+                        return Ok(());
+                    }
+                }
+                Err(self.answer_failure(what, &answer))
             }
-            tracing::warn!(attempt, attempts, error = %err.chain(), "s3 complete failed, retrying");
-            tokio::time::sleep(http::backoff(
-                Duration::from_millis(self.cfg.retry_backoff_ms),
-                attempt,
-            ))
-            .await;
-        }
+        };
+        let told = |r: &http::Retry<'_>| {
+            tracing::warn!(attempt = r.attempt, attempts = r.attempts, error = %r.error.chain(),
+                "s3 complete failed, retrying");
+        };
+        self.retry_policy()
+            .run(once, told)
+            .await
+            .map_err(|g| g.error)
     }
 
     async fn abort(&self, key: &str, upload_id: &str) -> Result<(), Error> {
@@ -837,36 +697,25 @@ impl Inner {
             self.endpoint,
             self.location(key)
         );
-        let mut last = None;
-        for attempt in 1..=3u32 {
+        let once = |_| async {
             let url = self
                 .bucket
                 .abort_multipart_upload(Some(&self.creds), key, upload_id)
                 .sign(SIGN_EXPIRY);
-            let res = self.http.delete(url).timeout(self.stall()).send().await;
-            match res {
-                Err(e) => last = Some(http::transport_error(what.clone(), e)),
-                Ok(resp) => {
-                    if let Some(e) = http::redirect_error(&what, &resp) {
-                        return Err(e);
-                    }
-                    let status = resp.status();
-                    let text = http::small_body(resp, self.stall()).await;
-                    if status.is_success() || status == StatusCode::NOT_FOUND {
-                        return Ok(());
-                    }
-                    let e = self.answer_error(&what, status, &text);
-                    if !http::is_transient_status(status) {
-                        return Err(e);
-                    }
-                    last = Some(e);
-                }
+            let answer = self
+                .http
+                .call(&what, self.http.client().delete(url))
+                .await
+                .map_err(Failure::of)?;
+            if answer.status.is_success() || answer.status == StatusCode::NOT_FOUND {
+                return Ok(());
             }
-            if attempt < 3 {
-                tokio::time::sleep(http::backoff(Duration::from_millis(500), attempt)).await;
-            }
-        }
-        Err(last.expect("three failed tries"))
+            Err(self.answer_failure(&what, &answer))
+        };
+        RetryPolicy::new(3, Duration::from_millis(500))
+            .run(once, |_| {})
+            .await
+            .map_err(|g| g.error)
     }
 
     /// Step 3: cuts the stream into parts and uploads them (at most `parts_in_flight` at once,
@@ -995,7 +844,7 @@ impl Inner {
         key: &str,
         meta: &UploadMeta,
         factory: StreamFactory<'_>,
-        made: &mut Made,
+        made: &mut CleanupGuard<Made>,
     ) -> Result<Uploaded, Error> {
         let mut tasks = JoinSet::new();
         let sent = self
@@ -1020,7 +869,7 @@ impl Inner {
                 .await?;
         }
         self.complete(key, &made.upload_id, &etags, size).await?;
-        made.completed = true;
+        made.disarm();
         match self.head_object(key).await? {
             Some(len) if len == size => {}
             other => {
@@ -1045,19 +894,62 @@ impl Inner {
 }
 
 #[tonic::async_trait]
-impl StreamTarget for S3 {
+impl Protocol for Inner {
     fn describe(&self) -> String {
-        self.inner.describe()
+        format!("s3 {} bucket {}", self.endpoint, self.cfg.bucket)
     }
 
     async fn check(&self) -> Result<(), Error> {
-        self.inner.check().await
+        let what = format!("{}: checking bucket {}", self.endpoint, self.cfg.bucket);
+        let url = self.bucket.head_bucket(Some(&self.creds)).sign(SIGN_EXPIRY);
+        let resp = self
+            .http
+            .send(&format!("s3 {what}"), self.http.client().head(url))
+            .await?;
+        let status = resp.status();
+        let b = &self.cfg.bucket;
+        match status {
+            s if s.is_success() => Ok(()),
+            StatusCode::NOT_FOUND => Err(Error::new(
+                ErrorKind::FailedPrecondition,
+                format!("s3 {}: bucket {b} does not exist", self.endpoint),
+            )),
+            StatusCode::FORBIDDEN | StatusCode::UNAUTHORIZED => Err(Error::new(
+                ErrorKind::FailedPrecondition,
+                format!(
+                    "s3 {}: access to bucket {b} denied ({status}): wrong access key or secret \
+                     key, or no permission on the bucket",
+                    self.endpoint
+                ),
+            )),
+            StatusCode::MOVED_PERMANENTLY => {
+                let region = resp
+                    .headers()
+                    .get("x-amz-bucket-region")
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("another region")
+                    .to_string();
+                Err(Error::new(
+                    ErrorKind::FailedPrecondition,
+                    format!(
+                        "s3 {}: bucket {b} is in {region}, not {}: fix the region",
+                        self.endpoint, self.cfg.region
+                    ),
+                ))
+            }
+            s => Err(Error::new(
+                http::status_kind(s),
+                format!("s3 {what}: S3 answered {s}"),
+            )),
+        }
     }
 
-    async fn upload(&self, meta: &UploadMeta, body: StreamFactory<'_>) -> Result<Uploaded, Error> {
-        validate_meta(meta)?;
-        let inner = &self.inner;
-        let key = self.key_for(meta);
+    async fn upload(
+        inner: &Arc<Self>,
+        meta: &UploadMeta,
+        body: StreamFactory<'_>,
+    ) -> Result<Uploaded, Error> {
+        let key = inner.key_for(meta);
         if key.len() > 1024 {
             return Err(invalid(format!(
                 "image {}: object key {key:?} is longer than S3's 1024 bytes",
@@ -1085,17 +977,15 @@ impl StreamTarget for S3 {
         tracing::info!(image = %meta.name, object = %location, upload_id = %upload_id,
             part_size = part_size(meta.size, inner.cfg.min_part_size_mib),
             "s3 multipart upload started");
-        let mut made = Made {
+        let mut made = CleanupGuard::new(Made {
             inner: Arc::clone(inner),
             key: key.clone(),
             upload_id,
             companion: None,
-            completed: false,
-            armed: true,
-        };
+        });
         let outcome = inner.transfer(&key, meta, body, &mut made).await;
         if outcome.is_ok() {
-            made.armed = false;
+            made.disarm();
         }
         match outcome {
             Ok(up) => {
@@ -1124,7 +1014,7 @@ impl StreamTarget for S3 {
                         ));
                     }
                 }
-                made.armed = false;
+                made.disarm();
                 let kind = e.kind();
                 Err(Error::new(
                     kind,
@@ -1145,6 +1035,7 @@ impl StreamTarget for S3 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::upload::StreamTarget;
 
     #[test]
     fn part_sizes() {
@@ -1197,10 +1088,14 @@ mod tests {
 
     #[test]
     fn rfc2047_padding() {
-        assert_eq!(rfc2047("a"), "=?UTF-8?B?YQ==?=");
-        assert_eq!(rfc2047("ab"), "=?UTF-8?B?YWI=?=");
-        assert_eq!(rfc2047("abc"), "=?UTF-8?B?YWJj?=");
-        assert_eq!(rfc2047(""), "=?UTF-8?B??=");
+        for (value, encoded) in [
+            ("a", "=?UTF-8?B?YQ==?="),
+            ("ab", "=?UTF-8?B?YWI=?="),
+            ("abc", "=?UTF-8?B?YWJj?="),
+            ("", "=?UTF-8?B??="),
+        ] {
+            assert_eq!(rfc2047(value), encoded);
+        }
     }
 
     #[test]

@@ -1,5 +1,7 @@
-//! HTTP plumbing shared by the targets: the client, stall detection, hashing body wrappers and
-//! the mapping of transport errors and status codes to [`ErrorKind`]s.
+//! HTTP shared by the upload destinations (Glance, S3): the executor that sends requests and
+//! maps their failures ([`exec`]), the retry policy ([`retry`]), the guard that cleans up an
+//! upload that did not finish ([`cleanup`]), and the body wrappers: stall detection and
+//! hashing.
 //!
 //! Stall detection: reqwest has a connect timeout and a total timeout, but nothing that notices
 //! a long upload whose peer stopped reading. So every request body is wrapped in a stream that
@@ -7,9 +9,9 @@
 //! runs under [`with_stall_guard`], which gives up once neither the body moved nor an answer came
 //! for the stall timeout. Time spent waiting for the producer (the disk) is not counted.
 //!
-//! Redirects are never followed. Every request of a target carries a credential (a Keystone
-//! password or application-credential secret in the body, an `X-Auth-Token`, fixed auth
-//! headers, an S3 signature), and a followed 307/308 would resend it to wherever the
+//! Redirects are never followed. Every request of a destination carries a credential (a
+//! Keystone password or application-credential secret in the body, an `X-Auth-Token`, fixed
+//! auth headers, an S3 signature), and a followed 307/308 would resend it to wherever the
 //! `Location` points, another host or plain http included. A 3xx answer becomes an error
 //! naming the URL and its `Location` ([`redirect_error`]): the config must name the final URL.
 
@@ -26,21 +28,13 @@ use sha2::{Digest, Sha256, Sha512};
 use super::{human, ByteStream};
 use crate::error::{Error, ErrorKind};
 
-/// The HTTP client of a target: bounded connect, keep-alive pool, HTTP/1.1 (streamed uploads
-/// and `Expect`-less PUTs behave the same on every server), no redirect followed.
-pub(crate) fn client(connect_timeout: Duration) -> Result<reqwest::Client, Error> {
-    reqwest::Client::builder()
-        .redirect(reqwest::redirect::Policy::none())
-        .connect_timeout(connect_timeout)
-        .pool_idle_timeout(Duration::from_secs(30))
-        .tcp_nodelay(true)
-        .http1_only()
-        .user_agent(concat!("imaged/", env!("CARGO_PKG_VERSION")))
-        .build()
-        .map_err(|e| {
-            Error::new(ErrorKind::Internal, "building the HTTP client").with_source(e.without_url())
-        })
-}
+pub(crate) mod cleanup;
+pub(crate) mod exec;
+pub(crate) mod retry;
+
+pub(crate) use cleanup::{CleanupGuard, Undo};
+pub(crate) use exec::{check_url, is_transient_status, status_kind, Answer, Executor};
+pub(crate) use retry::{Failure, Retry, RetryPolicy};
 
 /// sha256 + sha512 + length of a byte stream, updated as it goes.
 pub(crate) struct Digests {
@@ -304,101 +298,6 @@ impl Stream for BufferBody {
     }
 }
 
-/// Maps a transport error (no HTTP status) to an error: every one of them means the server
-/// could not be reached or the connection broke, i.e. UNAVAILABLE, and is worth a retry. The
-/// URL is stripped from the cause (a presigned S3 URL is a credential).
-pub(crate) fn transport_error(what: impl Into<String>, err: reqwest::Error) -> Error {
-    let detail = if err.is_connect() {
-        "cannot connect"
-    } else if err.is_timeout() {
-        "timed out"
-    } else if err.is_body() || err.is_request() {
-        "connection lost"
-    } else if err.is_decode() {
-        "unreadable answer"
-    } else {
-        "HTTP failure"
-    };
-    Error::new(ErrorKind::Unavailable, format!("{}: {detail}", what.into()))
-        .with_source(err.without_url())
-}
-
-/// A URL as shown in messages: no user, password, query or fragment (a presigned S3 URL
-/// carries its signature in the query).
-fn shown_url(url: &reqwest::Url) -> String {
-    let mut u = url.clone();
-    let had_query = u.query().is_some();
-    let _ = u.set_username("");
-    let _ = u.set_password(None);
-    u.set_query(None);
-    u.set_fragment(None);
-    if had_query {
-        format!("{u}?…")
-    } else {
-        u.to_string()
-    }
-}
-
-/// The error for a redirect answer (3xx with a `Location`), which is never followed; `None`
-/// for any other answer.
-pub(crate) fn redirect_error(what: &str, resp: &reqwest::Response) -> Option<Error> {
-    let status = resp.status();
-    if !status.is_redirection() {
-        return None;
-    }
-    let location = resp.headers().get(reqwest::header::LOCATION)?;
-    let to = match location.to_str().ok().map(|l| resp.url().join(l)) {
-        Some(Ok(u)) => shown_url(&u),
-        _ => "an unreadable Location".to_string(),
-    };
-    Some(Error::new(
-        ErrorKind::FailedPrecondition,
-        format!(
-            "{what}: the endpoint {} answered {status} and redirected to {to}; redirects are \
-             not followed (they would carry the credentials elsewhere): configure the final URL",
-            shown_url(resp.url())
-        ),
-    ))
-}
-
-/// The error of a stall.
-pub(crate) fn stall_error(what: impl Into<String>, stalled: Stalled, sent: Option<u64>) -> Error {
-    let at = sent
-        .map(|s| format!(" after {}", human(s)))
-        .unwrap_or_default();
-    Error::new(
-        ErrorKind::Unavailable,
-        format!(
-            "{}: no progress for {} s{at} (network cut or server hung)",
-            what.into(),
-            stalled.0.as_secs()
-        ),
-    )
-}
-
-/// The kind of an HTTP error status (for answers that are not specific to a request).
-pub(crate) fn status_kind(status: reqwest::StatusCode) -> ErrorKind {
-    use reqwest::StatusCode as S;
-    match status {
-        // A redirect without a Location (one with is [`redirect_error`]): wrong URL configured.
-        s if s.is_redirection() => ErrorKind::FailedPrecondition,
-        S::UNAUTHORIZED | S::FORBIDDEN => ErrorKind::FailedPrecondition,
-        S::NOT_FOUND => ErrorKind::NotFound,
-        S::CONFLICT => ErrorKind::AlreadyExists,
-        S::PAYLOAD_TOO_LARGE | S::INSUFFICIENT_STORAGE | S::TOO_MANY_REQUESTS => {
-            ErrorKind::ResourceExhausted
-        }
-        s if s.is_server_error() => ErrorKind::Unavailable,
-        s if s.is_client_error() => ErrorKind::InvalidArgument,
-        _ => ErrorKind::Internal,
-    }
-}
-
-/// Worth retrying: the server is down, overloaded or broke the connection.
-pub(crate) fn is_transient_status(status: reqwest::StatusCode) -> bool {
-    status.is_server_error() || status == reqwest::StatusCode::TOO_MANY_REQUESTS
-}
-
 /// A short, single-line excerpt of an error body for messages: tags removed, whitespace
 /// collapsed, at most 300 characters. (Callers never pass bodies that could hold secrets.)
 pub(crate) fn excerpt(body: &str) -> String {
@@ -456,12 +355,6 @@ pub(crate) async fn small_body(resp: reqwest::Response, timeout: Duration) -> St
     }
 }
 
-/// Backoff before retry `attempt` (1-based): 0.5 s, 1 s, 2 s, ... capped at 8 s.
-pub(crate) fn backoff(base: Duration, attempt: u32) -> Duration {
-    let factor = 1u32 << attempt.saturating_sub(1).min(4);
-    (base * factor).min(Duration::from_secs(8))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -477,15 +370,6 @@ mod tests {
             "400 Bad Request 400 Bad Request Provided object does not match schema."
         );
         assert!(excerpt(&"x".repeat(1000)).chars().count() <= 301);
-    }
-
-    #[test]
-    fn backoff_doubles_and_caps() {
-        let b = Duration::from_millis(500);
-        assert_eq!(backoff(b, 1), Duration::from_millis(500));
-        assert_eq!(backoff(b, 2), Duration::from_secs(1));
-        assert_eq!(backoff(b, 3), Duration::from_secs(2));
-        assert_eq!(backoff(b, 10), Duration::from_secs(8));
     }
 
     fn stream_of(chunks: Vec<Result<Bytes, Error>>) -> ByteStream {
