@@ -29,7 +29,7 @@ use crate::capture::{self as pipeline};
 use crate::error::{precondition, Error, ErrorKind, Result};
 use crate::format::Format;
 use crate::guest::prep::{PrepStep, StepOutcome};
-use crate::hypervisor::{DomainInfo, DomainState, ShutdownHow};
+use crate::hypervisor::{BackupHandle, DomainInfo, DomainState, ShutdownHow};
 use crate::repo::manifest::{content_digest, FORMAT_VERSION};
 use crate::repo::{ImageRecord, ImageWriter, CHUNK_SIZE};
 use crate::upload::file::FileTarget;
@@ -276,18 +276,17 @@ impl Controller {
             )));
         }
         let name = info.name.clone();
-        let reply = self
+        let os = self
             .hv(move |hv| {
-                hv.agent_command(&name, r#"{"execute":"guest-ping"}"#, 5)?;
-                hv.agent_command(&name, r#"{"execute":"guest-get-osinfo"}"#, 5)
+                let agent = hv.guest_agent(&name, Duration::from_secs(5))?;
+                agent.ping()?;
+                agent.os_info()
             })
             .await?;
-        let v: serde_json::Value = serde_json::from_str(&reply).unwrap_or_default();
         // The id comes from inside the guest: it reaches Glance's `os_distro` only when it
         // looks like an OS id (lower-case letters, digits, '.', '_', '-'; 1 to 64 of them).
-        let id = v
-            .pointer("/return/id")
-            .and_then(|x| x.as_str())
+        let id = Some(os.id.as_str())
+            .filter(|id| !id.is_empty())
             .and_then(|id| {
                 let ok = valid_os_id(id);
                 if !ok {
@@ -682,8 +681,11 @@ impl Controller {
             Err(e) => {
                 // `begin` ended what it started; a job begun late (after its call timed
                 // out) is ended here too, and only ours ever is.
-                let (d, sock) = (plan.info.name.clone(), entry.backup_dir.join("nbd.sock"));
-                if self.hv(move |hv| hv.backup_end(&d, &sock)).await.is_ok() {
+                let (d, job) = (
+                    plan.info.name.clone(),
+                    BackupHandle::in_dir(&entry.backup_dir, &plan.target),
+                );
+                if self.hv(move |hv| hv.end_backup(&d, &job)).await.is_ok() {
                     let _ = std::fs::remove_dir_all(&entry.backup_dir);
                     entry.backup_dir = Default::default();
                     journal.update(entry);
