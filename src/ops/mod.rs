@@ -25,6 +25,8 @@ pub mod journal;
 pub mod mode;
 pub mod operation;
 pub mod prep;
+#[cfg(test)]
+mod tests;
 
 use std::collections::{HashMap, VecDeque};
 use std::path::{Path, PathBuf};
