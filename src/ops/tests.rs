@@ -717,3 +717,112 @@ async fn operations_are_known_and_cancel_only_a_running_one() {
     w.cancel_accepted(&op).await;
     assert_eq!(kind(w.ctl.cancel(&op.id)), FailedPrecondition);
 }
+
+// ------------------------------------------------------------------------------- the seam
+
+/// The consistency point through the trait: freeze, begin the pull backup, thaw at once; the
+/// job is ended through the trait when the read is over.
+#[tokio::test]
+async fn a_quiesced_backup_freezes_begins_thaws_and_ends_only_its_job() {
+    use crate::capture::live;
+    let w = World::new(vec![FakeDomain::new("vm", DomainState::Running)]);
+    let run = w.dir.path().join("run");
+    // QEMU would create the socket as the job begins; the fake does not serve one.
+    std::fs::create_dir_all(run.join("backup-op1")).unwrap();
+    std::fs::write(run.join("backup-op1/nbd.sock"), b"").unwrap();
+    let hv: Arc<dyn Hypervisor> = Arc::new(w.hv.clone());
+    let disks = vec!["vda".to_string()];
+    let (export, point) = live::begin(
+        hv.clone(),
+        "vm",
+        "vda",
+        &disks,
+        &run,
+        "op1",
+        true,
+        Duration::from_secs(5),
+    )
+    .await
+    .unwrap();
+    assert_eq!(point.frozen_filesystems, 1);
+    assert!(!w.hv.is_frozen("vm"));
+    assert_eq!(w.hv.backup_job("vm"), Some(run.join("backup-op1/nbd.sock")));
+    export.end().await.unwrap();
+    assert_eq!(w.hv.backup_job("vm"), None);
+    assert!(
+        !run.join("backup-op1").exists(),
+        "the job's directory is removed"
+    );
+    assert_eq!(
+        w.hv.calls(),
+        [
+            Call::Freeze("vm".into()),
+            Call::BackupBegin("vm".into(), "vda".into()),
+            Call::Thaw("vm".into()),
+            Call::BackupEnd("vm".into()),
+        ]
+    );
+
+    // A backup that cannot begin still thaws the guest.
+    w.hv.fail(crate::hypervisor::fake::Step::BackupBegin);
+    let e = live::begin(
+        hv,
+        "vm",
+        "vda",
+        &disks,
+        &run,
+        "op2",
+        true,
+        Duration::from_secs(5),
+    )
+    .await
+    .err()
+    .expect("the backup fails");
+    assert_eq!(e.kind(), ErrorKind::Internal);
+    assert!(!w.hv.is_frozen("vm"));
+    assert_eq!(w.hv.calls().last(), Some(&Call::Thaw("vm".into())));
+}
+
+/// Recovery through the trait: a frozen guest is thawed through its agent, our backup job is
+/// ended, another tool's job is left alone, a domain to restart is started.
+#[tokio::test]
+async fn recovery_thaws_ends_our_job_leaves_a_foreign_one_and_restarts() {
+    use super::journal::{Entry, Journal};
+    let w = World::new(vec![
+        FakeDomain::new("a", DomainState::Running),
+        FakeDomain::new("b", DomainState::ShutOff),
+    ]);
+    let run = w.dir.path().join("run");
+    let hv: Arc<dyn Hypervisor> = Arc::new(w.hv.clone());
+    w.hv.fs_freeze("a").unwrap();
+    let ours = crate::hypervisor::BackupHandle::in_dir(&run.join("backup-op-a"), "vda");
+    w.hv.foreign_backup("b", Path::new("/var/lib/other-tool/nbd.sock"));
+    w.hv.begin_pull_backup("a", &ours, &[]).unwrap();
+    let journal = Journal::new(&run);
+    let mut a = Entry::new("op-a", "a");
+    a.frozen = true;
+    a.backup_dir = ours.dir.clone();
+    journal.write(&a).unwrap();
+    let mut b = Entry::new("op-b", "b");
+    b.backup_dir = run.join("backup-op-b");
+    b.restart = true;
+    journal.write(&b).unwrap();
+    let before = w.hv.calls().len();
+
+    journal.recover(hv).await;
+
+    assert!(!w.hv.is_frozen("a"));
+    assert_eq!(w.hv.backup_job("a"), None, "our job ended");
+    assert_eq!(
+        w.hv.backup_job("b").as_deref(),
+        Some(Path::new("/var/lib/other-tool/nbd.sock")),
+        "another tool's job is left alone"
+    );
+    assert_eq!(w.hv.domain_state("b").unwrap(), DomainState::Running);
+    let calls = w.hv.calls()[before..].to_vec();
+    assert!(calls.contains(&Call::Thaw("a".into())), "{calls:?}");
+    assert!(calls.contains(&Call::BackupEnd("a".into())), "{calls:?}");
+    assert!(!calls.contains(&Call::BackupEnd("b".into())), "{calls:?}");
+    assert!(calls.contains(&Call::Start("b".into())), "{calls:?}");
+    assert!(journal.entries().is_empty(), "every duty done");
+}
