@@ -48,9 +48,24 @@ exit 0"#;
 impl<T: QgaTransport> QgaClient<T> {
     /// Runs a helper `sh -c SCRIPT sh ARGS...` that must exit 0; returns its stdout.
     fn helper(&self, what: &str, script: &str, args: &[&str]) -> Result<Vec<u8>> {
+        self.run_helper(what, script, args, None)
+    }
+
+    /// [`QgaClient::helper`] with bytes on its stdin.
+    fn helper_input(&self, what: &str, script: &str, args: &[&str], input: &[u8]) -> Result<()> {
+        self.run_helper(what, script, args, Some(input)).map(|_| ())
+    }
+
+    fn run_helper(
+        &self,
+        what: &str,
+        script: &str,
+        args: &[&str],
+        input: Option<&[u8]>,
+    ) -> Result<Vec<u8>> {
         let mut argv = vec!["sh", "-c", script, "sh"];
         argv.extend_from_slice(args);
-        let out = self.exec(&argv, None, HELPER_TIMEOUT)?;
+        let out = self.exec(&argv, input, HELPER_TIMEOUT)?;
         if !out.success() {
             return Err(Error::new(
                 ErrorKind::Internal,
@@ -63,25 +78,6 @@ impl<T: QgaTransport> QgaClient<T> {
             ));
         }
         Ok(out.stdout)
-    }
-
-    /// [`QgaClient::helper`] with bytes on its stdin.
-    fn helper_input(&self, what: &str, script: &str, args: &[&str], input: &[u8]) -> Result<()> {
-        let mut argv = vec!["sh", "-c", script, "sh"];
-        argv.extend_from_slice(args);
-        let out = self.exec(&argv, Some(input), HELPER_TIMEOUT)?;
-        if !out.success() {
-            return Err(Error::new(
-                ErrorKind::Internal,
-                format!(
-                    "{what} in domain {} failed (exit status {}): {}",
-                    self.dom(),
-                    out.exit_code,
-                    first_line(&out.stderr_text())
-                ),
-            ));
-        }
-        Ok(())
     }
 
     fn file_close(&self, handle: i64) -> Result<()> {

@@ -86,8 +86,8 @@ pub(super) fn job_dir(dir: &Path) -> Result<()> {
 
 /// The uid and gid QEMU runs as, from the texts of `qemu.conf`, `/etc/passwd` and `/etc/group`:
 /// `user`/`group` when `qemu.conf` sets them (a name, or `+N` for a number), else the first of
-/// `DEFAULT_QEMU_USERS` (`libvirt-qemu`, then `qemu`) that exists, with its primary group. FAILED_PRECONDITION when none
-/// can be found.
+/// `DEFAULT_QEMU_USERS` (`libvirt-qemu`, then `qemu`) that exists, with its primary group.
+/// FAILED_PRECONDITION when none can be found.
 pub fn qemu_ids(conf: &str, passwd: &str, group: &str) -> Result<(u32, u32)> {
     let setting = |key: &str| {
         conf.lines().find_map(|l| {
