@@ -153,11 +153,16 @@ const MODES: [Mode; 5] = [
     Mode::Quiesce,
     Mode::CrashConsistent,
 ];
-const STATES: [DomainState; 4] = [
+/// Every state libvirt reports.
+const STATES: [DomainState; 8] = [
+    DomainState::NoState,
     DomainState::Running,
+    DomainState::Blocked,
     DomainState::Paused,
+    DomainState::ShuttingDown,
     DomainState::ShutOff,
     DomainState::Crashed,
+    DomainState::Suspended,
 ];
 const AGENTS: [Agent; 4] = [
     Agent::Absent,
@@ -199,11 +204,11 @@ async fn capture_agrees_with_the_mode_table_over_modes_states_agents_and_options
         (false, true, false, false),
     ];
     let mut checked = 0;
+    let w = World::new(vec![]);
     for mode in MODES {
         for state in STATES {
             for agent in AGENTS {
                 for (prep, restore_source, restart, force_off) in opts {
-                    let w = World::new(vec![]);
                     let mut d = w.domain("vm", state);
                     d = match agent {
                         Agent::Absent => d.no_agent_channel(),
@@ -255,7 +260,7 @@ async fn capture_agrees_with_the_mode_table_over_modes_states_agents_and_options
             }
         }
     }
-    assert_eq!(checked, 5 * 4 * 4 * 7);
+    assert_eq!(checked, 5 * 8 * 4 * 7);
 }
 
 /// The rows a reader looks for, spelled out.
