@@ -1,45 +1,37 @@
 //! Live captures: a running domain's disk, read from a point-in-time view.
 //!
-//! libvirt's backup API in *pull* mode (`virDomainBackupBegin` with `<domainbackup
-//! mode='pull'>`) makes QEMU export the chosen disk over NBD on a unix socket, frozen at the
-//! moment the job began; guest writes after that go on, with the old data copied to a scratch
-//! file first (copy-before-write). The data path reads that export like any other
-//! [`BlockSource`]. When the read ends, the job is aborted (`virDomainAbortJob`) and the
-//! scratch file removed.
-//!
-//! QEMU creates the socket and the scratch file itself, as the user libvirt runs it as (`user`
-//! in `/etc/libvirt/qemu.conf`; by default `libvirt-qemu` on Debian, `qemu` on RHEL and SUSE), so
-//! each backup gets its own directory, mode 0700, owned by that user. When that user cannot be
-//! found the capture is refused: a directory anyone could write would let a local user replace
-//! the NBD socket and feed chosen bytes into the image.
+//! The hypervisor's pull-mode backup ([`Hypervisor::begin_pull_backup`]; libvirt's backup API,
+//! see [`crate::hypervisor::libvirt::backup`]) exports the chosen disk over NBD on a unix
+//! socket, frozen at the moment the job began; guest writes after that go on, with the old data
+//! copied to a scratch file first (copy-before-write). The data path reads that export like any
+//! other [`BlockSource`]. When the read ends, the job is ended ([`Hypervisor::end_backup`]) and
+//! its directory (socket, scratch file) removed. Each job gets its own directory,
+//! `<run_dir>/backup-<tag>`, which the backend makes private to the hypervisor.
 //!
 //! The consistency point is [`begin`]: with `quiesce`, the guest's filesystems are frozen
 //! (`guest-fsfreeze-freeze`) just before the job begins and thawed right after; the window is
 //! measured. [`FreezeGuard`] thaws whatever else happens (an error, a hung agent that answers
 //! late, a cancelled operation), and the journal lets a restarted daemon finish the job.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::source::{connect_unix, BlockSource};
 use crate::error::{Error, ErrorKind, Result};
-use crate::hypervisor::Hypervisor;
+use crate::guest::agent::FreezeStatus;
+use crate::hypervisor::{BackupHandle, Hypervisor};
 use crate::nbd::NbdClient;
 
-/// libvirt's QEMU driver configuration, where the user QEMU runs as is set.
-const QEMU_CONF: &str = "/etc/libvirt/qemu.conf";
-/// The users libvirt runs QEMU as when `qemu.conf` names none: Debian's, then RHEL's and SUSE's.
-const DEFAULT_QEMU_USERS: [&str; 2] = ["libvirt-qemu", "qemu"];
+/// Time allowed for one guest agent command while making sure a guest is thawed.
+const AGENT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// A running pull-mode backup job serving one disk of a domain.
 pub struct BackupExport {
     hv: Arc<dyn Hypervisor>,
     domain: String,
-    disk: String,
-    dir: PathBuf,
-    socket: PathBuf,
+    backup: BackupHandle,
     describe: String,
     ended: AtomicBool,
 }
@@ -51,142 +43,6 @@ pub struct ConsistencyPoint {
     pub frozen_filesystems: u32,
     /// Milliseconds between freeze and thaw (0 without quiesce).
     pub freeze_window_ms: u64,
-}
-
-/// Backup and checkpoint XML for a pull-mode backup of `disk` (others excluded).
-pub fn backup_xml(dir: &Path, disk: &str, other_disks: &[String]) -> String {
-    let esc = |s: &str| {
-        s.replace('&', "&amp;")
-            .replace('\'', "&apos;")
-            .replace('<', "&lt;")
-    };
-    let mut x = format!(
-        "<domainbackup mode='pull'>\n  <server transport='unix' socket='{}'/>\n  <disks>\n    \
-         <disk name='{}' backup='yes' type='file'><scratch file='{}'/></disk>\n",
-        esc(&dir.join("nbd.sock").to_string_lossy()),
-        esc(disk),
-        esc(&dir.join("scratch.qcow2").to_string_lossy())
-    );
-    for d in other_disks.iter().filter(|d| d.as_str() != disk) {
-        x.push_str(&format!("    <disk name='{}' backup='no'/>\n", esc(d)));
-    }
-    x.push_str("  </disks>\n</domainbackup>\n");
-    x
-}
-
-/// Creates the job's directory, mode 0700, owned by the user and group QEMU runs as.
-fn job_dir(run_dir: &Path, tag: &str) -> Result<PathBuf> {
-    let conf = std::fs::read_to_string(QEMU_CONF).unwrap_or_default();
-    let passwd = std::fs::read_to_string("/etc/passwd").unwrap_or_default();
-    let group = std::fs::read_to_string("/etc/group").unwrap_or_default();
-    let (uid, gid) = qemu_ids(&conf, &passwd, &group)?;
-    let dir = run_dir.join(format!("backup-{tag}"));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(run_dir)
-        .map_err(|e| Error::io(format!("creating run directory {}", run_dir.display()), e))?;
-    {
-        use std::os::unix::fs::DirBuilderExt;
-        std::fs::DirBuilder::new()
-            .mode(0o700)
-            .create(&dir)
-            .map_err(|e| Error::io(format!("creating backup directory {}", dir.display()), e))?;
-    }
-    std::os::unix::fs::chown(&dir, Some(uid), Some(gid)).map_err(|e| {
-        Error::io(
-            format!("handing backup directory {} to QEMU", dir.display()),
-            e,
-        )
-    })?;
-    // The parent must be traversable (not listable, not writable) by QEMU's user.
-    use std::os::unix::fs::PermissionsExt;
-    if let Ok(md) = std::fs::metadata(run_dir) {
-        let mode = md.permissions().mode();
-        if mode & 0o001 == 0 {
-            let _ =
-                std::fs::set_permissions(run_dir, std::fs::Permissions::from_mode(mode | 0o001));
-        }
-    }
-    Ok(dir)
-}
-
-/// The uid and gid QEMU runs as, from the texts of `qemu.conf`, `/etc/passwd` and `/etc/group`:
-/// `user`/`group` when `qemu.conf` sets them (a name, or `+N` for a number), else the first of
-/// [`DEFAULT_QEMU_USERS`] that exists, with its primary group. FAILED_PRECONDITION when none
-/// can be found.
-pub fn qemu_ids(conf: &str, passwd: &str, group: &str) -> Result<(u32, u32)> {
-    let setting = |key: &str| {
-        conf.lines().find_map(|l| {
-            let l = l.trim();
-            let (k, v) = l.split_once('=')?;
-            (k.trim() == key).then(|| v.trim().trim_matches('"').to_string())
-        })
-    };
-    let user_entry = |name: &str| -> Option<(u32, u32)> {
-        passwd.lines().find_map(|l| {
-            let f: Vec<&str> = l.split(':').collect();
-            (f.len() > 3 && f[0] == name).then(|| Some((f[2].parse().ok()?, f[3].parse().ok()?)))?
-        })
-    };
-    let unknown = |what: String| {
-        Error::new(
-            ErrorKind::FailedPrecondition,
-            format!(
-                "cannot tell which user QEMU runs as: {what}; set `user` and `group` in {QEMU_CONF} \
-                 to the user libvirt runs QEMU as"
-            ),
-        )
-    };
-    let (uid, primary_gid) = match setting("user") {
-        Some(u) => match u.strip_prefix('+') {
-            Some(n) => {
-                let uid: u32 = n
-                    .parse()
-                    .map_err(|_| unknown(format!("{QEMU_CONF} sets user = \"{u}\"")))?;
-                let gid = passwd
-                    .lines()
-                    .find_map(|l| {
-                        let f: Vec<&str> = l.split(':').collect();
-                        (f.len() > 3 && f[2] == n).then(|| f[3].parse().ok())?
-                    })
-                    .unwrap_or(uid);
-                (uid, gid)
-            }
-            None => user_entry(&u).ok_or_else(|| {
-                unknown(format!(
-                    "{QEMU_CONF} sets user = \"{u}\", which is not a user of this host"
-                ))
-            })?,
-        },
-        None => DEFAULT_QEMU_USERS
-            .iter()
-            .find_map(|u| user_entry(u))
-            .ok_or_else(|| {
-                unknown(format!(
-                    "{QEMU_CONF} sets no user and none of {} exists",
-                    DEFAULT_QEMU_USERS.join(", ")
-                ))
-            })?,
-    };
-    let gid = match setting("group") {
-        None => primary_gid,
-        Some(g) => match g.strip_prefix('+') {
-            Some(n) => n
-                .parse()
-                .map_err(|_| unknown(format!("{QEMU_CONF} sets group = \"{g}\"")))?,
-            None => group
-                .lines()
-                .find_map(|l| {
-                    let f: Vec<&str> = l.split(':').collect();
-                    (f.len() > 2 && f[0] == g).then(|| f[2].parse().ok())?
-                })
-                .ok_or_else(|| {
-                    unknown(format!(
-                        "{QEMU_CONF} sets group = \"{g}\", which is not a group of this host"
-                    ))
-                })?,
-        },
-    };
-    Ok((uid, gid))
 }
 
 /// Runs blocking hypervisor work off the async threads, with a time limit. A call that
@@ -222,14 +78,11 @@ pub async fn begin(
     quiesce: bool,
     max_freeze: Duration,
 ) -> Result<(BackupExport, ConsistencyPoint)> {
-    let dir = job_dir(run_dir, tag)?;
-    let xml = backup_xml(&dir, disk, all_disks);
+    let backup = hv.prepare_pull_backup(&run_dir.join(format!("backup-{tag}")), disk)?;
     let export = BackupExport {
         hv: hv.clone(),
         domain: domain.to_string(),
-        disk: disk.to_string(),
-        socket: dir.join("nbd.sock"),
-        dir,
+        backup: backup.clone(),
         describe: format!("domain {domain} disk {disk} (live backup)"),
         ended: AtomicBool::new(true),
     };
@@ -256,11 +109,11 @@ pub async fn begin(
         }
         guard = Some(g);
     }
-    let (h, d, x) = (hv.clone(), domain.to_string(), xml.clone());
+    let (h, d, disks) = (hv.clone(), domain.to_string(), all_disks.to_vec());
     let begun = hv_call(
         Duration::from_secs(60),
         format!("beginning the backup of domain {domain}"),
-        move || h.backup_begin(&d, &x, None),
+        move || h.begin_pull_backup(&d, &backup, &disks),
     )
     .await;
     let mut in_time = true;
@@ -294,7 +147,7 @@ pub async fn begin(
     );
     // QEMU opens the socket as the job starts; wait for it briefly.
     let t = Instant::now();
-    while !export.socket.exists() && t.elapsed() < Duration::from_secs(10) {
+    while !export.backup.socket.exists() && t.elapsed() < Duration::from_secs(10) {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     Ok((export, point))
@@ -306,34 +159,33 @@ impl BackupExport {
         if self.ended.swap(true, Ordering::SeqCst) {
             return Ok(());
         }
-        let (h, d, sock) = (self.hv.clone(), self.domain.clone(), self.socket.clone());
+        let (h, d, b) = (self.hv.clone(), self.domain.clone(), self.backup.clone());
         let res = hv_call(
             Duration::from_secs(60),
             format!("ending the backup job of domain {}", self.domain),
-            move || h.backup_end(&d, &sock),
+            move || h.end_backup(&d, &b),
         )
         .await;
-        let _ = std::fs::remove_dir_all(&self.dir);
+        let _ = std::fs::remove_dir_all(&self.backup.dir);
         res
     }
 
     /// The job's directory (socket and scratch file).
     pub fn dir(&self) -> &Path {
-        &self.dir
+        &self.backup.dir
     }
 }
 
 impl Drop for BackupExport {
     fn drop(&mut self) {
         if !self.ended.swap(true, Ordering::SeqCst) {
-            let (h, d, dir) = (self.hv.clone(), self.domain.clone(), self.dir.clone());
-            let sock = self.socket.clone();
+            let (h, d, b) = (self.hv.clone(), self.domain.clone(), self.backup.clone());
             // Ending the job must not wait for an async context that may be gone.
             std::thread::spawn(move || {
-                if let Err(e) = h.backup_end(&d, &sock) {
+                if let Err(e) = h.end_backup(&d, &b) {
                     tracing::warn!(domain = %d, error = %e.chain(), "could not end backup job");
                 }
-                let _ = std::fs::remove_dir_all(dir);
+                let _ = std::fs::remove_dir_all(&b.dir);
             });
         }
     }
@@ -342,7 +194,7 @@ impl Drop for BackupExport {
 #[tonic::async_trait]
 impl BlockSource for BackupExport {
     async fn connect(&self) -> Result<NbdClient> {
-        connect_unix(&self.socket, &self.disk, &self.describe).await
+        connect_unix(&self.backup.socket, &self.backup.export, &self.describe).await
     }
 
     fn describe(&self) -> &str {
@@ -457,18 +309,20 @@ pub async fn thaw_until_thawed(hv: Arc<dyn Hypervisor>, domain: String, limit: D
         let status = hv_call(
             Duration::from_secs(10),
             "fsfreeze status".into(),
-            move || h.agent_command(&d, r#"{"execute":"guest-fsfreeze-status"}"#, 5),
+            move || {
+                let agent = h.guest_agent(&d, AGENT_TIMEOUT)?;
+                agent.fsfreeze_status().map(|s| (agent, s))
+            },
         )
         .await;
         match status {
-            Ok(s) if s.contains("thawed") => {
+            Ok((_, FreezeStatus::Thawed)) => {
                 tracing::info!(domain = %domain, "guest filesystems are thawed");
                 return true;
             }
-            Ok(_) => {
-                let (h, d) = (hv.clone(), domain.clone());
+            Ok((agent, FreezeStatus::Frozen)) => {
                 let _ = hv_call(Duration::from_secs(10), "thaw".into(), move || {
-                    h.agent_command(&d, r#"{"execute":"guest-fsfreeze-thaw"}"#, 5)
+                    agent.fsfreeze_thaw()
                 })
                 .await;
             }
@@ -479,67 +333,4 @@ pub async fn thaw_until_thawed(hv: Arc<dyn Hypervisor>, domain: String, limit: D
     }
     tracing::error!(domain = %domain, "could not confirm the guest is thawed; check with `virsh domfsinfo`/guest-fsfreeze-status");
     false
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn backup_xml_names_the_disk_and_excludes_the_rest() {
-        let x = backup_xml(
-            Path::new("/run/imaged/nbd/backup-op1"),
-            "vda",
-            &["vda".into(), "vdb".into()],
-        );
-        assert!(x.contains("<domainbackup mode='pull'>"));
-        assert!(x.contains("socket='/run/imaged/nbd/backup-op1/nbd.sock'"));
-        assert!(x.contains("<disk name='vda' backup='yes' type='file'><scratch file='/run/imaged/nbd/backup-op1/scratch.qcow2'/>"));
-        assert!(x.contains("<disk name='vdb' backup='no'/>"));
-    }
-
-    const PASSWD: &str = "root:x:0:0:root:/root:/bin/bash\nlibvirt-qemu:x:64055:108:Libvirt Qemu:/var/lib/libvirt:/usr/sbin/nologin\nqemu:x:107:107:qemu user:/:/sbin/nologin\n";
-    const GROUP: &str = "root:x:0:\nkvm:x:108:\nqemu:x:107:\n";
-
-    #[test]
-    fn qemu_user_comes_from_qemu_conf_else_the_distribution_default() {
-        // Debian: commented defaults, libvirt-qemu exists.
-        let debian = "#user = \"libvirt-qemu\"\n#group = \"libvirt-qemu\"\n";
-        assert_eq!(qemu_ids(debian, PASSWD, GROUP).unwrap(), (64055, 108));
-        // RHEL/SUSE: only qemu exists.
-        let rhel_passwd = "root:x:0:0::/:/bin/sh\nqemu:x:107:107::/:/sbin/nologin\n";
-        assert_eq!(qemu_ids("", rhel_passwd, GROUP).unwrap(), (107, 107));
-        // Set explicitly, by name and by number.
-        let conf = "user = \"qemu\"\ngroup = \"kvm\"\n";
-        assert_eq!(qemu_ids(conf, PASSWD, GROUP).unwrap(), (107, 108));
-        assert_eq!(
-            qemu_ids("user = \"+0\"\ngroup = \"+0\"", PASSWD, GROUP).unwrap(),
-            (0, 0)
-        );
-    }
-
-    #[test]
-    fn an_unknown_qemu_user_is_refused_never_guessed() {
-        let e = qemu_ids("", "root:x:0:0::/:/bin/sh\n", GROUP).unwrap_err();
-        assert_eq!(e.kind(), ErrorKind::FailedPrecondition);
-        assert!(e.to_string().contains("libvirt-qemu, qemu"), "{e}");
-        let e = qemu_ids("user = \"nobody-here\"", PASSWD, GROUP).unwrap_err();
-        assert!(e.to_string().contains("nobody-here"), "{e}");
-        let e = qemu_ids("user = \"qemu\"\ngroup = \"nogroup\"", PASSWD, GROUP).unwrap_err();
-        assert!(e.to_string().contains("nogroup"), "{e}");
-    }
-
-    #[test]
-    fn the_backup_directory_is_private_to_qemu() {
-        let d = tempfile::tempdir().unwrap();
-        let dir = job_dir(d.path(), "op-t").unwrap();
-        use std::os::unix::fs::MetadataExt;
-        let md = std::fs::metadata(&dir).unwrap();
-        assert_eq!(md.mode() & 0o777, 0o700, "mode {:o}", md.mode());
-        let conf = std::fs::read_to_string(QEMU_CONF).unwrap_or_default();
-        let passwd = std::fs::read_to_string("/etc/passwd").unwrap();
-        let group = std::fs::read_to_string("/etc/group").unwrap();
-        let (uid, gid) = qemu_ids(&conf, &passwd, &group).unwrap();
-        assert_eq!((md.uid(), md.gid()), (uid, gid));
-    }
 }

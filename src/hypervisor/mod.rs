@@ -1,13 +1,23 @@
 //! What the agent needs from a hypervisor, behind one small trait.
 //!
-//! [`Hypervisor`] is implemented by [`libvirt::Libvirt`] for real hosts; operations only see the
-//! trait, so the operation logic can be tested without a hypervisor. Methods block (libvirt's
-//! API is synchronous): async callers run them on tokio's blocking pool.
+//! [`Hypervisor`] is implemented by [`libvirt::Libvirt`] for real hosts and by
+//! [`fake::FakeHypervisor`] in memory; operations only see the trait, so the operation logic can
+//! be tested without a hypervisor. The trait speaks the agent's vocabulary, not the backend's:
+//! a pull-mode backup is a [`BackupHandle`] (where its NBD export is served), the guest agent a
+//! typed [`GuestAgent`]; backup XML, QEMU's user and the agent's JSON stay in the backend.
+//! Methods block (libvirt's API is synchronous): async callers run them on tokio's blocking
+//! pool.
 
+pub mod fake;
 pub mod libvirt;
 pub mod xml;
 
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
 use crate::error::Result;
+use crate::guest::agent::GuestAgent;
 
 /// The run state of a domain, as libvirt reports it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -110,24 +120,46 @@ pub trait Hypervisor: Send + Sync + 'static {
     fn shutdown(&self, name: &str, how: ShutdownHow) -> Result<()>;
     /// Pulls the plug.
     fn destroy(&self, name: &str) -> Result<()>;
-    /// Sends one raw QEMU guest agent command (JSON) and returns the raw reply.
-    fn agent_command(&self, name: &str, command: &str, timeout_secs: i32) -> Result<String>;
+    /// The guest agent of domain `name`, each command allowed `command_timeout`. Getting it
+    /// may open nothing: an agent that is absent or silent fails on its first command.
+    fn guest_agent(&self, name: &str, command_timeout: Duration) -> Result<Arc<dyn GuestAgent>>;
     /// Freezes every guest filesystem (guest-fsfreeze-freeze); returns how many.
     fn fs_freeze(&self, name: &str) -> Result<u32>;
     /// Thaws every guest filesystem; returns how many were thawed.
     fn fs_thaw(&self, name: &str) -> Result<u32>;
-    /// Begins a backup job (`virDomainBackupBegin`) with the given backup and optional
-    /// checkpoint XML.
-    fn backup_begin(
-        &self,
-        name: &str,
-        backup_xml: &str,
-        checkpoint_xml: Option<&str>,
-    ) -> Result<()>;
-    /// Ends the domain's pull-mode backup job if it is the one exporting on `socket` (ours);
-    /// Ok when no backup job runs. A backup job with another export was not started by us:
-    /// FAILED_PRECONDITION naming it, and it is left running.
-    fn backup_end(&self, name: &str, socket: &std::path::Path) -> Result<()>;
+    /// Makes `dir` (created anew) ready to hold a pull-mode backup of disk `disk`: its export
+    /// socket and scratch data. Nothing is begun yet.
+    fn prepare_pull_backup(&self, dir: &Path, disk: &str) -> Result<BackupHandle>;
+    /// Begins the pull-mode backup job of `backup` on running domain `name` (the consistency
+    /// point); `disks` are the domain's disks, all but the exported one left out of the job.
+    fn begin_pull_backup(&self, name: &str, backup: &BackupHandle, disks: &[String]) -> Result<()>;
+    /// Ends the domain's pull-mode backup job if it is ours (the one exporting on
+    /// `backup.socket`); Ok when no backup job runs. A backup job with another export was not
+    /// started by us: FAILED_PRECONDITION naming it, and it is left running.
+    fn end_backup(&self, name: &str, backup: &BackupHandle) -> Result<()>;
+}
+
+/// A pull-mode backup job's export: what capture needs to read it and to end it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackupHandle {
+    /// The job's own directory (the socket, scratch data); its owner removes it after the job.
+    pub dir: PathBuf,
+    /// The NBD unix socket the export is served on.
+    pub socket: PathBuf,
+    /// The NBD export name (the disk's target, "vda").
+    pub export: String,
+}
+
+impl BackupHandle {
+    /// The handle of a job whose directory is `dir`, exporting disk `export`. The export name
+    /// is not needed to end a job (a recovered journal entry may not know it).
+    pub fn in_dir(dir: &Path, export: &str) -> BackupHandle {
+        BackupHandle {
+            dir: dir.to_path_buf(),
+            socket: dir.join("nbd.sock"),
+            export: export.to_string(),
+        }
+    }
 }
 
 /// How to ask a guest to shut down.

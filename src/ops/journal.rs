@@ -26,8 +26,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::capture::live::thaw_until_thawed;
 use crate::error::{Error, Result};
+use crate::guest::agent::DEFAULT_COMMAND_TIMEOUT;
 use crate::guest::prep::StepOutcome;
-use crate::hypervisor::{DomainState, Hypervisor};
+use crate::hypervisor::{BackupHandle, DomainState, Hypervisor};
 use crate::util;
 
 /// The duties one capture in progress leaves if the daemon dies.
@@ -189,8 +190,8 @@ impl Journal {
             }
         };
         if !e.backup_dir.as_os_str().is_empty() {
-            let (d, sock) = (e.domain.clone(), e.backup_dir.join("nbd.sock"));
-            match call(Box::new(move |h| h.backup_end(&d, &sock))).await {
+            let (d, job) = (e.domain.clone(), BackupHandle::in_dir(&e.backup_dir, ""));
+            match call(Box::new(move |h| h.end_backup(&d, &job))).await {
                 Ok(()) => tracing::info!(op = %e.op, domain = %e.domain, "backup job ended"),
                 Err(err) if err.kind() == crate::error::ErrorKind::NotFound => {}
                 Err(err) if err.kind() == crate::error::ErrorKind::FailedPrecondition => {
@@ -298,8 +299,8 @@ pub async fn restore_prep_when_ready(
     wait_for_agent(hv.clone(), domain, RECOVERY_AGENT_WAIT).await?;
     let d = domain.to_string();
     tokio::task::spawn_blocking(move || {
-        let agent = crate::guest::HypervisorAgent::through(hv, &d);
-        crate::guest::prep::restore(&agent, &outcomes)
+        let agent = hv.guest_agent(&d, DEFAULT_COMMAND_TIMEOUT)?;
+        crate::guest::prep::restore(agent.as_ref(), &outcomes)
     })
     .await
     .unwrap_or_else(|_| Err(crate::error::internal("a restore task failed")))
@@ -314,7 +315,8 @@ pub async fn wait_for_agent(hv: Arc<dyn Hypervisor>, domain: &str, limit: Durati
             if h.domain_state(&d)? != DomainState::Running {
                 return Ok(false);
             }
-            Ok(h.agent_command(&d, r#"{"execute":"guest-ping"}"#, 5)
+            Ok(h.guest_agent(&d, Duration::from_secs(5))
+                .and_then(|a| a.ping())
                 .is_ok())
         })
         .await

@@ -6,25 +6,30 @@
 //! | action | preconditions | result |
 //! |---|---|---|
 //! | [`Controller::list_domains`] | libvirt reachable | every domain with disks and state |
-//! | [`Controller::domain`] | the domain exists | one domain |
-//! | [`Controller::capture`] | the domain exists; mode, state, agent and options fit ([`mode::decide`]); it has the disk; the disk file is readable (cold, shutdown); no operation holds the domain; the image name is valid and free; the target is writable and reachable | a capture operation |
-//! | [`Controller::plan_prep`] | the domain runs with an answering guest agent; steps named | the diffs each step would make, nothing changed |
-//! | [`Controller::import`] | the path names a non-empty regular file (no symlink, FIFO, device), within `max_virtual_size`; qcow2: no backing or external data file, passes `qemu-img check`, no data beyond the file's end; raw: not recognisably another format; the name is free (see [`crate::capture::inspect`]) | an import operation reading the very file inspected |
-//! | [`Controller::export`] | the image exists; the destination is absolute, its directory exists and is reached without symbolic links, the file does not exist (unless `overwrite`) and is not a link | an export operation (a file of `[export] file_mode`, 0600 by default) |
-//! | [`Controller::list_images`], [`Controller::image`] | — | images of the repository |
+//! | [`Controller::domain`] | a name is given (INVALID_ARGUMENT); the domain exists | one domain |
+//! | [`Controller::capture`] | the image name is valid; the prep steps are known; the domain exists; mode, state, agent and options fit ([`mode::decide`]: a shut-off domain is read cold — by mode cold, auto, or shutdown, which then shuts nothing down and starts nothing again, and prep is refused; a running one is captured by quiesce (its Linux agent answers), shutdown or crash-consistent; a crashed one is refused); it has the disk (NOT_FOUND) with a local file or block path; the disk file is readable (cold, shutdown); the target is reachable and the image name free; no operation holds the domain (ABORTED) | a capture operation |
+//! | [`Controller::plan_prep`] | steps named and known; the domain exists, runs (not paused) and has a guest agent channel; its agent answers | the diffs each step would make, nothing changed |
+//! | [`Controller::import`] | the image name is valid; the path is absolute; the format is qcow2 or raw; the path names a non-empty regular file (no symlink, FIFO, device), within `max_virtual_size`; qcow2: no backing or external data file, passes `qemu-img check`, no data beyond the file's end; raw: not recognisably another format; the name is free (see [`crate::capture::inspect`]) | an import operation reading the very file inspected |
+//! | [`Controller::export`] | the image name is valid; the image exists; the destination is absolute, its directory exists and is reached without symbolic links, the file does not exist (unless `overwrite`) and is not a link | an export operation (a file of `[export] file_mode`, 0600 by default) |
+//! | [`Controller::list_images`] | — | images of the repository |
+//! | [`Controller::image`] | the image exists | one image |
 //! | [`Controller::delete_image`] | the image exists and no export reads it | chunks freed |
 //! | [`Controller::operation`], [`Controller::operations`], [`Controller::watch`] | the operation is known | snapshots |
 //! | [`Controller::cancel`] | the operation has not ended | it ends CANCELLED, leaving no partial image |
 //!
+//! Every row is tested against an in-memory hypervisor in this module's `tests.rs`.
+//!
 //! A `request_id` given to capture, import or export makes a retried call return the
-//! operation of the first call instead of starting another; for import and export the
-//! parameters must be the same as the first call's (else INVALID_ARGUMENT).
+//! operation of the first call instead of starting another; the parameters must be the same as
+//! the first call's (else INVALID_ARGUMENT).
 
 pub mod capture;
 pub mod journal;
 pub mod mode;
 pub mod operation;
 pub mod prep;
+#[cfg(test)]
+mod tests;
 
 use std::collections::{HashMap, VecDeque};
 use std::path::{Path, PathBuf};

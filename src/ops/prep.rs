@@ -3,12 +3,12 @@
 //! [`crate::guest::prep`]; this module checks the domain, runs them on the blocking pool
 //! through the guest agent, and turns their results into reports on the operation.
 
-use super::{blocking, Controller, PrepReport, ReportedChange};
+use super::{Controller, PrepReport, ReportedChange};
 use crate::error::{invalid, precondition, Result};
+use crate::guest::agent::DEFAULT_COMMAND_TIMEOUT;
 use crate::guest::prep::{
     self, FileAction, OutcomeStatus, PlanStatus, PrepStep, StepOutcome, StepPlan,
 };
-use crate::guest::LibvirtAgent;
 use crate::hypervisor::{DomainInfo, DomainState};
 
 /// Parses step names ("all" or a list); an empty list is fine (no prep).
@@ -28,9 +28,15 @@ impl Controller {
         }
         let info = self.domain(domain).await?;
         self.check_prep_possible(&info)?;
-        let uri = self.inner.cfg.libvirt.uri.clone();
         let name = info.name.clone();
-        let plans = blocking(move || prep::plan(&LibvirtAgent::new(&uri, &name), &steps)).await?;
+        let plans = self
+            .hv(move |hv| {
+                prep::plan(
+                    hv.guest_agent(&name, DEFAULT_COMMAND_TIMEOUT)?.as_ref(),
+                    &steps,
+                )
+            })
+            .await?;
         Ok(plans.iter().map(report_plan).collect())
     }
 
@@ -58,9 +64,14 @@ impl Controller {
         domain: &str,
         steps: Vec<PrepStep>,
     ) -> Result<Vec<StepOutcome>> {
-        let uri = self.inner.cfg.libvirt.uri.clone();
         let name = domain.to_string();
-        blocking(move || prep::apply(&LibvirtAgent::new(&uri, &name), &steps)).await
+        self.hv(move |hv| {
+            prep::apply(
+                hv.guest_agent(&name, DEFAULT_COMMAND_TIMEOUT)?.as_ref(),
+                &steps,
+            )
+        })
+        .await
     }
 
     /// Puts the guest back as it was before [`Controller::apply_prep`].
@@ -69,9 +80,14 @@ impl Controller {
         domain: &str,
         outcomes: Vec<StepOutcome>,
     ) -> Result<()> {
-        let uri = self.inner.cfg.libvirt.uri.clone();
         let name = domain.to_string();
-        blocking(move || prep::restore(&LibvirtAgent::new(&uri, &name), &outcomes)).await
+        self.hv(move |hv| {
+            prep::restore(
+                hv.guest_agent(&name, DEFAULT_COMMAND_TIMEOUT)?.as_ref(),
+                &outcomes,
+            )
+        })
+        .await
     }
 }
 

@@ -40,7 +40,7 @@ fn fsck(raw: &Path) -> (i32, String) {
 
 /// The uid and gid QEMU runs as on this host.
 fn qemu_user() -> (u32, u32) {
-    imaged::capture::live::qemu_ids(
+    imaged::hypervisor::libvirt::qemu_ids(
         &std::fs::read_to_string("/etc/libvirt/qemu.conf").unwrap_or_default(),
         &std::fs::read_to_string("/etc/passwd").unwrap(),
         &std::fs::read_to_string("/etc/group").unwrap(),

@@ -13,6 +13,7 @@ use super::Plan;
 use crate::capture::live;
 use crate::error::Result;
 use crate::guest::prep::StepOutcome;
+use crate::hypervisor::BackupHandle;
 use crate::ops::mode::Mode;
 
 impl Controller {
@@ -89,8 +90,11 @@ impl Controller {
             Err(e) => {
                 // `begin` ended what it started; a job begun late (after its call timed
                 // out) is ended here too, and only ours ever is.
-                let (d, sock) = (plan.info.name.clone(), entry.backup_dir.join("nbd.sock"));
-                if self.hv(move |hv| hv.backup_end(&d, &sock)).await.is_ok() {
+                let (d, job) = (
+                    plan.info.name.clone(),
+                    BackupHandle::in_dir(&entry.backup_dir, &plan.target),
+                );
+                if self.hv(move |hv| hv.end_backup(&d, &job)).await.is_ok() {
                     let _ = std::fs::remove_dir_all(&entry.backup_dir);
                     entry.backup_dir = Default::default();
                     journal.update(entry);

@@ -229,18 +229,17 @@ impl Controller {
             )));
         }
         let name = info.name.clone();
-        let reply = self
+        let os = self
             .hv(move |hv| {
-                hv.agent_command(&name, r#"{"execute":"guest-ping"}"#, 5)?;
-                hv.agent_command(&name, r#"{"execute":"guest-get-osinfo"}"#, 5)
+                let agent = hv.guest_agent(&name, Duration::from_secs(5))?;
+                agent.ping()?;
+                agent.os_info()
             })
             .await?;
-        let v: serde_json::Value = serde_json::from_str(&reply).unwrap_or_default();
         // The id comes from inside the guest: it reaches Glance's `os_distro` only when it
         // looks like an OS id (lower-case letters, digits, '.', '_', '-'; 1 to 64 of them).
-        let id = v
-            .pointer("/return/id")
-            .and_then(|x| x.as_str())
+        let id = Some(os.id.as_str())
+            .filter(|id| !id.is_empty())
             .and_then(|id| {
                 let ok = valid_os_id(id);
                 if !ok {

@@ -2,17 +2,30 @@
 //!
 //! A connection is opened per call: libvirt calls are short, a fresh connection survives a
 //! libvirtd restart without reconnect logic, and the daemon holds nothing between operations.
+//! [`connect`] and [`lookup`] are the one place that opens libvirt and finds a domain.
+//!
+//! - [`backup`]: pull-mode backup jobs (`virDomainBackupBegin`): the job's directory owned by
+//!   the user QEMU runs as, the backup XML, ending only our own job;
+//! - [`agent`]: the guest agent channel (`virDomainQemuAgentCommand`) behind
+//!   [`crate::guest::agent::QgaClient`].
+
+pub mod agent;
+pub mod backup;
 
 use virt::connect::Connect;
 use virt::domain::Domain;
 use virt::enumutil::Enum;
 use virt::error::ErrorNumber;
 
-use std::ffi::CString;
 use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
 
-use super::{xml, DiskInfo, DomainInfo, DomainState, Hypervisor, ShutdownHow};
+use super::{xml, BackupHandle, DiskInfo, DomainInfo, DomainState, Hypervisor, ShutdownHow};
 use crate::error::{Error, ErrorKind, Result};
+use crate::guest::agent::GuestAgent;
+pub use agent::{LibvirtAgent, LibvirtChannel};
+pub use backup::qemu_ids;
 
 /// libvirt at one URI.
 pub struct Libvirt {
@@ -29,29 +42,11 @@ impl Libvirt {
 
     /// Opens a connection, mapping failure to UNAVAILABLE.
     pub fn connect(&self) -> Result<Connect> {
-        Connect::open(Some(&self.uri)).map_err(|e| {
-            Error::new(
-                ErrorKind::Unavailable,
-                format!(
-                    "cannot connect to libvirt at {} (is libvirtd running?)",
-                    self.uri
-                ),
-            )
-            .with_source(e)
-        })
+        connect(&self.uri)
     }
 
     fn lookup(&self, conn: &Connect, name: &str) -> Result<Domain> {
-        conn.lookup_domain_by_name(name).map_err(|e| {
-            if e.code() == Enum::Known(ErrorNumber::NoDomain) {
-                Error::new(
-                    ErrorKind::NotFound,
-                    format!("domain {name} not found on this host"),
-                )
-            } else {
-                libvirt_err(format!("looking up domain {name}"), e)
-            }
-        })
+        lookup(conn, name)
     }
 
     fn info(&self, dom: &Domain) -> Result<DomainInfo> {
@@ -81,6 +76,31 @@ impl Libvirt {
     }
 }
 
+/// Opens a connection to libvirt at `uri`, mapping failure to UNAVAILABLE.
+pub fn connect(uri: &str) -> Result<Connect> {
+    Connect::open(Some(uri)).map_err(|e| {
+        Error::new(
+            ErrorKind::Unavailable,
+            format!("cannot connect to libvirt at {uri} (is libvirtd running?)"),
+        )
+        .with_source(e)
+    })
+}
+
+/// Finds domain `name`; NOT_FOUND when there is none.
+pub fn lookup(conn: &Connect, name: &str) -> Result<Domain> {
+    conn.lookup_domain_by_name(name).map_err(|e| {
+        if e.code() == Enum::Known(ErrorNumber::NoDomain) {
+            Error::new(
+                ErrorKind::NotFound,
+                format!("domain {name} not found on this host"),
+            )
+        } else {
+            libvirt_err(format!("looking up domain {name}"), e)
+        }
+    })
+}
+
 fn fill_size(dom: &Domain, d: &mut DiskInfo) {
     if d.target.is_empty() || d.path.is_empty() {
         return;
@@ -107,7 +127,7 @@ fn state_of(dom: &Domain, name: &str) -> Result<DomainState> {
     })
 }
 
-fn libvirt_err(what: impl Into<String>, e: virt::error::Error) -> Error {
+pub(crate) fn libvirt_err(what: impl Into<String>, e: virt::error::Error) -> Error {
     let kind = match e.code() {
         Enum::Known(ErrorNumber::NoDomain) => ErrorKind::NotFound,
         Enum::Known(ErrorNumber::OperationInvalid) => ErrorKind::FailedPrecondition,
@@ -176,11 +196,10 @@ impl Hypervisor for Libvirt {
             .map_err(|e| libvirt_err(format!("forcing domain {name} off"), e))
     }
 
-    fn agent_command(&self, name: &str, command: &str, timeout_secs: i32) -> Result<String> {
-        let conn = self.connect()?;
-        let dom = self.lookup(&conn, name)?;
-        dom.qemu_agent_command(command, timeout_secs, 0)
-            .map_err(|e| agent_err(name, "sending a command to the guest agent of", e))
+    fn guest_agent(&self, name: &str, command_timeout: Duration) -> Result<Arc<dyn GuestAgent>> {
+        Ok(Arc::new(
+            LibvirtAgent::new(&self.uri, name).with_command_timeout(command_timeout),
+        ))
     }
 
     fn fs_freeze(&self, name: &str) -> Result<u32> {
@@ -214,87 +233,21 @@ impl Hypervisor for Libvirt {
         Ok(n as u32)
     }
 
-    fn backup_begin(
-        &self,
-        name: &str,
-        backup_xml: &str,
-        checkpoint_xml: Option<&str>,
-    ) -> Result<()> {
-        let conn = self.connect()?;
-        let dom = self.lookup(&conn, name)?;
-        let bx = CString::new(backup_xml)
-            .map_err(|_| crate::error::invalid("backup XML holds a NUL byte"))?;
-        let cx = checkpoint_xml
-            .map(CString::new)
-            .transpose()
-            .map_err(|_| crate::error::invalid("checkpoint XML holds a NUL byte"))?;
-        let cptr = cx.as_ref().map_or(std::ptr::null(), |c| c.as_ptr());
-        // SAFETY: `dom` is live; both strings are NUL-terminated and outlive the call; a null
-        // checkpoint pointer means "no checkpoint", as libvirt documents.
-        let rc = unsafe { virt::sys::virDomainBackupBegin(dom.as_ptr(), bx.as_ptr(), cptr, 0) };
-        if rc < 0 {
-            return Err(libvirt_err(
-                format!("beginning a backup job on domain {name}"),
-                virt::error::Error::last_error(),
-            ));
-        }
-        Ok(())
+    fn prepare_pull_backup(&self, dir: &Path, disk: &str) -> Result<BackupHandle> {
+        backup::job_dir(dir)?;
+        Ok(BackupHandle::in_dir(dir, disk))
     }
 
-    fn backup_end(&self, name: &str, socket: &Path) -> Result<()> {
+    fn begin_pull_backup(&self, name: &str, backup: &BackupHandle, disks: &[String]) -> Result<()> {
         let conn = self.connect()?;
         let dom = self.lookup(&conn, name)?;
-        // SAFETY: `dom` is live for the call; a non-null result is a NUL-terminated string
-        // that libvirt allocated with malloc and that we own: copied, then freed once.
-        let xml = unsafe {
-            let p = virt::sys::virDomainBackupGetXMLDesc(dom.as_ptr(), 0);
-            if p.is_null() {
-                None
-            } else {
-                let s = std::ffi::CStr::from_ptr(p).to_string_lossy().into_owned();
-                libc::free(p.cast());
-                Some(s)
-            }
-        };
-        let Some(xml) = xml else {
-            let e = virt::error::Error::last_error();
-            // No backup job: nothing to end (whatever other job may run is not ours).
-            if matches!(
-                e.code(),
-                Enum::Known(ErrorNumber::NoDomainBackup)
-                    | Enum::Known(ErrorNumber::OperationInvalid)
-            ) {
-                return Ok(());
-            }
-            return Err(libvirt_err(
-                format!("reading the backup job of domain {name}"),
-                e,
-            ));
-        };
-        let ours = xml::backup_socket(&xml).is_some_and(|s| Path::new(&s) == socket);
-        if !ours {
-            return Err(Error::new(
-                ErrorKind::FailedPrecondition,
-                format!(
-                    "domain {name} runs a backup job that imaged did not start (its export is not {}); \
-                     it is left alone: end it with `virsh domjobabort {name}` if it is stale",
-                    socket.display()
-                ),
-            ));
-        }
-        // SAFETY: `dom` is live for the call.
-        let rc = unsafe { virt::sys::virDomainAbortJob(dom.as_ptr()) };
-        if rc < 0 {
-            let e = virt::error::Error::last_error();
-            if e.code() == Enum::Known(ErrorNumber::OperationInvalid) {
-                return Ok(()); // the job ended meanwhile
-            }
-            return Err(libvirt_err(
-                format!("ending the backup job of domain {name}"),
-                e,
-            ));
-        }
-        Ok(())
+        backup::begin(&dom, name, backup, disks)
+    }
+
+    fn end_backup(&self, name: &str, backup: &BackupHandle) -> Result<()> {
+        let conn = self.connect()?;
+        let dom = self.lookup(&conn, name)?;
+        backup::end(&dom, name, backup)
     }
 }
 

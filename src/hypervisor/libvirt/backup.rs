@@ -1,0 +1,309 @@
+//! Pull-mode backup jobs through libvirt: `virDomainBackupBegin` with `<domainbackup
+//! mode='pull'>` makes QEMU export one disk over NBD on a unix socket, frozen at the moment the
+//! job began (copy-before-write into a scratch file); `virDomainAbortJob` ends it.
+//!
+//! QEMU creates the socket and the scratch file itself, as the user libvirt runs it as (`user`
+//! in `/etc/libvirt/qemu.conf`; by default `libvirt-qemu` on Debian, `qemu` on RHEL and SUSE), so
+//! each backup gets its own directory, mode 0700, owned by that user. When that user cannot be
+//! found the capture is refused: a directory anyone could write would let a local user replace
+//! the NBD socket and feed chosen bytes into the image.
+//!
+//! Only our own job is ever ended: the one exporting on our socket. A job another tool began
+//! is left running, and ending it is refused with FAILED_PRECONDITION naming it.
+
+use std::ffi::CString;
+use std::path::Path;
+
+use virt::domain::Domain;
+use virt::enumutil::Enum;
+use virt::error::ErrorNumber;
+
+use super::libvirt_err;
+use crate::error::{Error, ErrorKind, Result};
+use crate::hypervisor::{xml, BackupHandle};
+
+/// libvirt's QEMU driver configuration, where the user QEMU runs as is set.
+const QEMU_CONF: &str = "/etc/libvirt/qemu.conf";
+/// The users libvirt runs QEMU as when `qemu.conf` names none: Debian's, then RHEL's and SUSE's.
+const DEFAULT_QEMU_USERS: [&str; 2] = ["libvirt-qemu", "qemu"];
+
+/// Backup and checkpoint XML for a pull-mode backup of `disk` (others excluded).
+pub fn backup_xml(dir: &Path, disk: &str, other_disks: &[String]) -> String {
+    let esc = |s: &str| {
+        s.replace('&', "&amp;")
+            .replace('\'', "&apos;")
+            .replace('<', "&lt;")
+    };
+    let mut x = format!(
+        "<domainbackup mode='pull'>\n  <server transport='unix' socket='{}'/>\n  <disks>\n    \
+         <disk name='{}' backup='yes' type='file'><scratch file='{}'/></disk>\n",
+        esc(&dir.join("nbd.sock").to_string_lossy()),
+        esc(disk),
+        esc(&dir.join("scratch.qcow2").to_string_lossy())
+    );
+    for d in other_disks.iter().filter(|d| d.as_str() != disk) {
+        x.push_str(&format!("    <disk name='{}' backup='no'/>\n", esc(d)));
+    }
+    x.push_str("  </disks>\n</domainbackup>\n");
+    x
+}
+
+/// Creates the job's directory `dir` (anew), mode 0700, owned by the user and group QEMU runs
+/// as; its parent is made traversable by that user.
+pub(super) fn job_dir(dir: &Path) -> Result<()> {
+    let conf = std::fs::read_to_string(QEMU_CONF).unwrap_or_default();
+    let passwd = std::fs::read_to_string("/etc/passwd").unwrap_or_default();
+    let group = std::fs::read_to_string("/etc/group").unwrap_or_default();
+    let (uid, gid) = qemu_ids(&conf, &passwd, &group)?;
+    let run_dir = dir.parent().unwrap_or(Path::new("/"));
+    let _ = std::fs::remove_dir_all(dir);
+    std::fs::create_dir_all(run_dir)
+        .map_err(|e| Error::io(format!("creating run directory {}", run_dir.display()), e))?;
+    {
+        use std::os::unix::fs::DirBuilderExt;
+        std::fs::DirBuilder::new()
+            .mode(0o700)
+            .create(dir)
+            .map_err(|e| Error::io(format!("creating backup directory {}", dir.display()), e))?;
+    }
+    std::os::unix::fs::chown(dir, Some(uid), Some(gid)).map_err(|e| {
+        Error::io(
+            format!("handing backup directory {} to QEMU", dir.display()),
+            e,
+        )
+    })?;
+    // The parent must be traversable (not listable, not writable) by QEMU's user.
+    use std::os::unix::fs::PermissionsExt;
+    if let Ok(md) = std::fs::metadata(run_dir) {
+        let mode = md.permissions().mode();
+        if mode & 0o001 == 0 {
+            let _ =
+                std::fs::set_permissions(run_dir, std::fs::Permissions::from_mode(mode | 0o001));
+        }
+    }
+    Ok(())
+}
+
+/// The uid and gid QEMU runs as, from the texts of `qemu.conf`, `/etc/passwd` and `/etc/group`:
+/// `user`/`group` when `qemu.conf` sets them (a name, or `+N` for a number), else the first of
+/// `DEFAULT_QEMU_USERS` (`libvirt-qemu`, then `qemu`) that exists, with its primary group.
+/// FAILED_PRECONDITION when none can be found.
+pub fn qemu_ids(conf: &str, passwd: &str, group: &str) -> Result<(u32, u32)> {
+    let setting = |key: &str| {
+        conf.lines().find_map(|l| {
+            let l = l.trim();
+            let (k, v) = l.split_once('=')?;
+            (k.trim() == key).then(|| v.trim().trim_matches('"').to_string())
+        })
+    };
+    let user_entry = |name: &str| -> Option<(u32, u32)> {
+        passwd.lines().find_map(|l| {
+            let f: Vec<&str> = l.split(':').collect();
+            (f.len() > 3 && f[0] == name).then(|| Some((f[2].parse().ok()?, f[3].parse().ok()?)))?
+        })
+    };
+    let unknown = |what: String| {
+        Error::new(
+            ErrorKind::FailedPrecondition,
+            format!(
+                "cannot tell which user QEMU runs as: {what}; set `user` and `group` in {QEMU_CONF} \
+                 to the user libvirt runs QEMU as"
+            ),
+        )
+    };
+    let (uid, primary_gid) = match setting("user") {
+        Some(u) => match u.strip_prefix('+') {
+            Some(n) => {
+                let uid: u32 = n
+                    .parse()
+                    .map_err(|_| unknown(format!("{QEMU_CONF} sets user = \"{u}\"")))?;
+                let gid = passwd
+                    .lines()
+                    .find_map(|l| {
+                        let f: Vec<&str> = l.split(':').collect();
+                        (f.len() > 3 && f[2] == n).then(|| f[3].parse().ok())?
+                    })
+                    .unwrap_or(uid);
+                (uid, gid)
+            }
+            None => user_entry(&u).ok_or_else(|| {
+                unknown(format!(
+                    "{QEMU_CONF} sets user = \"{u}\", which is not a user of this host"
+                ))
+            })?,
+        },
+        None => DEFAULT_QEMU_USERS
+            .iter()
+            .find_map(|u| user_entry(u))
+            .ok_or_else(|| {
+                unknown(format!(
+                    "{QEMU_CONF} sets no user and none of {} exists",
+                    DEFAULT_QEMU_USERS.join(", ")
+                ))
+            })?,
+    };
+    let gid = match setting("group") {
+        None => primary_gid,
+        Some(g) => match g.strip_prefix('+') {
+            Some(n) => n
+                .parse()
+                .map_err(|_| unknown(format!("{QEMU_CONF} sets group = \"{g}\"")))?,
+            None => group
+                .lines()
+                .find_map(|l| {
+                    let f: Vec<&str> = l.split(':').collect();
+                    (f.len() > 2 && f[0] == g).then(|| f[2].parse().ok())?
+                })
+                .ok_or_else(|| {
+                    unknown(format!(
+                        "{QEMU_CONF} sets group = \"{g}\", which is not a group of this host"
+                    ))
+                })?,
+        },
+    };
+    Ok((uid, gid))
+}
+
+/// Begins the pull-mode backup job of `backup` on `dom` (named `name`); the domain's other
+/// disks (`disks`) are left out of it.
+pub(super) fn begin(
+    dom: &Domain,
+    name: &str,
+    backup: &BackupHandle,
+    disks: &[String],
+) -> Result<()> {
+    let backup_xml = backup_xml(&backup.dir, &backup.export, disks);
+    let bx = CString::new(backup_xml)
+        .map_err(|_| crate::error::invalid("backup XML holds a NUL byte"))?;
+    // SAFETY: `dom` is live; the string is NUL-terminated and outlives the call; a null
+    // checkpoint pointer means "no checkpoint", as libvirt documents.
+    let rc =
+        unsafe { virt::sys::virDomainBackupBegin(dom.as_ptr(), bx.as_ptr(), std::ptr::null(), 0) };
+    if rc < 0 {
+        return Err(libvirt_err(
+            format!("beginning a backup job on domain {name}"),
+            virt::error::Error::last_error(),
+        ));
+    }
+    Ok(())
+}
+
+/// Ends the domain's pull-mode backup job if it is the one exporting on `backup`'s socket
+/// (ours); Ok when no backup job runs. Another job: FAILED_PRECONDITION naming it, left running.
+pub(super) fn end(dom: &Domain, name: &str, backup: &BackupHandle) -> Result<()> {
+    let socket = backup.socket.as_path();
+    // SAFETY: `dom` is live for the call; a non-null result is a NUL-terminated string
+    // that libvirt allocated with malloc and that we own: copied, then freed once.
+    let xml = unsafe {
+        let p = virt::sys::virDomainBackupGetXMLDesc(dom.as_ptr(), 0);
+        if p.is_null() {
+            None
+        } else {
+            let s = std::ffi::CStr::from_ptr(p).to_string_lossy().into_owned();
+            libc::free(p.cast());
+            Some(s)
+        }
+    };
+    let Some(xml) = xml else {
+        let e = virt::error::Error::last_error();
+        // No backup job: nothing to end (whatever other job may run is not ours).
+        if matches!(
+            e.code(),
+            Enum::Known(ErrorNumber::NoDomainBackup) | Enum::Known(ErrorNumber::OperationInvalid)
+        ) {
+            return Ok(());
+        }
+        return Err(libvirt_err(
+            format!("reading the backup job of domain {name}"),
+            e,
+        ));
+    };
+    let ours = xml::backup_socket(&xml).is_some_and(|s| Path::new(&s) == socket);
+    if !ours {
+        return Err(Error::new(
+                ErrorKind::FailedPrecondition,
+                format!(
+                    "domain {name} runs a backup job that imaged did not start (its export is not {}); \
+                     it is left alone: end it with `virsh domjobabort {name}` if it is stale",
+                    socket.display()
+                ),
+            ));
+    }
+    // SAFETY: `dom` is live for the call.
+    let rc = unsafe { virt::sys::virDomainAbortJob(dom.as_ptr()) };
+    if rc < 0 {
+        let e = virt::error::Error::last_error();
+        if e.code() == Enum::Known(ErrorNumber::OperationInvalid) {
+            return Ok(()); // the job ended meanwhile
+        }
+        return Err(libvirt_err(
+            format!("ending the backup job of domain {name}"),
+            e,
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backup_xml_names_the_disk_and_excludes_the_rest() {
+        let x = backup_xml(
+            Path::new("/run/imaged/nbd/backup-op1"),
+            "vda",
+            &["vda".into(), "vdb".into()],
+        );
+        assert!(x.contains("<domainbackup mode='pull'>"));
+        assert!(x.contains("socket='/run/imaged/nbd/backup-op1/nbd.sock'"));
+        assert!(x.contains("<disk name='vda' backup='yes' type='file'><scratch file='/run/imaged/nbd/backup-op1/scratch.qcow2'/>"));
+        assert!(x.contains("<disk name='vdb' backup='no'/>"));
+    }
+
+    const PASSWD: &str = "root:x:0:0:root:/root:/bin/bash\nlibvirt-qemu:x:64055:108:Libvirt Qemu:/var/lib/libvirt:/usr/sbin/nologin\nqemu:x:107:107:qemu user:/:/sbin/nologin\n";
+    const GROUP: &str = "root:x:0:\nkvm:x:108:\nqemu:x:107:\n";
+
+    #[test]
+    fn qemu_user_comes_from_qemu_conf_else_the_distribution_default() {
+        // Debian: commented defaults, libvirt-qemu exists.
+        let debian = "#user = \"libvirt-qemu\"\n#group = \"libvirt-qemu\"\n";
+        assert_eq!(qemu_ids(debian, PASSWD, GROUP).unwrap(), (64055, 108));
+        // RHEL/SUSE: only qemu exists.
+        let rhel_passwd = "root:x:0:0::/:/bin/sh\nqemu:x:107:107::/:/sbin/nologin\n";
+        assert_eq!(qemu_ids("", rhel_passwd, GROUP).unwrap(), (107, 107));
+        // Set explicitly, by name and by number.
+        let conf = "user = \"qemu\"\ngroup = \"kvm\"\n";
+        assert_eq!(qemu_ids(conf, PASSWD, GROUP).unwrap(), (107, 108));
+        assert_eq!(
+            qemu_ids("user = \"+0\"\ngroup = \"+0\"", PASSWD, GROUP).unwrap(),
+            (0, 0)
+        );
+    }
+
+    #[test]
+    fn an_unknown_qemu_user_is_refused_never_guessed() {
+        let e = qemu_ids("", "root:x:0:0::/:/bin/sh\n", GROUP).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::FailedPrecondition);
+        assert!(e.to_string().contains("libvirt-qemu, qemu"), "{e}");
+        let e = qemu_ids("user = \"nobody-here\"", PASSWD, GROUP).unwrap_err();
+        assert!(e.to_string().contains("nobody-here"), "{e}");
+        let e = qemu_ids("user = \"qemu\"\ngroup = \"nogroup\"", PASSWD, GROUP).unwrap_err();
+        assert!(e.to_string().contains("nogroup"), "{e}");
+    }
+
+    #[test]
+    fn the_backup_directory_is_private_to_qemu() {
+        let d = tempfile::tempdir().unwrap();
+        let dir = d.path().join("backup-op-t");
+        job_dir(&dir).unwrap();
+        use std::os::unix::fs::MetadataExt;
+        let md = std::fs::metadata(&dir).unwrap();
+        assert_eq!(md.mode() & 0o777, 0o700, "mode {:o}", md.mode());
+        let conf = std::fs::read_to_string(QEMU_CONF).unwrap_or_default();
+        let passwd = std::fs::read_to_string("/etc/passwd").unwrap();
+        let group = std::fs::read_to_string("/etc/group").unwrap();
+        let (uid, gid) = qemu_ids(&conf, &passwd, &group).unwrap();
+        assert_eq!((md.uid(), md.gid()), (uid, gid));
+    }
+}

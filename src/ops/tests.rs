@@ -1,0 +1,833 @@
+//! The [`Controller`]'s actions driven against the in-memory [`FakeHypervisor`]: each test states
+//! an action's preconditions (the table in this module's parent) and checks that a request
+//! breaking one is refused with the right error kind before anything is started, and that a
+//! request meeting them all is accepted.
+//!
+//! Accepted captures, imports and exports become operations that wait for a run slot: the
+//! controller here has none (`max_running_operations = 0`), so nothing is read and each
+//! accepted operation is cancelled and must end CANCELLED, having touched no guest and left no
+//! image. The data path is tested elsewhere, with real parts.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use super::mode::{decide, needs_agent, AgentState, Asked, Facts};
+use super::*;
+use crate::hypervisor::fake::{Call, FakeAgent, FakeDomain, FakeHypervisor};
+use crate::hypervisor::DomainState;
+use crate::repo::manifest::{content_digest, FORMAT_VERSION};
+use crate::repo::CHUNK_SIZE;
+
+/// A controller over `hv` with a repository and run directory in a temporary directory, and
+/// no run slot: accepted operations stay QUEUED until cancelled.
+struct World {
+    ctl: Controller,
+    hv: FakeHypervisor,
+    dir: tempfile::TempDir,
+}
+
+impl World {
+    fn new(domains: Vec<FakeDomain>) -> World {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cfg = Config::default();
+        cfg.daemon.max_running_operations = 0;
+        cfg.capture.run_dir = dir.path().join("run");
+        let repo = Repository::open(&dir.path().join("repo")).unwrap();
+        let hv = FakeHypervisor::new(domains);
+        let ctl = Controller::new(cfg, Arc::new(hv.clone()), repo);
+        World { ctl, hv, dir }
+    }
+
+    /// A readable disk file for a domain.
+    fn disk(&self, name: &str) -> PathBuf {
+        let p = self.dir.path().join(format!("{name}.qcow2"));
+        std::fs::write(&p, b"").unwrap();
+        p
+    }
+
+    /// A domain whose system disk is a readable file.
+    fn domain(&self, name: &str, state: DomainState) -> FakeDomain {
+        FakeDomain::new(name, state).disk_path(&self.disk(name))
+    }
+
+    /// Cancels an accepted operation and checks it ends CANCELLED with nothing done.
+    async fn cancel_accepted(&self, op: &Operation) {
+        assert_eq!(op.state, OpState::Queued, "{op:?}");
+        self.ctl.cancel(&op.id).unwrap();
+        let mut rx = self.ctl.watch(&op.id).unwrap().subscribe();
+        tokio::time::timeout(
+            Duration::from_secs(10),
+            rx.wait_for(|s| s.state.is_terminal()),
+        )
+        .await
+        .expect("the cancelled operation ends")
+        .unwrap();
+        assert_eq!(
+            self.ctl.operation(&op.id).unwrap().state,
+            OpState::Cancelled
+        );
+        assert_eq!(self.hv.calls(), vec![], "nothing ran in any guest");
+        assert_eq!(
+            kind(self.ctl.image(&op.image_name).await),
+            ErrorKind::NotFound,
+            "no image left"
+        );
+    }
+
+    /// An image in the repository (all zeros, so no chunk to store).
+    fn image(&self, name: &str) {
+        let w = self.ctl.repository().begin_image(name).unwrap();
+        let rec = ImageRecord {
+            format_version: FORMAT_VERSION,
+            id: format!("id-{name}"),
+            name: name.into(),
+            virtual_size: CHUNK_SIZE,
+            chunk_size: CHUNK_SIZE,
+            content_digest: content_digest(CHUNK_SIZE, &[]),
+            consistency: "cold".into(),
+            source_domain: String::new(),
+            source_host: String::new(),
+            source_disk: String::new(),
+            source_format: "raw".into(),
+            created_at: 0,
+            updated_at: 0,
+            data_bytes: 0,
+            chunks: Vec::new(),
+        };
+        w.commit(&rec).unwrap();
+    }
+}
+
+fn kind<T: std::fmt::Debug>(r: Result<T>) -> ErrorKind {
+    r.expect_err("refused").kind()
+}
+
+fn capture(domain: &str, mode: Mode) -> CaptureParams {
+    CaptureParams {
+        domain: domain.into(),
+        image_name: format!("{domain}-img"),
+        mode,
+        ..CaptureParams::default()
+    }
+}
+
+// ------------------------------------------------------------------------------- domains
+
+#[tokio::test]
+async fn domains_are_listed_by_name_and_an_unknown_one_is_not_found() {
+    let w = World::new(vec![]);
+    w.hv.add(FakeDomain::new("web", DomainState::Running));
+    w.hv.add(FakeDomain::new("db", DomainState::ShutOff));
+    let names: Vec<String> = w
+        .ctl
+        .list_domains()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|d| d.name)
+        .collect();
+    assert_eq!(names, ["db", "web"]);
+    assert_eq!(
+        w.ctl.domain("web").await.unwrap().state,
+        DomainState::Running
+    );
+    assert_eq!(kind(w.ctl.domain("nope").await), ErrorKind::NotFound);
+    assert_eq!(kind(w.ctl.domain("").await), ErrorKind::InvalidArgument);
+}
+
+// ------------------------------------------------------------------------------- capture
+
+/// How a test domain's guest agent is set up.
+#[derive(Debug, Clone, Copy)]
+enum Agent {
+    Absent,
+    Linux,
+    Windows,
+    Unreachable,
+}
+
+const MODES: [Mode; 5] = [
+    Mode::Auto,
+    Mode::Cold,
+    Mode::Shutdown,
+    Mode::Quiesce,
+    Mode::CrashConsistent,
+];
+/// Every state libvirt reports.
+const STATES: [DomainState; 8] = [
+    DomainState::NoState,
+    DomainState::Running,
+    DomainState::Blocked,
+    DomainState::Paused,
+    DomainState::ShuttingDown,
+    DomainState::ShutOff,
+    DomainState::Crashed,
+    DomainState::Suspended,
+];
+const AGENTS: [Agent; 4] = [
+    Agent::Absent,
+    Agent::Linux,
+    Agent::Windows,
+    Agent::Unreachable,
+];
+
+/// What the controller should learn from probing the agent, as [`decide`] takes it.
+fn agent_state(asked: &Asked, state: DomainState, agent: Agent) -> AgentState {
+    let channel = !matches!(agent, Agent::Absent);
+    if !channel {
+        AgentState::NoChannel
+    } else if !needs_agent(asked, state, channel) {
+        AgentState::NotAsked
+    } else if state != DomainState::Running {
+        AgentState::Silent // a paused guest's agent does not answer
+    } else {
+        match agent {
+            Agent::Linux => AgentState::Linux,
+            Agent::Windows => AgentState::Windows,
+            _ => AgentState::Silent,
+        }
+    }
+}
+
+/// Every mode × state × agent × option combination goes through [`Controller::capture`] and
+/// gets the verdict of [`decide`] (the mode table's oracle, tested on its own in `mode.rs`):
+/// the same refusal kind, or an accepted operation that does nothing until it runs.
+#[tokio::test]
+async fn capture_agrees_with_the_mode_table_over_modes_states_agents_and_options() {
+    let opts = [
+        (false, false, false, false),
+        (true, false, false, false),
+        (true, true, false, false),
+        (true, true, true, false),
+        (false, false, true, false),
+        (false, false, false, true),
+        (false, true, false, false),
+    ];
+    let mut checked = 0;
+    let w = World::new(vec![]);
+    for mode in MODES {
+        for state in STATES {
+            for agent in AGENTS {
+                for (prep, restore_source, restart, force_off) in opts {
+                    let mut d = w.domain("vm", state);
+                    d = match agent {
+                        Agent::Absent => d.no_agent_channel(),
+                        Agent::Linux => d.agent(FakeAgent::Linux),
+                        Agent::Windows => d.agent(FakeAgent::Windows),
+                        Agent::Unreachable => d.agent(FakeAgent::Unreachable),
+                    };
+                    w.hv.add(d);
+                    let asked = Asked {
+                        mode,
+                        prep,
+                        restore_source,
+                        restart,
+                        force_off,
+                    };
+                    let facts = Facts {
+                        domain: "vm",
+                        state,
+                        has_agent_channel: !matches!(agent, Agent::Absent),
+                        agent: agent_state(&asked, state, agent),
+                    };
+                    let expected = decide(&asked, &facts);
+                    let p = CaptureParams {
+                        prep: if prep {
+                            vec!["udev-net-rules".into()]
+                        } else {
+                            vec![]
+                        },
+                        restore_source,
+                        restart,
+                        force_off,
+                        ..capture("vm", mode)
+                    };
+                    let case = format!("{mode:?} {state:?} {agent:?} {asked:?}");
+                    match (expected, w.ctl.capture(p).await) {
+                        (Ok(_), Ok(op)) => {
+                            assert_eq!(op.kind, OpKind::Capture, "{case}");
+                            w.cancel_accepted(&op).await;
+                        }
+                        (Err(e), Err(got)) => {
+                            assert_eq!(got.kind(), e.kind(), "{case}: {got}");
+                            assert_eq!(got.to_string(), e.to_string(), "{case}");
+                            assert_eq!(w.hv.calls(), vec![], "{case}: refused, nothing done");
+                        }
+                        (e, got) => panic!("{case}: expected {e:?}, got {got:?}"),
+                    }
+                    checked += 1;
+                }
+            }
+        }
+    }
+    assert_eq!(checked, 5 * 8 * 4 * 7);
+}
+
+/// The rows a reader looks for, spelled out.
+#[tokio::test]
+async fn capture_refusals_name_the_precondition() {
+    use ErrorKind::*;
+    let cases: &[(&str, DomainState, Agent, Mode, bool, bool, ErrorKind)] = &[
+        // (what, state, agent, mode, prep, restart, expected)
+        (
+            "cold needs shut off",
+            DomainState::Running,
+            Agent::Linux,
+            Mode::Cold,
+            false,
+            false,
+            FailedPrecondition,
+        ),
+        (
+            "cold takes no prep",
+            DomainState::ShutOff,
+            Agent::Linux,
+            Mode::Cold,
+            true,
+            false,
+            InvalidArgument,
+        ),
+        (
+            "cold takes no restart",
+            DomainState::ShutOff,
+            Agent::Linux,
+            Mode::Cold,
+            false,
+            true,
+            InvalidArgument,
+        ),
+        (
+            "quiesce needs an agent channel",
+            DomainState::Running,
+            Agent::Absent,
+            Mode::Quiesce,
+            false,
+            false,
+            FailedPrecondition,
+        ),
+        (
+            "quiesce needs an answering agent",
+            DomainState::Running,
+            Agent::Unreachable,
+            Mode::Quiesce,
+            false,
+            false,
+            FailedPrecondition,
+        ),
+        (
+            "quiesce refuses Windows",
+            DomainState::Running,
+            Agent::Windows,
+            Mode::Quiesce,
+            false,
+            false,
+            FailedPrecondition,
+        ),
+        (
+            "quiesce needs it running",
+            DomainState::ShutOff,
+            Agent::Linux,
+            Mode::Quiesce,
+            false,
+            false,
+            FailedPrecondition,
+        ),
+        (
+            "crash-consistent takes no prep",
+            DomainState::Running,
+            Agent::Linux,
+            Mode::CrashConsistent,
+            true,
+            false,
+            InvalidArgument,
+        ),
+        (
+            "crash-consistent needs it running",
+            DomainState::ShutOff,
+            Agent::Linux,
+            Mode::CrashConsistent,
+            false,
+            false,
+            FailedPrecondition,
+        ),
+        (
+            "shutdown of a crashed guest",
+            DomainState::Crashed,
+            Agent::Linux,
+            Mode::Shutdown,
+            false,
+            false,
+            FailedPrecondition,
+        ),
+        (
+            "shutdown prep on a shut-off guest",
+            DomainState::ShutOff,
+            Agent::Linux,
+            Mode::Shutdown,
+            true,
+            false,
+            FailedPrecondition,
+        ),
+        (
+            "auto with a silent agent",
+            DomainState::Running,
+            Agent::Unreachable,
+            Mode::Auto,
+            false,
+            false,
+            FailedPrecondition,
+        ),
+        (
+            "auto on a paused guest",
+            DomainState::Paused,
+            Agent::Linux,
+            Mode::Auto,
+            false,
+            false,
+            FailedPrecondition,
+        ),
+    ];
+    for (what, state, agent, mode, prep, restart, expected) in cases {
+        let w = World::new(vec![]);
+        let mut d = w.domain("vm", *state);
+        d = match agent {
+            Agent::Absent => d.no_agent_channel(),
+            Agent::Linux => d,
+            Agent::Windows => d.agent(FakeAgent::Windows),
+            Agent::Unreachable => d.agent(FakeAgent::Unreachable),
+        };
+        w.hv.add(d);
+        let p = CaptureParams {
+            prep: if *prep { vec!["dhcp".into()] } else { vec![] },
+            restart: *restart,
+            ..capture("vm", *mode)
+        };
+        assert_eq!(kind(w.ctl.capture(p).await), *expected, "{what}");
+        assert_eq!(w.hv.calls(), vec![], "{what}: nothing done");
+    }
+}
+
+#[tokio::test]
+async fn capture_accepts_each_mode_where_its_preconditions_hold() {
+    let cases = [
+        (DomainState::ShutOff, FakeAgent::Linux, Mode::Cold, "cold"),
+        (DomainState::ShutOff, FakeAgent::Linux, Mode::Auto, "cold"),
+        (
+            DomainState::ShutOff,
+            FakeAgent::Linux,
+            Mode::Shutdown,
+            "cold",
+        ),
+        (
+            DomainState::Running,
+            FakeAgent::Linux,
+            Mode::Shutdown,
+            "cold",
+        ),
+        (DomainState::Running, FakeAgent::Windows, Mode::Auto, "cold"),
+        (
+            DomainState::Running,
+            FakeAgent::Linux,
+            Mode::Quiesce,
+            "quiesced",
+        ),
+        (
+            DomainState::Running,
+            FakeAgent::Linux,
+            Mode::Auto,
+            "quiesced",
+        ),
+        (
+            DomainState::Running,
+            FakeAgent::Unreachable,
+            Mode::CrashConsistent,
+            "crash-consistent",
+        ),
+    ];
+    for (state, agent, mode, consistency) in cases {
+        let w = World::new(vec![]);
+        w.hv.add(w.domain("vm", state).agent(agent));
+        let op = w.ctl.capture(capture("vm", mode)).await.unwrap();
+        assert_eq!(op.consistency, consistency, "{mode:?} {state:?}");
+        assert_eq!(op.domain, "vm");
+        w.cancel_accepted(&op).await;
+    }
+    // Options: prep + restore_source + restart in shutdown mode; force_off.
+    let w = World::new(vec![]);
+    w.hv.add(w.domain("vm", DomainState::Running));
+    let p = CaptureParams {
+        prep: vec!["all".into()],
+        restore_source: true,
+        restart: true,
+        force_off: true,
+        ..capture("vm", Mode::Shutdown)
+    };
+    let op = w.ctl.capture(p).await.unwrap();
+    w.cancel_accepted(&op).await;
+}
+
+#[tokio::test]
+async fn capture_checks_the_domain_disk_name_target_and_lock() {
+    use ErrorKind::*;
+    let w = World::new(vec![]);
+    w.hv.add(w.domain("vm", DomainState::ShutOff));
+    // Unknown domain, unknown disk.
+    assert_eq!(
+        kind(w.ctl.capture(capture("nope", Mode::Cold)).await),
+        NotFound
+    );
+    let p = CaptureParams {
+        disk: Some("vdz".into()),
+        ..capture("vm", Mode::Cold)
+    };
+    assert_eq!(kind(w.ctl.capture(p).await), NotFound);
+    // Bad image name; unknown prep step; unknown remote target; relative file target.
+    let p = CaptureParams {
+        image_name: "-bad".into(),
+        ..capture("vm", Mode::Cold)
+    };
+    assert_eq!(kind(w.ctl.capture(p).await), InvalidArgument);
+    let p = CaptureParams {
+        prep: vec!["no-such-step".into()],
+        ..capture("vm", Mode::Shutdown)
+    };
+    assert_eq!(kind(w.ctl.capture(p).await), InvalidArgument);
+    let p = CaptureParams {
+        target: TargetSpec::Remote {
+            name: "glance".into(),
+            format: Format::Qcow2,
+        },
+        ..capture("vm", Mode::Cold)
+    };
+    assert_eq!(kind(w.ctl.capture(p).await), NotFound);
+    // The disk file must be readable for a cold read.
+    w.hv.add(FakeDomain::new("gone", DomainState::ShutOff).disk_path(Path::new("/nonexistent/x")));
+    assert_eq!(
+        kind(w.ctl.capture(capture("gone", Mode::Cold)).await),
+        FailedPrecondition
+    );
+    // A disk with no local path cannot be captured.
+    let mut net = FakeDomain::new("net", DomainState::ShutOff);
+    net.info.disks[0].source_type = "network".into();
+    net.info.disks[0].path = String::new();
+    w.hv.add(net);
+    assert_eq!(
+        kind(w.ctl.capture(capture("net", Mode::Cold)).await),
+        FailedPrecondition
+    );
+    // A domain with no system disk.
+    let mut bare = FakeDomain::new("bare", DomainState::ShutOff);
+    bare.info.disks.clear();
+    w.hv.add(bare);
+    assert_eq!(
+        kind(w.ctl.capture(capture("bare", Mode::Cold)).await),
+        FailedPrecondition
+    );
+    // One operation holds a domain; a taken image name is refused; a retry is the same op.
+    let first = CaptureParams {
+        request_id: "r1".into(),
+        ..capture("vm", Mode::Cold)
+    };
+    let op = w.ctl.capture(first.clone()).await.unwrap();
+    assert_eq!(w.ctl.capture(first.clone()).await.unwrap().id, op.id);
+    let other = CaptureParams {
+        image_name: "other".into(),
+        ..capture("vm", Mode::Cold)
+    };
+    assert_eq!(kind(w.ctl.capture(other).await), Aborted);
+    let changed = CaptureParams {
+        image_name: "changed".into(),
+        ..first
+    };
+    assert_eq!(kind(w.ctl.capture(changed).await), InvalidArgument);
+    w.cancel_accepted(&op).await;
+    w.image("taken");
+    let p = CaptureParams {
+        image_name: "taken".into(),
+        ..capture("vm", Mode::Cold)
+    };
+    assert_eq!(kind(w.ctl.capture(p).await), AlreadyExists);
+}
+
+// ------------------------------------------------------------------------------- prep
+
+#[tokio::test]
+async fn plan_prep_needs_steps_a_running_domain_and_its_agent() {
+    use ErrorKind::*;
+    let w = World::new(vec![
+        FakeDomain::new("up", DomainState::Running),
+        FakeDomain::new("off", DomainState::ShutOff),
+        FakeDomain::new("paused", DomainState::Paused),
+        FakeDomain::new("bare", DomainState::Running).no_agent_channel(),
+        FakeDomain::new("silent", DomainState::Running).agent(FakeAgent::Unreachable),
+    ]);
+    let steps = |s: &[&str]| s.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+    let udev = steps(&["udev-net-rules"]);
+    assert_eq!(kind(w.ctl.plan_prep("up", &[]).await), InvalidArgument);
+    assert_eq!(
+        kind(w.ctl.plan_prep("up", &steps(&["nope"])).await),
+        InvalidArgument
+    );
+    assert_eq!(kind(w.ctl.plan_prep("nope", &udev).await), NotFound);
+    assert_eq!(
+        kind(w.ctl.plan_prep("off", &udev).await),
+        FailedPrecondition
+    );
+    assert_eq!(
+        kind(w.ctl.plan_prep("paused", &udev).await),
+        FailedPrecondition
+    );
+    assert_eq!(
+        kind(w.ctl.plan_prep("bare", &udev).await),
+        FailedPrecondition
+    );
+    assert_eq!(
+        kind(w.ctl.plan_prep("silent", &udev).await),
+        FailedPrecondition
+    );
+    let plans = w.ctl.plan_prep("up", &udev).await.unwrap();
+    assert_eq!(plans.len(), 1);
+    assert_eq!(plans[0].step, "udev-net-rules");
+    assert_eq!(plans[0].outcome, "unchanged");
+    assert_eq!(w.hv.calls(), vec![], "a dry run changes nothing");
+}
+
+// ------------------------------------------------------------------------------- images
+
+#[tokio::test]
+async fn import_checks_name_path_format_and_file() {
+    use ErrorKind::*;
+    let w = World::new(vec![]);
+    let file = w.dir.path().join("disk.raw");
+    std::fs::write(&file, vec![0u8; 1 << 20]).unwrap();
+    let p = |name: &str, path: &Path, format: &str| ImportParams {
+        path: path.to_path_buf(),
+        format: format.into(),
+        image_name: name.into(),
+        request_id: String::new(),
+    };
+    assert_eq!(
+        kind(w.ctl.import(p("-x", &file, "raw")).await),
+        InvalidArgument
+    );
+    assert_eq!(
+        kind(w.ctl.import(p("a", Path::new("disk.raw"), "raw")).await),
+        InvalidArgument
+    );
+    assert_eq!(
+        kind(w.ctl.import(p("a", &file, "vmdk")).await),
+        InvalidArgument
+    );
+    let missing = w.dir.path().join("missing.raw");
+    assert_eq!(
+        kind(w.ctl.import(p("a", &missing, "raw")).await),
+        FailedPrecondition
+    );
+    let empty = w.dir.path().join("empty.raw");
+    std::fs::write(&empty, b"").unwrap();
+    assert!(
+        w.ctl.import(p("a", &empty, "raw")).await.is_err(),
+        "an empty file"
+    );
+    let link = w.dir.path().join("link.raw");
+    std::os::unix::fs::symlink(&file, &link).unwrap();
+    assert!(
+        w.ctl.import(p("a", &link, "raw")).await.is_err(),
+        "a symbolic link"
+    );
+    assert!(
+        w.ctl.import(p("a", w.dir.path(), "raw")).await.is_err(),
+        "a directory"
+    );
+    w.image("taken");
+    assert_eq!(
+        kind(w.ctl.import(p("taken", &file, "raw")).await),
+        AlreadyExists
+    );
+    let op = w.ctl.import(p("fresh", &file, "raw")).await.unwrap();
+    assert_eq!(op.kind, OpKind::Import);
+    w.cancel_accepted(&op).await;
+}
+
+#[tokio::test]
+async fn export_delete_and_image_need_the_image() {
+    use ErrorKind::*;
+    let w = World::new(vec![]);
+    let dest = w.dir.path().join("out.qcow2");
+    let p = |name: &str, path: &Path, overwrite: bool| ExportParams {
+        image_name: name.into(),
+        format: Format::Qcow2,
+        path: path.to_path_buf(),
+        overwrite,
+        request_id: String::new(),
+    };
+    assert_eq!(kind(w.ctl.export(p("nope", &dest, false)).await), NotFound);
+    assert_eq!(kind(w.ctl.image("nope").await), NotFound);
+    assert_eq!(kind(w.ctl.delete_image("nope").await), NotFound);
+    w.image("img");
+    assert_eq!(
+        kind(w.ctl.export(p("-x", &dest, false)).await),
+        InvalidArgument
+    );
+    assert_eq!(
+        kind(w.ctl.export(p("img", Path::new("out"), false)).await),
+        InvalidArgument
+    );
+    let nodir = w.dir.path().join("no/such/dir/out");
+    assert!(
+        w.ctl.export(p("img", &nodir, false)).await.is_err(),
+        "a missing directory"
+    );
+    std::fs::write(&dest, b"x").unwrap();
+    assert!(
+        w.ctl.export(p("img", &dest, false)).await.is_err(),
+        "an existing file"
+    );
+    let op = w.ctl.export(p("img", &dest, true)).await.unwrap();
+    assert_eq!(op.kind, OpKind::Export);
+    // An export reads the image: it cannot be deleted meanwhile.
+    assert!(w.ctl.delete_image("img").await.is_err());
+    w.ctl.cancel(&op.id).unwrap();
+    let mut rx = w.ctl.watch(&op.id).unwrap().subscribe();
+    let _ = tokio::time::timeout(
+        Duration::from_secs(10),
+        rx.wait_for(|s| s.state.is_terminal()),
+    )
+    .await;
+    // The reader is released when the task ends.
+    let mut deleted = w.ctl.delete_image("img").await;
+    for _ in 0..50 {
+        if deleted.is_ok() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        deleted = w.ctl.delete_image("img").await;
+    }
+    deleted.unwrap();
+    assert!(w.ctl.list_images().await.unwrap().is_empty());
+}
+
+// ------------------------------------------------------------------------------- operations
+
+#[tokio::test]
+async fn operations_are_known_and_cancel_only_a_running_one() {
+    use ErrorKind::*;
+    let w = World::new(vec![]);
+    assert_eq!(kind(w.ctl.operation("op-nope")), NotFound);
+    assert_eq!(kind(w.ctl.watch("op-nope").map(|_| ())), NotFound);
+    assert_eq!(kind(w.ctl.cancel("op-nope")), NotFound);
+    w.hv.add(w.domain("vm", DomainState::ShutOff));
+    let op = w.ctl.capture(capture("vm", Mode::Cold)).await.unwrap();
+    assert_eq!(w.ctl.operations().len(), 1);
+    w.cancel_accepted(&op).await;
+    assert_eq!(kind(w.ctl.cancel(&op.id)), FailedPrecondition);
+}
+
+// ------------------------------------------------------------------------------- the seam
+
+/// The consistency point through the trait: freeze, begin the pull backup, thaw at once; the
+/// job is ended through the trait when the read is over.
+#[tokio::test]
+async fn a_quiesced_backup_freezes_begins_thaws_and_ends_only_its_job() {
+    use crate::capture::live;
+    let w = World::new(vec![FakeDomain::new("vm", DomainState::Running)]);
+    let run = w.dir.path().join("run");
+    // QEMU would create the socket as the job begins; the fake does not serve one.
+    std::fs::create_dir_all(run.join("backup-op1")).unwrap();
+    std::fs::write(run.join("backup-op1/nbd.sock"), b"").unwrap();
+    let hv: Arc<dyn Hypervisor> = Arc::new(w.hv.clone());
+    let disks = vec!["vda".to_string()];
+    let (export, point) = live::begin(
+        hv.clone(),
+        "vm",
+        "vda",
+        &disks,
+        &run,
+        "op1",
+        true,
+        Duration::from_secs(5),
+    )
+    .await
+    .unwrap();
+    assert_eq!(point.frozen_filesystems, 1);
+    assert!(!w.hv.is_frozen("vm"));
+    assert_eq!(w.hv.backup_job("vm"), Some(run.join("backup-op1/nbd.sock")));
+    export.end().await.unwrap();
+    assert_eq!(w.hv.backup_job("vm"), None);
+    assert!(
+        !run.join("backup-op1").exists(),
+        "the job's directory is removed"
+    );
+    assert_eq!(
+        w.hv.calls(),
+        [
+            Call::Freeze("vm".into()),
+            Call::BackupBegin("vm".into(), "vda".into()),
+            Call::Thaw("vm".into()),
+            Call::BackupEnd("vm".into()),
+        ]
+    );
+
+    // A backup that cannot begin still thaws the guest.
+    w.hv.fail(crate::hypervisor::fake::Step::BackupBegin);
+    let e = live::begin(
+        hv,
+        "vm",
+        "vda",
+        &disks,
+        &run,
+        "op2",
+        true,
+        Duration::from_secs(5),
+    )
+    .await
+    .err()
+    .expect("the backup fails");
+    assert_eq!(e.kind(), ErrorKind::Internal);
+    assert!(!w.hv.is_frozen("vm"));
+    assert_eq!(w.hv.calls().last(), Some(&Call::Thaw("vm".into())));
+}
+
+/// Recovery through the trait: a frozen guest is thawed through its agent, our backup job is
+/// ended, another tool's job is left alone, a domain to restart is started.
+#[tokio::test]
+async fn recovery_thaws_ends_our_job_leaves_a_foreign_one_and_restarts() {
+    use super::journal::{Entry, Journal};
+    let w = World::new(vec![
+        FakeDomain::new("a", DomainState::Running),
+        FakeDomain::new("b", DomainState::ShutOff),
+    ]);
+    let run = w.dir.path().join("run");
+    let hv: Arc<dyn Hypervisor> = Arc::new(w.hv.clone());
+    w.hv.fs_freeze("a").unwrap();
+    let ours = crate::hypervisor::BackupHandle::in_dir(&run.join("backup-op-a"), "vda");
+    w.hv.foreign_backup("b", Path::new("/var/lib/other-tool/nbd.sock"));
+    w.hv.begin_pull_backup("a", &ours, &[]).unwrap();
+    let journal = Journal::new(&run);
+    let mut a = Entry::new("op-a", "a");
+    a.frozen = true;
+    a.backup_dir = ours.dir.clone();
+    journal.write(&a).unwrap();
+    let mut b = Entry::new("op-b", "b");
+    b.backup_dir = run.join("backup-op-b");
+    b.restart = true;
+    journal.write(&b).unwrap();
+    let before = w.hv.calls().len();
+
+    journal.recover(hv).await;
+
+    assert!(!w.hv.is_frozen("a"));
+    assert_eq!(w.hv.backup_job("a"), None, "our job ended");
+    assert_eq!(
+        w.hv.backup_job("b").as_deref(),
+        Some(Path::new("/var/lib/other-tool/nbd.sock")),
+        "another tool's job is left alone"
+    );
+    assert_eq!(w.hv.domain_state("b").unwrap(), DomainState::Running);
+    let calls = w.hv.calls()[before..].to_vec();
+    assert!(calls.contains(&Call::Thaw("a".into())), "{calls:?}");
+    assert!(calls.contains(&Call::BackupEnd("a".into())), "{calls:?}");
+    assert!(!calls.contains(&Call::BackupEnd("b".into())), "{calls:?}");
+    assert!(calls.contains(&Call::Start("b".into())), "{calls:?}");
+    assert!(journal.entries().is_empty(), "every duty done");
+}
