@@ -16,7 +16,7 @@
 //!   static` but `lo` becomes `inet dhcp` (and `inet6 static` becomes `inet6 auto`), the
 //!   stanza's `address`, `netmask`, `gateway`, `broadcast`, `network`, `pointopoint`, `scope`,
 //!   `dns-nameservers` lines dropped; `source` and `source-directory` includes are followed by
-//!   the runner.
+//!   the step's inspection.
 //! - netplan YAML (see [`super::netplan`]).
 //! - NetworkManager keyfiles ([`nm_keyfile_to_dhcp`]): `[ipv4]`/`[ipv6]` `method=manual`
 //!   becomes `method=auto`, `address*`, `gateway` and `dns` removed; `[ethernet] mac-address`
@@ -28,6 +28,9 @@
 //! Interfaces without a static address (bond and bridge ports, unconfigured NICs, `lo`) are
 //! left alone. Windows guests: `netsh interface ip set address name=... source=dhcp` (and the
 //! same for DNS) through `guest-exec` for each interface the agent reports, loopback excepted.
+//!
+//! The step's guest I/O (`Dhcp`: which files it reads and edits, the includes it follows,
+//! the Windows `netsh` commands) comes after the pure transforms.
 
 use std::collections::BTreeSet;
 

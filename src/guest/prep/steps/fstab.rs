@@ -1,4 +1,8 @@
-//! The `fstab-data-disks` step's pure part: which filesystems live on a data disk.
+//! The `fstab-data-disks` step: the filesystems and swap on data disks come down and their
+//! `/etc/fstab` lines are removed. This file holds the pure part (which filesystems live on a
+//! data disk, from the parsed output of the guest's tools) and, below it, the step's guest I/O
+//! (`FstabDataDisks`: the inspection, unmounting and `swapoff`, and mounting and `swapon`
+//! again on undo).
 //!
 //! The guest's block devices come from `lsblk -J -o NAME,KNAME,PKNAME,TYPE,MOUNTPOINT,UUID,
 //! LABEL,PARTUUID,PARTLABEL` ([`parse_lsblk_json`]; `lsblk -P` output, for util-linux older
@@ -6,7 +10,7 @@
 //! ([`parse_findmnt_json`]; `/proc/self/mounts` through [`parse_proc_mounts`]) and its active
 //! swap from `/proc/swaps` ([`parse_proc_swaps`]). Device paths (`/dev/disk/by-*`,
 //! `/dev/mapper/*`, `/dev/vdb1`) are canonicalised inside the guest (`readlink -f`) by the
-//! runner and looked up by kernel name.
+//! inspection and looked up by kernel name.
 //!
 //! The *system disks* are the top-level disks under the device holding `/` (several for RAID or
 //! LVM spanning disks). A device is on a *data disk* when every top-level device under it is a
