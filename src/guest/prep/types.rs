@@ -282,6 +282,20 @@ mod tests {
             notes: vec![],
         };
         let j = serde_json::to_string(&o).unwrap();
+        // The journal's shape: an outcome written by an older imaged must still read back.
+        assert_eq!(
+            j,
+            concat!(
+                r#"{"step":"fstab-data-disks","status":"applied","files":[{"path":"/etc/fstab","#,
+                r#""action":"modify","backup":"/run/imaged-prep/backup/apply-1/etc/fstab","#,
+                r#""original_sha256":"#,
+                r#""2d711642b726b04401627ca9fbac32f5c8530fb1903cc4db02258717921a4881","#,
+                r#""original":"VVVJRD0xIC8gZXh0NCBkZWZhdWx0cyAwIDEKG1sySg=="}],"#,
+                r#""unmounted":[{"target":"/mnt/data","source":"/dev/vdb1","fstype":"ext4","#,
+                r#""options":"rw,relatime"}],"swaps_off":[{"path":"/dev/vdb3"}],"commands":[],"#,
+                r#""backup_dir":"/run/imaged-prep/backup/apply-1","notes":[]}"#,
+            )
+        );
         assert!(j.contains("\"step\":\"fstab-data-disks\""), "{j}");
         assert_eq!(serde_json::from_str::<StepOutcome>(&j).unwrap(), o);
     }
