@@ -225,3 +225,217 @@ fn restore_with(io: &GuestIo<'_>, outcomes: &[StepOutcome]) -> Result<()> {
     )
     .with_source(first))
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::{BTreeMap, BTreeSet};
+    use std::sync::Mutex;
+    use std::time::Duration;
+
+    use super::*;
+    use crate::guest::agent::{ExecOutput, NetInterface, OsInfo};
+    use crate::guest::prep::PlanStatus;
+
+    const RC: &str = "#!/bin/sh\nrunlevel_scripts\nexit 0\n";
+    const FSTAB: &str = "/dev/vda1 / ext4 defaults 0 1\n/dev/vdb1 /mnt/data ext4 defaults 0 2\n";
+    const LSBLK: &str = r#"{"blockdevices": [
+      {"name":"vda","kname":"vda","pkname":null,"type":"disk","mountpoint":null,"children":[
+        {"name":"vda1","kname":"vda1","pkname":"vda","type":"part","mountpoint":"/"}]},
+      {"name":"vdb","kname":"vdb","pkname":null,"type":"disk","mountpoint":null,"children":[
+        {"name":"vdb1","kname":"vdb1","pkname":"vdb","type":"part","mountpoint":"/mnt/data"}]}
+    ]}"#;
+
+    /// A Linux guest in memory: its files, what is mounted, and the few programs the steps
+    /// run (`sh` scripts recognised by what they do). One write can be made to fail.
+    struct FakeLinux {
+        files: Mutex<BTreeMap<String, Vec<u8>>>,
+        mounted: Mutex<BTreeSet<String>>,
+        fail_write: Mutex<Option<String>>,
+        ran: Mutex<Vec<String>>,
+    }
+
+    impl FakeLinux {
+        fn new() -> FakeLinux {
+            let files = [("/etc/init.d/rc", RC), ("/etc/fstab", FSTAB)]
+                .map(|(p, t)| (p.to_string(), t.as_bytes().to_vec()));
+            FakeLinux {
+                files: Mutex::new(files.into_iter().collect()),
+                mounted: Mutex::new(["/", "/mnt/data"].map(String::from).into()),
+                fail_write: Mutex::new(None),
+                ran: Mutex::new(Vec::new()),
+            }
+        }
+
+        fn file(&self, path: &str) -> Option<String> {
+            let files = self.files.lock().unwrap();
+            files
+                .get(path)
+                .map(|b| String::from_utf8_lossy(b).into_owned())
+        }
+
+        fn backups_left(&self) -> Vec<String> {
+            let files = self.files.lock().unwrap();
+            files
+                .keys()
+                .filter(|k| k.starts_with("/run/"))
+                .cloned()
+                .collect()
+        }
+
+        fn sh(&self, script: &str, args: &[&str]) -> (i32, String) {
+            let mut files = self.files.lock().unwrap();
+            if script.contains("setpasswd.sh") {
+                let mut out: String = args
+                    .iter()
+                    .map(|a| match files.contains_key(*a) {
+                        true => format!("{a}\n"),
+                        false => "\n".into(),
+                    })
+                    .collect();
+                out.push_str("no\n");
+                (0, out)
+            } else if script.contains("readlink -f") {
+                (0, args.iter().map(|a| format!("{a}\t{a}\n")).collect())
+            } else if script.starts_with("set -e; umask 077") {
+                for pair in args[1..].chunks(2) {
+                    let copy = files[pair[0]].clone();
+                    files.insert(format!("{}{}", args[0], pair[0]), copy);
+                }
+                (0, String::new())
+            } else if script.starts_with("rm -rf") {
+                files.retain(|k, _| !k.starts_with(args[0]));
+                (0, String::new())
+            } else {
+                (127, String::new())
+            }
+        }
+    }
+
+    impl GuestAgent for FakeLinux {
+        fn domain(&self) -> &str {
+            "lin1"
+        }
+        fn ping(&self) -> Result<()> {
+            Ok(())
+        }
+        fn os_info(&self) -> Result<OsInfo> {
+            Ok(OsInfo {
+                id: "debian".into(),
+                name: "Debian GNU/Linux".into(),
+                version_id: "12".into(),
+                kernel: "6.1.0".into(),
+                is_windows: false,
+            })
+        }
+        fn network_interfaces(&self) -> Result<Vec<NetInterface>> {
+            Ok(Vec::new())
+        }
+        fn exec(&self, argv: &[&str], _: Option<&[u8]>, _: Duration) -> Result<ExecOutput> {
+            self.ran.lock().unwrap().push(argv.join(" "));
+            let mut mounted = self.mounted.lock().unwrap();
+            let (exit_code, stdout) = match argv {
+                ["sh", "-c", script, "sh", args @ ..] => self.sh(script, args),
+                ["lsblk", "-J", ..] => (0, LSBLK.to_string()),
+                ["findmnt", "-J"] => {
+                    let dev = |t: &str| if t == "/" { "/dev/vda1" } else { "/dev/vdb1" };
+                    let list: Vec<String> = mounted
+                        .iter()
+                        .map(|t| {
+                            format!(
+                                r#"{{"target":"{t}","source":"{}","fstype":"ext4","options":"rw"}}"#,
+                                dev(t)
+                            )
+                        })
+                        .collect();
+                    (0, format!(r#"{{"filesystems":[{}]}}"#, list.join(",")))
+                }
+                ["umount", t] => (i32::from(!mounted.remove(*t)), String::new()),
+                ["mountpoint", "-q", t] => (i32::from(!mounted.contains(*t)), String::new()),
+                ["mount", "-t", _, "-o", _, _, t] => {
+                    (i32::from(!mounted.insert(t.to_string())), String::new())
+                }
+                _ => (127, String::new()),
+            };
+            Ok(ExecOutput {
+                exit_code,
+                signal: None,
+                stdout: stdout.into_bytes(),
+                stderr: Vec::new(),
+            })
+        }
+        fn read_file(&self, path: &str) -> Result<Option<Vec<u8>>> {
+            Ok(self.files.lock().unwrap().get(path).cloned())
+        }
+        fn write_file(&self, path: &str, data: &[u8], _: Option<u32>) -> Result<()> {
+            let mut fail = self.fail_write.lock().unwrap();
+            if fail.as_deref() == Some(path) {
+                *fail = None;
+                return Err(Error::new(ErrorKind::Unavailable, "the agent went away"));
+            }
+            self.files
+                .lock()
+                .unwrap()
+                .insert(path.to_string(), data.to_vec());
+            Ok(())
+        }
+        fn remove_file(&self, path: &str) -> Result<()> {
+            self.files.lock().unwrap().remove(path);
+            Ok(())
+        }
+        fn list_dir(&self, _: &str) -> Result<Vec<String>> {
+            Ok(Vec::new())
+        }
+        fn rename(&self, _: &str, _: &str) -> Result<()> {
+            unreachable!("the steps rename nothing")
+        }
+    }
+
+    const STEPS: [PrepStep; 2] = [PrepStep::SetpasswdHook, PrepStep::FstabDataDisks];
+
+    #[test]
+    fn apply_check_and_restore_on_linux() {
+        let g = FakeLinux::new();
+        let plans = plan(&g, &STEPS).unwrap();
+        assert!(
+            plans.iter().all(|p| p.status == PlanStatus::Changes),
+            "{plans:?}"
+        );
+        assert_eq!(plans[1].actions, ["unmount /mnt/data (/dev/vdb1, ext4)"]);
+        let outcomes = apply(&g, &STEPS).unwrap();
+        assert!(outcomes.iter().all(|o| o.status == OutcomeStatus::Applied));
+        assert!(g
+            .file("/etc/init.d/rc")
+            .unwrap()
+            .contains("sh /etc/init.d/setpasswd.sh"));
+        assert_eq!(
+            g.file("/etc/fstab").unwrap(),
+            "/dev/vda1 / ext4 defaults 0 1\n"
+        );
+        assert!(!g.mounted.lock().unwrap().contains("/mnt/data"));
+        assert!(check(&g, &STEPS).unwrap().iter().all(|c| c.ok));
+        restore(&g, &outcomes).unwrap();
+        assert_eq!(g.file("/etc/init.d/rc").unwrap(), RC);
+        assert_eq!(g.file("/etc/fstab").unwrap(), FSTAB);
+        assert!(g.mounted.lock().unwrap().contains("/mnt/data"));
+        assert_eq!(g.backups_left(), Vec::<String>::new());
+    }
+
+    #[test]
+    fn a_failed_step_undoes_itself_and_the_steps_before_it() {
+        let g = FakeLinux::new();
+        *g.fail_write.lock().unwrap() = Some("/etc/fstab".into());
+        let e = apply(&g, &STEPS).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Unavailable, "{e}");
+        assert_eq!(g.file("/etc/init.d/rc").unwrap(), RC);
+        assert_eq!(g.file("/etc/fstab").unwrap(), FSTAB);
+        assert!(g.mounted.lock().unwrap().contains("/mnt/data"));
+        assert_eq!(g.backups_left(), Vec::<String>::new());
+        let ran = g.ran.lock().unwrap();
+        let umount = ran.iter().position(|c| c == "umount /mnt/data").unwrap();
+        let mount = ran
+            .iter()
+            .position(|c| c == "mount -t ext4 -o rw /dev/vdb1 /mnt/data")
+            .unwrap();
+        assert!(umount < mount, "{ran:?}");
+    }
+}
