@@ -1,4 +1,8 @@
-//! The `fstab-data-disks` step's pure part: which filesystems live on a data disk.
+//! The `fstab-data-disks` step: the filesystems and swap on data disks come down and their
+//! `/etc/fstab` lines are removed. This file holds the pure part (which filesystems live on a
+//! data disk, from the parsed output of the guest's tools) and, below it, the step's guest I/O
+//! (`FstabDataDisks`: the inspection, unmounting and `swapoff`, and mounting and `swapon`
+//! again on undo).
 //!
 //! The guest's block devices come from `lsblk -J -o NAME,KNAME,PKNAME,TYPE,MOUNTPOINT,UUID,
 //! LABEL,PARTUUID,PARTLABEL` ([`parse_lsblk_json`]; `lsblk -P` output, for util-linux older
@@ -6,7 +10,7 @@
 //! ([`parse_findmnt_json`]; `/proc/self/mounts` through [`parse_proc_mounts`]) and its active
 //! swap from `/proc/swaps` ([`parse_proc_swaps`]). Device paths (`/dev/disk/by-*`,
 //! `/dev/mapper/*`, `/dev/vdb1`) are canonicalised inside the guest (`readlink -f`) by the
-//! runner and looked up by kernel name.
+//! inspection and looked up by kernel name.
 //!
 //! The *system disks* are the top-level disks under the device holding `/` (several for RAID or
 //! LVM spanning disks). A device is on a *data disk* when every top-level device under it is a
@@ -20,7 +24,11 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use serde_json::Value;
 
-use super::text::{dominant_eol, lines, Builder};
+use super::{Edit, Inspection, Step};
+use crate::error::{Error, ErrorKind, Result};
+use crate::guest::prep::io::{one_line, GuestIo, STEP_EXEC_TIMEOUT};
+use crate::guest::prep::text::{self, dominant_eol, lines, Builder};
+use crate::guest::prep::{PrepStep, StepOutcome, SwapRecord};
 
 /// Filesystem types that are not on a block device.
 pub const PSEUDO_FS: &[&str] = &[
@@ -633,6 +641,437 @@ pub fn parse_holders(text: &str, target: &str) -> Vec<Holder> {
         });
     }
     out
+}
+
+// ---- the step: guest I/O ----------------------------------------------------------------
+
+/// The `fstab-data-disks` step.
+pub(crate) struct FstabDataDisks;
+
+impl Step for FstabDataDisks {
+    fn id(&self) -> PrepStep {
+        PrepStep::FstabDataDisks
+    }
+
+    fn inspect(&self, io: &GuestIo<'_>) -> Result<Inspection> {
+        inspection(io)
+    }
+
+    /// Swap on data disks off, then the data-disk filesystems unmounted (a busy one fails
+    /// the step, naming what holds it).
+    fn take_down(&self, io: &GuestIo<'_>, work: &Inspection, done: &mut StepOutcome) -> Result<()> {
+        for s in &work.swapoffs {
+            io.run(&format!("swapoff {s}"), &["swapoff", s])?;
+            done.swaps_off.push(SwapRecord { path: s.clone() });
+        }
+        for m in &work.unmounts {
+            unmount(io, m)?;
+            done.unmounted.push(m.clone());
+        }
+        Ok(())
+    }
+
+    /// The filesystems mounted again, then the swap switched on again.
+    fn undo(&self, io: &GuestIo<'_>, done: &StepOutcome, errors: &mut Vec<Error>) {
+        remount_all(io, &done.unmounted, errors);
+        swapon_all(io, &done.swaps_off, errors);
+    }
+}
+
+/// The columns asked from `lsblk`.
+const LSBLK_COLUMNS: &str = "NAME,KNAME,PKNAME,TYPE,MOUNTPOINT,UUID,LABEL,PARTUUID,PARTLABEL";
+
+/// What the guest's disks and mounts look like.
+struct DiskView {
+    topo: Topology,
+    mounts: Vec<Mount>,
+    swaps: Vec<Swap>,
+    canonical: HashMap<String, String>,
+    system: BTreeSet<String>,
+}
+
+/// Looks at the guest's disks and mounts; `extra_paths` (fstab sources) are canonicalised
+/// too. FAILED_PRECONDITION when the system disk cannot be told.
+fn disk_view(io: &GuestIo<'_>, extra_paths: &[&str]) -> Result<DiskView> {
+    let a = io.agent;
+    let dom = io.dom();
+    let lsblk = a.exec(
+        &["lsblk", "-J", "-o", LSBLK_COLUMNS],
+        None,
+        STEP_EXEC_TIMEOUT,
+    )?;
+    let topo = if lsblk.success() {
+        parse_lsblk_json(&lsblk.stdout_text()).map_err(|e| {
+            Error::new(
+                ErrorKind::Internal,
+                format!("reading the block devices of domain {dom}: {e}"),
+            )
+        })?
+    } else {
+        let pairs = a.exec(
+            &["lsblk", "-P", "-o", LSBLK_COLUMNS],
+            None,
+            STEP_EXEC_TIMEOUT,
+        )?;
+        if !pairs.success() {
+            return Err(Error::new(
+                ErrorKind::FailedPrecondition,
+                format!(
+                    "cannot list the block devices of domain {dom}: `lsblk` (util-linux) failed \
+                     or is missing ({})",
+                    one_line(&pairs.stderr_text())
+                ),
+            ));
+        }
+        parse_lsblk_pairs(&pairs.stdout_text())
+    };
+    let findmnt = a.exec(&["findmnt", "-J"], None, STEP_EXEC_TIMEOUT)?;
+    let mounts = match findmnt
+        .success()
+        .then(|| parse_findmnt_json(&findmnt.stdout_text()).ok())
+        .flatten()
+    {
+        Some(m) => m,
+        None => {
+            let text = a.read_file("/proc/self/mounts")?.unwrap_or_default();
+            parse_proc_mounts(&text::display_text(&text))
+        }
+    };
+    let swaps = a
+        .read_file("/proc/swaps")?
+        .map(|b| parse_proc_swaps(&text::display_text(&b)))
+        .unwrap_or_default();
+    let root_mount = mounts.iter().rev().find(|m| m.target == "/");
+    // Every /dev path we will need, canonicalised in the guest in one go.
+    let mut paths: BTreeSet<String> = extra_paths
+        .iter()
+        .filter(|p| needs_resolving(p))
+        .map(|p| p.to_string())
+        .collect();
+    paths.extend(
+        mounts
+            .iter()
+            .map(|m| m.device().to_string())
+            .filter(|d| needs_resolving(d)),
+    );
+    paths.extend(
+        swaps
+            .iter()
+            .filter(|s| s.kind == "partition")
+            .map(|s| s.path.clone()),
+    );
+    let mut canonical = HashMap::new();
+    if !paths.is_empty() {
+        let list: Vec<&str> = paths.iter().map(String::as_str).collect();
+        let out = io.sh(
+            "resolving device paths",
+            r#"for p in "$@"; do
+  printf '%s\t%s\n' "$p" "$(readlink -f -- "$p" 2>/dev/null)"
+done"#,
+            &list,
+        )?;
+        for l in out.lines() {
+            if let Some((p, c)) = l.split_once('\t') {
+                if !c.is_empty() {
+                    canonical.insert(p.to_string(), c.to_string());
+                }
+            }
+        }
+    }
+    let root_kname = topo
+        .devs
+        .values()
+        .find(|d| d.mountpoint.as_deref() == Some("/"))
+        .map(|d| d.kname.clone())
+        .or_else(|| {
+            let dev = root_mount?.device();
+            let c = canonical.get(dev).map(String::as_str).unwrap_or(dev);
+            topo.by_path(c).map(|d| d.kname.clone())
+        });
+    let system = root_kname
+        .map(|k| topo.system_disks(&k))
+        .unwrap_or_default();
+    if system.is_empty() {
+        return Err(Error::new(
+            ErrorKind::FailedPrecondition,
+            format!(
+                "cannot tell the system disk of domain {dom}: / is mounted from {}, which is not \
+                 among its block devices",
+                root_mount
+                    .map(|m| m.source.as_str())
+                    .unwrap_or("an unknown source")
+            ),
+        ));
+    }
+    Ok(DiskView {
+        topo,
+        mounts,
+        swaps,
+        canonical,
+        system,
+    })
+}
+
+/// The data-disk lines of `/etc/fstab`, and the data-disk mounts and swap that are active.
+fn inspection(io: &GuestIo<'_>) -> Result<Inspection> {
+    let mut w = Inspection {
+        applicable: true,
+        ..Inspection::default()
+    };
+    let fstab_bytes = io.agent.read_file("/etc/fstab")?;
+    let fstab_text = fstab_bytes.as_deref().map(text::decode);
+    let entries = fstab_text
+        .as_ref()
+        .map(|d| parse_fstab(&d.text))
+        .unwrap_or_default();
+    let specs: Vec<&str> = entries.iter().map(|e| e.spec.as_str()).collect();
+    let view = disk_view(io, &specs)?;
+    let decisions = decide(&entries, &view.topo, &view.canonical, &view.system);
+    let mut drop = BTreeSet::new();
+    for (e, d) in entries.iter().zip(&decisions) {
+        match d {
+            Decision::Remove { kname } => {
+                drop.insert(e.line);
+                w.notes.push(format!(
+                    "/etc/fstab line {}: {} on {} is on data disk {} (/dev/{kname})",
+                    e.line + 1,
+                    e.target,
+                    e.spec,
+                    view.topo
+                        .roots(kname)
+                        .into_iter()
+                        .collect::<Vec<_>>()
+                        .join(",")
+                ));
+            }
+            Decision::RemoveBind { of } => {
+                drop.insert(e.line);
+                w.notes.push(format!(
+                    "/etc/fstab line {}: bind mount of {} below {of}, removed with it",
+                    e.line + 1,
+                    e.spec
+                ));
+            }
+            Decision::Unresolved => w.notes.push(format!(
+                "/etc/fstab line {}: {} ({}) matches no device in the guest; kept",
+                e.line + 1,
+                e.spec,
+                e.target
+            )),
+            Decision::Keep => {}
+        }
+    }
+    if let (Some(bytes), Some(d)) = (&fstab_bytes, &fstab_text) {
+        if !drop.is_empty() {
+            w.edits.push(Edit {
+                path: "/etc/fstab".into(),
+                old: Some(bytes.clone()),
+                new: Some(text::encode(&remove_lines(&d.text, &drop), d.latin1)),
+            });
+        }
+    }
+    w.unmounts = data_mounts(&view.mounts, &view.topo, &view.canonical, &view.system);
+    for s in &view.swaps {
+        let on_data = match s.kind.as_str() {
+            "partition" => {
+                let c = view.canonical.get(&s.path).unwrap_or(&s.path);
+                view.topo
+                    .by_path(c)
+                    .is_some_and(|d| view.topo.on_data_disk(&d.kname, &view.system))
+            }
+            _ => w.unmounts.iter().any(|m| is_under(&s.path, &m.target)),
+        };
+        if on_data {
+            w.swapoffs.push(s.path.clone());
+        }
+    }
+    Ok(w)
+}
+
+/// Unmounts `m`; when it is busy, the error names what holds it.
+fn unmount(io: &GuestIo<'_>, m: &Mount) -> Result<()> {
+    let out = io
+        .agent
+        .exec(&["umount", &m.target], None, STEP_EXEC_TIMEOUT)?;
+    if out.success() {
+        return Ok(());
+    }
+    let err = out.stderr_text();
+    let busy = err.contains("busy") || out.exit_code == 32;
+    let holders = if busy { holders(io, &m.target) } else { None };
+    let mut msg = format!(
+        "fstab-data-disks: cannot unmount {} ({}) in domain {}",
+        m.target,
+        m.source,
+        io.dom()
+    );
+    if busy {
+        msg.push_str(": it is busy");
+        match holders {
+            Some(h) if !h.is_empty() => {
+                msg.push_str(" (held by ");
+                msg.push_str(&h);
+                msg.push(')');
+            }
+            _ => msg.push_str(" (could not tell by what)"),
+        }
+    } else {
+        msg.push_str(&format!(": umount said {}", one_line(&err)));
+    }
+    msg.push_str("; /etc/fstab was not changed");
+    Err(Error::new(ErrorKind::FailedPrecondition, msg))
+}
+
+/// What keeps `target` busy: `fuser -vm` or `lsof` output when the guest has them, else the
+/// processes found under /proc. None when it cannot be told.
+fn holders(io: &GuestIo<'_>, target: &str) -> Option<String> {
+    let out = io
+        .agent
+        .exec(
+            &[
+                "sh",
+                "-c",
+                r#"t=$1
+if command -v fuser >/dev/null 2>&1; then echo @fuser; fuser -vm -- "$t" 2>&1; exit 0; fi
+if command -v lsof >/dev/null 2>&1; then
+  echo @lsof; lsof -w +f -- "$t" 2>/dev/null | head -n 20; exit 0
+fi
+echo @proc
+ls -ld /proc/[0-9]*/cwd /proc/[0-9]*/root 2>/dev/null
+ls -l /proc/[0-9]*/fd/ 2>/dev/null
+grep -s . /proc/[0-9]*/comm
+exit 0"#,
+                "sh",
+                target,
+            ],
+            None,
+            STEP_EXEC_TIMEOUT,
+        )
+        .ok()?;
+    let text = out.stdout_text();
+    let (tool, rest) = text.split_once('\n').unwrap_or((&text, ""));
+    match tool.trim() {
+        "@proc" => {
+            let h = parse_holders(rest, target);
+            let mut list: Vec<String> = h
+                .iter()
+                .take(10)
+                .map(|h| format!("pid {} {} ({})", h.pid, h.command, h.how))
+                .collect();
+            if h.len() > 10 {
+                list.push(format!("{} more", h.len() - 10));
+            }
+            Some(list.join(", "))
+        }
+        t => {
+            let lines: Vec<&str> = rest
+                .lines()
+                .map(str::trim)
+                .filter(|l| !l.is_empty())
+                .take(12)
+                .collect();
+            Some(format!(
+                "{}: {}",
+                t.trim_start_matches('@'),
+                lines.join("; ")
+            ))
+        }
+    }
+}
+
+/// Mounts `m` again unless something is mounted there; a bind mount from where its device is
+/// mounted whole (among `others`, else among the guest's mounts).
+fn mount_again(io: &GuestIo<'_>, m: &Mount, others: &[Mount]) -> Result<()> {
+    let mounted = io
+        .agent
+        .exec(&["mountpoint", "-q", &m.target], None, STEP_EXEC_TIMEOUT)?;
+    if mounted.success() {
+        return Ok(());
+    }
+    let what = format!("mounting {} on {} again", m.source, m.target);
+    match m.source_root() {
+        Some(root) if root != "/" && m.fstype != "btrfs" => {
+            // A bind mount: from where the same device is mounted whole (among those being
+            // mounted again, else among the guest's current mounts).
+            let whole = |o: &&Mount| o.device() == m.device() && o.source_root().is_none();
+            let live = match others.iter().find(whole) {
+                Some(_) => Vec::new(),
+                None => {
+                    let out = io.run("listing mounts", &["findmnt", "-J"])?;
+                    parse_findmnt_json(&out).unwrap_or_default()
+                }
+            };
+            let Some(base) = others
+                .iter()
+                .find(whole)
+                .or_else(|| live.iter().find(whole))
+            else {
+                return Err(Error::new(
+                    ErrorKind::Internal,
+                    format!(
+                        "{what} in domain {}: no mount of {} to bind from",
+                        io.dom(),
+                        m.device()
+                    ),
+                ));
+            };
+            let from = format!("{}{}", base.target.trim_end_matches('/'), root);
+            io.run(&what, &["mount", "--bind", &from, &m.target])?;
+        }
+        _ => {
+            io.run(
+                &what,
+                &[
+                    "mount",
+                    "-t",
+                    &m.fstype,
+                    "-o",
+                    &m.options,
+                    m.device(),
+                    &m.target,
+                ],
+            )?;
+        }
+    }
+    Ok(())
+}
+
+/// Mounts again (shallowest first, binds last) what was unmounted; collects failures.
+fn remount_all(io: &GuestIo<'_>, unmounted: &[Mount], errors: &mut Vec<Error>) {
+    let mut order: Vec<&Mount> = unmounted.iter().rev().collect();
+    order.sort_by_key(|m| {
+        (
+            m.source_root().is_some_and(|r| r != "/") && m.fstype != "btrfs",
+            m.target.matches('/').count(),
+        )
+    });
+    for m in order {
+        if let Err(e) = mount_again(io, m, unmounted) {
+            errors.push(e);
+        }
+    }
+}
+
+/// Switches on again the swap areas that are not active; collects failures.
+fn swapon_all(io: &GuestIo<'_>, swaps: &[SwapRecord], errors: &mut Vec<Error>) {
+    for s in swaps {
+        let active = io
+            .agent
+            .read_file("/proc/swaps")
+            .ok()
+            .flatten()
+            .map(|b| {
+                parse_proc_swaps(&text::display_text(&b))
+                    .iter()
+                    .any(|x| x.path == s.path)
+            })
+            .unwrap_or(false);
+        if !active {
+            if let Err(e) = io.run(&format!("swapon {}", s.path), &["swapon", &s.path]) {
+                errors.push(e);
+            }
+        }
+    }
 }
 
 #[cfg(test)]

@@ -17,8 +17,8 @@
 //! (`network: {...}`, `eth0: {...}`), tab indentation, more than one YAML document. An
 //! interface matched by MAC address is noted (a VM made from the image has another MAC).
 
-use super::text::{dominant_eol, lines, Builder, Line};
-use super::Transform;
+use crate::guest::prep::text::{dominant_eol, lines, Builder, Line};
+use crate::guest::prep::Transform;
 
 const SECTIONS: &[&str] = &["ethernets", "bonds", "bridges", "vlans", "wifis"];
 

@@ -16,7 +16,7 @@
 //!   static` but `lo` becomes `inet dhcp` (and `inet6 static` becomes `inet6 auto`), the
 //!   stanza's `address`, `netmask`, `gateway`, `broadcast`, `network`, `pointopoint`, `scope`,
 //!   `dns-nameservers` lines dropped; `source` and `source-directory` includes are followed by
-//!   the runner.
+//!   the step's inspection.
 //! - netplan YAML (see [`super::netplan`]).
 //! - NetworkManager keyfiles ([`nm_keyfile_to_dhcp`]): `[ipv4]`/`[ipv6]` `method=manual`
 //!   becomes `method=auto`, `address*`, `gateway` and `dns` removed; `[ethernet] mac-address`
@@ -28,9 +28,18 @@
 //! Interfaces without a static address (bond and bridge ports, unconfigured NICs, `lo`) are
 //! left alone. Windows guests: `netsh interface ip set address name=... source=dhcp` (and the
 //! same for DNS) through `guest-exec` for each interface the agent reports, loopback excepted.
+//!
+//! The step's guest I/O (`Dhcp`: which files it reads and edits, the includes it follows,
+//! the Windows `netsh` commands) comes after the pure transforms.
 
-use super::text::{dominant_eol, lines, Builder, Line};
-use super::Transform;
+use std::collections::BTreeSet;
+
+use super::netplan::netplan_to_dhcp;
+use super::{Inspection, Step};
+use crate::error::{Error, ErrorKind, Result};
+use crate::guest::prep::io::{join_path, one_line, GuestIo, STEP_EXEC_TIMEOUT};
+use crate::guest::prep::text::{dominant_eol, lines, Builder, Line};
+use crate::guest::prep::{PrepStep, StepOutcome, Transform};
 
 /// Which distribution family's ifcfg dialect.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -811,9 +820,255 @@ pub fn ifcfg_name_ok(name: &str) -> bool {
         && !IGNORED.iter().any(|s| name.ends_with(s))
 }
 
+// ---- the step: guest I/O ----------------------------------------------------------------
+
+/// The `dhcp` step.
+pub(crate) struct Dhcp;
+
+impl Step for Dhcp {
+    fn id(&self) -> PrepStep {
+        PrepStep::Dhcp
+    }
+
+    fn inspect(&self, io: &GuestIo<'_>) -> Result<Inspection> {
+        linux_inspection(io)
+    }
+
+    fn inspect_windows(&self, io: &GuestIo<'_>) -> Result<Inspection> {
+        windows_inspection(io)
+    }
+
+    /// The `netsh` commands; one that fails saying the interface is "already" so is fine.
+    fn run_commands(
+        &self,
+        io: &GuestIo<'_>,
+        work: &Inspection,
+        done: &mut StepOutcome,
+    ) -> Result<()> {
+        for c in &work.commands {
+            let argv: Vec<&str> = c.iter().map(String::as_str).collect();
+            let out = io.agent.exec(&argv, None, STEP_EXEC_TIMEOUT)?;
+            let said = out.stdout_text();
+            if !out.success() && !said.to_ascii_lowercase().contains("already") {
+                return Err(Error::new(
+                    ErrorKind::Internal,
+                    format!(
+                        "`{}` in domain {} failed with exit status {}: {}",
+                        c.join(" "),
+                        io.dom(),
+                        out.exit_code,
+                        one_line(&said)
+                    ),
+                ));
+            }
+            done.commands.push(c.clone());
+        }
+        Ok(())
+    }
+
+    /// Settings changed by `netsh` cannot be put back: that is an error.
+    fn undo(&self, io: &GuestIo<'_>, done: &StepOutcome, errors: &mut Vec<Error>) {
+        if !done.commands.is_empty() {
+            errors.push(Error::new(
+                ErrorKind::FailedPrecondition,
+                format!(
+                    "{} in domain {}: the Windows network settings changed by netsh cannot be \
+                     restored automatically",
+                    done.step,
+                    io.dom()
+                ),
+            ));
+        }
+    }
+}
+
+/// The Linux inspection: every network configuration file the step knows, edited.
+fn linux_inspection(io: &GuestIo<'_>) -> Result<Inspection> {
+    let mut w = Inspection::default();
+    let mut found = false;
+    for (dir, flavor) in [
+        ("/etc/sysconfig/network-scripts", IfcfgFlavor::Rhel),
+        ("/etc/sysconfig/network", IfcfgFlavor::Suse),
+    ] {
+        for name in io.list(&mut w, dir)? {
+            if name.starts_with("ifcfg-") && name.contains(':') {
+                w.notes
+                    .push(format!("{dir}/{name}: an alias interface, left as is"));
+            }
+            if !ifcfg_name_ok(&name) {
+                continue;
+            }
+            found |= io.edit_file(&mut w, &join_path(dir, &name), |t| ifcfg_to_dhcp(t, flavor))?;
+        }
+    }
+    found |= io.edit_file(&mut w, "/etc/sysconfig/network/dhcp", suse_dhcp_file)?;
+    let mut visited = BTreeSet::new();
+    found |= debian_interfaces(io, &mut w, "/etc/network/interfaces", 0, &mut visited)?;
+    for name in io.list(&mut w, "/etc/netplan")? {
+        if name.ends_with(".yaml") || name.ends_with(".yml") {
+            found |= io.edit_file(&mut w, &join_path("/etc/netplan", &name), netplan_to_dhcp)?;
+        }
+    }
+    let nm = "/etc/NetworkManager/system-connections";
+    for name in io.list(&mut w, nm)? {
+        let backup_like = name.starts_with('.')
+            || [
+                "~", ".bak", ".orig", ".rpmsave", ".rpmnew", ".swp", ".tmp", ".nmmeta",
+            ]
+            .iter()
+            .any(|s| name.ends_with(s));
+        if !backup_like {
+            found |= io.edit_file(&mut w, &join_path(nm, &name), nm_keyfile_to_dhcp)?;
+        }
+    }
+    for name in io.list(&mut w, "/etc/systemd/network")? {
+        if name.ends_with(".network") {
+            found |= io.edit_file(
+                &mut w,
+                &join_path("/etc/systemd/network", &name),
+                networkd_to_dhcp,
+            )?;
+        }
+    }
+    w.applicable = found;
+    if !found {
+        w.notes
+            .push("no network configuration files found in the guest".into());
+    }
+    Ok(w)
+}
+
+/// How deep `/etc/network/interfaces` includes are followed.
+const MAX_INCLUDE_DEPTH: usize = 8;
+/// How many files `/etc/network/interfaces` and its includes may be, in all.
+const MAX_INCLUDED_FILES: usize = 256;
+
+/// `/etc/network/interfaces` and the files it includes, recursively (cycles, depth and count
+/// bounded). Returns whether `path` exists.
+fn debian_interfaces(
+    io: &GuestIo<'_>,
+    w: &mut Inspection,
+    path: &str,
+    depth: usize,
+    visited: &mut BTreeSet<String>,
+) -> Result<bool> {
+    if depth > MAX_INCLUDE_DEPTH || visited.len() >= MAX_INCLUDED_FILES {
+        w.notes.push(format!(
+            "{path}: includes nested too deep or too many; not followed"
+        ));
+        return Ok(false);
+    }
+    if !visited.insert(path.to_string()) {
+        return Ok(true);
+    }
+    let mut includes = Vec::new();
+    let exists = io.edit_file(w, path, |t| {
+        let (tr, inc) = interfaces_to_dhcp(t);
+        includes = inc;
+        tr
+    })?;
+    let base = path.rsplit_once('/').map(|(d, _)| d).unwrap_or("/");
+    let abs = |p: &str| {
+        if p.starts_with('/') {
+            p.to_string()
+        } else {
+            join_path(if base.is_empty() { "/" } else { base }, p)
+        }
+    };
+    for inc in includes {
+        match inc {
+            Include::Source(pattern) => {
+                let pattern = abs(&pattern);
+                let (dir, last) = pattern.rsplit_once('/').unwrap_or(("", &pattern));
+                let dir = if dir.is_empty() { "/" } else { dir };
+                if dir.contains(['*', '?', '[']) {
+                    w.notes.push(format!(
+                        "{path}: `source {pattern}` has wildcards in a directory; not followed"
+                    ));
+                    continue;
+                }
+                if last.contains(['*', '?', '[']) {
+                    for name in io.list(w, dir)? {
+                        if glob_match(last, &name) {
+                            debian_interfaces(io, w, &join_path(dir, &name), depth + 1, visited)?;
+                        }
+                    }
+                } else {
+                    debian_interfaces(io, w, &pattern, depth + 1, visited)?;
+                }
+            }
+            Include::Directory(dir) => {
+                let dir = abs(&dir);
+                for name in io.list(w, &dir)? {
+                    if source_directory_name_ok(&name) {
+                        debian_interfaces(io, w, &join_path(&dir, &name), depth + 1, visited)?;
+                    }
+                }
+            }
+        }
+    }
+    Ok(exists)
+}
+
+/// The Windows inspection: a `netsh` pair (address, DNS) for each interface without DHCP,
+/// loopback excepted.
+fn windows_inspection(io: &GuestIo<'_>) -> Result<Inspection> {
+    let mut w = Inspection {
+        applicable: true,
+        ..Inspection::default()
+    };
+    for ifc in io.agent.network_interfaces()? {
+        let loopback = ifc.name.to_ascii_lowercase().contains("loopback")
+            || (!ifc.ip_addresses.is_empty()
+                && ifc
+                    .ip_addresses
+                    .iter()
+                    .all(|a| a.starts_with("127.") || a.starts_with("::1")));
+        if loopback {
+            continue;
+        }
+        // English-locale output tells whether DHCP is already on; otherwise we just run it
+        // (netsh leaves a DHCP interface as it is).
+        let name_arg = format!("name={}", ifc.name);
+        let cfg = io.agent.exec(
+            &["netsh", "interface", "ipv4", "show", "config", &name_arg],
+            None,
+            STEP_EXEC_TIMEOUT,
+        )?;
+        let dhcp_on = cfg.stdout_text().lines().any(|l| {
+            let l = l.trim();
+            l.starts_with("DHCP enabled") && l.ends_with("Yes")
+        });
+        if dhcp_on {
+            continue;
+        }
+        for what in ["address", "dns"] {
+            w.commands.push(
+                [
+                    "netsh",
+                    "interface",
+                    "ip",
+                    "set",
+                    what,
+                    &name_arg,
+                    "source=dhcp",
+                ]
+                .map(str::to_string)
+                .to_vec(),
+            );
+        }
+    }
+    Ok(w)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
+
+    use crate::error::ErrorKind;
+    use crate::guest::agent::{GuestAgent, OsInfo};
+    use crate::guest::prep::{apply, plan, restore, OutcomeStatus, PlanStatus};
 
     const RHEL_STATIC: &str = "\
 # Generated by parse-kickstart
@@ -1158,5 +1413,119 @@ Gateway=192.168.1.254
         let _ = nm_keyfile_to_dhcp(&"[ipv4]\n".repeat(100_000));
         let _ = networkd_to_dhcp(&"[Network]\nAddress=1.2.3.4/8\n".repeat(100_000));
         assert!(t.elapsed() < std::time::Duration::from_secs(10));
+    }
+
+    /// A Windows guest as the agent shows it: two NICs and a loopback; netsh answers in
+    /// English; every command run is recorded.
+    struct FakeWindows {
+        ran: std::sync::Mutex<Vec<Vec<String>>>,
+    }
+
+    impl GuestAgent for FakeWindows {
+        fn domain(&self) -> &str {
+            "win1"
+        }
+        fn ping(&self) -> Result<()> {
+            Ok(())
+        }
+        fn os_info(&self) -> Result<OsInfo> {
+            Ok(OsInfo {
+                id: "mswindows".into(),
+                name: "Microsoft Windows Server 2019".into(),
+                version_id: "2019".into(),
+                kernel: "10.0".into(),
+                is_windows: true,
+            })
+        }
+        fn network_interfaces(&self) -> Result<Vec<crate::guest::agent::NetInterface>> {
+            let nic = |name: &str, ip: &str| crate::guest::agent::NetInterface {
+                name: name.into(),
+                hardware_address: None,
+                ip_addresses: vec![ip.into()],
+            };
+            Ok(vec![
+                nic("Ethernet 2", "192.168.1.5/24"),
+                nic("Ethernet 3", "10.0.0.5/8"),
+                nic("Loopback Pseudo-Interface 1", "127.0.0.1/8"),
+            ])
+        }
+        fn exec(
+            &self,
+            argv: &[&str],
+            _stdin: Option<&[u8]>,
+            _timeout: Duration,
+        ) -> Result<crate::guest::agent::ExecOutput> {
+            self.ran
+                .lock()
+                .unwrap()
+                .push(argv.iter().map(|a| a.to_string()).collect());
+            let dhcp = if argv.contains(&"name=Ethernet 3") {
+                "Yes"
+            } else {
+                "No"
+            };
+            Ok(crate::guest::agent::ExecOutput {
+                exit_code: 0,
+                signal: None,
+                stdout: format!("\r\n    DHCP enabled:                         {dhcp}\r\n")
+                    .into_bytes(),
+                stderr: Vec::new(),
+            })
+        }
+        fn read_file(&self, _: &str) -> Result<Option<Vec<u8>>> {
+            unreachable!("no file access on Windows")
+        }
+        fn write_file(&self, _: &str, _: &[u8], _: Option<u32>) -> Result<()> {
+            unreachable!("no file access on Windows")
+        }
+        fn remove_file(&self, _: &str) -> Result<()> {
+            unreachable!("no file access on Windows")
+        }
+        fn list_dir(&self, _: &str) -> Result<Vec<String>> {
+            unreachable!("no file access on Windows")
+        }
+        fn rename(&self, _: &str, _: &str) -> Result<()> {
+            unreachable!("no file access on Windows")
+        }
+    }
+
+    #[test]
+    fn windows_dhcp_runs_netsh_per_static_interface() {
+        let agent = FakeWindows {
+            ran: std::sync::Mutex::new(Vec::new()),
+        };
+        let plans = plan(&agent, &PrepStep::ALL).unwrap();
+        assert_eq!(plans[0].status, PlanStatus::Changes);
+        assert_eq!(
+            plans[0].actions,
+            [
+                "netsh interface ip set address name=Ethernet 2 source=dhcp",
+                "netsh interface ip set dns name=Ethernet 2 source=dhcp"
+            ]
+        );
+        for p in &plans[1..] {
+            assert_eq!(p.status, PlanStatus::NotApplicable, "{p:?}");
+        }
+        agent.ran.lock().unwrap().clear();
+        let outcomes = apply(&agent, &PrepStep::ALL).unwrap();
+        assert_eq!(outcomes[0].status, OutcomeStatus::Applied);
+        assert_eq!(outcomes[0].commands.len(), 2);
+        let ran = agent.ran.lock().unwrap().clone();
+        assert!(ran.contains(&vec![
+            "netsh".to_string(),
+            "interface".into(),
+            "ip".into(),
+            "set".into(),
+            "address".into(),
+            "name=Ethernet 2".into(),
+            "source=dhcp".into()
+        ]));
+        assert!(!ran.iter().flatten().any(|a| a.contains("Loopback")));
+        let e = restore(&agent, &outcomes).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::FailedPrecondition);
+        assert!(
+            e.to_string().contains("cannot be restored automatically"),
+            "{e}"
+        );
     }
 }

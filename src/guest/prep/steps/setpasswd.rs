@@ -8,8 +8,13 @@
 //! the two files that exists is hooked (the same file reached through a link only once); when
 //! neither exists the step does not apply.
 
-use super::text::{dominant_eol, lines, Builder};
-use super::Transform;
+use std::collections::BTreeSet;
+
+use super::{Inspection, Step};
+use crate::error::Result;
+use crate::guest::prep::io::GuestIo;
+use crate::guest::prep::text::{dominant_eol, lines, Builder};
+use crate::guest::prep::{PrepStep, Transform};
 
 /// The rc scripts, in the order they are looked at.
 pub const RC_FILES: &[&str] = &["/etc/init.d/rc", "/etc/rc.d/rc"];
@@ -72,6 +77,58 @@ pub fn add_hook(text: &str) -> Transform {
         text: b.finish(),
         notes,
     }
+}
+
+/// The `setpasswd-hook` step.
+pub(crate) struct SetpasswdHook;
+
+impl Step for SetpasswdHook {
+    fn id(&self) -> PrepStep {
+        PrepStep::SetpasswdHook
+    }
+
+    fn inspect(&self, io: &GuestIo<'_>) -> Result<Inspection> {
+        inspection(io)
+    }
+}
+
+/// The rc scripts that exist, each hooked once.
+fn inspection(io: &GuestIo<'_>) -> Result<Inspection> {
+    let mut w = Inspection::default();
+    let out = io.sh(
+        "looking for the rc scripts",
+        r#"for f in "$@"; do if [ -f "$f" ]; then readlink -f -- "$f"; else echo; fi; done
+if [ -e /etc/init.d/setpasswd.sh ]; then echo yes; else echo no; fi"#,
+        RC_FILES,
+    )?;
+    let lines: Vec<&str> = out.lines().collect();
+    let mut seen = BTreeSet::new();
+    for (i, rc) in RC_FILES.iter().enumerate() {
+        let real = lines.get(i).copied().unwrap_or("").trim();
+        if real.is_empty() {
+            continue;
+        }
+        w.applicable = true;
+        if !seen.insert(real.to_string()) {
+            w.notes.push(format!(
+                "{rc}: the same file as an rc script already hooked"
+            ));
+            continue;
+        }
+        io.edit_file(&mut w, rc, add_hook)?;
+    }
+    if !w.applicable {
+        w.notes.push(format!(
+            "not applicable: neither {} exists",
+            RC_FILES.join(" nor ")
+        ));
+    } else if lines.get(RC_FILES.len()).copied() == Some("no") {
+        w.notes.push(format!(
+            "{} does not exist in the guest (yet); the hook runs it when it does",
+            SETPASSWD_SCRIPT
+        ));
+    }
+    Ok(w)
 }
 
 #[cfg(test)]
