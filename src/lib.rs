@@ -32,6 +32,9 @@ pub mod repo;
 pub mod upload;
 pub mod util;
 
+#[cfg(test)]
+mod layering;
+
 /// Generated protobuf and gRPC code for `imaged.v1`.
 pub mod proto {
     #![allow(clippy::all, missing_docs)]
