@@ -32,6 +32,15 @@ pub enum Mode {
 }
 
 impl Mode {
+    /// Every mode, `Auto` first.
+    pub const ALL: [Mode; 5] = [
+        Mode::Auto,
+        Mode::Cold,
+        Mode::Shutdown,
+        Mode::Quiesce,
+        Mode::CrashConsistent,
+    ];
+
     /// The mode's name, as the CLI and the API spell it.
     pub fn name(self) -> &'static str {
         match self {
@@ -312,13 +321,6 @@ mod tests {
     use super::*;
     use crate::error::ErrorKind;
 
-    const MODES: [Mode; 5] = [
-        Mode::Auto,
-        Mode::Cold,
-        Mode::Shutdown,
-        Mode::Quiesce,
-        Mode::CrashConsistent,
-    ];
     const STATES: [DomainState; 4] = [
         DomainState::Running,
         DomainState::Paused,
@@ -335,7 +337,7 @@ mod tests {
     /// Every request the API can make: mode × 4 boolean options.
     fn all_asked() -> Vec<Asked> {
         let mut v = Vec::new();
-        for mode in MODES {
+        for mode in Mode::ALL {
             for bits in 0..16u8 {
                 v.push(Asked {
                     mode,

@@ -15,7 +15,7 @@ use super::mode::{decide, needs_agent, AgentState, Asked, Facts};
 use super::*;
 use crate::hypervisor::fake::{Call, FakeAgent, FakeDomain, FakeHypervisor};
 use crate::hypervisor::DomainState;
-use crate::repo::manifest::{content_digest, FORMAT_VERSION};
+use crate::repo::manifest::content_digest;
 use crate::repo::CHUNK_SIZE;
 
 /// A controller over `hv` with a repository and run directory in a temporary directory, and
@@ -77,23 +77,9 @@ impl World {
     /// An image in the repository (all zeros, so no chunk to store).
     fn image(&self, name: &str) {
         let w = self.ctl.repository().begin_image(name).unwrap();
-        let rec = ImageRecord {
-            format_version: FORMAT_VERSION,
-            id: format!("id-{name}"),
-            name: name.into(),
-            virtual_size: CHUNK_SIZE,
-            chunk_size: CHUNK_SIZE,
-            content_digest: content_digest(CHUNK_SIZE, &[]),
-            consistency: "cold".into(),
-            source_domain: String::new(),
-            source_host: String::new(),
-            source_disk: String::new(),
-            source_format: "raw".into(),
-            created_at: 0,
-            updated_at: 0,
-            data_bytes: 0,
-            chunks: Vec::new(),
-        };
+        let mut rec = ImageRecord::blank(name, CHUNK_SIZE, Vec::new());
+        rec.id = format!("id-{name}");
+        rec.content_digest = content_digest(CHUNK_SIZE, &[]);
         w.commit(&rec).unwrap();
     }
 }
@@ -146,13 +132,6 @@ enum Agent {
     Unreachable,
 }
 
-const MODES: [Mode; 5] = [
-    Mode::Auto,
-    Mode::Cold,
-    Mode::Shutdown,
-    Mode::Quiesce,
-    Mode::CrashConsistent,
-];
 /// Every state libvirt reports.
 const STATES: [DomainState; 8] = [
     DomainState::NoState,
@@ -205,7 +184,7 @@ async fn capture_agrees_with_the_mode_table_over_modes_states_agents_and_options
     ];
     let mut checked = 0;
     let w = World::new(vec![]);
-    for mode in MODES {
+    for mode in Mode::ALL {
         for state in STATES {
             for agent in AGENTS {
                 for (prep, restore_source, restart, force_off) in opts {

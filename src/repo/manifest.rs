@@ -252,6 +252,30 @@ fn check_version(v: u32, what: &str) -> Result<()> {
     Ok(())
 }
 
+#[cfg(test)]
+impl ImageRecord {
+    /// A cold raw image record with empty provenance, id "i" and no digest (for tests).
+    pub(crate) fn blank(name: &str, virtual_size: u64, chunks: Vec<DataChunk>) -> ImageRecord {
+        ImageRecord {
+            format_version: FORMAT_VERSION,
+            id: "i".into(),
+            name: name.into(),
+            virtual_size,
+            chunk_size: CHUNK_SIZE,
+            content_digest: String::new(),
+            consistency: "cold".into(),
+            source_domain: String::new(),
+            source_host: String::new(),
+            source_disk: String::new(),
+            source_format: "raw".into(),
+            created_at: 0,
+            updated_at: 0,
+            data_bytes: 0,
+            chunks,
+        }
+    }
+}
+
 impl ImageRecord {
     /// Number of chunks a disk of `virtual_size` bytes has.
     pub fn chunk_count_for(virtual_size: u64) -> u64 {
@@ -397,23 +421,7 @@ mod tests {
     use super::*;
 
     fn record(virtual_size: u64, chunks: Vec<DataChunk>) -> ImageRecord {
-        ImageRecord {
-            format_version: FORMAT_VERSION,
-            id: "i".into(),
-            name: "n".into(),
-            virtual_size,
-            chunk_size: CHUNK_SIZE,
-            content_digest: String::new(),
-            consistency: "cold".into(),
-            source_domain: String::new(),
-            source_host: String::new(),
-            source_disk: String::new(),
-            source_format: "raw".into(),
-            created_at: 0,
-            updated_at: 0,
-            data_bytes: 0,
-            chunks,
-        }
+        ImageRecord::blank("n", virtual_size, chunks)
     }
 
     #[test]
