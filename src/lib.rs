@@ -1,19 +1,25 @@
 //! imaged: the host agent that turns libvirt/QEMU guest disks into images.
 //!
-//! The crate is laid out the way data and control flow through it:
+//! The crate is laid out the way control and data flow through it, top down; a module uses
+//! only modules below it (checked by the `layering` test):
 //!
-//! - [`api`]: the gRPC transport (thin): decodes requests, calls [`ops`], encodes answers.
-//! - [`ops`]: the one internal API. Every action (capture, import, export, delete, cancel)
-//!   is an operation with a state machine, progress and a per-domain lock.
-//! - [`hypervisor`]: what we need from the hypervisor, behind a trait; [`hypervisor::libvirt`]
-//!   is the real backend.
-//! - [`capture`]: the data path: a block source (qemu-nbd + our [`nbd`] client) cut into
-//!   4 MiB chunks, hashed, zero chunks recognised, handed to a chunk sink.
-//! - [`repo`]: the local content-addressed repository (chunks + image manifests).
-//! - [`export`]: rebuilds raw or qcow2 files from a manifest in one forward pass.
-//! - [`hostfile`]: image files created on the host (mode, no symbolic links followed).
-//! - [`config`], [`error`]: the daemon's settings and the error kinds that map to gRPC codes.
-//! - [`cli`]: `imagectl`, the admin's command line (a gRPC client).
+//! - Transports: [`api`] (gRPC, thin: decodes requests, calls [`ops`], encodes answers) and
+//!   [`cli`] (`imagectl`, a gRPC client).
+//! - [`ops`]: the one internal API, the [`ops::Controller`]. Every action (capture, plan prep,
+//!   import, export, delete, cancel) with its preconditions; operations with their state
+//!   machine, progress and per-domain lock; the journal that finishes interrupted work; the
+//!   capture state machine of each mode ([`ops::capture`]).
+//! - [`config`]: the daemon's settings.
+//! - The data road: [`capture`] (a block source through qemu-nbd or a backup export and our
+//!   [`nbd`] client, cut into 4 MiB chunks, hashed, zero chunks recognised; or one byte
+//!   stream), [`export`] (rebuilds raw or qcow2 files from the repository), [`upload`] (file,
+//!   Glance, S3 over one HTTP executor).
+//! - [`hypervisor`]: what we need from the hypervisor, behind one trait with typed operations;
+//!   [`hypervisor::libvirt`] is the real backend, [`hypervisor::fake`] the in-memory one.
+//! - [`guest`]: the QEMU guest agent client and the Linux image-prep steps.
+//! - Storage and leaves: [`repo`] (content-addressed chunks and manifests), [`format`] (qcow2
+//!   encoder, format names, byte streams), [`progress`] (counters and cancel), [`hostfile`]
+//!   (files created on the host), [`util`], [`error`] (kinds that map to gRPC codes).
 
 pub mod api;
 pub mod capture;
