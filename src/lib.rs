@@ -17,7 +17,7 @@
 //! - [`hypervisor`]: what we need from the hypervisor, behind one trait with typed operations;
 //!   [`hypervisor::libvirt`] is the real backend, [`hypervisor::fake`] the in-memory one.
 //! - [`guest`]: the QEMU guest agent client and the Linux image-prep steps.
-//! - Storage and leaves: [`repo`] (content-addressed chunks and manifests), [`format`] (qcow2
+//! - Storage and leaves: [`repo`] (content-addressed chunks and manifests), [`format`](mod@format) (qcow2
 //!   encoder, format names, byte streams), [`progress`] (counters and cancel), [`hostfile`]
 //!   (files created on the host), [`util`], [`error`] (kinds that map to gRPC codes).
 
