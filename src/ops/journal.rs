@@ -156,8 +156,15 @@ impl Journal {
         out
     }
 
+    /// The entry of operation `op`, if one is on disk.
+    pub fn get(&self, op: &str) -> Option<Entry> {
+        let b = std::fs::read(self.path(op)).ok()?;
+        serde_json::from_slice(&b).ok()
+    }
+
     /// Carries out what dead captures left: thaws, ends their backup jobs, starts domains
-    /// again, restores prep. An entry goes once all its duties are done.
+    /// again, restores prep. An entry goes once all its duties are done; what cannot be done
+    /// yet stays (a [`crate::ops::Controller`] janitor keeps trying once the daemon serves).
     pub async fn recover(&self, hv: Arc<dyn Hypervisor>) {
         // Every frozen guest first: a freeze is the most urgent duty, and the slow ones
         // (waiting for a guest to shut down or boot) must not keep another guest frozen.
@@ -167,7 +174,7 @@ impl Journal {
                 restart = e.restart, prep = e.prep.is_some(), "recovering a capture left by a previous run");
             if e.frozen {
                 if !thaw_until_thawed(hv.clone(), e.domain.clone(), Duration::from_secs(30)).await {
-                    tracing::error!(op = %e.op, domain = %e.domain, "the guest could not be confirmed thawed; the journal entry stays for the next start");
+                    tracing::error!(op = %e.op, domain = %e.domain, "the guest could not be confirmed thawed; the journal entry stays");
                     continue;
                 }
                 e.frozen = false;
@@ -176,11 +183,26 @@ impl Journal {
             later.push(e);
         }
         for e in later {
-            self.recover_one(hv.clone(), e).await;
+            let (op, domain) = (e.op.clone(), e.domain.clone());
+            match self.settle(hv.clone(), e).await {
+                Cleanup::Done => {
+                    tracing::info!(op = %op, domain = %domain, "capture of a previous run cleaned up")
+                }
+                Cleanup::Retry(err) => {
+                    tracing::error!(op = %op, domain = %domain, error = %err.chain(), "cleanup not confirmed yet; the journal entry stays and is retried")
+                }
+                Cleanup::Deferred(why) => {
+                    tracing::warn!(op = %op, domain = %domain, "{why}")
+                }
+            }
         }
     }
 
-    async fn recover_one(&self, hv: Arc<dyn Hypervisor>, mut e: Entry) {
+    /// Carries out every duty of `e` that is left, in order (thaw, end the backup job, let a
+    /// shutdown finish, start again, restore prep), recording each one done as it is
+    /// confirmed; the entry is removed once none is left. Never call it for an entry whose
+    /// operation still runs.
+    pub async fn settle(&self, hv: Arc<dyn Hypervisor>, mut e: Entry) -> Cleanup {
         let call = |f: HvCall| {
             let h = hv.clone();
             async move {
@@ -189,6 +211,19 @@ impl Journal {
                     .unwrap_or_else(|_| Err(crate::error::internal("a recovery task failed")))
             }
         };
+        if e.frozen {
+            if !thaw_until_thawed(hv.clone(), e.domain.clone(), Duration::from_secs(30)).await {
+                return Cleanup::Retry(Error::new(
+                    crate::error::ErrorKind::Unavailable,
+                    format!(
+                        "the guest of domain {} could not be confirmed thawed",
+                        e.domain
+                    ),
+                ));
+            }
+            e.frozen = false;
+            self.update(&e);
+        }
         if !e.backup_dir.as_os_str().is_empty() {
             let (d, job) = (e.domain.clone(), BackupHandle::in_dir(&e.backup_dir, ""));
             match call(Box::new(move |h| h.end_backup(&d, &job))).await {
@@ -199,14 +234,20 @@ impl Journal {
                     tracing::warn!(op = %e.op, domain = %e.domain, error = %err.chain(), "left another backup job alone");
                 }
                 Err(err) => {
-                    tracing::error!(op = %e.op, domain = %e.domain, error = %err.chain(), "could not end the backup job; the journal entry stays for the next start");
-                    return;
+                    return Cleanup::Retry(
+                        Error::new(
+                            err.kind(),
+                            format!(
+                                "ending the backup job of operation {} on domain {}",
+                                e.op, e.domain
+                            ),
+                        )
+                        .with_source(err),
+                    );
                 }
             }
             // Only directories of our own run dir are removed.
-            if e.backup_dir
-                .starts_with(self.dir.parent().unwrap_or(Path::new("/nonexistent")))
-            {
+            if e.backup_dir.starts_with(self.run_dir()) {
                 let _ = std::fs::remove_dir_all(&e.backup_dir);
             }
             e.backup_dir = PathBuf::new();
@@ -214,6 +255,8 @@ impl Journal {
         }
         if e.shutting_down {
             wait_until_off(hv.clone(), &e.domain, Duration::from_secs(120)).await;
+            e.shutting_down = false;
+            self.update(&e);
         }
         if e.restart {
             let d = e.domain.clone();
@@ -228,11 +271,19 @@ impl Journal {
                 Ok(()) => tracing::info!(op = %e.op, domain = %e.domain, "domain running again"),
                 Err(err) if err.kind() == crate::error::ErrorKind::NotFound => {
                     self.remove(&e.op);
-                    return;
+                    return Cleanup::Done;
                 }
                 Err(err) => {
-                    tracing::error!(op = %e.op, domain = %e.domain, error = %err.chain(), "could not start the domain again; the journal entry stays for the next start");
-                    return;
+                    return Cleanup::Retry(
+                        Error::new(
+                            err.kind(),
+                            format!(
+                                "starting domain {} again after operation {}",
+                                e.domain, e.op
+                            ),
+                        )
+                        .with_source(err),
+                    );
                 }
             }
             e.restart = false;
@@ -240,7 +291,7 @@ impl Journal {
         }
         if let Some(outcomes) = e.prep.clone() {
             // A guest left shut off (no restart asked) keeps its prep until it runs again:
-            // waiting for its agent at every start would only delay the daemon.
+            // waiting for its agent would only hold the domain.
             let (h, d) = (hv.clone(), e.domain.clone());
             let off = tokio::task::spawn_blocking(move || h.domain_state(&d))
                 .await
@@ -248,16 +299,26 @@ impl Journal {
                 .and_then(|r| r.ok())
                 == Some(DomainState::ShutOff);
             if off {
-                tracing::warn!(op = %e.op, domain = %e.domain, "the domain is shut off with prep changes applied; a later start of imaged undoes them once it runs");
-                return;
+                return Cleanup::Deferred(format!(
+                    "domain {} is shut off with the prep changes of operation {} applied; a later start of imaged undoes them once it runs",
+                    e.domain, e.op
+                ));
             }
             match restore_prep_when_ready(hv.clone(), &e.domain, outcomes).await {
                 Ok(()) => {
                     tracing::info!(op = %e.op, domain = %e.domain, "prep changes undone in the source")
                 }
                 Err(err) if err.kind() == crate::error::ErrorKind::Unavailable => {
-                    tracing::error!(op = %e.op, domain = %e.domain, error = %err.chain(), "cannot undo the prep changes yet; the journal entry stays for the next start");
-                    return;
+                    return Cleanup::Retry(
+                        Error::new(
+                            err.kind(),
+                            format!(
+                                "undoing the prep changes of operation {} in domain {}",
+                                e.op, e.domain
+                            ),
+                        )
+                        .with_source(err),
+                    );
                 }
                 Err(err) => {
                     // Tried once in full: repeating a partial restore would not help.
@@ -268,7 +329,77 @@ impl Journal {
             self.update(&e);
         }
         self.remove(&e.op);
+        Cleanup::Done
     }
+
+    /// The run directory this journal lives in.
+    pub fn run_dir(&self) -> &Path {
+        self.dir.parent().unwrap_or(Path::new("/nonexistent"))
+    }
+
+    /// Removes what ended operations of a previous run left in the run directory: qemu-nbd
+    /// sockets (`op-*.sock`), backup job directories (`backup-*`) no journal entry names, temp
+    /// files of journal writes. Call it after [`Journal::recover`] and before serving. Only
+    /// names imaged creates are touched, symbolic links never followed nor removed;
+    /// `imaged.lock` and `journal/` stay.
+    pub fn sweep_run_dir(&self) {
+        let kept: Vec<PathBuf> = self.entries().into_iter().map(|e| e.backup_dir).collect();
+        let run = self.run_dir().to_path_buf();
+        let Ok(rd) = std::fs::read_dir(&run) else {
+            return;
+        };
+        for f in rd.flatten() {
+            let name = f.file_name().to_string_lossy().into_owned();
+            let p = f.path();
+            let Ok(md) = std::fs::symlink_metadata(&p) else {
+                continue;
+            };
+            let ft = md.file_type();
+            let res = if name.starts_with("op-")
+                && name.ends_with(".sock")
+                && !ft.is_dir()
+                && !ft.is_symlink()
+            {
+                std::fs::remove_file(&p)
+            } else if name.starts_with("backup-") && ft.is_dir() && !kept.contains(&p) {
+                std::fs::remove_dir_all(&p)
+            } else {
+                continue;
+            };
+            match res {
+                Ok(()) => {
+                    tracing::info!(path = %p.display(), "removed a leftover of a previous run")
+                }
+                Err(err) => {
+                    tracing::warn!(path = %p.display(), error = %err, "cannot remove a leftover of a previous run")
+                }
+            }
+        }
+        // Temp files of journal writes a crash interrupted.
+        if let Ok(rd) = std::fs::read_dir(&self.dir) {
+            for f in rd.flatten() {
+                let name = f.file_name().to_string_lossy().into_owned();
+                if name.starts_with('.')
+                    && name.contains(".json.tmp-")
+                    && f.file_type().is_ok_and(|t| t.is_file())
+                {
+                    let _ = std::fs::remove_file(f.path());
+                }
+            }
+        }
+    }
+}
+
+/// What [`Journal::settle`] achieved.
+#[derive(Debug)]
+pub enum Cleanup {
+    /// Every duty done; the entry is gone.
+    Done,
+    /// A duty could not be confirmed (libvirt or the guest agent did not answer): try again.
+    Retry(Error),
+    /// What is left can only be done later (prep in a shut-off guest): the entry stays for a
+    /// later start of the daemon, and the domain is not held for it.
+    Deferred(String),
 }
 
 /// Waits (bounded) for a domain that was asked to shut down to be shut off (or gone).

@@ -24,6 +24,7 @@
 //! the first call's (else INVALID_ARGUMENT).
 
 pub mod capture;
+mod janitor;
 pub mod journal;
 pub mod mode;
 pub mod operation;
@@ -438,9 +439,19 @@ impl Controller {
             }
         }
         op.finish(&res);
+        let cleanup = op.kind == OpKind::Capture && self.has_cleanup(&op.id);
         let mut t = self.table();
         if !op.domain.is_empty() && t.domain_locks.get(&op.domain) == Some(&op.id) {
-            t.domain_locks.remove(&op.domain);
+            if cleanup {
+                // The domain stays held until the janitor confirms the cleanup.
+                t.domain_locks
+                    .insert(op.domain.clone(), janitor::holder(&op.id));
+                drop(t);
+                tracing::warn!(op = %op.id, domain = %op.domain, "the cleanup after the operation is not confirmed yet; a janitor keeps trying and holds the domain until it is done");
+                self.spawn_janitor(vec![op.id.clone()], op.domain.clone());
+            } else {
+                t.domain_locks.remove(&op.domain);
+            }
         }
     }
 

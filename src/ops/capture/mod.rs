@@ -180,6 +180,16 @@ impl Controller {
         {
             let mut t = self.table();
             if let Some(holder) = t.domain_locks.get(&info.name) {
+                if let Some(ended) = holder.strip_prefix("cleanup:") {
+                    return Err(Error::new(
+                        ErrorKind::Aborted,
+                        format!(
+                            "domain {} is being cleaned up after operation {ended} (a backup job to end, \
+                             a restart or prep to undo is not confirmed done yet; imaged keeps trying); retry shortly",
+                            info.name
+                        ),
+                    ));
+                }
                 return Err(Error::new(
                     ErrorKind::Aborted,
                     format!(
