@@ -5,7 +5,8 @@
 //! socket, frozen at the moment the job began; guest writes after that go on, with the old data
 //! copied to a scratch file first (copy-before-write). The data path reads that export like any
 //! other [`BlockSource`]. When the read ends, the job is ended ([`Hypervisor::end_backup`]) and
-//! its directory (socket, scratch file) removed. Each job gets its own directory,
+//! its directory (socket, scratch file) removed once the job is known gone (a job that could
+//! not be ended keeps it: the capture's journal entry names it, and a janitor ends it). Each job gets its own directory,
 //! `<run_dir>/backup-<tag>`, which the backend makes private to the hypervisor.
 //!
 //! The consistency point is [`begin`]: with `quiesce`, the guest's filesystems are frozen
@@ -166,7 +167,11 @@ impl BackupExport {
             move || h.end_backup(&d, &b),
         )
         .await;
-        let _ = std::fs::remove_dir_all(&self.backup.dir);
+        // The directory goes only with the job: while the job may run, QEMU serves on its
+        // socket and writes its scratch file, and the journal still names it.
+        if job_gone(&res) {
+            let _ = std::fs::remove_dir_all(&self.backup.dir);
+        }
         res
     }
 
@@ -182,12 +187,27 @@ impl Drop for BackupExport {
             let (h, d, b) = (self.hv.clone(), self.domain.clone(), self.backup.clone());
             // Ending the job must not wait for an async context that may be gone.
             std::thread::spawn(move || {
-                if let Err(e) = h.end_backup(&d, &b) {
+                let res = h.end_backup(&d, &b);
+                if let Err(e) = &res {
                     tracing::warn!(domain = %d, error = %e.chain(), "could not end backup job");
                 }
-                let _ = std::fs::remove_dir_all(&b.dir);
+                if job_gone(&res) {
+                    let _ = std::fs::remove_dir_all(&b.dir);
+                }
             });
         }
+    }
+}
+
+/// True when the answer to ending a job says it no longer runs: ended, the domain gone, or
+/// another tool's job running in its place (a domain runs one backup job at a time).
+pub fn job_gone(res: &Result<()>) -> bool {
+    match res {
+        Ok(()) => true,
+        Err(e) => matches!(
+            e.kind(),
+            ErrorKind::NotFound | ErrorKind::FailedPrecondition
+        ),
     }
 }
 

@@ -2,6 +2,12 @@
 //! begun at the consistency point (filesystems frozen around it for quiesce, thawed at once);
 //! the disk is read from the job's NBD export and the job ended. A failed capture gives the
 //! source its configuration back.
+//!
+//! Before it begins, a capture ends a backup job that imaged itself left on the domain (its
+//! export lies under our run directory); another tool's job is left alone and refused
+//! FAILED_PRECONDITION. Ending the job after the image was committed is cleanup: when it
+//! fails, the image stays, the operation succeeds with a warning in the log, and the journal
+//! entry hands the job to the janitor.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -11,7 +17,7 @@ use super::super::{Controller, OpEntry};
 use super::sink::Sink;
 use super::Plan;
 use crate::capture::live;
-use crate::error::Result;
+use crate::error::{Error, ErrorKind, Result};
 use crate::guest::prep::StepOutcome;
 use crate::hypervisor::BackupHandle;
 use crate::ops::mode::Mode;
@@ -28,10 +34,14 @@ impl Controller {
         let res = self
             .live_read(op, writer, plan, &mut restore, &journal, &mut entry)
             .await;
-        if let (Err(_), Some(outcomes)) = (&res, restore) {
-            self.undo_prep(op, &name, outcomes, false).await;
+        let undone = match (&res, restore) {
+            (Err(_), Some(outcomes)) => self.undo_prep(op, &name, outcomes, false).await,
+            _ => true,
+        };
+        // A restore the agent did not answer stays a duty of the janitor.
+        if undone {
+            entry.prep = None;
         }
-        entry.prep = None;
         journal.update(&entry);
         res
     }
@@ -57,6 +67,7 @@ impl Controller {
             .filter(|d| d.device == "disk")
             .map(|d| d.target.clone())
             .collect();
+        self.end_own_leftover_job(op, &plan.info.name).await?;
         entry.backup_dir = cfg.run_dir.join(format!("backup-{}", op.id));
         entry.frozen = quiesce;
         journal.write(entry)?;
@@ -94,7 +105,7 @@ impl Controller {
                     plan.info.name.clone(),
                     BackupHandle::in_dir(&entry.backup_dir, &plan.target),
                 );
-                if self.hv(move |hv| hv.end_backup(&d, &job)).await.is_ok() {
+                if live::job_gone(&self.hv(move |hv| hv.end_backup(&d, &job)).await) {
                     let _ = std::fs::remove_dir_all(&entry.backup_dir);
                     entry.backup_dir = Default::default();
                     journal.update(entry);
@@ -105,9 +116,10 @@ impl Controller {
         op.set_freeze_window(point.freeze_window_ms);
         if plan.decision.restore_source {
             if let Some(outcomes) = restore.take() {
-                self.undo_prep(op, &plan.info.name, outcomes, true).await;
-                entry.prep = None;
-                journal.update(entry);
+                if self.undo_prep(op, &plan.info.name, outcomes, true).await {
+                    entry.prep = None;
+                    journal.update(entry);
+                }
             }
         }
         if quiesce {
@@ -118,11 +130,100 @@ impl Controller {
             .deliver(op, writer, export.clone(), &plan.provenance())
             .await;
         let ended = export.end().await;
-        if ended.is_ok() {
+        if live::job_gone(&ended) {
             entry.backup_dir = Default::default();
             journal.update(entry);
         }
         res?;
-        ended
+        if let Err(e) = ended {
+            // The image is whole and committed: ending the job is cleanup that can be retried,
+            // not a reason to fail it. The journal keeps the job; the janitor ends it.
+            tracing::warn!(op = %op.id, domain = %plan.info.name, image = %op.image_name, error = %e.chain(),
+                "image {} was captured, but the backup job on domain {} could not be ended yet; imaged keeps trying in the background",
+                op.image_name, plan.info.name);
+        }
+        Ok(())
+    }
+
+    /// Ends a backup job that imaged itself left on `domain` (an earlier capture whose job
+    /// outlived it: its export socket lies under our run directory), so a new capture is not
+    /// refused for our own leftover. A job another tool began is left alone:
+    /// FAILED_PRECONDITION naming the domain.
+    pub(super) async fn end_own_leftover_job(&self, op: &OpEntry, domain: &str) -> Result<()> {
+        let run = self.inner.cfg.capture.run_dir.clone();
+        // Our new job is not begun yet: ending it answers Ok when no job runs, and
+        // FAILED_PRECONDITION when some other job does.
+        let probe = BackupHandle::in_dir(&run.join(format!("backup-{}", op.id)), "");
+        let (d, h) = (domain.to_string(), probe.clone());
+        let foreign = match self.hv(move |hv| hv.end_backup(&d, &h)).await {
+            Ok(()) => return Ok(()),
+            Err(e) if e.kind() == ErrorKind::FailedPrecondition => e,
+            Err(e) => return Err(e),
+        };
+        // Where our earlier jobs exported: job directories in the run directory, the journal's
+        // entries, and the operations of this run on this domain (a directory may be gone).
+        let mut candidates: Vec<std::path::PathBuf> = Journal::new(&run)
+            .entries()
+            .into_iter()
+            .filter(|e| e.domain == domain && !e.backup_dir.as_os_str().is_empty())
+            .map(|e| e.backup_dir)
+            .collect();
+        let running: Vec<String> = {
+            let t = self.table();
+            for e in t.ops.values() {
+                if e.domain == domain && e.id != op.id {
+                    candidates.push(run.join(format!("backup-{}", e.id)));
+                }
+            }
+            t.ops
+                .values()
+                .filter(|e| !e.state().is_terminal())
+                .map(|e| e.id.clone())
+                .collect()
+        };
+        if let Ok(rd) = std::fs::read_dir(&run) {
+            for f in rd.flatten() {
+                let name = f.file_name().to_string_lossy().into_owned();
+                if name.starts_with("backup-") && f.file_type().is_ok_and(|t| t.is_dir()) {
+                    candidates.push(f.path());
+                }
+            }
+        }
+        candidates.sort();
+        candidates.dedup();
+        // A job of a capture that still runs (on another domain) is never touched: ending a
+        // job with its handle on this domain could only end this domain's job anyway.
+        candidates.retain(|c| {
+            !running
+                .iter()
+                .any(|id| c.file_name() == Some(std::ffi::OsStr::new(&format!("backup-{id}"))))
+        });
+        for dir in candidates {
+            let (d, job) = (domain.to_string(), BackupHandle::in_dir(&dir, ""));
+            if self.hv(move |hv| hv.end_backup(&d, &job)).await.is_err() {
+                continue; // not that one
+            }
+            // Ok: that job ended, or none runs any more; the probe tells.
+            let (d, h) = (domain.to_string(), probe.clone());
+            if self.hv(move |hv| hv.end_backup(&d, &h)).await.is_ok() {
+                tracing::warn!(op = %op.id, domain, job = %dir.display(), "ended a backup job imaged had left on the domain");
+                let journaled = Journal::new(&run)
+                    .entries()
+                    .iter()
+                    .any(|e| e.backup_dir == dir);
+                if !journaled && dir.starts_with(&run) {
+                    let _ = std::fs::remove_dir_all(&dir);
+                }
+                return Ok(());
+            }
+        }
+        Err(Error::new(
+            ErrorKind::FailedPrecondition,
+            format!(
+                "domain {domain} runs a backup job that imaged did not start; it is left alone: \
+                 end it with `virsh domjobabort {domain}` if it is stale, then retry"
+            ),
+        )
+        .with_source(foreign))
     }
 }

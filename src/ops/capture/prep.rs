@@ -57,20 +57,24 @@ impl Controller {
     }
 
     /// Restores prep changes in the running source; reports the outcome on the operation.
+    /// False when the restore is worth trying again (the guest agent did not answer): the
+    /// journal then keeps the duty for the janitor.
     pub(super) async fn undo_prep(
         &self,
         op: &OpEntry,
         domain: &str,
         outcomes: Vec<StepOutcome>,
         asked: bool,
-    ) {
+    ) -> bool {
         let reports: Vec<_> = outcomes.iter().map(|o| report_outcome(o, true)).collect();
         match self.restore_prep(domain, outcomes).await {
             Ok(()) => {
                 tracing::info!(op = %op.id, domain, asked, "prep changes undone in the source");
                 op.set_prep(reports);
+                true
             }
             Err(e) => {
+                let again = e.kind() == crate::error::ErrorKind::Unavailable;
                 tracing::error!(op = %op.id, domain, error = %e.chain(), "could not undo the prep changes in the source");
                 op.set_prep(
                     reports
@@ -82,6 +86,7 @@ impl Controller {
                         })
                         .collect(),
                 );
+                !again
             }
         }
     }

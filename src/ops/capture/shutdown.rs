@@ -1,6 +1,8 @@
 //! Shutdown captures: prep in the running guest, journal, shut it down (agent, else ACPI;
 //! forced off only when asked), read the disk cold; then, in every outcome, start the guest
-//! again when asked and undo the prep when asked or when the capture failed.
+//! again when asked and undo the prep when asked or when the capture failed. A restart or
+//! restore that cannot be confirmed stays in the journal for the janitor
+//! ([`super::super::janitor`]): an image that was captured is not failed for it.
 
 use std::time::{Duration, Instant};
 
@@ -9,7 +11,7 @@ use super::super::prep::report_outcome;
 use super::super::{Controller, OpEntry};
 use super::sink::Sink;
 use super::{CaptureParams, Plan};
-use crate::error::{precondition, Error, Result};
+use crate::error::{precondition, Result};
 use crate::guest::prep::StepOutcome;
 use crate::hypervisor::{DomainInfo, DomainState, ShutdownHow};
 
@@ -46,7 +48,6 @@ impl Controller {
             Duration::ZERO
         };
         entry.shutting_down = false;
-        let mut res = res;
         if entry.restart {
             match self.start_again(op, &name, wait_off).await {
                 Ok(()) => {
@@ -54,14 +55,15 @@ impl Controller {
                     journal.update(&entry);
                 }
                 Err(e) => {
-                    // The journal keeps the duty: the next daemon start tries again.
-                    tracing::error!(op = %op.id, domain = %name, error = %e.chain(), "could not start the domain again");
+                    // The journal keeps the duty and the janitor finishes it once the
+                    // operation has ended; a captured image stays good (the operation
+                    // succeeds), and the log says the restart is still owed.
+                    journal.update(&entry);
                     if res.is_ok() {
-                        res = Err(Error::new(
-                            e.kind(),
-                            format!("image {} was captured, but domain {name} could not be started again", op.image_name),
-                        )
-                        .with_source(e));
+                        tracing::warn!(op = %op.id, domain = %name, image = %op.image_name, error = %e.chain(),
+                            "image {} was captured, but domain {name} could not be started again yet; imaged keeps trying in the background", op.image_name);
+                    } else {
+                        tracing::error!(op = %op.id, domain = %name, error = %e.chain(), "could not start the domain again; imaged keeps trying in the background");
                     }
                 }
             }
@@ -159,8 +161,7 @@ impl Controller {
             );
             return false;
         }
-        self.undo_prep(op, name, outcomes, asked).await;
-        true
+        self.undo_prep(op, name, outcomes, asked).await
     }
 
     /// Shuts a guest down: agent first when it has one, ACPI otherwise (or when the agent
