@@ -156,11 +156,15 @@ fn main() -> std::process::ExitCode {
         // Undo what captures of a previous run left (thaw guests, end backup jobs, restore
         // prep, start domains again) before anything else can fail: a full or read-only
         // repository must not keep a guest frozen.
-        imaged::ops::journal::Journal::new(&cfg.capture.run_dir)
-            .recover(hv.clone())
-            .await;
+        let journal = imaged::ops::journal::Journal::new(&cfg.capture.run_dir);
+        journal.recover(hv.clone()).await;
+        // Then what ended operations of that run left in the run directory (sockets, job
+        // directories no entry names); entries still there go to janitors, which keep trying
+        // while the daemon serves and hold their domains meanwhile.
+        journal.sweep_run_dir();
         let repo = Repository::open(&cfg.repository.path)?;
         let ctl = Controller::new(cfg.clone(), hv, repo);
+        ctl.adopt_journal();
         imaged::api::server::serve(&cfg, ctl, stop).await
     });
     match res {

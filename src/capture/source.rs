@@ -8,7 +8,10 @@
 //! like a qcow2 header must not be read as one. QEMU follows a qcow2 backing chain itself.
 //! While qemu-nbd holds the image open it holds QEMU's shared image lock, which keeps a
 //! QEMU from starting on the same disk for writing: the domain cannot start mid-capture.
-//! The child gets SIGKILL if the daemon dies (`PR_SET_PDEATHSIG`) and on drop.
+//! The child gets SIGKILL if the daemon dies (`PR_SET_PDEATHSIG`) and on drop. A killed
+//! qemu-nbd never removes its socket: the export removes it when stopped or dropped (also when
+//! qemu-nbd failed to start), and the daemon sweeps those a killed daemon left at its next
+//! start (the journal's run-directory sweep).
 //!
 //! Imports use [`NbdExport::start_file`]: qemu-nbd inherits the descriptor the import was
 //! inspected through ([`super::inspect::SourceFile`]) and opens it as `/dev/fd/3` with backing
@@ -151,7 +154,7 @@ impl NbdExport {
         if let Some(fd) = fd {
             super::inspect::inherit_as_child_fd(cmd.as_std_mut(), fd);
         }
-        let mut child = cmd.spawn().map_err(|e| {
+        let child = cmd.spawn().map_err(|e| {
             Error::new(
                 ErrorKind::Unavailable,
                 format!(
@@ -161,6 +164,14 @@ impl NbdExport {
             )
             .with_source(e)
         })?;
+        // From here on the export owns the socket: a qemu-nbd that fails to start (or is
+        // killed, which it does not survive to clean up after) leaves it for the drop to remove.
+        let mut export = NbdExport {
+            child,
+            socket,
+            describe,
+        };
+        let (child, socket, describe) = (&mut export.child, &export.socket, &export.describe);
         let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
         loop {
             if let Some(status) = child
@@ -171,9 +182,9 @@ impl NbdExport {
                 if let Some(mut s) = child.stderr.take() {
                     let _ = s.read_to_string(&mut err).await;
                 }
-                return Err(qemu_nbd_failed(&describe, status.code(), err.trim()));
+                return Err(qemu_nbd_failed(describe, status.code(), err.trim()));
             }
-            if tokio::net::UnixStream::connect(&socket).await.is_ok() {
+            if tokio::net::UnixStream::connect(socket).await.is_ok() {
                 break;
             }
             if tokio::time::Instant::now() > deadline {
@@ -184,11 +195,7 @@ impl NbdExport {
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        Ok(NbdExport {
-            child,
-            socket,
-            describe,
-        })
+        Ok(export)
     }
 
     /// Stops qemu-nbd and removes its socket.
