@@ -272,11 +272,29 @@ impl Controller {
     ) -> Result<()> {
         let _permit = self.slot(op).await?;
         op.set_state(OpState::Preparing);
-        match plan.mode {
+        let res = match plan.mode {
             Mode::Cold | Mode::Auto => self.cold_read(op, writer, &plan).await,
             Mode::Shutdown => self.shutdown_capture(op, writer, &plan, &p).await,
             Mode::Quiesce | Mode::CrashConsistent => self.live_capture(op, writer, &plan).await,
+        };
+        // An operation and its image agree: a failed capture leaves no image listed. Cleanup
+        // after the commit does not fail a capture (it is the janitor's), so this only
+        // catches a failure a later change might add after the commit.
+        if res.is_err()
+            && p.target == TargetSpec::Repository
+            && op.snapshot().location == op.image_name
+        {
+            let (repo, name) = (self.inner.repo.clone(), op.image_name.clone());
+            match super::blocking(move || repo.delete(&name)).await {
+                Ok(_) => {
+                    tracing::warn!(op = %op.id, image = %op.image_name, "the capture failed after its image was committed; the image was removed")
+                }
+                Err(e) => {
+                    tracing::error!(op = %op.id, image = %op.image_name, error = %e.chain(), "the capture failed after its image was committed, and the image could not be removed")
+                }
+            }
         }
+        res
     }
 }
 
