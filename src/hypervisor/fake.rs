@@ -114,6 +114,8 @@ struct State {
     frozen: BTreeSet<String>,
     /// Domain -> socket of its running backup job.
     jobs: BTreeMap<String, PathBuf>,
+    /// Steps that fail a number of times more, with an error of the given kind.
+    failing_times: BTreeMap<Step, (u32, crate::error::ErrorKind)>,
 }
 
 impl State {
@@ -129,9 +131,20 @@ impl State {
             .ok_or_else(|| not_found(format!("domain {name} not found on this host")))
     }
 
-    fn check(&self, step: Step) -> Result<()> {
+    fn check(&mut self, step: Step) -> Result<()> {
         if self.failing.contains(&step) {
             return Err(internal(format!("injected failure: {step:?}")));
+        }
+        if let Some((n, kind)) = self.failing_times.get_mut(&step) {
+            let kind = *kind;
+            *n -= 1;
+            if *n == 0 {
+                self.failing_times.remove(&step);
+            }
+            return Err(crate::error::Error::new(
+                kind,
+                format!("injected failure: {step:?}"),
+            ));
         }
         Ok(())
     }
@@ -204,6 +217,14 @@ impl FakeHypervisor {
     /// Makes every call of `step` fail (INTERNAL) until [`FakeHypervisor::heal`].
     pub fn fail(&self, step: Step) {
         self.lock().failing.insert(step);
+    }
+
+    /// Makes the next `times` calls of `step` fail with an error of `kind` (UNAVAILABLE: libvirtd
+    /// restarting), then succeed again.
+    pub fn fail_times(&self, step: Step, times: u32, kind: crate::error::ErrorKind) {
+        if times > 0 {
+            self.lock().failing_times.insert(step, (times, kind));
+        }
     }
 
     /// Undoes [`FakeHypervisor::fail`].

@@ -13,7 +13,7 @@ use std::sync::Arc;
 
 use super::mode::{decide, needs_agent, AgentState, Asked, Facts};
 use super::*;
-use crate::hypervisor::fake::{Call, FakeAgent, FakeDomain, FakeHypervisor};
+use crate::hypervisor::fake::{Call, FakeAgent, FakeDomain, FakeHypervisor, Step};
 use crate::hypervisor::DomainState;
 use crate::repo::manifest::content_digest;
 use crate::repo::CHUNK_SIZE;
@@ -809,4 +809,175 @@ async fn recovery_thaws_ends_our_job_leaves_a_foreign_one_and_restarts() {
     assert!(!calls.contains(&Call::BackupEnd("b".into())), "{calls:?}");
     assert!(calls.contains(&Call::Start("b".into())), "{calls:?}");
     assert!(journal.entries().is_empty(), "every duty done");
+}
+
+/// Waits (bounded) until `f` holds.
+async fn until(what: &str, f: impl Fn() -> bool) {
+    let t0 = std::time::Instant::now();
+    while !f() {
+        assert!(t0.elapsed() < Duration::from_secs(10), "timed out: {what}");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// A capture ended while libvirt did not answer: its journal entry keeps the job; once the
+/// operation has ended, a janitor retries ending it (UNAVAILABLE twice, then it works),
+/// holding the domain meanwhile, and removes the entry and the job's directory when done.
+#[tokio::test]
+async fn a_janitor_ends_the_job_an_ended_capture_left_and_frees_the_domain() {
+    use super::journal::{Entry, Journal};
+    let w = World::new(vec![w_domain_running("vm")]);
+    let run = w.dir.path().join("run");
+    let op = OpEntry::new(OpKind::Capture, "vm", "img", "", "/disk");
+    let job =
+        crate::hypervisor::BackupHandle::in_dir(&run.join(format!("backup-{}", op.id)), "vda");
+    std::fs::create_dir_all(&job.dir).unwrap();
+    w.hv.begin_pull_backup("vm", &job, &[]).unwrap();
+    let journal = Journal::new(&run);
+    let mut e = Entry::new(&op.id, "vm");
+    e.backup_dir = job.dir.clone();
+    journal.write(&e).unwrap();
+    {
+        let mut t = w.ctl.table();
+        t.domain_locks.insert("vm".into(), op.id.clone());
+        w.ctl.insert(&mut t, &op);
+    }
+    w.hv.fail_times(Step::BackupEnd, 2, ErrorKind::Unavailable);
+
+    w.ctl.end(&op, Ok(()));
+
+    assert_eq!(
+        op.state(),
+        OpState::Active,
+        "the image is good: the op succeeded"
+    );
+    let refused = w.ctl.capture(capture("vm", Mode::CrashConsistent)).await;
+    let err = refused
+        .err()
+        .expect("the domain is held while the cleanup runs");
+    assert_eq!(err.kind(), ErrorKind::Aborted);
+    assert!(
+        err.chain().contains("cleaned up after operation"),
+        "{err}"
+    );
+    until("the janitor is done", || journal.entries().is_empty()).await;
+    assert_eq!(w.hv.backup_job("vm"), None, "our job ended");
+    assert!(!job.dir.exists(), "its directory removed");
+    until("the domain is free", || {
+        w.ctl.table().domain_locks.get("vm").is_none()
+    })
+    .await;
+}
+
+/// Entries a previous run left (recovery could not finish them) are adopted at start: the
+/// janitor finishes them and releases the domain; a restart owed is done too.
+#[tokio::test]
+async fn entries_left_by_a_previous_run_are_adopted_by_janitors() {
+    use super::journal::{Entry, Journal};
+    let w = World::new(vec![FakeDomain::new("off", DomainState::ShutOff)]);
+    let journal = Journal::new(&w.dir.path().join("run"));
+    let mut e = Entry::new("op-old", "off");
+    e.restart = true;
+    journal.write(&e).unwrap();
+    w.hv.fail_times(Step::Start, 3, ErrorKind::Unavailable);
+    w.ctl.adopt_journal();
+    assert!(w.ctl.table().domain_locks.contains_key("off"));
+    until("the janitor is done", || journal.entries().is_empty()).await;
+    assert_eq!(w.hv.domain_state("off").unwrap(), DomainState::Running);
+    until("the domain is free", || {
+        w.ctl.table().domain_locks.is_empty()
+    })
+    .await;
+}
+
+/// A backup job that imaged left on a domain (its export under our run dir, no journal entry
+/// any more) is ended before a new capture begins; another tool's job is refused and left.
+#[tokio::test]
+async fn our_own_leftover_job_is_ended_first_and_a_foreign_one_refused() {
+    let w = World::new(vec![w_domain_running("vm"), w_domain_running("other")]);
+    let run = w.dir.path().join("run");
+    let old = crate::hypervisor::BackupHandle::in_dir(&run.join("backup-op-old"), "vda");
+    std::fs::create_dir_all(&old.dir).unwrap();
+    w.hv.begin_pull_backup("vm", &old, &[]).unwrap();
+    let op = OpEntry::new(OpKind::Capture, "vm", "img", "", "/disk");
+    w.ctl.end_own_leftover_job(&op, "vm").await.unwrap();
+    assert_eq!(w.hv.backup_job("vm"), None, "our leftover job ended");
+    assert!(!old.dir.exists(), "and its directory removed");
+    // Nothing runs: nothing to do.
+    w.ctl.end_own_leftover_job(&op, "vm").await.unwrap();
+
+    let theirs = Path::new("/var/lib/other-tool/nbd.sock");
+    w.hv.foreign_backup("other", theirs);
+    let op = OpEntry::new(OpKind::Capture, "other", "img2", "", "/disk");
+    let err = w.ctl.end_own_leftover_job(&op, "other").await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::FailedPrecondition);
+    assert!(err.chain().contains("domain other"), "{err}");
+    assert_eq!(
+        w.hv.backup_job("other").as_deref(),
+        Some(theirs),
+        "left alone"
+    );
+}
+
+/// At start, after recovery: sockets and job directories of ended operations go; a
+/// directory a journal entry still names, the lock file, other names and symbolic links stay.
+#[test]
+fn leftovers_in_the_run_dir_are_swept_but_journaled_ones_kept() {
+    use super::journal::{Entry, Journal};
+    let d = tempfile::tempdir().unwrap();
+    let run = d.path().join("run");
+    std::fs::create_dir_all(run.join("backup-op-gone")).unwrap();
+    std::fs::write(run.join("backup-op-gone/scratch"), b"x").unwrap();
+    std::fs::create_dir_all(run.join("backup-op-kept")).unwrap();
+    std::fs::write(run.join("op-1.sock"), b"").unwrap();
+    std::fs::write(run.join("imaged.lock"), b"").unwrap();
+    std::fs::write(run.join("notes.txt"), b"").unwrap();
+    let outside = d.path().join("outside");
+    std::fs::create_dir_all(&outside).unwrap();
+    std::fs::write(outside.join("precious"), b"x").unwrap();
+    std::os::unix::fs::symlink(&outside, run.join("backup-op-link")).unwrap();
+    let journal = Journal::new(&run);
+    let mut e = Entry::new("op-kept", "vm");
+    e.backup_dir = run.join("backup-op-kept");
+    journal.write(&e).unwrap();
+    std::fs::write(run.join("journal/.op-x.json.tmp-1"), b"{").unwrap();
+
+    journal.sweep_run_dir();
+
+    assert!(!run.join("backup-op-gone").exists());
+    assert!(!run.join("op-1.sock").exists());
+    assert!(run.join("backup-op-kept").is_dir(), "journaled: kept");
+    assert!(run.join("imaged.lock").exists());
+    assert!(run.join("notes.txt").exists());
+    assert!(outside.join("precious").exists(), "links are not followed");
+    assert!(std::fs::symlink_metadata(run.join("backup-op-link")).is_ok());
+    assert!(!run.join("journal/.op-x.json.tmp-1").exists());
+    assert_eq!(journal.entries(), vec![e]);
+}
+
+/// Prep left in a guest that is shut off cannot be undone now: the entry stays for a later
+/// start and the domain is not held for it.
+#[tokio::test]
+async fn prep_in_a_shut_off_guest_is_deferred_without_holding_the_domain() {
+    use super::journal::{Cleanup, Entry, Journal};
+    let w = World::new(vec![FakeDomain::new("off", DomainState::ShutOff)]);
+    let journal = Journal::new(&w.dir.path().join("run"));
+    let mut e = Entry::new("op-p", "off");
+    e.prep = Some(Vec::new());
+    journal.write(&e).unwrap();
+    let hv: Arc<dyn Hypervisor> = Arc::new(w.hv.clone());
+    assert!(matches!(
+        journal.settle(hv, e.clone()).await,
+        Cleanup::Deferred(_)
+    ));
+    assert_eq!(journal.entries(), vec![e]);
+    w.ctl.adopt_journal();
+    until("the domain is free", || {
+        w.ctl.table().domain_locks.is_empty()
+    })
+    .await;
+}
+
+fn w_domain_running(name: &str) -> FakeDomain {
+    FakeDomain::new(name, DomainState::Running)
 }

@@ -149,7 +149,11 @@ impl Controller {
     /// outlived it: its export socket lies under our run directory), so a new capture is not
     /// refused for our own leftover. A job another tool began is left alone:
     /// FAILED_PRECONDITION naming the domain.
-    pub(super) async fn end_own_leftover_job(&self, op: &OpEntry, domain: &str) -> Result<()> {
+    pub(in crate::ops) async fn end_own_leftover_job(
+        &self,
+        op: &OpEntry,
+        domain: &str,
+    ) -> Result<()> {
         let run = self.inner.cfg.capture.run_dir.clone();
         // Our new job is not begun yet: ending it answers Ok when no job runs, and
         // FAILED_PRECONDITION when some other job does.
