@@ -13,10 +13,15 @@
 //!   original contents kept in the entry itself.
 //!
 //! One small JSON file per capture under `<run_dir>/journal/` (temp + fsync + rename). It lives
-//! under `/run`: after a host reboot nothing is frozen and no job runs. At start the daemon
-//! [`Journal::recover`]s every entry before it opens the repository or serves a call, and removes
-//! an entry only once each of its duties is confirmed done; what cannot be done yet (the guest
-//! agent does not answer) stays for the next start, and says so in the log.
+//! under `/run`: after a host reboot nothing is frozen and no job runs. An entry is removed only
+//! once each of its duties is confirmed done ([`Journal::settle`]), whether the capture
+//! succeeded, failed or was cancelled: a duty the capture could not confirm in line (libvirtd
+//! restarting, an agent not answering) stays, and once the operation has ended the
+//! controller's janitor retries it with a backoff while holding the domain. At start the daemon
+//! [`Journal::recover`]s every entry before it opens the repository or serves a call (thaws
+//! first: a freeze is urgent), then [`Journal::sweep_run_dir`] removes what ended operations
+//! left in the run directory, and the entries still there go to janitors. A prep restore in a
+//! guest left shut off is deferred to a later start without holding the domain.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;

@@ -19,6 +19,12 @@
 //!
 //! Every row is tested against an in-memory hypervisor in this module's `tests.rs`.
 //!
+//! A capture's cleanup (thaw, end its backup job, start the domain again, restore prep) is
+//! journaled ([`journal`]); what it could not confirm before it ended is finished by a janitor
+//! (`janitor.rs`) that holds the domain meanwhile: a new capture of it is refused ABORTED,
+//! saying cleanup is under way. A captured image is never failed for such a step, and a
+//! failed capture leaves no image.
+//!
 //! A `request_id` given to capture, import or export makes a retried call return the
 //! operation of the first call instead of starting another; the parameters must be the same as
 //! the first call's (else INVALID_ARGUMENT).

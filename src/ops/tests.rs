@@ -852,19 +852,14 @@ async fn a_janitor_ends_the_job_an_ended_capture_left_and_frees_the_domain() {
         "the image is good: the op succeeded"
     );
     let refused = w.ctl.capture(capture("vm", Mode::CrashConsistent)).await;
-    let err = refused
-        .err()
-        .expect("the domain is held while the cleanup runs");
+    let err = refused.expect_err("the domain is held while the cleanup runs");
     assert_eq!(err.kind(), ErrorKind::Aborted);
-    assert!(
-        err.chain().contains("cleaned up after operation"),
-        "{err}"
-    );
+    assert!(err.chain().contains("cleaned up after operation"), "{err}");
     until("the janitor is done", || journal.entries().is_empty()).await;
     assert_eq!(w.hv.backup_job("vm"), None, "our job ended");
     assert!(!job.dir.exists(), "its directory removed");
     until("the domain is free", || {
-        w.ctl.table().domain_locks.get("vm").is_none()
+        !w.ctl.table().domain_locks.contains_key("vm")
     })
     .await;
 }
