@@ -110,7 +110,7 @@ impl Controller {
                     entry.backup_dir = Default::default();
                     journal.update(entry);
                 }
-                return Err(e);
+                return Err(busy(e, &plan.info.name));
             }
         };
         op.set_freeze_window(point.freeze_window_ms);
@@ -162,7 +162,7 @@ impl Controller {
         let foreign = match self.hv(move |hv| hv.end_backup(&d, &h)).await {
             Ok(()) => return Ok(()),
             Err(e) if e.kind() == ErrorKind::FailedPrecondition => e,
-            Err(e) => return Err(e),
+            Err(e) => return Err(busy(e, domain)),
         };
         // Where our earlier jobs exported: job directories in the run directory, the journal's
         // entries, and the operations of this run on this domain (a directory may be gone).
@@ -229,5 +229,40 @@ impl Controller {
             ),
         )
         .with_source(foreign))
+    }
+}
+
+/// libvirt's "cannot acquire state change lock" (another libvirt job still runs on the domain,
+/// e.g. one a restarted libvirtd is still recovering) may reach us as INTERNAL: it is a
+/// domain busy for a while, so UNAVAILABLE (retry later), saying so. Other errors pass as they
+/// are. (The backend's error mapping should say this itself; this catches it until it does.)
+fn busy(e: Error, domain: &str) -> Error {
+    if e.kind() == ErrorKind::Internal && e.chain().contains("cannot acquire state change lock") {
+        return Error::new(
+            ErrorKind::Unavailable,
+            format!(
+                "domain {domain} is busy with another libvirt job (libvirt cannot acquire its \
+                 state change lock); retry in a while"
+            ),
+        )
+        .with_source(e);
+    }
+    e
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_state_change_lock_timeout_is_a_busy_domain_not_an_internal_error() {
+        let e = busy(
+            crate::error::internal("Timed out during operation: cannot acquire state change lock (held by monitor=remoteDispatchDomainBackupBegin)"),
+            "web",
+        );
+        assert_eq!(e.kind(), ErrorKind::Unavailable);
+        assert!(e.chain().contains("domain web is busy"), "{}", e.chain());
+        let other = busy(crate::error::internal("boom"), "web");
+        assert_eq!(other.kind(), ErrorKind::Internal);
     }
 }
