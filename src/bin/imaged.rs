@@ -161,7 +161,8 @@ fn main() -> std::process::ExitCode {
         // Then what ended operations of that run left in the run directory (sockets, job
         // directories no entry names); entries still there go to janitors, which keep trying
         // while the daemon serves and hold their domains meanwhile.
-        journal.sweep_run_dir();
+        let unsure = journal.end_orphan_jobs(hv.clone()).await;
+        journal.sweep_run_dir(&unsure);
         let repo = Repository::open(&cfg.repository.path)?;
         let ctl = Controller::new(cfg.clone(), hv, repo);
         ctl.adopt_journal();

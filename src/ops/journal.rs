@@ -19,7 +19,8 @@
 //! restarting, an agent not answering) stays, and once the operation has ended the
 //! controller's janitor retries it with a backoff while holding the domain. At start the daemon
 //! [`Journal::recover`]s every entry before it opens the repository or serves a call (thaws
-//! first: a freeze is urgent), then [`Journal::sweep_run_dir`] removes what ended operations
+//! first: a freeze is urgent), ends jobs of ours no entry names any more
+//! ([`Journal::end_orphan_jobs`]), then [`Journal::sweep_run_dir`] removes what ended operations
 //! left in the run directory, and the entries still there go to janitors. A prep restore in a
 //! guest left shut off is deferred to a later start without holding the domain.
 
@@ -342,13 +343,85 @@ impl Journal {
         self.dir.parent().unwrap_or(Path::new("/nonexistent"))
     }
 
+    /// Job directories (`backup-*`) in the run directory that no journal entry names.
+    fn orphan_job_dirs(&self) -> Vec<PathBuf> {
+        let journaled: Vec<PathBuf> = self.entries().into_iter().map(|e| e.backup_dir).collect();
+        let Ok(rd) = std::fs::read_dir(self.run_dir()) else {
+            return Vec::new();
+        };
+        rd.flatten()
+            .filter(|f| f.file_name().to_string_lossy().starts_with("backup-"))
+            .filter(|f| f.file_type().is_ok_and(|t| t.is_dir()))
+            .map(|f| f.path())
+            .filter(|p| !journaled.contains(p))
+            .collect()
+    }
+
+    /// Ends backup jobs a previous run began whose journal entry is gone (a job directory of
+    /// ours with no entry): each running domain whose job is not ours to begin with is asked
+    /// to end the job of each such directory; only a job exporting there is ended. Returns the
+    /// directories to keep: those that could not be checked (libvirt did not answer), which a
+    /// later capture of the domain ends first ([`crate::ops::Controller`]'s capture checks).
+    pub async fn end_orphan_jobs(&self, hv: Arc<dyn Hypervisor>) -> Vec<PathBuf> {
+        let orphans = self.orphan_job_dirs();
+        if orphans.is_empty() {
+            return orphans;
+        }
+        let call = |f: Box<dyn FnOnce(&dyn Hypervisor) -> Result<()> + Send>| {
+            let h = hv.clone();
+            async move {
+                tokio::task::spawn_blocking(move || f(h.as_ref()))
+                    .await
+                    .unwrap_or_else(|_| Err(crate::error::internal("a recovery task failed")))
+            }
+        };
+        let h = hv.clone();
+        let domains = match tokio::task::spawn_blocking(move || h.list_domains()).await {
+            Ok(Ok(d)) => d,
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e.chain(), "cannot list domains to end backup jobs a previous run left; their directories stay");
+                return orphans;
+            }
+            Err(_) => return orphans,
+        };
+        let probe = BackupHandle::in_dir(&self.run_dir().join("backup-none"), "");
+        let mut unsure = Vec::new();
+        for d in domains.iter().filter(|d| d.state != DomainState::ShutOff) {
+            let (n, p) = (d.name.clone(), probe.clone());
+            match call(Box::new(move |h| h.end_backup(&n, &p))).await {
+                Ok(()) => continue, // no backup job on it
+                Err(e) if e.kind() == crate::error::ErrorKind::FailedPrecondition => {}
+                Err(_) => {
+                    unsure.clone_from(&orphans);
+                    continue;
+                }
+            }
+            for o in &orphans {
+                let (n, job) = (d.name.clone(), BackupHandle::in_dir(o, ""));
+                if call(Box::new(move |h| h.end_backup(&n, &job)))
+                    .await
+                    .is_err()
+                {
+                    continue;
+                }
+                let (n, p) = (d.name.clone(), probe.clone());
+                if call(Box::new(move |h| h.end_backup(&n, &p))).await.is_ok() {
+                    tracing::warn!(domain = %d.name, job = %o.display(), "ended a backup job a previous run left without a journal entry");
+                    break;
+                }
+            }
+        }
+        unsure
+    }
+
     /// Removes what ended operations of a previous run left in the run directory: qemu-nbd
     /// sockets (`op-*.sock`), backup job directories (`backup-*`) no journal entry names, temp
     /// files of journal writes. Call it after [`Journal::recover`] and before serving. Only
     /// names imaged creates are touched, symbolic links never followed nor removed;
     /// `imaged.lock` and `journal/` stay.
-    pub fn sweep_run_dir(&self) {
-        let kept: Vec<PathBuf> = self.entries().into_iter().map(|e| e.backup_dir).collect();
+    pub fn sweep_run_dir(&self, keep: &[PathBuf]) {
+        let mut kept: Vec<PathBuf> = self.entries().into_iter().map(|e| e.backup_dir).collect();
+        kept.extend_from_slice(keep);
         let run = self.run_dir().to_path_buf();
         let Ok(rd) = std::fs::read_dir(&run) else {
             return;

@@ -937,7 +937,7 @@ fn leftovers_in_the_run_dir_are_swept_but_journaled_ones_kept() {
     journal.write(&e).unwrap();
     std::fs::write(run.join("journal/.op-x.json.tmp-1"), b"{").unwrap();
 
-    journal.sweep_run_dir();
+    journal.sweep_run_dir(&[]);
 
     assert!(!run.join("backup-op-gone").exists());
     assert!(!run.join("op-1.sock").exists());
@@ -975,4 +975,30 @@ async fn prep_in_a_shut_off_guest_is_deferred_without_holding_the_domain() {
 
 fn w_domain_running(name: &str) -> FakeDomain {
     FakeDomain::new(name, DomainState::Running)
+}
+
+/// A job directory of ours that no journal entry names any more, whose job still runs: the
+/// start ends that job (and only that one) before the sweep removes the directory.
+#[tokio::test]
+async fn a_job_of_ours_without_a_journal_entry_is_ended_at_start() {
+    use super::journal::Journal;
+    let w = World::new(vec![
+        w_domain_running("a"),
+        w_domain_running("b"),
+        FakeDomain::new("off", DomainState::ShutOff),
+    ]);
+    let run = w.dir.path().join("run");
+    let ours = crate::hypervisor::BackupHandle::in_dir(&run.join("backup-op-lost"), "vda");
+    std::fs::create_dir_all(&ours.dir).unwrap();
+    w.hv.begin_pull_backup("a", &ours, &[]).unwrap();
+    let theirs = Path::new("/var/lib/other-tool/nbd.sock");
+    w.hv.foreign_backup("b", theirs);
+    let journal = Journal::new(&run);
+    let hv: Arc<dyn Hypervisor> = Arc::new(w.hv.clone());
+    let unsure = journal.end_orphan_jobs(hv).await;
+    assert!(unsure.is_empty(), "{unsure:?}");
+    journal.sweep_run_dir(&unsure);
+    assert_eq!(w.hv.backup_job("a"), None, "ours ended");
+    assert_eq!(w.hv.backup_job("b").as_deref(), Some(theirs), "theirs left");
+    assert!(!ours.dir.exists());
 }
