@@ -367,7 +367,7 @@ impl Journal {
         if orphans.is_empty() {
             return orphans;
         }
-        let call = |f: Box<dyn FnOnce(&dyn Hypervisor) -> Result<()> + Send>| {
+        let call = |f: HvCall| {
             let h = hv.clone();
             async move {
                 tokio::task::spawn_blocking(move || f(h.as_ref()))
