@@ -114,6 +114,8 @@ struct State {
     frozen: BTreeSet<String>,
     /// Domain -> socket of its running backup job.
     jobs: BTreeMap<String, PathBuf>,
+    /// [`Hypervisor::probe`] fails (see [`FakeHypervisor::set_reachable`]).
+    unreachable: bool,
 }
 
 impl State {
@@ -221,6 +223,11 @@ impl FakeHypervisor {
         self.lock().jobs.insert(name.into(), socket.to_path_buf());
     }
 
+    /// Makes [`Hypervisor::probe`] fail (`false`: the hypervisor is away) or answer again.
+    pub fn set_reachable(&self, reachable: bool) {
+        self.lock().unreachable = !reachable;
+    }
+
     /// The socket of the domain's running backup job, if one runs.
     pub fn backup_job(&self, name: &str) -> Option<PathBuf> {
         self.lock().jobs.get(name).cloned()
@@ -228,6 +235,16 @@ impl FakeHypervisor {
 }
 
 impl Hypervisor for FakeHypervisor {
+    fn probe(&self) -> Result<()> {
+        if self.lock().unreachable {
+            return Err(crate::error::Error::new(
+                crate::error::ErrorKind::Unavailable,
+                "the fake hypervisor is unreachable (set_reachable(false))",
+            ));
+        }
+        Ok(())
+    }
+
     fn list_domains(&self) -> Result<Vec<DomainInfo>> {
         Ok(self
             .lock()

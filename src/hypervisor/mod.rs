@@ -137,6 +137,10 @@ pub trait Hypervisor: Send + Sync + 'static {
     /// `backup.socket`); Ok when no backup job runs. A backup job with another export was not
     /// started by us: FAILED_PRECONDITION naming it, and it is left running.
     fn end_backup(&self, name: &str, backup: &BackupHandle) -> Result<()>;
+    /// Whether the hypervisor answers now: one cheap round trip, never waiting for it to come
+    /// back (health checks call this every few seconds). UNAVAILABLE saying why when it does
+    /// not.
+    fn probe(&self) -> Result<()>;
 }
 
 /// A pull-mode backup job's export: what capture needs to read it and to end it.
