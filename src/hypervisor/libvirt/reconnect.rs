@@ -14,11 +14,12 @@
 //! socket it knows is closed; a failed connect) is sent again even for a change.
 //!
 //! Which failures mean "libvirtd is away" is decided by [`is_lost_connection`] from the libvirt
-//! error's code and message, measured against a libvirtd stopped by SIGTERM: connecting gives
-//! `SystemError` ("Failed to connect socket ... No such file or directory" / "Connection
-//! refused"); a call on a connection whose daemon went away gives `InternalError` ("client
-//! socket is closed") or `SystemError` ("End of file while reading data", "Cannot write data:
-//! Broken pipe").
+//! error's code and message, measured against a libvirtd stopped by SIGTERM (libvirt 9.0):
+//! connecting gives `SystemError` ("Failed to connect socket to '/var/run/libvirt/libvirt-sock':
+//! No such file or directory"); the first call on a connection whose daemon went away gives
+//! `SystemError` ("Cannot write data: Broken pipe"), every later one `InternalError` ("client
+//! socket is closed"), also after the daemon is back; a reply lost in flight is `SystemError`
+//! ("End of file while reading data").
 
 use std::time::{Duration, Instant};
 
@@ -75,12 +76,17 @@ pub fn is_lost_connection(code: ErrorNumberEnum, message: &str) -> bool {
 /// Whether a lost-connection error with `code` and `message` was raised before the request
 /// left this process, so that even a change may be sent again: libvirt's RPC client refuses
 /// to send on a socket it already knows is closed ("client socket is closed",
-/// `virNetClientSendInternal`), and a failed connect sent nothing.
+/// `virNetClientSendInternal`), a write refused with a broken pipe ("Cannot write data") never
+/// reached a reader, and a failed connect sent nothing.
 pub fn never_sent(code: ErrorNumberEnum, message: &str) -> bool {
     let m = message.to_ascii_lowercase();
     match code {
         Enum::Known(ErrorNumber::InternalError) => m.contains("client socket is closed"),
-        Enum::Known(ErrorNumber::SystemError) => m.contains("failed to connect socket"),
+        // A write refused with EPIPE: the daemon had closed its end, so it cannot have read
+        // (let alone run) the whole request.
+        Enum::Known(ErrorNumber::SystemError) => {
+            m.contains("failed to connect socket") || m.contains("cannot write data")
+        }
         _ => false,
     }
 }
@@ -192,21 +198,28 @@ impl Reconnect {
         mut call: impl FnMut(&S) -> Result<T>,
     ) -> Result<T> {
         let mut waiting: Option<(Instant, Backoff)> = None;
+        // Logs the end of a wait: libvirtd answered (whatever it said).
+        let back = |waiting: &Option<(Instant, Backoff)>| {
+            if let Some((since, _)) = waiting {
+                tracing::info!(
+                    uri = %self.uri,
+                    waited_ms = since.elapsed().as_millis() as u64,
+                    "libvirt at {} reachable again ({what})",
+                    self.uri
+                );
+            }
+        };
         loop {
             let err = match open() {
                 Ok(s) => match call(&s) {
                     Ok(v) => {
-                        if let Some((since, _)) = waiting {
-                            tracing::info!(
-                                uri = %self.uri,
-                                waited_ms = since.elapsed().as_millis() as u64,
-                                "libvirt at {} reachable again; {what} went through",
-                                self.uri
-                            );
-                        }
+                        back(&waiting);
                         return Ok(v);
                     }
-                    Err(e) if classify(&e) == Failure::Answer => return Err(e),
+                    Err(e) if classify(&e) == Failure::Answer => {
+                        back(&waiting);
+                        return Err(e);
+                    }
                     Err(e) if retry == Retry::ConnectOnly && classify(&e) == Failure::Lost => {
                         return Err(Error::new(
                             ErrorKind::Unavailable,
@@ -220,7 +233,10 @@ impl Reconnect {
                     }
                     Err(e) => e,
                 },
-                Err(e) if classify(&e) == Failure::Answer => return Err(e),
+                Err(e) if classify(&e) == Failure::Answer => {
+                    back(&waiting);
+                    return Err(e);
+                }
                 Err(e) => e,
             };
             let (since, backoff) = waiting.get_or_insert_with(|| {
@@ -310,6 +326,10 @@ mod tests {
         assert!(never_sent(
             k(ErrorNumber::InternalError),
             "internal error: client socket is closed"
+        ));
+        assert!(never_sent(
+            k(ErrorNumber::SystemError),
+            "Cannot write data: Broken pipe"
         ));
         assert!(!never_sent(
             k(ErrorNumber::SystemError),
