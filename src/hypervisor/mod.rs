@@ -6,7 +6,9 @@
 //! a pull-mode backup is a [`BackupHandle`] (where its NBD export is served), the guest agent a
 //! typed [`GuestAgent`]; backup XML, QEMU's user and the agent's JSON stay in the backend.
 //! Methods block (libvirt's API is synchronous): async callers run them on tokio's blocking
-//! pool.
+//! pool. The libvirt backend's may block longer: a call that finds libvirtd away waits for it,
+//! up to `[libvirt] reconnect_timeout_secs` (see [`libvirt::reconnect`]); only
+//! [`Hypervisor::probe`] never waits.
 
 pub mod fake;
 pub mod libvirt;

@@ -123,7 +123,7 @@ fn classify(e: &Error) -> Failure {
     }
 }
 
-/// The pauses between attempts: [`FIRST_DELAY`] doubling up to [`MAX_DELAY`].
+/// The pauses between attempts: 100 ms doubling up to 2 s.
 #[derive(Debug, Clone)]
 pub struct Backoff {
     next: Duration,
