@@ -18,7 +18,6 @@ use tonic::transport::Server;
 use super::Api;
 use crate::config::Config;
 use crate::error::{Error, ErrorKind, Result};
-use crate::hypervisor::libvirt::Libvirt;
 use crate::hypervisor::Hypervisor;
 use crate::ops::Controller;
 use crate::proto;
@@ -188,10 +187,8 @@ pub async fn serve(cfg: &Config, ctl: Controller, stop: StopSignals) -> Result<(
     };
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    // The libvirt the controller uses, probed without waiting.
-    let probed: Arc<dyn Hypervisor> = Arc::new(
-        Libvirt::new(&cfg.libvirt.uri).with_reconnect_timeout(cfg.libvirt.reconnect_timeout()),
-    );
+    // The hypervisor the controller uses, probed without waiting.
+    let probed = ctl.hypervisor();
     let watch_task = tokio::spawn(watch_hypervisor(
         health_reporter.clone(),
         probed,
