@@ -68,13 +68,24 @@ impl Default for DaemonConfig {
 pub struct LibvirtConfig {
     /// Connection URI.
     pub uri: String,
+    /// How long a libvirt call that finds libvirtd unreachable (restarting, stopped) waits for
+    /// it, retrying with backoff, before failing UNAVAILABLE; 0 fails at once. 0 to 3600.
+    pub reconnect_timeout_secs: u64,
 }
 
 impl Default for LibvirtConfig {
     fn default() -> Self {
         LibvirtConfig {
             uri: "qemu:///system".into(),
+            reconnect_timeout_secs: 60,
         }
+    }
+}
+
+impl LibvirtConfig {
+    /// [`LibvirtConfig::reconnect_timeout_secs`] as a duration.
+    pub fn reconnect_timeout(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(self.reconnect_timeout_secs)
     }
 }
 
@@ -256,6 +267,12 @@ impl Config {
         if self.libvirt.uri.trim().is_empty() {
             return Err(invalid("libvirt.uri must not be empty"));
         }
+        if self.libvirt.reconnect_timeout_secs > 3600 {
+            return Err(invalid(format!(
+                "libvirt.reconnect_timeout_secs must be 0 to 3600, got {}",
+                self.libvirt.reconnect_timeout_secs
+            )));
+        }
         if !self.repository.path.is_absolute() {
             return Err(invalid(format!(
                 "repository.path must be an absolute path, got {:?}",
@@ -345,6 +362,10 @@ mod tests {
     fn empty_file_gives_defaults() {
         let c = Config::parse("").unwrap();
         assert_eq!(c.libvirt.uri, "qemu:///system");
+        assert_eq!(
+            c.libvirt.reconnect_timeout(),
+            std::time::Duration::from_secs(60)
+        );
         assert_eq!(c.socket_mode().unwrap(), 0o660);
         assert_eq!(c.export_file_mode().unwrap(), 0o600);
         assert_eq!(c.repository.path, PathBuf::from("/var/lib/imaged/repo"));
@@ -388,6 +409,10 @@ mod tests {
             ),
             ("[daemon]\nlog_level = \"loud\"", "daemon.log_level"),
             ("[capture]\nreaders = 0", "capture.readers"),
+            (
+                "[libvirt]\nreconnect_timeout_secs = 7200",
+                "libvirt.reconnect_timeout_secs",
+            ),
             ("[repository]\npath = \"repo\"", "repository.path"),
             ("[export]\nfile_mode = \"0666\"", "export.file_mode"),
             ("[export]\nfile_mode = \"rw\"", "export.file_mode"),

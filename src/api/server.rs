@@ -1,8 +1,14 @@
 //! Serving the API: the unix socket (and optional TCP), gRPC health and reflection, systemd
 //! readiness, and a clean stop on SIGTERM/SIGINT.
+//!
+//! Health: the overall service ("") and ImageService and OperationService are SERVING while the
+//! daemon runs (images and operations need no hypervisor); DomainService follows libvirt,
+//! probed every [`PROBE_PERIOD`] by [`watch_hypervisor`]: NOT_SERVING while libvirtd is
+//! unreachable, SERVING again when it answers.
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::UnixListener;
@@ -12,11 +18,57 @@ use tonic::transport::Server;
 use super::Api;
 use crate::config::Config;
 use crate::error::{Error, ErrorKind, Result};
+use crate::hypervisor::Hypervisor;
 use crate::ops::Controller;
 use crate::proto;
 
 /// How long running operations get to cancel cleanly on SIGTERM.
 const STOP_GRACE: Duration = Duration::from_secs(30);
+/// How often the health of the hypervisor-dependent services is probed.
+pub const PROBE_PERIOD: Duration = Duration::from_secs(5);
+
+type DomainServer = proto::domain_service_server::DomainServiceServer<Api>;
+
+/// Keeps DomainService's health in step with `hv`: probes it now and every `period`
+/// ([`Hypervisor::probe`], no waiting) and sets DomainService SERVING or NOT_SERVING on
+/// `reporter`, logging each change once; returns when `stop` turns true.
+pub async fn watch_hypervisor(
+    reporter: tonic_health::server::HealthReporter,
+    hv: Arc<dyn Hypervisor>,
+    period: Duration,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    let mut reachable = true;
+    let mut tick = tokio::time::interval(period);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.wait_for(|s| *s) => return,
+            _ = tick.tick() => {}
+        }
+        let probe_hv = hv.clone();
+        // A probe stuck in a hung libvirtd must not hold up the stop.
+        let res = tokio::select! {
+            _ = stop.wait_for(|s| *s) => return,
+            r = tokio::task::spawn_blocking(move || probe_hv.probe()) => r.unwrap_or_else(|e| {
+                Err(Error::new(ErrorKind::Internal, "probing the hypervisor").with_source(e))
+            }),
+        };
+        match (reachable, res) {
+            (true, Err(e)) => {
+                tracing::warn!(error = %e.chain(), "libvirt unreachable: DomainService NOT_SERVING");
+                reporter.set_not_serving::<DomainServer>().await;
+                reachable = false;
+            }
+            (false, Ok(())) => {
+                tracing::info!("libvirt reachable again: DomainService SERVING");
+                reporter.set_serving::<DomainServer>().await;
+                reachable = true;
+            }
+            _ => {}
+        }
+    }
+}
 
 /// Binds the unix socket at `path` with `mode` and optional `group`. A stale socket file from
 /// a dead daemon is replaced; a live one (another daemon answering) is an error.
@@ -135,6 +187,14 @@ pub async fn serve(cfg: &Config, ctl: Controller, stop: StopSignals) -> Result<(
     };
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    // The hypervisor the controller uses, probed without waiting.
+    let probed = ctl.hypervisor();
+    let watch_task = tokio::spawn(watch_hypervisor(
+        health_reporter.clone(),
+        probed,
+        PROBE_PERIOD,
+        stop_rx.clone(),
+    ));
     let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|s| *s).await;
     };
@@ -163,6 +223,7 @@ pub async fn serve(cfg: &Config, ctl: Controller, stop: StopSignals) -> Result<(
     notify_systemd("STOPPING=1\nSTATUS=stopping");
     ctl.shutdown(STOP_GRACE).await;
     let _ = stop_tx.send(true);
+    let _ = watch_task.await;
     let _ = uds_task.await;
     if let Some(t) = tcp_task {
         let _ = t.await;
@@ -224,5 +285,63 @@ pub fn notify_systemd(state: &str) {
     };
     if let Err(e) = res {
         tracing::warn!(socket = %addr, error = %e, "cannot notify systemd");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::hypervisor::fake::FakeHypervisor;
+    use tonic_health::pb::health_check_response::ServingStatus;
+    use tonic_health::pb::health_server::Health;
+    use tonic_health::pb::HealthCheckRequest;
+
+    async fn status(svc: &tonic_health::server::HealthService, name: &str) -> ServingStatus {
+        let req = tonic::Request::new(HealthCheckRequest {
+            service: name.to_string(),
+        });
+        let r = svc.check(req).await.unwrap().into_inner();
+        ServingStatus::try_from(r.status).unwrap()
+    }
+
+    async fn until(svc: &tonic_health::server::HealthService, name: &str, want: ServingStatus) {
+        for _ in 0..200 {
+            if status(svc, name).await == want {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("{name} never became {want:?}");
+    }
+
+    #[tokio::test]
+    async fn domain_service_health_follows_the_hypervisor_and_nothing_else_does() {
+        let (reporter, _) = tonic_health::server::health_reporter();
+        reporter.set_serving::<DomainServer>().await;
+        reporter
+            .set_serving::<proto::image_service_server::ImageServiceServer<Api>>()
+            .await;
+        let svc = tonic_health::server::HealthService::from_health_reporter(reporter.clone());
+        let hv = FakeHypervisor::default();
+        hv.set_reachable(false);
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let task = tokio::spawn(watch_hypervisor(
+            reporter,
+            Arc::new(hv.clone()),
+            Duration::from_millis(20),
+            stop_rx,
+        ));
+        let domain = "imaged.v1.DomainService";
+        let image = "imaged.v1.ImageService";
+        until(&svc, domain, ServingStatus::NotServing).await;
+        assert_eq!(status(&svc, image).await, ServingStatus::Serving);
+        assert_eq!(status(&svc, "").await, ServingStatus::Serving);
+        hv.set_reachable(true);
+        until(&svc, domain, ServingStatus::Serving).await;
+        stop_tx.send(true).unwrap();
+        tokio::time::timeout(Duration::from_secs(2), task)
+            .await
+            .expect("the watch stops on request")
+            .unwrap();
     }
 }

@@ -152,7 +152,9 @@ fn main() -> std::process::ExitCode {
         // One daemon per run directory: a second one must not "recover" the captures the
         // first is running (thaw its guests mid-freeze, end its backup jobs).
         let _run_lock = lock_run_dir(&cfg.capture.run_dir)?;
-        let hv = Arc::new(Libvirt::new(&cfg.libvirt.uri));
+        let hv = Arc::new(
+            Libvirt::new(&cfg.libvirt.uri).with_reconnect_timeout(cfg.libvirt.reconnect_timeout()),
+        );
         // Undo what captures of a previous run left (thaw guests, end backup jobs, restore
         // prep, start domains again) before anything else can fail: a full or read-only
         // repository must not keep a guest frozen.

@@ -116,6 +116,8 @@ struct State {
     jobs: BTreeMap<String, PathBuf>,
     /// Steps that fail a number of times more, with an error of the given kind.
     failing_times: BTreeMap<Step, (u32, crate::error::ErrorKind)>,
+    /// [`Hypervisor::probe`] fails (see [`FakeHypervisor::set_reachable`]).
+    unreachable: bool,
 }
 
 impl State {
@@ -242,6 +244,11 @@ impl FakeHypervisor {
         self.lock().jobs.insert(name.into(), socket.to_path_buf());
     }
 
+    /// Makes [`Hypervisor::probe`] fail (`false`: the hypervisor is away) or answer again.
+    pub fn set_reachable(&self, reachable: bool) {
+        self.lock().unreachable = !reachable;
+    }
+
     /// The socket of the domain's running backup job, if one runs.
     pub fn backup_job(&self, name: &str) -> Option<PathBuf> {
         self.lock().jobs.get(name).cloned()
@@ -249,6 +256,16 @@ impl FakeHypervisor {
 }
 
 impl Hypervisor for FakeHypervisor {
+    fn probe(&self) -> Result<()> {
+        if self.lock().unreachable {
+            return Err(crate::error::Error::new(
+                crate::error::ErrorKind::Unavailable,
+                "the fake hypervisor is unreachable (set_reachable(false))",
+            ));
+        }
+        Ok(())
+    }
+
     fn list_domains(&self) -> Result<Vec<DomainInfo>> {
         Ok(self
             .lock()

@@ -6,7 +6,9 @@
 //! a pull-mode backup is a [`BackupHandle`] (where its NBD export is served), the guest agent a
 //! typed [`GuestAgent`]; backup XML, QEMU's user and the agent's JSON stay in the backend.
 //! Methods block (libvirt's API is synchronous): async callers run them on tokio's blocking
-//! pool.
+//! pool. The libvirt backend's may block longer: a call that finds libvirtd away waits for it,
+//! up to `[libvirt] reconnect_timeout_secs` (see [`libvirt::reconnect`]); only
+//! [`Hypervisor::probe`] never waits.
 
 pub mod fake;
 pub mod libvirt;
@@ -137,6 +139,10 @@ pub trait Hypervisor: Send + Sync + 'static {
     /// `backup.socket`); Ok when no backup job runs. A backup job with another export was not
     /// started by us: FAILED_PRECONDITION naming it, and it is left running.
     fn end_backup(&self, name: &str, backup: &BackupHandle) -> Result<()>;
+    /// Whether the hypervisor answers now: one cheap round trip, never waiting for it to come
+    /// back (health checks call this every few seconds). UNAVAILABLE saying why when it does
+    /// not.
+    fn probe(&self) -> Result<()>;
 }
 
 /// A pull-mode backup job's export: what capture needs to read it and to end it.

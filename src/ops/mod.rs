@@ -134,6 +134,11 @@ impl Controller {
         }
     }
 
+    /// The hypervisor the controller acts on (shared with the health watcher).
+    pub fn hypervisor(&self) -> Arc<dyn Hypervisor> {
+        self.inner.hv.clone()
+    }
+
     /// The repository.
     pub fn repository(&self) -> &Repository {
         &self.inner.repo

@@ -1,16 +1,21 @@
 //! The libvirt backend of [`Hypervisor`], through the `virt` bindings.
 //!
-//! A connection is opened per call: libvirt calls are short, a fresh connection survives a
-//! libvirtd restart without reconnect logic, and the daemon holds nothing between operations.
-//! [`connect`] and [`lookup`] are the one place that opens libvirt and finds a domain.
+//! A connection is opened per call: libvirt calls are short and the daemon holds nothing
+//! between operations (so there is no domain event subscription to renew either). Every call
+//! goes through [`reconnect::Reconnect::call`], which rides through a libvirtd restart: when
+//! libvirtd is away it waits, with backoff, up to `[libvirt] reconnect_timeout_secs`, and
+//! repeats the call only when that is safe (reads, idempotent changes). [`connect`] and
+//! [`lookup`] are the one place that opens libvirt and finds a domain.
 //!
 //! - [`backup`]: pull-mode backup jobs (`virDomainBackupBegin`): the job's directory owned by
 //!   the user QEMU runs as, the backup XML, ending only our own job;
 //! - [`agent`]: the guest agent channel (`virDomainQemuAgentCommand`) behind
-//!   [`crate::guest::agent::QgaClient`].
+//!   [`crate::guest::agent::QgaClient`], waiting out a libvirtd restart the same way;
+//! - [`reconnect`]: the waiting and the retry rules.
 
 pub mod agent;
 pub mod backup;
+pub mod reconnect;
 
 use virt::connect::Connect;
 use virt::domain::Domain;
@@ -26,27 +31,61 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::guest::agent::GuestAgent;
 pub use agent::{LibvirtAgent, LibvirtChannel};
 pub use backup::qemu_ids;
+use reconnect::{Reconnect, Retry};
 
 /// libvirt at one URI.
 pub struct Libvirt {
     uri: String,
+    reconnect: Reconnect,
 }
 
 impl Libvirt {
-    /// A backend for `uri` (e.g. `qemu:///system`). Nothing is opened yet.
+    /// A backend for `uri` (e.g. `qemu:///system`) that waits up to
+    /// [`reconnect::DEFAULT_RECONNECT_TIMEOUT`] for an unreachable libvirtd. Nothing is opened
+    /// yet.
     pub fn new(uri: &str) -> Libvirt {
         Libvirt {
             uri: uri.to_string(),
+            reconnect: Reconnect::new(uri, reconnect::DEFAULT_RECONNECT_TIMEOUT),
         }
     }
 
-    /// Opens a connection, mapping failure to UNAVAILABLE.
+    /// Waits up to `bound` for an unreachable libvirtd (`[libvirt] reconnect_timeout_secs`;
+    /// zero: fail at once).
+    pub fn with_reconnect_timeout(mut self, bound: Duration) -> Libvirt {
+        self.reconnect = Reconnect::new(&self.uri, bound);
+        self
+    }
+
+    /// Opens a connection, mapping failure to UNAVAILABLE. No waiting.
     pub fn connect(&self) -> Result<Connect> {
         connect(&self.uri)
     }
 
-    fn lookup(&self, conn: &Connect, name: &str) -> Result<Domain> {
-        lookup(conn, name)
+    /// `f` on a connection, through [`Reconnect::call`].
+    fn call<T>(&self, what: &str, retry: Retry, f: impl Fn(&Connect) -> Result<T>) -> Result<T> {
+        self.reconnect.call(what, retry, || connect(&self.uri), f)
+    }
+
+    /// `f` on domain `name`, through [`Reconnect::call`]: connecting and the lookup always
+    /// wait for libvirtd; `f` is repeated only when `retry` is [`Retry::Safe`].
+    fn on_domain<T>(
+        &self,
+        name: &str,
+        what: &str,
+        retry: Retry,
+        f: impl Fn(&Domain) -> Result<T>,
+    ) -> Result<T> {
+        self.reconnect.call(
+            what,
+            retry,
+            || {
+                let conn = connect(&self.uri)?;
+                let dom = lookup(&conn, name)?;
+                Ok((dom, conn))
+            },
+            |(dom, _conn)| f(dom),
+        )
     }
 
     fn info(&self, dom: &Domain) -> Result<DomainInfo> {
@@ -141,96 +180,104 @@ pub(crate) fn libvirt_err(what: impl Into<String>, e: virt::error::Error) -> Err
 
 impl Hypervisor for Libvirt {
     fn list_domains(&self) -> Result<Vec<DomainInfo>> {
-        let conn = self.connect()?;
-        let doms = conn
-            .list_all_domains(0)
-            .map_err(|e| libvirt_err(format!("listing domains at {}", self.uri), e))?;
-        let mut out = Vec::with_capacity(doms.len());
-        for d in &doms {
-            match self.info(d) {
-                Ok(i) => out.push(i),
-                // A domain undefined while we list it is simply gone.
-                Err(e) if e.kind() == ErrorKind::NotFound => {}
-                Err(e) => return Err(e),
+        let what = format!("listing domains at {}", self.uri);
+        self.call(&what, Retry::Safe, |conn| {
+            let doms = conn
+                .list_all_domains(0)
+                .map_err(|e| libvirt_err(what.clone(), e))?;
+            let mut out = Vec::with_capacity(doms.len());
+            for d in &doms {
+                match self.info(d) {
+                    Ok(i) => out.push(i),
+                    // A domain undefined while we list it is simply gone.
+                    Err(e) if e.kind() == ErrorKind::NotFound => {}
+                    Err(e) => return Err(e),
+                }
             }
-        }
-        out.sort_by(|a, b| a.name.cmp(&b.name));
-        Ok(out)
+            out.sort_by(|a, b| a.name.cmp(&b.name));
+            Ok(out)
+        })
     }
 
     fn domain(&self, name: &str) -> Result<DomainInfo> {
-        let conn = self.connect()?;
-        let dom = self.lookup(&conn, name)?;
-        self.info(&dom)
+        let what = format!("reading domain {name}");
+        self.on_domain(name, &what, Retry::Safe, |dom| self.info(dom))
     }
 
     fn domain_state(&self, name: &str) -> Result<DomainState> {
-        let conn = self.connect()?;
-        let dom = self.lookup(&conn, name)?;
-        state_of(&dom, name)
+        let what = format!("reading domain {name}'s state");
+        self.on_domain(name, &what, Retry::Safe, |dom| state_of(dom, name))
     }
 
     fn start(&self, name: &str) -> Result<()> {
-        let conn = self.connect()?;
-        let dom = self.lookup(&conn, name)?;
-        dom.create()
-            .map_err(|e| libvirt_err(format!("starting domain {name}"), e))?;
-        Ok(())
+        let what = format!("starting domain {name}");
+        self.on_domain(name, &what, Retry::ConnectOnly, |dom| {
+            dom.create().map_err(|e| libvirt_err(what.clone(), e))?;
+            Ok(())
+        })
     }
 
     fn shutdown(&self, name: &str, how: ShutdownHow) -> Result<()> {
-        let conn = self.connect()?;
-        let dom = self.lookup(&conn, name)?;
+        let what = format!("asking domain {name} to shut down ({how:?})");
         let flags = match how {
             ShutdownHow::Agent => virt::sys::VIR_DOMAIN_SHUTDOWN_GUEST_AGENT,
             ShutdownHow::Acpi => virt::sys::VIR_DOMAIN_SHUTDOWN_ACPI_POWER_BTN,
         };
-        dom.shutdown_flags(flags)
-            .map_err(|e| libvirt_err(format!("asking domain {name} to shut down ({how:?})"), e))
+        self.on_domain(name, &what, Retry::ConnectOnly, |dom| {
+            dom.shutdown_flags(flags)
+                .map_err(|e| libvirt_err(what.clone(), e))
+        })
     }
 
     fn destroy(&self, name: &str) -> Result<()> {
-        let conn = self.connect()?;
-        let dom = self.lookup(&conn, name)?;
-        dom.destroy()
-            .map_err(|e| libvirt_err(format!("forcing domain {name} off"), e))
+        let what = format!("forcing domain {name} off");
+        self.on_domain(name, &what, Retry::ConnectOnly, |dom| {
+            dom.destroy().map_err(|e| libvirt_err(what.clone(), e))
+        })
     }
 
     fn guest_agent(&self, name: &str, command_timeout: Duration) -> Result<Arc<dyn GuestAgent>> {
         Ok(Arc::new(
-            LibvirtAgent::new(&self.uri, name).with_command_timeout(command_timeout),
+            LibvirtAgent::with_reconnect(self.reconnect.clone(), name)
+                .with_command_timeout(command_timeout),
         ))
     }
 
     fn fs_freeze(&self, name: &str) -> Result<u32> {
-        let conn = self.connect()?;
-        let dom = self.lookup(&conn, name)?;
-        // SAFETY: `dom` is a live domain handle for the duration of the call; a null
-        // mountpoint list with count 0 means "all filesystems", as libvirt documents.
-        let n = unsafe { virt::sys::virDomainFSFreeze(dom.as_ptr(), std::ptr::null_mut(), 0, 0) };
-        if n < 0 {
-            return Err(agent_err(
-                name,
-                "freezing the filesystems of",
-                virt::error::Error::last_error(),
-            ));
-        }
-        Ok(n as u32)
+        let what = format!("freezing the filesystems of domain {name}");
+        // Not repeated: a freeze that went through and is asked again fails in the guest
+        // ("already frozen"), and the caller must know the guest may be frozen.
+        self.on_domain(name, &what, Retry::ConnectOnly, |dom| {
+            // SAFETY: `dom` is a live domain handle for the duration of the call; a null
+            // mountpoint list with count 0 means "all filesystems", as libvirt documents.
+            let n =
+                unsafe { virt::sys::virDomainFSFreeze(dom.as_ptr(), std::ptr::null_mut(), 0, 0) };
+            if n < 0 {
+                return Err(agent_err(
+                    name,
+                    "freezing the filesystems of",
+                    virt::error::Error::last_error(),
+                ));
+            }
+            Ok(n as u32)
+        })
     }
 
     fn fs_thaw(&self, name: &str) -> Result<u32> {
-        let conn = self.connect()?;
-        let dom = self.lookup(&conn, name)?;
-        // SAFETY: as in fs_freeze.
-        let n = unsafe { virt::sys::virDomainFSThaw(dom.as_ptr(), std::ptr::null_mut(), 0, 0) };
-        if n < 0 {
-            return Err(agent_err(
-                name,
-                "thawing the filesystems of",
-                virt::error::Error::last_error(),
-            ));
-        }
-        Ok(n as u32)
+        let what = format!("thawing the filesystems of domain {name}");
+        // A thaw asked twice thaws nothing the second time: safe to repeat.
+        self.on_domain(name, &what, Retry::Safe, |dom| {
+            // SAFETY: as in fs_freeze.
+            let n = unsafe { virt::sys::virDomainFSThaw(dom.as_ptr(), std::ptr::null_mut(), 0, 0) };
+            if n < 0 {
+                return Err(agent_err(
+                    name,
+                    "thawing the filesystems of",
+                    virt::error::Error::last_error(),
+                ));
+            }
+            Ok(n as u32)
+        })
     }
 
     fn prepare_pull_backup(&self, dir: &Path, disk: &str) -> Result<BackupHandle> {
@@ -239,15 +286,30 @@ impl Hypervisor for Libvirt {
     }
 
     fn begin_pull_backup(&self, name: &str, backup: &BackupHandle, disks: &[String]) -> Result<()> {
-        let conn = self.connect()?;
-        let dom = self.lookup(&conn, name)?;
-        backup::begin(&dom, name, backup, disks)
+        let what = format!("beginning a backup job on domain {name}");
+        self.on_domain(name, &what, Retry::ConnectOnly, |dom| {
+            backup::begin(dom, name, backup, disks)
+        })
     }
 
     fn end_backup(&self, name: &str, backup: &BackupHandle) -> Result<()> {
+        // Ending our job twice is fine: the second time finds none.
+        let what = format!("ending the backup job of domain {name}");
+        self.on_domain(name, &what, Retry::Safe, |dom| {
+            backup::end(dom, name, backup)
+        })
+    }
+
+    fn probe(&self) -> Result<()> {
         let conn = self.connect()?;
-        let dom = self.lookup(&conn, name)?;
-        backup::end(&dom, name, backup)
+        conn.lib_version().map_err(|e| {
+            Error::new(
+                ErrorKind::Unavailable,
+                format!("libvirt at {} does not answer", self.uri),
+            )
+            .with_source(e)
+        })?;
+        Ok(())
     }
 }
 
