@@ -170,9 +170,11 @@ pub(crate) fn libvirt_err(what: impl Into<String>, e: virt::error::Error) -> Err
     let kind = match e.code() {
         Enum::Known(ErrorNumber::NoDomain) => ErrorKind::NotFound,
         Enum::Known(ErrorNumber::OperationInvalid) => ErrorKind::FailedPrecondition,
-        Enum::Known(ErrorNumber::NoConnect) | Enum::Known(ErrorNumber::SystemError) => {
-            ErrorKind::Unavailable
-        }
+        // OperationTimeout: "cannot acquire state change lock", another libvirt job still
+        // holds the domain; it passes, so it is a retry-later, not an internal fault.
+        Enum::Known(ErrorNumber::NoConnect)
+        | Enum::Known(ErrorNumber::SystemError)
+        | Enum::Known(ErrorNumber::OperationTimeout) => ErrorKind::Unavailable,
         _ => ErrorKind::Internal,
     };
     Error::new(kind, what).with_source(e)

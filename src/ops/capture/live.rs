@@ -233,11 +233,13 @@ impl Controller {
 }
 
 /// libvirt's "cannot acquire state change lock" (another libvirt job still runs on the domain,
-/// e.g. one a restarted libvirtd is still recovering) may reach us as INTERNAL: it is a
-/// domain busy for a while, so UNAVAILABLE (retry later), saying so. Other errors pass as they
-/// are. (The backend's error mapping should say this itself; this catches it until it does.)
+/// e.g. one a restarted libvirtd is still recovering): a domain busy for a while, so
+/// UNAVAILABLE (retry later), saying so in the domain's words. The libvirt backend already maps
+/// it to UNAVAILABLE; a backend that reports it as INTERNAL is caught here too.
 fn busy(e: Error, domain: &str) -> Error {
-    if e.kind() == ErrorKind::Internal && e.chain().contains("cannot acquire state change lock") {
+    if matches!(e.kind(), ErrorKind::Internal | ErrorKind::Unavailable)
+        && e.chain().contains("cannot acquire state change lock")
+    {
         return Error::new(
             ErrorKind::Unavailable,
             format!(
