@@ -38,7 +38,7 @@ use proto::OperationState as St;
 use tonic::transport::Channel;
 
 use crate::support::daemon::{get_op, state, Daemon, DaemonOptions};
-use crate::support::lab::{virsh, Guest, Lab};
+use crate::support::lab::{agent_command, virsh, Guest, Lab};
 use crate::support::libvirtd::{self, Outage, Stop};
 
 /// Time allowed for a TCG guest to boot to `systemctl is-system-running`.
@@ -440,10 +440,16 @@ fn install_freeze_hook(g: &Guest) {
         format!("[general]\nfsfreeze-hook={HOOK}\n").as_bytes(),
     );
     g.sh_ok(&format!("chmod 755 {HOOK} && sync"));
-    // The agent reads its config when it starts; the restart is queued, not waited for (it
-    // ends the agent that runs this very command).
-    g.sh_ok("systemctl --no-block restart qemu-guest-agent");
-    std::thread::sleep(Duration::from_secs(3));
+    // The agent reads its config when it starts. The restart ends the agent that runs it, so
+    // it is started a second later and its status never asked for.
+    g.agent(&agent_command(
+        "guest-exec",
+        serde_json::json!({
+            "path": "sh",
+            "arg": ["-c", "sleep 1; systemctl --no-block restart qemu-guest-agent"],
+        }),
+    ));
+    std::thread::sleep(Duration::from_secs(4));
     g.wait_agent(Duration::from_secs(60));
     g.agent(r#"{"execute":"guest-fsfreeze-freeze"}"#);
     g.agent(r#"{"execute":"guest-fsfreeze-thaw"}"#);
