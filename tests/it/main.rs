@@ -7,7 +7,9 @@
 //! What they share is made safe for that: lab domains, daemons and temp dirs carry unique
 //! names, and the real Glance and S3 servers are guarded by the locks in `support::servers`
 //! (shared for ordinary use, exclusive for a test that stops Glance or inspects s3s-fs's
-//! on-disk upload state).
+//! on-disk upload state). libvirtd is guarded the same way by `support::libvirtd`: every lab
+//! guest and every daemon holds that lock shared without asking, and the tests of `restarts`,
+//! which stop libvirtd, hold it exclusively.
 
 mod support;
 
@@ -22,5 +24,6 @@ mod nbd_client;
 mod prep_capture;
 mod python_client;
 mod qcow2_encoder;
+mod restarts;
 mod stream_capture;
 mod targets;

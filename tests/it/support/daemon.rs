@@ -1,6 +1,10 @@
 //! Starts a real `imaged` (the binary cargo built) on a private socket and repository, and
 //! talks to it over gRPC or through the real `imagectl` binary. The daemon is stopped (SIGTERM,
 //! then SIGKILL) when the handle drops, also when a test panics.
+//!
+//! A daemon talks to the lab's libvirt (`qemu:///system`, the default URI): it holds the libvirt
+//! lock of [`super::libvirtd`] shared for its whole life, so a test that stops libvirtd never
+//! runs beside it. Only a daemon whose `extra_toml` names another `[libvirt] uri` goes without.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -18,6 +22,9 @@ pub struct Daemon {
     pub socket: PathBuf,
     pub repo: PathBuf,
     pub log: PathBuf,
+    /// The shared hold of the libvirt lock, released after the daemon stopped (fields drop
+    /// after [`Drop::drop`]); `None` for a daemon on another libvirt URI.
+    _libvirt: Option<super::libvirtd::Shared>,
 }
 
 /// Options for [`Daemon::start_with`].
@@ -99,6 +106,7 @@ impl Daemon {
 
     /// A daemon with options.
     pub fn start_with(opts: DaemonOptions) -> Daemon {
+        let libvirt = uses_lab_libvirt(&opts.extra_toml).then(super::libvirtd::shared);
         let dir = tempfile::Builder::new()
             .prefix("imaged-test-")
             .tempdir()
@@ -135,6 +143,7 @@ impl Daemon {
             socket,
             repo,
             log,
+            _libvirt: libvirt,
         };
         d.wait_ready();
         d
@@ -277,6 +286,22 @@ impl Drop for Daemon {
             let _ = c.kill();
             let _ = c.wait();
         }
+    }
+}
+
+/// True unless the extra TOML of a daemon config sets `[libvirt] uri` to something other than
+/// the lab's URI (an unparsable text counts as the default: the daemon will refuse it anyway).
+fn uses_lab_libvirt(extra_toml: &str) -> bool {
+    let Ok(table) = extra_toml.parse::<toml::Table>() else {
+        return true;
+    };
+    match table
+        .get("libvirt")
+        .and_then(|l| l.get("uri"))
+        .and_then(|u| u.as_str())
+    {
+        Some(uri) => uri.trim() == super::lab::URI,
+        None => true,
     }
 }
 

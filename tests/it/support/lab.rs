@@ -14,6 +14,9 @@
 //! scratch files and NBD sockets there. Dropping a [`Guest`] destroys and undefines the domain
 //! and removes its directory, also when the test panicked (the console tail is printed then).
 //!
+//! Every guest holds the libvirt lock of [`super::libvirtd`] shared while it exists, so a test
+//! that stops libvirtd (which takes it exclusively) never runs beside a test with guests.
+//!
 //! Everything goes through the command line (`virsh -c qemu:///system`, `qemu-img`); the guest
 //! agent's commands and replies are JSON (`serde_json`) with base64 payloads (`base64`).
 //!
@@ -62,6 +65,8 @@ impl Lab {
     /// libvirt, the guest image or an accelerator cannot be had (the same message for every test
     /// of the binary, without retrying the setup).
     pub fn get() -> &'static Lab {
+        // The setup starts libvirtd and removes stale domains: never while a test has it down.
+        let _libvirt = super::libvirtd::shared();
         match LAB.get_or_init(Lab::setup) {
             Ok(lab) => lab,
             Err(e) => panic!("test lab unavailable: {e}"),
@@ -238,6 +243,8 @@ impl GuestBuilder<'_> {
     }
     /// Creates the guest's directory and disks and defines the domain (not started).
     pub fn create(self) -> Guest {
+        // Held as long as the guest exists: no test stops libvirtd under it.
+        let libvirt = super::libvirtd::shared();
         let lab = self.lab;
         let n = COUNTER.fetch_add(1, Ordering::SeqCst);
         let name = format!(
@@ -267,6 +274,7 @@ impl GuestBuilder<'_> {
             data_disks: Vec::new(),
             console: dir.join("console.log"),
             defined: false,
+            _libvirt: libvirt,
         };
         let base = lab.base_image();
         let base_s = base.to_string_lossy();
@@ -363,6 +371,9 @@ pub struct Guest {
     data_disks: Vec<PathBuf>,
     console: PathBuf,
     defined: bool,
+    /// The shared hold of the libvirt lock (see [`super::libvirtd`]), released after the
+    /// domain is gone.
+    _libvirt: super::libvirtd::Shared,
 }
 
 /// Result of [`Guest::exec`]: exit code (128 + signal when killed by one), stdout, stderr.

@@ -1,0 +1,1422 @@
+//! Issue 12: captures of real guests while libvirtd goes away, guests destroyed mid-capture, and
+//! a bounded soak.
+//!
+//! Every test here that stops libvirtd holds the libvirt lock exclusively
+//! ([`libvirtd::exclusive`], first thing), so no other libvirt test of the binary runs beside
+//! it; [`Outage`] stops libvirtd (SIGTERM or SIGKILL, waits until the process is gone) and
+//! starts it again with tests/lab/start-libvirt.sh (also when the test panics).
+//!
+//! How each stage is hit, with what is observable from outside the daemon:
+//! - *before the freeze*: the daemon runs one operation at a time
+//!   (`max_running_operations = 1`); an import whose qemu-nbd is held with SIGSTOP keeps the
+//!   run slot, so the capture waits QUEUED; libvirtd is stopped, then the import let go: the
+//!   capture starts its work (freeze, backup job, or the cold read's state check) with libvirtd
+//!   down.
+//! - *during the freeze*: the guest agent runs a freeze hook (`fsfreeze-hook` in
+//!   `/etc/qemu/qemu-ga.conf`) that sleeps 8 s before freezing; libvirtd is stopped 2 s into
+//!   that, so the guest's filesystems freeze while libvirtd is down (the hook's log in the
+//!   guest shows the freeze and the thaw that undid it).
+//! - *after the freeze*: libvirtd is stopped as soon as the operation is SAVING (the backup job
+//!   began, the guest was thawed, the disk is read from QEMU's NBD export).
+//! - shutdown: libvirtd is stopped once the daemon logged "shutdown requested", so the guest
+//!   powers off while libvirtd is down.
+//!
+//! After each stage: the operation ends ACTIVE, or FAILED naming the domain or libvirt (and
+//! then lists no image); the daemon still runs; within 90 s no backup job is left on the domain
+//! (`virsh domjobinfo`), the guest runs as before (same boot id, or booted again where a
+//! shutdown capture with `restart` was asked), `guest-fsfreeze-status` says thawed, and
+//! `run_dir` holds nothing named after the operation; then a capture of the same guest ends
+//! ACTIVE. Findings are collected per stage and reported together at the end of a test (the
+//! lab is put back in order between stages, so one failure does not hide the next).
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant, SystemTime};
+
+use imaged::proto;
+use imaged::proto::operation_service_client::OperationServiceClient;
+use proto::OperationState as St;
+use tonic::transport::Channel;
+
+use crate::support::daemon::{get_op, state, Daemon, DaemonOptions};
+use crate::support::lab::{agent_command, virsh, Guest, Lab};
+use crate::support::libvirtd::{self, Outage, Stop};
+
+/// Time allowed for a TCG guest to boot to `systemctl is-system-running`.
+const BOOT: Duration = Duration::from_secs(240);
+/// How long libvirtd stays down once the daemon has met the outage.
+const DOWN: Duration = Duration::from_secs(8);
+/// How long the daemon gets, after a stage, to end jobs, thaw and clean up.
+const SETTLE: Duration = Duration::from_secs(90);
+
+/// The freeze hook in lab guests, and the files that steer it.
+const HOOK: &str = "/etc/qemu/imaged-test-freeze-hook";
+const HOOK_LOG: &str = "/run/imaged-freeze-hook.log";
+const SLOW_FREEZE: &str = "/run/imaged-slow-freeze";
+const FAIL_FREEZE: &str = "/run/imaged-fail-freeze";
+const HOOK_SCRIPT: &str = "#!/bin/sh\n\
+# imaged tests: logs each call; on freeze, fails while /run/imaged-fail-freeze exists and\n\
+# first sleeps the seconds /run/imaged-slow-freeze holds.\n\
+echo \"$1 $(date +%s.%N)\" >> /run/imaged-freeze-hook.log\n\
+if [ \"$1\" = freeze ]; then\n\
+  [ -e /run/imaged-fail-freeze ] && exit 1\n\
+  [ -s /run/imaged-slow-freeze ] && sleep \"$(cat /run/imaged-slow-freeze)\"\n\
+fi\n\
+exit 0\n";
+
+// ------------------------------------------------------------------------------ findings
+
+/// The expectations of one test that were not met, reported together by [`Findings::finish`].
+struct Findings {
+    test: &'static str,
+    failed: Vec<String>,
+}
+
+impl Findings {
+    fn new(test: &'static str) -> Findings {
+        Findings {
+            test,
+            failed: Vec::new(),
+        }
+    }
+
+    fn check(&mut self, stage: &str, ok: bool, msg: impl FnOnce() -> String) {
+        if !ok {
+            let m = format!("[{stage}] {}", msg());
+            eprintln!("{}: NOT MET {m}", self.test);
+            self.failed.push(m);
+        }
+    }
+
+    fn finish(self) {
+        assert!(
+            self.failed.is_empty(),
+            "{}: {} expectation(s) not met:\n- {}",
+            self.test,
+            self.failed.len(),
+            self.failed.join("\n- ")
+        );
+    }
+}
+
+// ------------------------------------------------------------------------------ helpers
+
+fn boot(g: &Guest) {
+    g.start();
+    g.wait_booted(BOOT);
+}
+
+fn req(domain: &str, image: &str, mode: proto::CaptureMode) -> proto::CaptureRequest {
+    proto::CaptureRequest {
+        domain: domain.into(),
+        image_name: image.into(),
+        mode: mode as i32,
+        ..Default::default()
+    }
+}
+
+/// A daemon that runs one operation at a time (for the QUEUED stage).
+fn one_slot_daemon() -> Daemon {
+    Daemon::start_with(DaemonOptions {
+        daemon_toml: "max_running_operations = 1".into(),
+        ..Default::default()
+    })
+}
+
+fn terminal(s: St) -> bool {
+    matches!(s, St::Active | St::Failed | St::Cancelled)
+}
+
+/// Polls an operation until it is in `want`; panics (the stage cannot be set up) when it ends
+/// or does not get there within `limit`.
+async fn wait_for(
+    ops: &mut OperationServiceClient<Channel>,
+    id: &str,
+    want: St,
+    limit: Duration,
+) -> proto::Operation {
+    let t0 = Instant::now();
+    loop {
+        let o = get_op(ops, id).await;
+        let s = state(&o);
+        if s == want {
+            return o;
+        }
+        assert!(
+            !terminal(s) && t0.elapsed() < limit,
+            "expected operation {id} to reach {want:?} (the stage this test aims at); it is \
+             {s:?} after {:?}: {o:?}",
+            t0.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// Polls an operation until it has left QUEUED.
+async fn wait_dequeued(ops: &mut OperationServiceClient<Channel>, id: &str) -> St {
+    let t0 = Instant::now();
+    loop {
+        let s = state(&get_op(ops, id).await);
+        if s != St::Queued {
+            return s;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "expected operation {id} to leave QUEUED within 60 s of the run slot being freed; \
+             it did not"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Polls `probe` until it says Ok or `deadline` passes; the last error otherwise.
+async fn until<F: FnMut() -> Result<(), String>>(
+    deadline: Instant,
+    mut probe: F,
+) -> Result<(), String> {
+    loop {
+        let r = probe();
+        if r.is_ok() || Instant::now() >= deadline {
+            return r;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+/// `guest-fsfreeze-status` of a guest: `Ok(())` when thawed.
+fn thawed(g: &Guest) -> Result<(), String> {
+    let s = g.try_agent(r#"{"execute":"guest-fsfreeze-status"}"#, 5)?;
+    if s.contains("thawed") {
+        Ok(())
+    } else {
+        Err(format!("guest-fsfreeze-status says {s}"))
+    }
+}
+
+/// No job on the domain (`virsh domjobinfo` says None, or the domain does not run).
+fn no_job(g: &Guest) -> Result<(), String> {
+    match virsh(&["domjobinfo", g.name()]) {
+        Ok(out) if out.contains("None") => Ok(()),
+        Ok(out) => Err(format!("virsh domjobinfo shows a job: {}", out.trim())),
+        Err(e) => match virsh(&["domstate", g.name()]) {
+            Ok(s) if s.trim() == "shut off" => Ok(()),
+            _ => Err(e),
+        },
+    }
+}
+
+/// The guest's kernel boot id (changes when it boots again).
+fn boot_id(g: &Guest) -> String {
+    g.sh_ok("cat /proc/sys/kernel/random/boot_id")
+        .trim()
+        .to_string()
+}
+
+/// Entries under `run_dir` (recursively) whose name contains `op_id`.
+fn leftovers(run_dir: &Path, op_id: &str) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut dirs = vec![run_dir.to_path_buf()];
+    while let Some(dir) = dirs.pop() {
+        for e in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+            let p = e.path();
+            if e.file_name().to_string_lossy().contains(op_id) {
+                out.push(p.clone());
+            }
+            if p.is_dir() && !p.is_symlink() {
+                dirs.push(p);
+            }
+        }
+    }
+    out
+}
+
+/// Journal entries the daemon keeps in its run directory.
+fn journal_entries(d: &Daemon) -> Vec<String> {
+    std::fs::read_dir(d.run_dir().join("journal"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect()
+}
+
+fn daemon_alive(d: &Daemon) -> bool {
+    d.child
+        .as_ref()
+        .map(|c| libvirtd::alive(c.id()))
+        .unwrap_or(false)
+}
+
+/// Whether `imagectl image NAME` finds the image (exit 0) or not (exit 3).
+fn image_listed(d: &Daemon, name: &str) -> Option<bool> {
+    match d.imagectl(&["image", name]).status.code() {
+        Some(0) => Some(true),
+        Some(3) => Some(false),
+        _ => None,
+    }
+}
+
+/// The operation ended ACTIVE (its image listed), or FAILED with a reason naming the domain
+/// or libvirt (and no image listed).
+fn ended_clearly(f: &mut Findings, stage: &str, d: &Daemon, g: &Guest, op: &proto::Operation) {
+    match state(op) {
+        St::Active => f.check(stage, image_listed(d, &op.image_name) == Some(true), || {
+            format!(
+                "expected image {} of the ACTIVE capture to be listed; imagectl image says {:?}",
+                op.image_name,
+                image_listed(d, &op.image_name)
+            )
+        }),
+        St::Failed => {
+            let msg = op.error.as_ref().map(|e| e.message.clone()).unwrap_or_default();
+            eprintln!("{stage}: the capture FAILED: {msg}");
+            f.check(
+                stage,
+                msg.contains(g.name()) || msg.to_lowercase().contains("libvirt"),
+                || format!("expected the FAILED capture's reason to name domain {} or libvirt; it says {msg:?}", g.name()),
+            );
+            f.check(stage, image_listed(d, &op.image_name) == Some(false), || {
+                format!(
+                    "expected no image {} after a FAILED capture; imagectl image says {:?}",
+                    op.image_name,
+                    image_listed(d, &op.image_name)
+                )
+            });
+        }
+        other => f.check(stage, false, || {
+            format!(
+                "expected the capture to end ACTIVE (or FAILED with a clear reason); it ended {other:?}: {op:?}\n{}",
+                d.log_text()
+            )
+        }),
+    }
+}
+
+/// What must hold once a stage is over: the daemon runs, no backup job on the domain, the
+/// guest in `running` (same boot when `same_boot`, agent answering, thawed) or `shut off`,
+/// nothing named after the operation in `run_dir`. Polled up to [`SETTLE`].
+async fn nothing_left(
+    f: &mut Findings,
+    stage: &str,
+    d: &Daemon,
+    g: &Guest,
+    op_id: &str,
+    running: bool,
+    same_boot: Option<&str>,
+) {
+    let deadline = Instant::now() + SETTLE;
+    f.check(stage, daemon_alive(d), || {
+        format!(
+            "expected the daemon to keep running; it exited:\n{}",
+            d.log_text()
+        )
+    });
+    let want = if running { "running" } else { "shut off" };
+    let r = until(deadline, || {
+        let s = g.state();
+        (s == want).then_some(()).ok_or(format!("it is {s:?}"))
+    })
+    .await;
+    f.check(stage, r.is_ok(), || {
+        format!(
+            "expected guest {} to be {want} as before; {}",
+            g.name(),
+            r.clone().unwrap_err()
+        )
+    });
+    let r = until(deadline, || no_job(g)).await;
+    f.check(stage, r.is_ok(), || {
+        format!(
+            "expected no backup job left on {} within {SETTLE:?}; {}",
+            g.name(),
+            r.clone().unwrap_err()
+        )
+    });
+    if running && g.state() == "running" {
+        let r = until(deadline + Duration::from_secs(120), || {
+            g.try_agent(r#"{"execute":"guest-ping"}"#, 5).map(|_| ())
+        })
+        .await;
+        f.check(stage, r.is_ok(), || {
+            format!(
+                "expected the guest agent to answer; {}",
+                r.clone().unwrap_err()
+            )
+        });
+        let r = until(deadline, || thawed(g)).await;
+        f.check(stage, r.is_ok(), || {
+            format!(
+                "expected the guest thawed within {SETTLE:?}; {}",
+                r.clone().unwrap_err()
+            )
+        });
+        if let (Some(before), Ok(())) = (same_boot, &r) {
+            let now = boot_id(g);
+            f.check(stage, now == before, || {
+                format!("expected the guest to keep running (boot id {before}); it booted again (boot id {now})")
+            });
+        }
+    }
+    let r = until(deadline, || {
+        let l = leftovers(&d.run_dir(), op_id);
+        l.is_empty().then_some(()).ok_or(format!("{l:?}"))
+    })
+    .await;
+    f.check(stage, r.is_ok(), || {
+        format!(
+            "expected run_dir to hold nothing of operation {op_id} within {SETTLE:?}; it holds {}",
+            r.clone().unwrap_err()
+        )
+    });
+}
+
+/// Puts the lab back in order after a stage whose findings are recorded: the guest running
+/// (when `running`), its agent answering, thawed, no job on it.
+fn repair(g: &Guest, running: bool) {
+    if running && g.state() != "running" {
+        eprintln!("repair: starting {} again", g.name());
+        let _ = virsh(&["start", g.name()]);
+    }
+    if running {
+        g.wait_agent(BOOT);
+        if thawed(g).is_err() {
+            eprintln!("repair: thawing {}", g.name());
+            let _ = g.try_agent(r#"{"execute":"guest-fsfreeze-thaw"}"#, 30);
+        }
+    }
+    if no_job(g).is_err() {
+        eprintln!("repair: aborting the job left on {}", g.name());
+        let _ = virsh(&["domjobabort", g.name()]);
+        let t0 = Instant::now();
+        while no_job(g).is_err() && t0.elapsed() < Duration::from_secs(30) {
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    }
+}
+
+/// A capture of the same guest right after a stage must end ACTIVE: crash-consistent when it
+/// runs, cold when it is shut off.
+async fn capture_after(f: &mut Findings, stage: &str, d: &Daemon, g: &Guest, image: &str) {
+    let mode = if g.state() == "running" {
+        proto::CaptureMode::CrashConsistent
+    } else {
+        proto::CaptureMode::Cold
+    };
+    let mut images = d.images().await;
+    match images.capture(req(g.name(), image, mode)).await {
+        Ok(op) => {
+            let end = d.wait_op(&op.into_inner().id).await;
+            f.check(stage, state(&end) == St::Active, || {
+                format!(
+                    "expected the {mode:?} capture right after to end ACTIVE; it ended {:?}: {:?}",
+                    state(&end),
+                    end.error
+                )
+            });
+            if state(&end) == St::Active {
+                let r = until(Instant::now() + SETTLE, || no_job(g)).await;
+                f.check(stage, r.is_ok(), || {
+                    format!(
+                        "expected the capture right after to end its backup job; {}",
+                        r.clone().unwrap_err()
+                    )
+                });
+            }
+        }
+        Err(e) => f.check(stage, false, || {
+            format!(
+                "expected the {mode:?} capture right after to be accepted; it was refused: {e:?}"
+            )
+        }),
+    }
+}
+
+/// Installs [`HOOK_SCRIPT`] as the guest agent's freeze hook, restarts the agent, and proves
+/// the hook runs (a freeze and a thaw log a line each).
+fn install_freeze_hook(g: &Guest) {
+    g.sh_ok("mkdir -p /etc/qemu");
+    g.write_file(HOOK, HOOK_SCRIPT.as_bytes());
+    g.write_file(
+        "/etc/qemu/qemu-ga.conf",
+        format!("[general]\nfsfreeze-hook={HOOK}\n").as_bytes(),
+    );
+    g.sh_ok(&format!("chmod 755 {HOOK} && sync"));
+    // The agent reads its config when it starts. The restart ends the agent that runs it, so
+    // it is started a second later and its status never asked for.
+    g.agent(&agent_command(
+        "guest-exec",
+        serde_json::json!({
+            "path": "sh",
+            "arg": ["-c", "sleep 1; systemctl --no-block restart qemu-guest-agent"],
+        }),
+    ));
+    std::thread::sleep(Duration::from_secs(4));
+    g.wait_agent(Duration::from_secs(60));
+    g.agent(r#"{"execute":"guest-fsfreeze-freeze"}"#);
+    g.agent(r#"{"execute":"guest-fsfreeze-thaw"}"#);
+    let log = g.sh_ok(&format!("cat {HOOK_LOG}"));
+    assert!(
+        log.contains("freeze") && log.contains("thaw"),
+        "expected the guest agent to run the freeze hook {HOOK} (configured in \
+         /etc/qemu/qemu-ga.conf) on freeze and thaw; its log says {log:?}"
+    );
+}
+
+/// The hook's log, read through the agent.
+fn hook_log(g: &Guest) -> String {
+    g.sh(&format!("cat {HOOK_LOG}")).1
+}
+
+/// True when the hook log's last `freeze` line is followed by a `thaw` line.
+fn thawed_after_last_freeze(log: &str) -> bool {
+    let lines: Vec<&str> = log.lines().collect();
+    match lines.iter().rposition(|l| l.starts_with("freeze")) {
+        Some(i) => lines[i..].iter().any(|l| l.starts_with("thaw")),
+        None => false,
+    }
+}
+
+/// `qemu-nbd` processes whose parent is `pid`.
+fn qemu_nbd_children(pid: u32) -> Vec<u32> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(child) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{child}/stat")) else {
+            continue;
+        };
+        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
+            continue;
+        };
+        let comm = &stat[open + 1..close];
+        let ppid: Option<u32> = stat[close + 1..]
+            .split_whitespace()
+            .nth(1)
+            .and_then(|p| p.parse().ok());
+        if comm == "qemu-nbd" && ppid == Some(pid) && libvirtd::alive(child) {
+            out.push(child);
+        }
+    }
+    out
+}
+
+fn signal(pid: u32, sig: i32) {
+    // SAFETY: kill(2) on a child process of the daemon under test; no memory is involved.
+    unsafe { libc::kill(pid as i32, sig) };
+}
+
+/// A file of `mib` MiB of non-zero bytes (a different pattern per MiB).
+fn patterned_file(path: &Path, mib: usize) {
+    use std::io::Write;
+    let mut f = std::io::BufWriter::new(std::fs::File::create(path).unwrap());
+    for i in 0..mib {
+        f.write_all(&vec![(i % 251) as u8 + 1; 1 << 20]).unwrap();
+    }
+    f.flush().unwrap();
+}
+
+/// A file of `mib` MiB of pseudo-random bytes (xorshift, seeded).
+fn random_file(path: &Path, mib: usize, seed: u64) {
+    use std::io::Write;
+    let mut f = std::io::BufWriter::new(std::fs::File::create(path).unwrap());
+    let mut x = seed | 1;
+    let mut buf = vec![0u8; 1 << 20];
+    for _ in 0..mib {
+        for c in buf.chunks_mut(8) {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            c.copy_from_slice(&x.to_le_bytes());
+        }
+        f.write_all(&buf).unwrap();
+    }
+    f.flush().unwrap();
+}
+
+/// An import that holds the daemon's only run slot: once it reads, its qemu-nbd is stopped
+/// (SIGSTOP), so the next operation waits QUEUED until [`SlotHolder::release`].
+struct SlotHolder {
+    nbd: u32,
+    op: String,
+}
+
+impl SlotHolder {
+    async fn hold(d: &Daemon, name: &str) -> SlotHolder {
+        let file = d.dir.path().join("slot-holder.raw");
+        if !file.exists() {
+            patterned_file(&file, 1024);
+        }
+        let mut images = d.images().await;
+        let mut ops = d.ops().await;
+        let op = images
+            .import(proto::ImportRequest {
+                path: file.to_str().unwrap().into(),
+                format: "raw".into(),
+                image_name: name.into(),
+                request_id: String::new(),
+            })
+            .await
+            .expect("expected the slot-holding import to be accepted")
+            .into_inner();
+        wait_for(&mut ops, &op.id, St::Saving, Duration::from_secs(60)).await;
+        let nbd = *qemu_nbd_children(d.pid()).first().unwrap_or_else(|| {
+            panic!("expected the import to read through a qemu-nbd child of the daemon; none found")
+        });
+        signal(nbd, libc::SIGSTOP);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let o = get_op(&mut ops, &op.id).await;
+        assert!(
+            !terminal(state(&o)),
+            "expected the import to be held mid-read (qemu-nbd {nbd} stopped); it ended first: {o:?}"
+        );
+        SlotHolder { nbd, op: op.id }
+    }
+
+    /// Lets the import go on (SIGCONT); it ends ACTIVE and frees the slot.
+    async fn release(mut self, d: &Daemon) {
+        signal(self.nbd, libc::SIGCONT);
+        self.nbd = 0;
+        let end = d.wait_op(&self.op).await;
+        assert_eq!(
+            state(&end),
+            St::Active,
+            "expected the slot-holding import to end ACTIVE once let go: {end:?}"
+        );
+    }
+}
+
+impl Drop for SlotHolder {
+    fn drop(&mut self) {
+        if self.nbd != 0 {
+            signal(self.nbd, libc::SIGCONT);
+        }
+    }
+}
+
+/// Stops libvirtd (`how`) while a capture is queued behind a held slot, lets the capture start
+/// with libvirtd down, and starts libvirtd again [`DOWN`] later. Returns the capture's end.
+async fn outage_before_start(
+    lock: &libvirtd::Exclusive,
+    d: &Daemon,
+    g: &Guest,
+    image: &str,
+    mode: proto::CaptureMode,
+    how: Stop,
+) -> proto::Operation {
+    let mut images = d.images().await;
+    let mut ops = d.ops().await;
+    let holder = SlotHolder::hold(d, &format!("{image}-holder")).await;
+    let op = images
+        .capture(req(g.name(), image, mode))
+        .await
+        .unwrap_or_else(|e| panic!("expected the {mode:?} capture to be accepted: {e:?}"))
+        .into_inner();
+    let s = state(&get_op(&mut ops, &op.id).await);
+    assert_eq!(
+        s,
+        St::Queued,
+        "expected the capture to wait QUEUED behind the held import; it is {s:?}"
+    );
+    let outage = Outage::begin(lock, how);
+    let s = state(&get_op(&mut ops, &op.id).await);
+    assert_eq!(
+        s,
+        St::Queued,
+        "expected the capture still QUEUED once libvirtd was down; it is {s:?}"
+    );
+    holder.release(d).await;
+    let s = wait_dequeued(&mut ops, &op.id).await;
+    eprintln!("{image}: capture left QUEUED ({s:?}) with libvirtd down");
+    tokio::time::sleep(DOWN).await;
+    outage.end();
+    d.wait_op(&op.id).await
+}
+
+/// Stops libvirtd (`how`) as soon as a capture is SAVING, starts it [`DOWN`] later.
+async fn outage_while_saving(
+    lock: &libvirtd::Exclusive,
+    d: &Daemon,
+    g: &Guest,
+    image: &str,
+    mode: proto::CaptureMode,
+    how: Stop,
+) -> proto::Operation {
+    let mut images = d.images().await;
+    let mut ops = d.ops().await;
+    let op = images
+        .capture(req(g.name(), image, mode))
+        .await
+        .unwrap_or_else(|e| panic!("expected the {mode:?} capture to be accepted: {e:?}"))
+        .into_inner();
+    wait_for(&mut ops, &op.id, St::Saving, Duration::from_secs(120)).await;
+    let outage = Outage::begin(lock, how);
+    let s = state(&get_op(&mut ops, &op.id).await);
+    eprintln!("{image}: libvirtd down, the capture is {s:?}");
+    tokio::time::sleep(DOWN).await;
+    outage.end();
+    d.wait_op(&op.id).await
+}
+
+/// Stops libvirtd (`how`) 2 s into an 8 s freeze hook of a quiesce capture, so the guest's
+/// filesystems freeze while libvirtd is down; starts it [`DOWN`] later. Returns the end.
+async fn outage_during_freeze(
+    lock: &libvirtd::Exclusive,
+    d: &Daemon,
+    g: &Guest,
+    image: &str,
+    how: Stop,
+) -> proto::Operation {
+    g.sh_ok(&format!("echo 8 > {SLOW_FREEZE}"));
+    let mut images = d.images().await;
+    let mut ops = d.ops().await;
+    let op = images
+        .capture(req(g.name(), image, proto::CaptureMode::Quiesce))
+        .await
+        .unwrap_or_else(|e| panic!("expected the quiesce capture to be accepted: {e:?}"))
+        .into_inner();
+    wait_for(&mut ops, &op.id, St::Preparing, Duration::from_secs(30)).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let s = state(&get_op(&mut ops, &op.id).await);
+    assert_eq!(
+        s,
+        St::Preparing,
+        "expected the capture still PREPARING (its freeze hook sleeps 8 s) when libvirtd goes down; it is {s:?}"
+    );
+    let outage = Outage::begin(lock, how);
+    tokio::time::sleep(DOWN).await;
+    outage.end();
+    d.wait_op(&op.id).await
+}
+
+/// The freeze-hook evidence of a "during the freeze" stage, once the agent answers again.
+fn check_freeze_undone(f: &mut Findings, stage: &str, g: &Guest) {
+    if g.state() != "running" || g.try_agent(r#"{"execute":"guest-ping"}"#, 10).is_err() {
+        return; // nothing_left has recorded why
+    }
+    let log = hook_log(g);
+    eprintln!("{stage}: freeze hook log:\n{log}");
+    f.check(stage, thawed_after_last_freeze(&log), || {
+        format!("expected the guest's freeze hook log to show the last freeze undone by a thaw; it says {log:?}")
+    });
+    let _ = g.sh(&format!("rm -f {SLOW_FREEZE}"));
+}
+
+// ------------------------------------------------------------------------------ tests
+
+/// libvirtd stopped and started again before, during and after the freeze of quiesce
+/// captures.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn libvirtd_restarted_before_during_and_after_a_quiesce_freeze() {
+    let lock = libvirtd::exclusive();
+    let lab = Lab::get();
+    let g = lab.guest("rs-quiesce").create();
+    boot(&g);
+    install_freeze_hook(&g);
+    let d = one_slot_daemon();
+    let mut f = Findings::new("quiesce");
+
+    let stage = "quiesce: libvirtd stopped before the freeze (capture QUEUED)";
+    let id = boot_id(&g);
+    let end = outage_before_start(
+        &lock,
+        &d,
+        &g,
+        "q-before",
+        proto::CaptureMode::Quiesce,
+        Stop::Term,
+    )
+    .await;
+    ended_clearly(&mut f, stage, &d, &g, &end);
+    nothing_left(&mut f, stage, &d, &g, &end.id, true, Some(&id)).await;
+    repair(&g, true);
+    capture_after(&mut f, stage, &d, &g, "q-before-next").await;
+
+    let stage = "quiesce: libvirtd stopped during the freeze (agent freezing)";
+    let id = boot_id(&g);
+    let end = outage_during_freeze(&lock, &d, &g, "q-during", Stop::Term).await;
+    ended_clearly(&mut f, stage, &d, &g, &end);
+    nothing_left(&mut f, stage, &d, &g, &end.id, true, Some(&id)).await;
+    check_freeze_undone(&mut f, stage, &g);
+    repair(&g, true);
+    let _ = g.sh(&format!("rm -f {SLOW_FREEZE}"));
+    capture_after(&mut f, stage, &d, &g, "q-during-next").await;
+
+    let stage = "quiesce: libvirtd stopped after the freeze (SAVING)";
+    let id = boot_id(&g);
+    let end = outage_while_saving(
+        &lock,
+        &d,
+        &g,
+        "q-after",
+        proto::CaptureMode::Quiesce,
+        Stop::Term,
+    )
+    .await;
+    ended_clearly(&mut f, stage, &d, &g, &end);
+    if state(&end) == St::Active {
+        f.check(stage, end.consistency == "quiesced", || {
+            format!("expected consistency quiesced; saw {:?}", end.consistency)
+        });
+    }
+    nothing_left(&mut f, stage, &d, &g, &end.id, true, Some(&id)).await;
+    repair(&g, true);
+    capture_after(&mut f, stage, &d, &g, "q-after-next").await;
+    f.finish();
+}
+
+/// libvirtd stopped and started again during a crash-consistent capture (SAVING), a shutdown
+/// capture (while the guest powers off) and a cold capture (its state check).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn libvirtd_restarted_during_crash_consistent_shutdown_and_cold_captures() {
+    let lock = libvirtd::exclusive();
+    let lab = Lab::get();
+    let g = lab.guest("rs-modes").create();
+    boot(&g);
+    let d = one_slot_daemon();
+    let mut f = Findings::new("modes");
+
+    let stage = "crash-consistent: libvirtd stopped while SAVING";
+    let id = boot_id(&g);
+    let end = outage_while_saving(
+        &lock,
+        &d,
+        &g,
+        "c-saving",
+        proto::CaptureMode::CrashConsistent,
+        Stop::Term,
+    )
+    .await;
+    ended_clearly(&mut f, stage, &d, &g, &end);
+    nothing_left(&mut f, stage, &d, &g, &end.id, true, Some(&id)).await;
+    repair(&g, true);
+    capture_after(&mut f, stage, &d, &g, "c-saving-next").await;
+
+    let stage = "shutdown (restart): libvirtd stopped while the guest powers off";
+    let mut images = d.images().await;
+    let mut r = req(g.name(), "s-off", proto::CaptureMode::Shutdown);
+    r.restart = true;
+    let op = images
+        .capture(r)
+        .await
+        .expect("expected the shutdown capture to be accepted")
+        .into_inner();
+    let t0 = Instant::now();
+    while !d.log_text().contains("shutdown requested") {
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "expected the daemon to log \"shutdown requested\" within 60 s; its log:\n{}",
+            d.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let outage = Outage::begin(&lock, Stop::Term);
+    // Long enough for the guest to power off with libvirtd down.
+    tokio::time::sleep(Duration::from_secs(20)).await;
+    outage.end();
+    let end = d.wait_op(&op.id).await;
+    ended_clearly(&mut f, stage, &d, &g, &end);
+    nothing_left(&mut f, stage, &d, &g, &end.id, true, None).await;
+    repair(&g, true);
+    capture_after(&mut f, stage, &d, &g, "s-off-next").await;
+
+    let stage = "cold: libvirtd stopped before the cold read (capture QUEUED)";
+    g.wait_booted(BOOT);
+    g.shutdown(Duration::from_secs(180));
+    let end = outage_before_start(
+        &lock,
+        &d,
+        &g,
+        "cold-before",
+        proto::CaptureMode::Cold,
+        Stop::Term,
+    )
+    .await;
+    ended_clearly(&mut f, stage, &d, &g, &end);
+    nothing_left(&mut f, stage, &d, &g, &end.id, false, None).await;
+    repair(&g, false);
+    capture_after(&mut f, stage, &d, &g, "cold-before-next").await;
+    f.finish();
+}
+
+/// libvirtd killed (SIGKILL) while a quiesce capture is SAVING, and during a freeze.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn libvirtd_killed_mid_capture() {
+    let lock = libvirtd::exclusive();
+    let lab = Lab::get();
+    let g = lab.guest("rs-kill").create();
+    boot(&g);
+    install_freeze_hook(&g);
+    let d = one_slot_daemon();
+    let mut f = Findings::new("killed");
+
+    let stage = "SIGKILL while a quiesce capture is SAVING";
+    let id = boot_id(&g);
+    let end = outage_while_saving(
+        &lock,
+        &d,
+        &g,
+        "k-saving",
+        proto::CaptureMode::Quiesce,
+        Stop::Kill,
+    )
+    .await;
+    ended_clearly(&mut f, stage, &d, &g, &end);
+    nothing_left(&mut f, stage, &d, &g, &end.id, true, Some(&id)).await;
+    repair(&g, true);
+    capture_after(&mut f, stage, &d, &g, "k-saving-next").await;
+
+    let stage = "SIGKILL during the freeze";
+    let id = boot_id(&g);
+    let end = outage_during_freeze(&lock, &d, &g, "k-during", Stop::Kill).await;
+    ended_clearly(&mut f, stage, &d, &g, &end);
+    nothing_left(&mut f, stage, &d, &g, &end.id, true, Some(&id)).await;
+    check_freeze_undone(&mut f, stage, &g);
+    repair(&g, true);
+    let _ = g.sh(&format!("rm -f {SLOW_FREEZE}"));
+    capture_after(&mut f, stage, &d, &g, "k-during-next").await;
+    f.finish();
+}
+
+/// The health status of one service.
+async fn health(d: &Daemon, service: &str) -> Result<i32, String> {
+    let mut h = tonic_health::pb::health_client::HealthClient::new(d.channel().await);
+    h.check(tonic_health::pb::HealthCheckRequest {
+        service: service.into(),
+    })
+    .await
+    .map(|r| r.into_inner().status)
+    .map_err(|e| e.to_string())
+}
+
+/// Polls the health of `service` until it is `want` (up to 30 s); the last answer otherwise.
+async fn health_becomes(d: &Daemon, service: &str, want: i32) -> Result<(), String> {
+    let t0 = Instant::now();
+    loop {
+        let now = health(d, service).await;
+        if now == Ok(want) {
+            return Ok(());
+        }
+        if t0.elapsed() > Duration::from_secs(30) {
+            return Err(format!("{service} health is {now:?} after 30 s"));
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+const SERVING: i32 = tonic_health::pb::health_check_response::ServingStatus::Serving as i32;
+const NOT_SERVING: i32 = tonic_health::pb::health_check_response::ServingStatus::NotServing as i32;
+const DOMAINS: &str = "imaged.v1.DomainService";
+
+/// The daemon starts while libvirtd is down: it serves (imports work, DomainService is
+/// NOT_SERVING), a capture asked meanwhile waits for libvirtd and runs; and a daemon killed
+/// mid-capture and started again while libvirtd is down ends the leftover backup job once
+/// libvirtd is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn libvirtd_down_when_the_daemon_starts() {
+    let lock = libvirtd::exclusive();
+    let lab = Lab::get();
+    let g = lab.guest("rs-start").create();
+    boot(&g);
+    let mut f = Findings::new("down-at-start");
+    let id = boot_id(&g);
+
+    let stage = "daemon started with libvirtd down";
+    let outage = Outage::begin(&lock, Stop::Term);
+    let mut d = Daemon::start();
+    let r = health_becomes(&d, DOMAINS, NOT_SERVING).await;
+    f.check(stage, r.is_ok(), || {
+        format!(
+            "expected DomainService NOT_SERVING while libvirtd is down; {}",
+            r.clone().unwrap_err()
+        )
+    });
+    let r = health_becomes(&d, "imaged.v1.ImageService", SERVING).await;
+    f.check(stage, r.is_ok(), || {
+        format!(
+            "expected ImageService SERVING while libvirtd is down; {}",
+            r.clone().unwrap_err()
+        )
+    });
+    let small = d.dir.path().join("small.raw");
+    random_file(&small, 4, 7);
+    let mut images = d.images().await;
+    let op = images
+        .import(proto::ImportRequest {
+            path: small.to_str().unwrap().into(),
+            format: "raw".into(),
+            image_name: "imported-while-down".into(),
+            request_id: String::new(),
+        })
+        .await;
+    match op {
+        Ok(op) => {
+            let end = d.wait_op(&op.into_inner().id).await;
+            f.check(stage, state(&end) == St::Active, || {
+                format!("expected an import to work while libvirtd is down; it ended {end:?}")
+            });
+        }
+        Err(e) => f.check(stage, false, || {
+            format!("expected an import to be accepted while libvirtd is down; refused: {e:?}")
+        }),
+    }
+
+    let stage = "capture asked while libvirtd is down (back 10 s later)";
+    let back = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_secs(10));
+        outage.end()
+    });
+    let t0 = Instant::now();
+    let asked = images
+        .capture(req(
+            g.name(),
+            "asked-while-down",
+            proto::CaptureMode::CrashConsistent,
+        ))
+        .await;
+    let waited = t0.elapsed();
+    back.join().expect("starting libvirtd again");
+    match asked {
+        Ok(op) => {
+            let end = d.wait_op(&op.into_inner().id).await;
+            eprintln!(
+                "{stage}: the call returned after {waited:?}; the capture ended {:?}",
+                state(&end)
+            );
+            f.check(stage, state(&end) == St::Active, || {
+                format!(
+                    "expected the capture to wait for libvirtd and end ACTIVE; it ended {:?}: {:?}",
+                    state(&end),
+                    end.error
+                )
+            });
+            nothing_left(&mut f, stage, &d, &g, &end.id, true, Some(&id)).await;
+        }
+        Err(e) => f.check(stage, false, || {
+            format!(
+                "expected the capture call to wait for libvirtd (back after 10 s, within \
+                 reconnect_timeout_secs 60) and be accepted; it was refused after {waited:?}: {e:?}"
+            )
+        }),
+    }
+    let r = health_becomes(&d, DOMAINS, SERVING).await;
+    f.check(stage, r.is_ok(), || {
+        format!(
+            "expected DomainService SERVING again once libvirtd is back; {}",
+            r.clone().unwrap_err()
+        )
+    });
+    repair(&g, true);
+
+    let stage = "daemon killed mid-capture, started again while libvirtd is down";
+    let id = boot_id(&g);
+    let mut ops = d.ops().await;
+    let op = images
+        .capture(req(g.name(), "killed", proto::CaptureMode::CrashConsistent))
+        .await
+        .expect("expected the capture to be accepted")
+        .into_inner();
+    wait_for(&mut ops, &op.id, St::Saving, Duration::from_secs(120)).await;
+    d.kill();
+    assert!(
+        no_job(&g).is_err(),
+        "expected the killed daemon's backup job still on {} (the stage this test aims at)",
+        g.name()
+    );
+    let outage = Outage::begin(&lock, Stop::Term);
+    let back = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_secs(10));
+        outage.end()
+    });
+    d.restart();
+    back.join().expect("starting libvirtd again");
+    nothing_left(&mut f, stage, &d, &g, &op.id, true, Some(&id)).await;
+    let r = until(Instant::now() + SETTLE, || {
+        let j = journal_entries(&d);
+        j.is_empty().then_some(()).ok_or(format!("{j:?}"))
+    })
+    .await;
+    f.check(stage, r.is_ok(), || {
+        format!(
+            "expected the journal emptied once libvirtd is back; it holds {}",
+            r.clone().unwrap_err()
+        )
+    });
+    f.check(stage, image_listed(&d, "killed") == Some(false), || {
+        "expected no image from the killed capture".into()
+    });
+    repair(&g, true);
+    capture_after(&mut f, stage, &d, &g, "killed-next").await;
+    f.finish();
+}
+
+/// The daemon stays up, the operation ends and nothing is left when the guest is destroyed
+/// before, during and after the freeze of a quiesce capture, and right after a failed one; a
+/// (cold) capture right after each succeeds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_guest_destroyed_at_each_stage_of_a_live_capture() {
+    let lab = Lab::get();
+    let g = lab.guest("rs-destroy").create();
+    boot(&g);
+    install_freeze_hook(&g);
+    let d = one_slot_daemon();
+    let mut images = d.images().await;
+    let mut ops = d.ops().await;
+    let mut f = Findings::new("destroyed");
+
+    // Each stage: the capture's end, checked the same way.
+    async fn judge(f: &mut Findings, stage: &str, d: &Daemon, g: &Guest, end: &proto::Operation) {
+        f.check(stage, terminal(state(end)), || {
+            format!("expected the capture to end; it is {end:?}")
+        });
+        if state(end) == St::Failed {
+            let msg = end
+                .error
+                .as_ref()
+                .map(|e| e.message.clone())
+                .unwrap_or_default();
+            eprintln!("{stage}: the capture FAILED: {msg}");
+            f.check(stage, !msg.is_empty(), || {
+                "expected a reason for the failure".into()
+            });
+            f.check(
+                stage,
+                image_listed(d, &end.image_name) == Some(false),
+                || format!("expected no image {} after the failure", end.image_name),
+            );
+        }
+        nothing_left(f, stage, d, g, &end.id, false, None).await;
+        let j = journal_entries(d);
+        f.check(stage, j.is_empty(), || {
+            format!("expected an empty journal; it holds {j:?}")
+        });
+        capture_after(f, stage, d, g, &format!("{}-next", end.image_name)).await;
+    }
+
+    let stage = "destroyed before the freeze (capture QUEUED)";
+    let holder = SlotHolder::hold(&d, "d-holder").await;
+    let op = images
+        .capture(req(g.name(), "d-before", proto::CaptureMode::Quiesce))
+        .await
+        .expect("expected the quiesce capture to be accepted")
+        .into_inner();
+    assert_eq!(
+        state(&get_op(&mut ops, &op.id).await),
+        St::Queued,
+        "expected QUEUED"
+    );
+    g.destroy();
+    holder.release(&d).await;
+    let end = d.wait_op(&op.id).await;
+    judge(&mut f, stage, &d, &g, &end).await;
+    boot(&g);
+
+    let stage = "destroyed during the freeze (agent freezing)";
+    g.sh_ok(&format!("echo 8 > {SLOW_FREEZE}"));
+    let op = images
+        .capture(req(g.name(), "d-during", proto::CaptureMode::Quiesce))
+        .await
+        .expect("expected the quiesce capture to be accepted")
+        .into_inner();
+    wait_for(&mut ops, &op.id, St::Preparing, Duration::from_secs(30)).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    g.destroy();
+    let end = d.wait_op(&op.id).await;
+    judge(&mut f, stage, &d, &g, &end).await;
+    boot(&g);
+
+    let stage = "destroyed after the freeze (SAVING)";
+    let op = images
+        .capture(req(g.name(), "d-after", proto::CaptureMode::Quiesce))
+        .await
+        .expect("expected the quiesce capture to be accepted")
+        .into_inner();
+    wait_for(&mut ops, &op.id, St::Saving, Duration::from_secs(120)).await;
+    g.destroy();
+    let end = d.wait_op(&op.id).await;
+    f.check(stage, state(&end) == St::Failed, || {
+        format!(
+            "expected the capture to FAIL once its guest was destroyed mid-read; it ended {end:?}"
+        )
+    });
+    judge(&mut f, stage, &d, &g, &end).await;
+    boot(&g);
+
+    let stage = "destroyed right after a failed capture";
+    g.sh_ok(&format!("touch {FAIL_FREEZE}"));
+    let op = images
+        .capture(req(g.name(), "d-failed", proto::CaptureMode::Quiesce))
+        .await
+        .expect("expected the quiesce capture to be accepted")
+        .into_inner();
+    let end = d.wait_op(&op.id).await;
+    g.destroy();
+    assert_eq!(
+        state(&end),
+        St::Failed,
+        "expected the capture to fail (the freeze hook refuses to freeze): {end:?}"
+    );
+    judge(&mut f, stage, &d, &g, &end).await;
+    f.check(stage, daemon_alive(&d), || {
+        "expected the daemon up at the end".into()
+    });
+    f.finish();
+}
+
+/// Open descriptors and resident memory of a process.
+fn fds_and_rss(pid: u32) -> (usize, u64) {
+    let fds = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|r| r.count())
+        .unwrap_or(0);
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let rss_kib = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    (fds, rss_kib)
+}
+
+/// What one soak step should end as.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Step {
+    CrashConsistent,
+    Quiesce,
+    Import,
+    CancelledCapture,
+    CancelledImport,
+    FailedQuiesce,
+    FailedImport,
+}
+
+/// The 5 steps of soak cycle `n`: two captures and an import that succeed, one cancelled
+/// operation and one that fails on purpose.
+fn cycle(n: usize) -> [Step; 5] {
+    let even = n % 2 == 0;
+    [
+        Step::CrashConsistent,
+        Step::Quiesce,
+        Step::Import,
+        if even {
+            Step::CancelledCapture
+        } else {
+            Step::CancelledImport
+        },
+        if even {
+            Step::FailedQuiesce
+        } else {
+            Step::FailedImport
+        },
+    ]
+}
+
+/// Bounded soak: 50 operations (captures of a small data disk, imports, cancels, failures on
+/// purpose) after a warm-up cycle of 5. At the end `run_dir` holds only the daemon's lock file
+/// and an empty journal directory, the repository's `tmp/` is empty (and no temp manifest is
+/// left), no qemu-nbd runs, and the daemon's open descriptors are back at the warm-up count
+/// (+2 allowed) and its VmRSS within 24 MiB of it (and within 12 MiB between cycle 5 and 10).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn soak_of_captures_and_imports_leaves_nothing_and_leaks_nothing() {
+    let t_start = Instant::now();
+    let lab = Lab::get();
+    let g = lab.guest("rs-soak").data_disk(64 << 20).create();
+    boot(&g);
+    g.sh_ok("dd if=/dev/urandom of=/dev/vdb bs=1M count=16 oflag=direct status=none && sync");
+    install_freeze_hook(&g);
+    let d = Daemon::start();
+    let dir = d.dir.path();
+    let small = dir.join("small.raw");
+    random_file(&small, 8, 11);
+    let big = dir.join("big.raw");
+    patterned_file(&big, 512);
+    let mut images = d.images().await;
+    let mut ops = d.ops().await;
+    let mut f = Findings::new("soak");
+    let mut counts = std::collections::BTreeMap::<String, usize>::new();
+
+    let mut measures = Vec::new();
+    let mut n_ops = 0;
+    for c in 0..11 {
+        for (i, step) in cycle(c).into_iter().enumerate() {
+            let name = format!("soak-{c}-{i}");
+            let stage = format!("cycle {c} step {step:?}");
+            let capture = |mode: proto::CaptureMode| {
+                let mut r = req(g.name(), &name, mode);
+                r.disk = "vdb".into();
+                r
+            };
+            let import = |path: &Path| proto::ImportRequest {
+                path: path.to_str().unwrap().into(),
+                format: "raw".into(),
+                image_name: name.clone(),
+                request_id: String::new(),
+            };
+            if step == Step::FailedQuiesce {
+                g.sh_ok(&format!("touch {FAIL_FREEZE}"));
+            }
+            let asked = match step {
+                Step::CrashConsistent => {
+                    images
+                        .capture(capture(proto::CaptureMode::CrashConsistent))
+                        .await
+                }
+                Step::Quiesce | Step::FailedQuiesce => {
+                    images.capture(capture(proto::CaptureMode::Quiesce)).await
+                }
+                Step::CancelledCapture => {
+                    let mut r = req(g.name(), &name, proto::CaptureMode::CrashConsistent);
+                    r.disk = "vda".into();
+                    images.capture(r).await
+                }
+                Step::Import => images.import(import(&small)).await,
+                Step::CancelledImport => images.import(import(&big)).await,
+                Step::FailedImport => {
+                    let r = images.import(import(&small)).await;
+                    // The file changes while it is read: the import must not commit it.
+                    std::fs::File::options()
+                        .write(true)
+                        .open(&small)
+                        .and_then(|fh| fh.set_modified(SystemTime::now()))
+                        .expect("touching the import file");
+                    r
+                }
+            };
+            let op = match asked {
+                Ok(op) => op.into_inner(),
+                Err(e) => {
+                    f.check(&stage, false, || {
+                        format!("expected the request to be accepted; refused: {e:?}")
+                    });
+                    continue;
+                }
+            };
+            if matches!(step, Step::CancelledCapture | Step::CancelledImport) {
+                let _ = ops
+                    .cancel_operation(proto::CancelOperationRequest { id: op.id.clone() })
+                    .await;
+            }
+            let end = d.wait_op(&op.id).await;
+            n_ops += 1;
+            let want = match step {
+                Step::CrashConsistent | Step::Quiesce | Step::Import => St::Active,
+                Step::CancelledCapture | Step::CancelledImport => St::Cancelled,
+                Step::FailedQuiesce | Step::FailedImport => St::Failed,
+            };
+            *counts
+                .entry(format!("{step:?} {:?}", state(&end)))
+                .or_default() += 1;
+            f.check(&stage, state(&end) == want, || {
+                format!(
+                    "expected {want:?}; it ended {:?}: {:?}",
+                    state(&end),
+                    end.error
+                )
+            });
+            if step == Step::FailedQuiesce {
+                g.sh_ok(&format!("rm -f {FAIL_FREEZE}"));
+            }
+            if state(&end) == St::Active {
+                if let Err(e) = images
+                    .delete_image(proto::DeleteImageRequest { name: name.clone() })
+                    .await
+                {
+                    f.check(&stage, false, || {
+                        format!("expected image {name} deleted: {e:?}")
+                    });
+                }
+            }
+        }
+        if c == 0 || c == 5 || c == 10 {
+            // Let finished work wind down (blocking threads, connections) before measuring.
+            tokio::time::sleep(Duration::from_secs(3)).await;
+            let m = fds_and_rss(d.pid());
+            eprintln!("soak: after cycle {c}: {} fds, VmRSS {} KiB", m.0, m.1);
+            measures.push(m);
+        }
+    }
+    let n_measured = n_ops - 5;
+    eprintln!("soak: {n_measured} operations after the warm-up; outcomes {counts:?}");
+    f.check("soak", n_measured >= 50, || {
+        format!("expected 50 operations; ran {n_measured}")
+    });
+
+    let (base, mid) = (measures[0], measures[1]);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut end = fds_and_rss(d.pid());
+    while end.0 > base.0 + 2 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        end = fds_and_rss(d.pid());
+    }
+    eprintln!(
+        "soak: fds {} -> {} -> {}, VmRSS {} -> {} -> {} KiB",
+        base.0, mid.0, end.0, base.1, mid.1, end.1
+    );
+    f.check("soak", end.0 <= base.0 + 2, || {
+        format!(
+            "expected the daemon's open descriptors back at {} (+2); it has {}",
+            base.0, end.0
+        )
+    });
+    f.check("soak", end.1 <= base.1 + 24 * 1024, || {
+        format!(
+            "expected VmRSS within 24 MiB of {} KiB; it is {} KiB",
+            base.1, end.1
+        )
+    });
+    f.check("soak", end.1 <= mid.1 + 12 * 1024, || {
+        format!(
+            "expected VmRSS to grow less than 12 MiB over the last 25 operations; {} -> {} KiB",
+            mid.1, end.1
+        )
+    });
+
+    let stray: Vec<String> = std::fs::read_dir(d.run_dir())
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n != "imaged.lock" && n != "journal")
+        .collect();
+    f.check("soak", stray.is_empty(), || {
+        format!("expected run_dir to hold only imaged.lock and journal/; it holds {stray:?}")
+    });
+    let j = journal_entries(&d);
+    f.check("soak", j.is_empty(), || {
+        format!("expected an empty journal; it holds {j:?}")
+    });
+    let tmp: Vec<String> = std::fs::read_dir(d.repo.join("tmp"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    f.check("soak", tmp.is_empty(), || {
+        format!("expected the repository's tmp/ empty; it holds {tmp:?}")
+    });
+    let temp_manifests: Vec<String> = std::fs::read_dir(d.repo.join("images"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains(".tmp"))
+        .collect();
+    f.check("soak", temp_manifests.is_empty(), || {
+        format!("expected no temp manifest in the repository; found {temp_manifests:?}")
+    });
+    let nbd = qemu_nbd_children(d.pid());
+    f.check("soak", nbd.is_empty(), || {
+        format!("expected no qemu-nbd left; running: {nbd:?}")
+    });
+    f.check("soak", no_job(&g).is_ok(), || {
+        format!("expected no job on the guest: {:?}", no_job(&g))
+    });
+    f.check("soak", thawed(&g).is_ok(), || {
+        format!("expected the guest thawed: {:?}", thawed(&g))
+    });
+    let took = t_start.elapsed();
+    eprintln!("soak: took {took:?}");
+    f.check("soak", took < Duration::from_secs(8 * 60), || {
+        format!("expected the soak within its 8 min budget; it took {took:?}")
+    });
+    f.finish();
+}
