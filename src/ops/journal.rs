@@ -217,6 +217,27 @@ impl Journal {
                     .unwrap_or_else(|_| Err(crate::error::internal("a recovery task failed")))
             }
         };
+        if e.frozen || !e.backup_dir.as_os_str().is_empty() {
+            // A freeze and a backup job live in the QEMU process: a domain that is off (or
+            // gone) has neither, and waiting for its agent or its job would hold it forever.
+            let (h, d) = (hv.clone(), e.domain.clone());
+            let state = tokio::task::spawn_blocking(move || h.domain_state(&d)).await;
+            let off = match state {
+                Ok(Ok(s)) => s == DomainState::ShutOff,
+                Ok(Err(err)) => err.kind() == crate::error::ErrorKind::NotFound,
+                Err(_) => false,
+            };
+            if off {
+                tracing::info!(op = %e.op, domain = %e.domain, "the domain is off: its QEMU took the freeze and the backup job with it");
+                e.frozen = false;
+                if !e.backup_dir.as_os_str().is_empty() && e.backup_dir.starts_with(self.run_dir())
+                {
+                    let _ = std::fs::remove_dir_all(&e.backup_dir);
+                }
+                e.backup_dir = PathBuf::new();
+                self.update(&e);
+            }
+        }
         if e.frozen {
             if !thaw_until_thawed(hv.clone(), e.domain.clone(), Duration::from_secs(30)).await {
                 return Cleanup::Retry(Error::new(

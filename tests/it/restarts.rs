@@ -39,7 +39,7 @@ use tonic::transport::Channel;
 
 use crate::support::daemon::{get_op, state, Daemon, DaemonOptions};
 use crate::support::lab::{agent_command, virsh, Guest, Lab};
-use crate::support::libvirtd::{self, Outage, Stop};
+use crate::support::libvirtd::{self, Outage, Stop, TestLock};
 
 /// Time allowed for a TCG guest to boot to `systemctl is-system-running`.
 const BOOT: Duration = Duration::from_secs(240);
@@ -1084,11 +1084,8 @@ async fn a_guest_destroyed_at_each_stage_of_a_live_capture() {
                 || format!("expected no image {} after the failure", end.image_name),
             );
         }
+        // (run_dir's journal/<op>.json included)
         nothing_left(f, stage, d, g, &end.id, false, None).await;
-        let j = journal_entries(d);
-        f.check(stage, j.is_empty(), || {
-            format!("expected an empty journal; it holds {j:?}")
-        });
         capture_after(f, stage, d, g, &format!("{}-next", end.image_name)).await;
     }
 
@@ -1419,4 +1416,89 @@ async fn soak_of_captures_and_imports_leaves_nothing_and_leaks_nothing() {
         format!("expected the soak within its 8 min budget; it took {took:?}")
     });
     f.finish();
+}
+
+/// The libvirt lock's rules on a private instance: a thread holding it shared gets it shared
+/// again at once while a writer waits (no deadlock), a new shared request waits behind that
+/// writer, the writer gets it once the readers are gone, the exclusive holder's own shared
+/// requests are granted, and upgrading shared to exclusive panics instead of hanging.
+#[test]
+fn the_libvirt_lock_never_deadlocks_a_test_holding_it_shared() {
+    use std::thread;
+    let lock: &'static TestLock = Box::leak(Box::new(TestLock::new()));
+    let limit = Duration::from_secs(10);
+    let first = lock.shared_within(limit);
+    let writer = thread::spawn(move || {
+        let x = lock.exclusive();
+        let got = Instant::now();
+        thread::sleep(Duration::from_millis(300));
+        let released = Instant::now();
+        drop(x);
+        (got, released)
+    });
+    let t0 = Instant::now();
+    while lock.writers_waiting() == 0 {
+        assert!(
+            t0.elapsed() < limit,
+            "expected the exclusive request to be waiting"
+        );
+        thread::sleep(Duration::from_millis(10));
+    }
+    let t1 = Instant::now();
+    let second = lock.shared_within(limit);
+    assert!(
+        t1.elapsed() < Duration::from_secs(1),
+        "expected a thread holding the lock shared to get it shared again at once while a \
+         writer waits; it waited {:?}",
+        t1.elapsed()
+    );
+    let newcomer = thread::spawn(move || {
+        let _s = lock.shared_within(limit);
+        Instant::now()
+    });
+    thread::sleep(Duration::from_millis(300));
+    assert!(
+        !newcomer.is_finished(),
+        "expected a new shared request to wait behind the waiting writer; it was granted"
+    );
+    let readers_gone = Instant::now();
+    drop(second);
+    drop(first);
+    let (got, released) = writer.join().expect("the writer thread");
+    assert!(
+        got >= readers_gone,
+        "expected the writer to get the lock only after the readers let go"
+    );
+    let newcomer_got = newcomer.join().expect("the newcomer thread");
+    assert!(
+        newcomer_got >= released,
+        "expected the newcomer to get the lock only after the writer let go"
+    );
+
+    let x = lock.exclusive();
+    let t2 = Instant::now();
+    let nested = lock.shared_within(limit);
+    assert!(
+        t2.elapsed() < Duration::from_secs(1),
+        "expected the exclusive holder's own shared request granted at once; it waited {:?}",
+        t2.elapsed()
+    );
+    drop(nested);
+    drop(x);
+
+    let upgrade = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        let _s = lock.shared_within(limit);
+        let _x = lock.exclusive();
+    }));
+    assert!(
+        upgrade.is_err(),
+        "expected asking for the lock exclusively while holding it shared to panic"
+    );
+    let t3 = Instant::now();
+    drop(lock.exclusive());
+    assert!(
+        t3.elapsed() < Duration::from_secs(1),
+        "expected the lock free again after the refused upgrade; it took {:?}",
+        t3.elapsed()
+    );
 }

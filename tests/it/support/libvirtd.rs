@@ -39,9 +39,9 @@ use std::time::{Duration, Instant};
 use super::lab::virsh;
 
 /// How long a shared request may wait (the restart tests together take well under this).
-pub const SHARED_WAIT_LIMIT: Duration = Duration::from_secs(45 * 60);
+pub const SHARED_WAIT_LIMIT: Duration = Duration::from_secs(80 * 60);
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct State {
     /// The thread holding the lock exclusively, and its test's name.
     writer: Option<(ThreadId, String)>,
@@ -49,19 +49,6 @@ struct State {
     writers_waiting: usize,
     /// Shared holds per thread (threads with none are not listed).
     readers: Vec<(ThreadId, usize)>,
-}
-
-static STATE: Mutex<State> = Mutex::new(State {
-    writer: None,
-    writers_waiting: 0,
-    readers: Vec::new(),
-});
-static CHANGED: Condvar = Condvar::new();
-
-fn state() -> MutexGuard<'static, State> {
-    // A test that panicked while holding the mutex left consistent counts (every change is one
-    // statement); keep going.
-    STATE.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl State {
@@ -74,107 +61,168 @@ impl State {
     }
 }
 
+/// A readers-writer lock between tests with the rules of the module doc. [`LIBVIRT`] is the
+/// one instance that guards libvirtd; the `restarts` module tests the rules on private ones.
+#[derive(Debug)]
+pub struct TestLock {
+    state: Mutex<State>,
+    changed: Condvar,
+}
+
+/// The lock that guards the host's libvirtd.
+pub static LIBVIRT: TestLock = TestLock::new();
+
+/// A shared hold of a [`TestLock`]; released on drop.
+#[derive(Debug)]
+pub struct Shared {
+    lock: &'static TestLock,
+    /// The thread counted as holding it; `None` when the holder's exclusive hold covers it.
+    thread: Option<ThreadId>,
+}
+
+/// The exclusive hold of a [`TestLock`]; released on drop.
+#[derive(Debug)]
+pub struct Exclusive {
+    lock: &'static TestLock,
+}
+
 fn me() -> (ThreadId, String) {
     let t = std::thread::current();
     (t.id(), t.name().unwrap_or("unnamed thread").to_string())
 }
 
-/// A shared hold of the libvirt lock; released on drop.
-#[derive(Debug)]
-pub struct Shared {
-    /// The thread counted as holding it; `None` when the holder's exclusive hold covers it.
-    thread: Option<ThreadId>,
-}
-
-/// The exclusive hold of the libvirt lock; released on drop.
-#[derive(Debug)]
-pub struct Exclusive {
-    _private: (),
-}
-
-/// Takes the lock shared (see the module doc): at once when this thread already holds it,
-/// else once no test holds it exclusively or waits to.
-pub fn shared() -> Shared {
-    let (id, name) = me();
-    let mut st = state();
-    if st.writer.as_ref().map(|w| w.0) == Some(id) {
-        return Shared { thread: None };
+impl TestLock {
+    pub const fn new() -> TestLock {
+        TestLock {
+            state: Mutex::new(State {
+                writer: None,
+                writers_waiting: 0,
+                readers: Vec::new(),
+            }),
+            changed: Condvar::new(),
+        }
     }
-    let t0 = Instant::now();
-    loop {
-        let mine = st.held_by(id) > 0;
-        if st.writer.is_none() && (st.writers_waiting == 0 || mine) {
-            match st.readers.iter_mut().find(|r| r.0 == id) {
-                Some(r) => r.1 += 1,
-                None => st.readers.push((id, 1)),
+
+    fn state(&self) -> MutexGuard<'_, State> {
+        // A test that panicked while holding the mutex left consistent counts (every change is
+        // one statement); keep going.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn wait<'a>(&self, st: MutexGuard<'a, State>) -> MutexGuard<'a, State> {
+        self.changed
+            .wait_timeout(st, Duration::from_millis(500))
+            .unwrap_or_else(|e| e.into_inner())
+            .0
+    }
+
+    /// Takes the lock shared (see the module doc): at once when this thread already holds it,
+    /// else once no test holds it exclusively or waits to. Panics after `limit`.
+    pub fn shared_within(&'static self, limit: Duration) -> Shared {
+        let (id, name) = me();
+        let mut st = self.state();
+        if st.writer.as_ref().map(|w| w.0) == Some(id) {
+            return Shared {
+                lock: self,
+                thread: None,
+            };
+        }
+        let t0 = Instant::now();
+        loop {
+            let mine = st.held_by(id) > 0;
+            if st.writer.is_none() && (st.writers_waiting == 0 || mine) {
+                match st.readers.iter_mut().find(|r| r.0 == id) {
+                    Some(r) => r.1 += 1,
+                    None => st.readers.push((id, 1)),
+                }
+                return Shared {
+                    lock: self,
+                    thread: Some(id),
+                };
             }
-            return Shared { thread: Some(id) };
+            let waited = t0.elapsed();
+            if waited >= limit {
+                panic!(
+                    "test {name} waited {waited:?} for the libvirt lock (shared): {st:?}; a test \
+                     holding it exclusively never let go, or a guest or daemon was made off its \
+                     test's thread while a restart test waited"
+                );
+            }
+            st = self.wait(st);
         }
+    }
+
+    /// Takes the lock exclusively: waits until no other test holds it. Panics when this thread
+    /// holds it already (shared: the upgrade could never be granted; exclusive: not
+    /// reentrant).
+    pub fn exclusive(&'static self) -> Exclusive {
+        let (id, name) = me();
+        let mut st = self.state();
+        let held = st.held_by(id);
+        assert_eq!(
+            held, 0,
+            "test {name} holds the libvirt lock shared ({held} guest(s)/daemon(s)) and asked for \
+             it exclusively: that would wait forever; take it exclusively before making guests \
+             or daemons"
+        );
+        assert!(
+            st.writer.as_ref().map(|w| w.0) != Some(id),
+            "test {name} already holds the libvirt lock exclusively"
+        );
+        st.writers_waiting += 1;
+        let t0 = Instant::now();
+        while st.writer.is_some() || !st.readers.is_empty() {
+            st = self.wait(st);
+        }
+        st.writers_waiting -= 1;
+        st.writer = Some((id, name.clone()));
         let waited = t0.elapsed();
-        if waited >= SHARED_WAIT_LIMIT {
-            panic!(
-                "test {name} waited {waited:?} for the libvirt lock (shared): {st:?}; a test \
-                 holding it exclusively never let go, or a guest or daemon was made off its \
-                 test's thread while a restart test waited"
-            );
+        if waited > Duration::from_secs(1) {
+            eprintln!("libvirt lock: {name} waited {waited:.1?} for exclusive use");
         }
-        st = CHANGED
-            .wait_timeout(st, Duration::from_secs(5))
-            .unwrap_or_else(|e| e.into_inner())
-            .0;
+        Exclusive { lock: self }
+    }
+
+    /// Exclusive requests now waiting.
+    pub fn writers_waiting(&self) -> usize {
+        self.state().writers_waiting
     }
 }
 
-/// Takes the lock exclusively: waits until no other test uses libvirt. Panics when this thread
-/// holds it already (shared: the upgrade could never be granted; exclusive: not reentrant).
+impl Default for TestLock {
+    fn default() -> Self {
+        TestLock::new()
+    }
+}
+
+/// Takes [`LIBVIRT`] shared (waits at most [`SHARED_WAIT_LIMIT`]).
+pub fn shared() -> Shared {
+    LIBVIRT.shared_within(SHARED_WAIT_LIMIT)
+}
+
+/// Takes [`LIBVIRT`] exclusively.
 pub fn exclusive() -> Exclusive {
-    let (id, name) = me();
-    let mut st = state();
-    let held = st.held_by(id);
-    assert_eq!(
-        held, 0,
-        "test {name} holds the libvirt lock shared ({held} guest(s)/daemon(s)) and asked for it \
-         exclusively: that would wait forever; take it exclusively before making guests or daemons"
-    );
-    assert!(
-        st.writer.as_ref().map(|w| w.0) != Some(id),
-        "test {name} already holds the libvirt lock exclusively"
-    );
-    st.writers_waiting += 1;
-    let t0 = Instant::now();
-    while st.writer.is_some() || !st.readers.is_empty() {
-        st = CHANGED
-            .wait_timeout(st, Duration::from_secs(5))
-            .unwrap_or_else(|e| e.into_inner())
-            .0;
-    }
-    st.writers_waiting -= 1;
-    st.writer = Some((id, name.clone()));
-    let waited = t0.elapsed();
-    if waited > Duration::from_secs(1) {
-        eprintln!("libvirt lock: {name} waited {waited:.1?} for exclusive use of libvirtd");
-    }
-    Exclusive { _private: () }
+    LIBVIRT.exclusive()
 }
 
 impl Drop for Shared {
     fn drop(&mut self) {
         if let Some(id) = self.thread {
-            let mut st = state();
+            let mut st = self.lock.state();
             if let Some(r) = st.readers.iter_mut().find(|r| r.0 == id) {
                 r.1 -= 1;
             }
             st.readers.retain(|r| r.1 > 0);
-            CHANGED.notify_all();
+            self.lock.changed.notify_all();
         }
     }
 }
 
 impl Drop for Exclusive {
     fn drop(&mut self) {
-        let mut st = state();
+        let mut st = self.lock.state();
         st.writer = None;
-        CHANGED.notify_all();
+        self.lock.changed.notify_all();
     }
 }
 
@@ -259,7 +307,11 @@ pub struct Outage {
 impl Outage {
     /// Stops the running libvirtd with `how` and waits (up to 60 s) until the process is gone.
     /// Panics when no libvirtd runs.
-    pub fn begin(_lock: &Exclusive, how: Stop) -> Outage {
+    pub fn begin(lock: &Exclusive, how: Stop) -> Outage {
+        assert!(
+            std::ptr::eq(lock.lock, &LIBVIRT),
+            "an outage of libvirtd needs the libvirt lock (LIBVIRT) held exclusively"
+        );
         let pid = pid().expect(
             "expected a running libvirtd to stop (`pgrep -x libvirtd` found none): the lab starts \
              it with tests/lab/start-libvirt.sh",
