@@ -83,6 +83,13 @@ impl Entry {
 /// A hypervisor call run on the blocking pool during recovery.
 type HvCall = Box<dyn FnOnce(&dyn Hypervisor) -> Result<()> + Send>;
 
+/// Runs one hypervisor call on the blocking pool (libvirt's API blocks).
+async fn blocking_call(hv: Arc<dyn Hypervisor>, f: HvCall) -> Result<()> {
+    tokio::task::spawn_blocking(move || f(hv.as_ref()))
+        .await
+        .unwrap_or_else(|_| Err(crate::error::internal("a recovery task failed")))
+}
+
 /// The journal directory.
 #[derive(Debug, Clone)]
 pub struct Journal {
@@ -209,14 +216,7 @@ impl Journal {
     /// confirmed; the entry is removed once none is left. Never call it for an entry whose
     /// operation still runs.
     pub async fn settle(&self, hv: Arc<dyn Hypervisor>, mut e: Entry) -> Cleanup {
-        let call = |f: HvCall| {
-            let h = hv.clone();
-            async move {
-                tokio::task::spawn_blocking(move || f(h.as_ref()))
-                    .await
-                    .unwrap_or_else(|_| Err(crate::error::internal("a recovery task failed")))
-            }
-        };
+        let call = |f: HvCall| blocking_call(hv.clone(), f);
         if e.frozen || !e.backup_dir.as_os_str().is_empty() {
             // A freeze and a backup job live in the QEMU process: a domain that is off (or
             // gone) has neither, and waiting for its agent or its job would hold it forever.
@@ -388,14 +388,7 @@ impl Journal {
         if orphans.is_empty() {
             return orphans;
         }
-        let call = |f: HvCall| {
-            let h = hv.clone();
-            async move {
-                tokio::task::spawn_blocking(move || f(h.as_ref()))
-                    .await
-                    .unwrap_or_else(|_| Err(crate::error::internal("a recovery task failed")))
-            }
-        };
+        let call = |f: HvCall| blocking_call(hv.clone(), f);
         let h = hv.clone();
         let domains = match tokio::task::spawn_blocking(move || h.list_domains()).await {
             Ok(Ok(d)) => d,
