@@ -405,7 +405,7 @@ mod tests {
         // Pauses of 100, 200 and 400 ms.
         let took = t.elapsed();
         assert!(took >= Duration::from_millis(700), "{took:?}");
-        assert!(took < Duration::from_millis(2_000), "{took:?}");
+        assert!(took < Duration::from_secs(10), "{took:?}");
     }
 
     #[test]
@@ -473,13 +473,14 @@ mod tests {
             .unwrap_err();
         let took = t.elapsed();
         assert!(
-            took >= Duration::from_millis(350) && took < Duration::from_millis(1_000),
+            // Bounded, not precise: a loaded machine may oversleep, never undersleep.
+            took >= Duration::from_millis(350) && took < Duration::from_secs(5),
             "{took:?}"
         );
         assert_eq!(e.kind(), ErrorKind::Unavailable);
         let msg = e.to_string();
         assert!(
-            msg.contains("qemu:///test") && (msg.contains("0.3 s") || msg.contains("0.4 s")),
+            msg.contains("libvirt at qemu:///test stayed unreachable for ") && msg.contains(" s "),
             "{msg}"
         );
         assert!(e.chain().contains("libvirtd gone"), "{}", e.chain());
@@ -495,7 +496,7 @@ mod tests {
                 |_| Ok(()),
             )
             .unwrap_err();
-        assert!(t.elapsed() < Duration::from_millis(50));
+        assert!(t.elapsed() < Duration::from_secs(1), "{:?}", t.elapsed());
         assert!(e.to_string().contains("reconnect_timeout_secs is 0"), "{e}");
     }
 
