@@ -185,6 +185,7 @@ impl Journal {
         for mut e in self.entries() {
             tracing::warn!(op = %e.op, domain = %e.domain, frozen = e.frozen, backup = !e.backup_dir.as_os_str().is_empty(),
                 restart = e.restart, prep = e.prep.is_some(), "recovering a capture left by a previous run");
+            self.clear_if_off(&hv, &mut e).await;
             if e.frozen {
                 if !thaw_until_thawed(hv.clone(), e.domain.clone(), Duration::from_secs(30)).await {
                     tracing::error!(op = %e.op, domain = %e.domain, "the guest could not be confirmed thawed; the journal entry stays");
@@ -211,15 +212,10 @@ impl Journal {
         }
     }
 
-    /// Carries out every duty of `e` that is left, in order (thaw, end the backup job, let a
-    /// shutdown finish, start again, restore prep), recording each one done as it is
-    /// confirmed; the entry is removed once none is left. Never call it for an entry whose
-    /// operation still runs.
-    pub async fn settle(&self, hv: Arc<dyn Hypervisor>, mut e: Entry) -> Cleanup {
-        let call = |f: HvCall| blocking_call(hv.clone(), f);
+    /// A freeze and a backup job live in the QEMU process: a domain that is off (or gone) has
+    /// neither, so both duties are cleared at once instead of retried.
+    async fn clear_if_off(&self, hv: &Arc<dyn Hypervisor>, e: &mut Entry) {
         if e.frozen || !e.backup_dir.as_os_str().is_empty() {
-            // A freeze and a backup job live in the QEMU process: a domain that is off (or
-            // gone) has neither, and waiting for its agent or its job would hold it forever.
             let (h, d) = (hv.clone(), e.domain.clone());
             let state = tokio::task::spawn_blocking(move || h.domain_state(&d)).await;
             let off = match state {
@@ -235,9 +231,18 @@ impl Journal {
                     let _ = std::fs::remove_dir_all(&e.backup_dir);
                 }
                 e.backup_dir = PathBuf::new();
-                self.update(&e);
+                self.update(e);
             }
         }
+    }
+
+    /// Carries out every duty of `e` that is left, in order (thaw, end the backup job, let a
+    /// shutdown finish, start again, restore prep), recording each one done as it is
+    /// confirmed; the entry is removed once none is left. Never call it for an entry whose
+    /// operation still runs.
+    pub async fn settle(&self, hv: Arc<dyn Hypervisor>, mut e: Entry) -> Cleanup {
+        let call = |f: HvCall| blocking_call(hv.clone(), f);
+        self.clear_if_off(&hv, &mut e).await;
         if e.frozen {
             if !thaw_until_thawed(hv.clone(), e.domain.clone(), Duration::from_secs(30)).await {
                 return Cleanup::Retry(Error::new(
