@@ -77,7 +77,8 @@ impl ErrorKind {
     }
 }
 
-/// An agent error: a kind, a message naming the object, and an optional cause.
+/// An agent error: a kind, a message naming the object, an optional cause, and the
+/// machine-readable facts a caller gets as `google.rpc` error details ([`Facts`]).
 #[derive(Debug, thiserror::Error)]
 #[error("{message}")]
 pub struct Error {
@@ -85,6 +86,24 @@ pub struct Error {
     message: String,
     #[source]
     source: Option<Box<dyn std::error::Error + Send + Sync + 'static>>,
+    facts: Facts,
+}
+
+/// What a program needs to act on a failure without parsing English: a stable reason
+/// (`DOMAIN_RUNNING`, `IMAGE_NAME_TAKEN`: `google.rpc.ErrorInfo.reason`), the request field at
+/// fault (`BadRequest`), and the object whose state stopped the call (`PreconditionFailure`,
+/// `ErrorInfo.metadata`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Facts {
+    /// UPPER_SNAKE_CASE; empty: the kind's code name stands in.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub reason: String,
+    /// The request field at fault, e.g. `target.file.path`.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub field: String,
+    /// The resource involved, e.g. `domains/web1`.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub subject: String,
 }
 
 /// Result with the agent's [`Error`].
@@ -97,7 +116,35 @@ impl Error {
             kind,
             message: message.into(),
             source: None,
+            facts: Facts::default(),
         }
+    }
+
+    /// Sets the stable reason (`DOMAIN_RUNNING`), see [`Facts`].
+    pub fn with_reason(mut self, reason: &str) -> Self {
+        self.facts.reason = reason.to_string();
+        self
+    }
+
+    /// Names the request field at fault (`image_id`, `target.file.path`).
+    pub fn with_field(mut self, field: &str) -> Self {
+        self.facts.field = field.to_string();
+        self
+    }
+
+    /// Names the resource involved (`domains/web1`, `images/base`).
+    pub fn with_subject(mut self, subject: impl Into<String>) -> Self {
+        self.facts.subject = subject.into();
+        self
+    }
+
+    /// The machine-readable facts, with the reason defaulted to the kind's code name.
+    pub fn facts(&self) -> Facts {
+        let mut f = self.facts.clone();
+        if f.reason.is_empty() {
+            f.reason = self.kind.code_name().to_string();
+        }
+        f
     }
 
     /// Attaches the lower-level cause.
@@ -155,9 +202,36 @@ pub fn internal(msg: impl Into<String>) -> Error {
     Error::new(ErrorKind::Internal, msg)
 }
 
+/// The domain of every `google.rpc.ErrorInfo` imaged sends.
+pub const ERROR_DOMAIN: &str = "imaged";
+
+/// A gRPC status with `google.rpc` details: always an `ErrorInfo` (reason, domain, and the
+/// subject as metadata), a `BadRequest` violation when a field is named, a
+/// `PreconditionFailure` for a wrong state of a named object.
+pub fn rich_status(kind: ErrorKind, message: &str, facts: &Facts) -> tonic::Status {
+    use tonic_types::{ErrorDetails, StatusExt};
+    let reason = if facts.reason.is_empty() {
+        kind.code_name()
+    } else {
+        facts.reason.as_str()
+    };
+    let mut meta = std::collections::HashMap::new();
+    if !facts.subject.is_empty() {
+        meta.insert("resource".to_string(), facts.subject.clone());
+    }
+    let mut d = ErrorDetails::with_error_info(reason, ERROR_DOMAIN, meta);
+    if !facts.field.is_empty() {
+        d.add_bad_request_violation(facts.field.clone(), message.to_string());
+    }
+    if kind == ErrorKind::FailedPrecondition && !facts.subject.is_empty() {
+        d.add_precondition_failure_violation(reason, facts.subject.clone(), message.to_string());
+    }
+    tonic::Status::with_error_details(kind.grpc_code(), message.to_string(), d)
+}
+
 impl From<Error> for tonic::Status {
     fn from(e: Error) -> Self {
-        tonic::Status::new(e.kind.grpc_code(), e.chain())
+        rich_status(e.kind, &e.chain(), &e.facts)
     }
 }
 

@@ -41,10 +41,33 @@ pub mod util;
 #[cfg(test)]
 mod layering;
 
-/// Generated protobuf and gRPC code for `imaged.v1`.
+/// Generated protobuf and gRPC code: `imaged.v1` (re-exported here) and the standard
+/// `google.longrunning` and `google.api` packages it uses.
 pub mod proto {
     #![allow(clippy::all, missing_docs)]
-    tonic::include_proto!("imaged.v1");
+    pub use self::imaged::v1::*;
+
+    /// The `imaged` package.
+    pub mod imaged {
+        /// `imaged.v1`.
+        pub mod v1 {
+            tonic::include_proto!("imaged.v1");
+        }
+    }
+
+    /// Google's API packages.
+    pub mod google {
+        /// `google.longrunning`: Operation and the Operations service.
+        pub mod longrunning {
+            tonic::include_proto!("google.longrunning");
+        }
+        /// `google.api`: field behaviour and resource annotations.
+        pub mod api {
+            tonic::include_proto!("google.api");
+        }
+        /// `google.rpc`: Status and error details, from tonic-types.
+        pub use tonic_types::pb as rpc;
+    }
 
     /// Encoded file descriptor set, for gRPC server reflection.
     pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("imaged_descriptor");

@@ -158,6 +158,9 @@ pub async fn serve(cfg: &Config, ctl: Controller, stop: StopSignals) -> Result<(
     health_reporter
         .set_serving::<proto::operation_service_server::OperationServiceServer<Api>>()
         .await;
+    health_reporter
+        .set_serving::<proto::google::longrunning::operations_server::OperationsServer<Api>>()
+        .await;
     // Reflection v1 (grpcurl) and v1alpha (Python's grpcio-reflection, older tools).
     let reflection_builder = || {
         tonic_reflection::server::Builder::configure()
@@ -184,6 +187,9 @@ pub async fn serve(cfg: &Config, ctl: Controller, stop: StopSignals) -> Result<(
                 api.clone(),
             ))
             .add_service(proto::operation_service_server::OperationServiceServer::new(api.clone()))
+            .add_service(
+                proto::google::longrunning::operations_server::OperationsServer::new(api.clone()),
+            )
     };
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);

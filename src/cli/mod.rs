@@ -4,6 +4,7 @@
 //! on stdout) and exit codes that say what happened (see [`exit`]).
 
 mod output;
+mod view;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -17,6 +18,7 @@ use crate::proto;
 use crate::proto::domain_service_client::DomainServiceClient;
 use crate::proto::image_service_client::ImageServiceClient;
 use crate::proto::operation_service_client::OperationServiceClient;
+use view::OpView;
 
 /// Exit codes.
 pub mod exit {
@@ -44,6 +46,9 @@ Examples:
   imagectl export web1-2026-11-26 --format qcow2 -o /srv/web1.qcow2
   imagectl import /srv/vendor.qcow2 --format qcow2 --name vendor-appliance
   imagectl --json ops                               operations as JSON, for scripts
+  imagectl images --filter 'source_domain = domains/web1' --order-by 'create_time desc'
+  imagectl update web1-2026-11-26 --display-name 'web1 golden' --description 'patched'
+  imagectl wait op-1a2b3c4d                         wait for an operation to end
 
 Exit codes: 0 done, 1 operation failed, 2 bad arguments, 3 not found,
 4 conflict (wrong domain state, name taken, object busy), 5 daemon/libvirt/repository
@@ -63,10 +68,25 @@ pub struct Cli {
     cmd: Cmd,
 }
 
+/// Filter and order of a list (every page is fetched).
+#[derive(clap::Args, Clone, Default)]
+struct ListArgs {
+    /// Only items matching, e.g. `state = RUNNING`, `name = "images/web*"`, terms joined by
+    /// AND (OR binds tighter); see the README for the fields of each list.
+    #[arg(long, default_value = "")]
+    filter: String,
+    /// Order, e.g. `create_time desc`, `size_bytes desc, name`.
+    #[arg(long, default_value = "")]
+    order_by: String,
+}
+
 #[derive(Subcommand)]
 enum Cmd {
     /// List the host's libvirt domains, their state and disks.
-    Domains,
+    Domains {
+        #[command(flatten)]
+        list: ListArgs,
+    },
     /// Show one domain.
     Domain { name: String },
     /// Capture a domain's system disk (or --disk) into a new image.
@@ -127,14 +147,18 @@ enum Cmd {
         /// Replace the --to file output if it exists.
         #[arg(long)]
         overwrite: bool,
-        /// Idempotency key: repeating the command with the same key returns the same operation.
+        /// Free text kept on the image.
+        #[arg(long, default_value = "")]
+        description: String,
+        /// Idempotency key (a UUID): repeating the command with the same key returns the same
+        /// operation, also after a daemon restart (kept 24 hours).
         #[arg(long)]
         request_id: Option<String>,
         /// Print the operation and return at once.
         #[arg(long)]
         no_wait: bool,
     },
-    /// Import a qcow2 or raw file of this host into a new image.
+    /// Import a qcow2 or raw file of this host (in an allowed import directory) into a new image.
     Import {
         file: PathBuf,
         /// The file's format; never guessed.
@@ -142,14 +166,29 @@ enum Cmd {
         format: FormatArg,
         #[arg(long)]
         name: String,
+        #[arg(long, default_value = "")]
+        description: String,
+        #[arg(long)]
+        request_id: Option<String>,
         #[arg(long)]
         no_wait: bool,
     },
     /// List images in the repository.
-    Images,
+    Images {
+        #[command(flatten)]
+        list: ListArgs,
+    },
     /// Show one image.
     Image { name: String },
-    /// Write an image to a file (qcow2, or sparse raw).
+    /// Change an image's display name or description.
+    Update {
+        name: String,
+        #[arg(long)]
+        display_name: Option<String>,
+        #[arg(long)]
+        description: Option<String>,
+    },
+    /// Write an image to a file (qcow2, or sparse raw) in an allowed export directory.
     Export {
         name: String,
         #[arg(long)]
@@ -160,18 +199,31 @@ enum Cmd {
         #[arg(long)]
         overwrite: bool,
         #[arg(long)]
+        request_id: Option<String>,
+        #[arg(long)]
         no_wait: bool,
     },
     /// Delete an image (and the chunks no other image uses).
     Rm { name: String },
-    /// List operations.
-    Ops,
+    /// List operations (newest first).
+    Ops {
+        #[command(flatten)]
+        list: ListArgs,
+    },
     /// Show one operation.
     Op { id: String },
-    /// Follow an operation until it ends.
+    /// Follow an operation until it ends, with progress.
     Watch { id: String },
+    /// Wait for an operation to end (at most --timeout seconds) and print it.
+    Wait {
+        id: String,
+        #[arg(long, default_value_t = 600)]
+        timeout: u64,
+    },
     /// Cancel a running operation.
     Cancel { id: String },
+    /// Forget a finished operation (and its request id).
+    Forget { id: String },
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -180,14 +232,6 @@ enum FormatArg {
     Raw,
 }
 
-impl FormatArg {
-    fn as_str(self) -> &'static str {
-        match self {
-            FormatArg::Qcow2 => "qcow2",
-            FormatArg::Raw => "raw",
-        }
-    }
-}
 
 /// Parses arguments, runs the command, returns the exit code.
 pub fn main() -> std::process::ExitCode {
@@ -259,6 +303,54 @@ fn absolute(p: &Path) -> PathBuf {
     }
 }
 
+fn op_name(id: &str) -> String {
+    if id.starts_with("operations/") {
+        id.to_string()
+    } else {
+        format!("operations/{id}")
+    }
+}
+
+fn res(collection: &str, id: &str) -> String {
+    format!("{collection}/{id}")
+}
+
+fn format_enum(f: FormatArg) -> i32 {
+    let e = match f {
+        FormatArg::Qcow2 => proto::ImageFormat::Qcow2,
+        FormatArg::Raw => proto::ImageFormat::Raw,
+    };
+    e as i32
+}
+
+/// `--prep` values (comma-separated names, or `all`) as the API's enum values, in order, once.
+fn prep_enums(prep: &[String]) -> Result<Vec<i32>, tonic::Status> {
+    use proto::PrepStep as P;
+    let all = [P::Dhcp, P::UdevNetRules, P::SetpasswdHook, P::FstabDataDisks];
+    let mut out: Vec<i32> = Vec::new();
+    for name in prep.iter().flat_map(|p| p.split(',')).map(str::trim) {
+        let steps: Vec<P> = match name {
+            "all" => all.to_vec(),
+            "dhcp" => vec![P::Dhcp],
+            "udev-net-rules" => vec![P::UdevNetRules],
+            "setpasswd-hook" => vec![P::SetpasswdHook],
+            "fstab-data-disks" => vec![P::FstabDataDisks],
+            other => {
+                return Err(tonic::Status::invalid_argument(format!(
+                    "--prep {other:?} is not a prep step: use dhcp, udev-net-rules, \
+                     setpasswd-hook, fstab-data-disks or all"
+                )))
+            }
+        };
+        for s in steps {
+            if !out.contains(&(s as i32)) {
+                out.push(s as i32);
+            }
+        }
+    }
+    Ok(out)
+}
+
 async fn dispatch(cli: &Cli) -> Result<u8, tonic::Status> {
     let ch = connect(&cli.socket).await?;
     let mut doms = DomainServiceClient::new(ch.clone());
@@ -266,16 +358,32 @@ async fn dispatch(cli: &Cli) -> Result<u8, tonic::Status> {
     let mut ops = OperationServiceClient::new(ch.clone());
     let json = cli.json;
     match &cli.cmd {
-        Cmd::Domains => {
-            let r = doms
-                .list_domains(proto::ListDomainsRequest {})
-                .await?
-                .into_inner();
-            output::domains(&r.domains, json);
+        Cmd::Domains { list } => {
+            let mut all = Vec::new();
+            let mut token = String::new();
+            loop {
+                let r = doms
+                    .list_domains(proto::ListDomainsRequest {
+                        page_size: 1000,
+                        page_token: token,
+                        filter: list.filter.clone(),
+                        order_by: list.order_by.clone(),
+                    })
+                    .await?
+                    .into_inner();
+                all.extend(r.domains);
+                if r.next_page_token.is_empty() {
+                    break;
+                }
+                token = r.next_page_token;
+            }
+            output::domains(&all, json);
         }
         Cmd::Domain { name } => {
             let d = doms
-                .get_domain(proto::GetDomainRequest { name: name.clone() })
+                .get_domain(proto::GetDomainRequest {
+                    name: res("domains", name),
+                })
                 .await?
                 .into_inner();
             output::domains(std::slice::from_ref(&d), json);
@@ -295,13 +403,11 @@ async fn dispatch(cli: &Cli) -> Result<u8, tonic::Status> {
             format,
             output: out,
             overwrite,
+            description,
             request_id,
             no_wait,
         } => {
-            let fmt = match format {
-                FormatArg::Qcow2 => proto::ImageFormat::Qcow2,
-                FormatArg::Raw => proto::ImageFormat::Raw,
-            } as i32;
+            let fmt = format_enum(*format);
             use proto::target::Kind;
             let kind = match (to.as_str(), out) {
                 ("repo", None) => Kind::Repository(proto::RepositoryTarget {}),
@@ -323,11 +429,12 @@ async fn dispatch(cli: &Cli) -> Result<u8, tonic::Status> {
                     format: fmt,
                 }),
             };
+            let prep_steps = prep_enums(prep)?;
             if *dry_run {
                 let r = imgs
                     .plan_prep(proto::PlanPrepRequest {
-                        domain: domain.clone(),
-                        prep: prep.clone(),
+                        domain: res("domains", domain),
+                        prep_steps,
                     })
                     .await?
                     .into_inner();
@@ -344,50 +451,104 @@ async fn dispatch(cli: &Cli) -> Result<u8, tonic::Status> {
                 crate::ops::Mode::CrashConsistent => proto::CaptureMode::CrashConsistent,
             };
             let op = imgs
-                .capture(proto::CaptureRequest {
-                    domain: domain.clone(),
-                    image_name: name.clone(),
+                .capture_image(proto::CaptureImageRequest {
+                    image_id: name.clone(),
+                    domain: res("domains", domain),
                     request_id: request_id.clone().unwrap_or_default(),
                     mode: mode as i32,
                     disk: disk.clone().unwrap_or_default(),
-                    shutdown_timeout_seconds: *shutdown_timeout,
+                    shutdown_timeout: Some(prost_types::Duration {
+                        seconds: i64::from(*shutdown_timeout),
+                        nanos: 0,
+                    }),
                     force_off: *force_off,
                     restart: *restart,
-                    prep: prep.clone(),
+                    prep_steps,
                     restore_source: *restore_source,
                     target: Some(proto::Target { kind: Some(kind) }),
+                    description: description.clone(),
                 })
                 .await?
                 .into_inner();
-            return follow(&mut ops, op, *no_wait, json).await;
+            return follow(&mut ops, OpView::from_lro(&op), *no_wait, json).await;
         }
         Cmd::Import {
             file,
             format,
             name,
+            description,
+            request_id,
             no_wait,
         } => {
             let op = imgs
-                .import(proto::ImportRequest {
+                .import_image(proto::ImportImageRequest {
+                    image_id: name.clone(),
                     path: absolute(file).to_string_lossy().into_owned(),
-                    format: format.as_str().into(),
-                    image_name: name.clone(),
-                    request_id: String::new(),
+                    format: format_enum(*format),
+                    description: description.clone(),
+                    request_id: request_id.clone().unwrap_or_default(),
                 })
                 .await?
                 .into_inner();
-            return follow(&mut ops, op, *no_wait, json).await;
+            return follow(&mut ops, OpView::from_lro(&op), *no_wait, json).await;
         }
-        Cmd::Images => {
-            let r = imgs
-                .list_images(proto::ListImagesRequest {})
-                .await?
-                .into_inner();
-            output::images(&r.images, json);
+        Cmd::Images { list } => {
+            let mut all = Vec::new();
+            let mut token = String::new();
+            loop {
+                let r = imgs
+                    .list_images(proto::ListImagesRequest {
+                        page_size: 1000,
+                        page_token: token,
+                        filter: list.filter.clone(),
+                        order_by: list.order_by.clone(),
+                    })
+                    .await?
+                    .into_inner();
+                all.extend(r.images);
+                if r.next_page_token.is_empty() {
+                    break;
+                }
+                token = r.next_page_token;
+            }
+            output::images(&all, json);
         }
         Cmd::Image { name } => {
             let i = imgs
-                .get_image(proto::GetImageRequest { name: name.clone() })
+                .get_image(proto::GetImageRequest {
+                    name: res("images", name),
+                })
+                .await?
+                .into_inner();
+            output::image_detail(&i, json);
+        }
+        Cmd::Update {
+            name,
+            display_name,
+            description,
+        } => {
+            let mut paths = Vec::new();
+            if display_name.is_some() {
+                paths.push("display_name".to_string());
+            }
+            if description.is_some() {
+                paths.push("description".to_string());
+            }
+            if paths.is_empty() {
+                return Err(tonic::Status::invalid_argument(
+                    "nothing to change: give --display-name and/or --description",
+                ));
+            }
+            let i = imgs
+                .update_image(proto::UpdateImageRequest {
+                    image: Some(proto::Image {
+                        name: res("images", name),
+                        display_name: display_name.clone().unwrap_or_default(),
+                        description: description.clone().unwrap_or_default(),
+                        ..Default::default()
+                    }),
+                    update_mask: Some(prost_types::FieldMask { paths }),
+                })
                 .await?
                 .into_inner();
             output::image_detail(&i, json);
@@ -397,62 +558,102 @@ async fn dispatch(cli: &Cli) -> Result<u8, tonic::Status> {
             format,
             output: out,
             overwrite,
+            request_id,
             no_wait,
         } => {
-            let f = match format {
-                FormatArg::Qcow2 => proto::ImageFormat::Qcow2,
-                FormatArg::Raw => proto::ImageFormat::Raw,
-            };
             let op = imgs
                 .export_image(proto::ExportImageRequest {
-                    name: name.clone(),
-                    format: f as i32,
+                    name: res("images", name),
+                    format: format_enum(*format),
                     path: absolute(out).to_string_lossy().into_owned(),
                     overwrite: *overwrite,
-                    request_id: String::new(),
+                    request_id: request_id.clone().unwrap_or_default(),
                 })
                 .await?
                 .into_inner();
-            return follow(&mut ops, op, *no_wait, json).await;
+            return follow(&mut ops, OpView::from_lro(&op), *no_wait, json).await;
         }
         Cmd::Rm { name } => {
-            let r = imgs
-                .delete_image(proto::DeleteImageRequest { name: name.clone() })
-                .await?
-                .into_inner();
-            output::deleted(name, &r, json);
+            imgs.delete_image(proto::DeleteImageRequest {
+                name: res("images", name),
+            })
+            .await?;
+            output::deleted(name, json);
         }
-        Cmd::Ops => {
-            let r = ops
-                .list_operations(proto::ListOperationsRequest {})
-                .await?
-                .into_inner();
-            output::operations(&r.operations, json);
+        Cmd::Ops { list } => {
+            let mut all = Vec::new();
+            let mut token = String::new();
+            loop {
+                let r = ops
+                    .list_operations(proto::ListOperationsRequest {
+                        page_size: 1000,
+                        page_token: token,
+                        filter: list.filter.clone(),
+                        order_by: list.order_by.clone(),
+                    })
+                    .await?
+                    .into_inner();
+                all.extend(r.operations.iter().map(OpView::from_lro));
+                if r.next_page_token.is_empty() {
+                    break;
+                }
+                token = r.next_page_token;
+            }
+            output::operations(&all, json);
         }
         Cmd::Op { id } => {
             let o = ops
-                .get_operation(proto::GetOperationRequest { id: id.clone() })
+                .get_operation(proto::GetOperationRequest { name: op_name(id) })
                 .await?
                 .into_inner();
+            let o = OpView::from_lro(&o);
             output::operation_detail(&o, json);
             return Ok(op_exit(&o));
         }
         Cmd::Watch { id } => {
             let o = ops
-                .get_operation(proto::GetOperationRequest { id: id.clone() })
+                .get_operation(proto::GetOperationRequest { name: op_name(id) })
                 .await?
                 .into_inner();
-            return follow(&mut ops, o, false, json).await;
+            return follow(&mut ops, OpView::from_lro(&o), false, json).await;
+        }
+        Cmd::Wait { id, timeout } => {
+            let o = ops
+                .wait_operation(proto::WaitOperationRequest {
+                    name: op_name(id),
+                    timeout: Some(prost_types::Duration {
+                        seconds: (*timeout).min(600) as i64,
+                        nanos: 0,
+                    }),
+                })
+                .await?
+                .into_inner();
+            let o = OpView::from_lro(&o);
+            output::operation_detail(&o, json);
+            if !o.done {
+                return Ok(exit::UNAVAILABLE);
+            }
+            return Ok(op_exit(&o));
         }
         Cmd::Cancel { id } => {
             let o = ops
-                .cancel_operation(proto::CancelOperationRequest { id: id.clone() })
+                .cancel_operation(proto::CancelOperationRequest { name: op_name(id) })
                 .await?
                 .into_inner();
+            let o = OpView::from_lro(&o);
             if json {
                 println!("{}", output::operation_json(&o));
             } else {
-                println!("cancel requested for {} ({})", o.id, o.image_name);
+                println!("cancel requested for {} ({})", o.id, o.image_name());
+            }
+        }
+        Cmd::Forget { id } => {
+            ops.delete_operation(proto::DeleteOperationRequest { name: op_name(id) })
+                .await?;
+            if json {
+                println!("{}", serde_json::json!({ "forgotten": id }));
+            } else {
+                println!("forgot operation {id}");
             }
         }
     }
@@ -460,8 +661,8 @@ async fn dispatch(cli: &Cli) -> Result<u8, tonic::Status> {
 }
 
 /// Exit code for an operation's final state.
-fn op_exit(o: &proto::Operation) -> u8 {
-    match proto::OperationState::try_from(o.state) {
+fn op_exit(o: &OpView) -> u8 {
+    match proto::OperationState::try_from(o.meta.state) {
         Ok(proto::OperationState::Failed) => {
             let code = o.error.as_ref().map(|e| e.code.as_str()).unwrap_or("");
             match code {
@@ -480,7 +681,7 @@ fn op_exit(o: &proto::Operation) -> u8 {
 /// nothing until the final JSON (`--json`).
 async fn follow(
     ops: &mut OperationServiceClient<Channel>,
-    op: proto::Operation,
+    op: OpView,
     no_wait: bool,
     json: bool,
 ) -> Result<u8, tonic::Status> {
@@ -493,7 +694,9 @@ async fn follow(
         return Ok(exit::OK);
     }
     let mut stream = ops
-        .watch_operation(proto::WatchOperationRequest { id: op.id.clone() })
+        .watch_operation(proto::WatchOperationRequest {
+            name: op_name(&op.id),
+        })
         .await?
         .into_inner();
     let mut view = output::ProgressView::new(&op, json);
@@ -501,6 +704,7 @@ async fn follow(
     loop {
         match tokio::time::timeout(Duration::from_secs(60), stream.message()).await {
             Ok(Ok(Some(o))) => {
+                let o = OpView::from_lro(&o);
                 view.update(&o);
                 last = o;
             }
@@ -508,12 +712,13 @@ async fn follow(
             Ok(Err(status)) => return Err(status),
             Err(_) => {
                 // No news for a minute: ask directly, the stream may be stuck behind a proxy.
-                last = ops
+                let o = ops
                     .get_operation(proto::GetOperationRequest {
-                        id: last.id.clone(),
+                        name: op_name(&last.id),
                     })
                     .await?
                     .into_inner();
+                last = OpView::from_lro(&o);
                 view.update(&last);
             }
         }

@@ -12,6 +12,7 @@ use std::io::IsTerminal;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::{json, Value};
 
+use super::view::{id, OpView};
 use crate::proto;
 use crate::util::{human_bytes, rfc3339};
 
@@ -151,13 +152,46 @@ fn op_kind(k: i32) -> &'static str {
     }
 }
 
+fn disk_device(d: i32) -> &'static str {
+    match proto::DiskDevice::try_from(d) {
+        Ok(proto::DiskDevice::Disk) => "disk",
+        Ok(proto::DiskDevice::Cdrom) => "cdrom",
+        Ok(proto::DiskDevice::Floppy) => "floppy",
+        Ok(proto::DiskDevice::Lun) => "lun",
+        _ => "unknown",
+    }
+}
+
+fn consistency(c: i32) -> &'static str {
+    match proto::Consistency::try_from(c) {
+        Ok(proto::Consistency::Cold) => "cold",
+        Ok(proto::Consistency::Quiesced) => "quiesced",
+        Ok(proto::Consistency::CrashConsistent) => "crash-consistent",
+        Ok(proto::Consistency::Imported) => "imported",
+        _ => "",
+    }
+}
+
+fn format_name(f: i32) -> &'static str {
+    match proto::ImageFormat::try_from(f) {
+        Ok(proto::ImageFormat::Qcow2) => "qcow2",
+        Ok(proto::ImageFormat::Raw) => "raw",
+        _ => "",
+    }
+}
+
+fn secs(t: &Option<prost_types::Timestamp>) -> i64 {
+    t.map_or(0, |t| t.seconds)
+}
+
 fn domain_json(d: &proto::Domain) -> Value {
     json!({
-        "name": d.name, "uuid": d.uuid, "state": domain_state(d.state), "persistent": d.persistent,
-        "has_guest_agent_channel": d.has_guest_agent_channel,
+        "name": id(&d.name), "uuid": d.uid, "state": domain_state(d.state), "persistent": d.persistent,
+        "has_guest_agent_channel": d.guest_agent_channel,
         "disks": d.disks.iter().map(|k| json!({
-            "target": k.target, "path": k.path, "format": k.format, "virtual_size": k.virtual_size,
-            "device": k.device, "system_disk": k.system_disk,
+            "target": k.target, "path": k.path, "format": k.format_name,
+            "virtual_size": k.virtual_size_bytes, "device": disk_device(k.device),
+            "system_disk": k.system_disk,
         })).collect::<Vec<_>>(),
     })
 }
@@ -185,13 +219,9 @@ fn domains_table(ds: &[proto::Domain]) -> String {
         ("PATH", Left),
     ]);
     for d in ds {
-        let agent = if d.has_guest_agent_channel {
-            "yes"
-        } else {
-            "no"
-        };
+        let agent = if d.guest_agent_channel { "yes" } else { "no" };
         let first = vec![
-            d.name.clone(),
+            id(&d.name).to_string(),
             domain_state(d.state).to_string(),
             agent.to_string(),
         ];
@@ -211,8 +241,8 @@ fn domains_table(ds: &[proto::Domain]) -> String {
             } else {
                 k.target.clone()
             });
-            row.push(k.format.clone());
-            row.push(human_bytes(k.virtual_size));
+            row.push(k.format_name.clone());
+            row.push(human_bytes(k.virtual_size_bytes));
             row.push(k.path.clone());
             t.row(row);
         }
@@ -223,11 +253,15 @@ fn domains_table(ds: &[proto::Domain]) -> String {
 /// One image as JSON.
 pub fn image_json(i: &proto::Image) -> Value {
     json!({
-        "name": i.name, "id": i.id, "state": i.state, "size": i.size, "virtual_size": i.virtual_size,
-        "source_format": i.source_format, "content_digest": i.content_digest, "consistency": i.consistency,
-        "source_domain": i.source_domain, "source_host": i.source_host, "source_disk": i.source_disk,
-        "created_at": rfc3339(i.created_at), "updated_at": rfc3339(i.updated_at),
-        "chunk_count": i.chunk_count, "zero_chunks": i.zero_chunks, "chunk_size": i.chunk_size,
+        "name": id(&i.name), "id": i.uid, "display_name": i.display_name,
+        "description": i.description, "state": "active", "size": i.size_bytes,
+        "virtual_size": i.virtual_size_bytes, "source_format": format_name(i.source_format),
+        "content_digest": i.content_digest, "consistency": consistency(i.consistency),
+        "source_domain": id(&i.source_domain), "source_host": i.source_host,
+        "source_disk": i.source_disk,
+        "created_at": rfc3339(secs(&i.create_time)), "updated_at": rfc3339(secs(&i.update_time)),
+        "chunk_count": i.chunk_count, "zero_chunks": i.zero_chunk_count,
+        "chunk_size": i.chunk_size_bytes,
     })
 }
 
@@ -252,16 +286,16 @@ fn images_table(is: &[proto::Image]) -> String {
     ]);
     for i in is {
         t.row(vec![
-            i.name.clone(),
-            human_bytes(i.size),
-            human_bytes(i.virtual_size),
-            i.consistency.clone(),
+            id(&i.name).to_string(),
+            human_bytes(i.size_bytes),
+            human_bytes(i.virtual_size_bytes),
+            consistency(i.consistency).to_string(),
             if i.source_domain.is_empty() {
                 "-".into()
             } else {
-                i.source_domain.clone()
+                id(&i.source_domain).to_string()
             },
-            rfc3339(i.created_at),
+            rfc3339(secs(&i.create_time)),
         ]);
     }
     t.render()
@@ -273,72 +307,79 @@ pub fn image_detail(i: &proto::Image, json: bool) {
         println!("{}", image_json(i));
         return;
     }
-    println!("name:           {}", i.name);
-    println!("id:             {}", i.id);
-    println!("state:          {}", i.state);
+    println!("name:           {}", id(&i.name));
+    println!("display name:   {}", escape_line(&i.display_name));
+    if !i.description.is_empty() {
+        println!("description:    {}", escape_line(&i.description));
+    }
+    println!("id:             {}", i.uid);
+    println!("state:          active");
     println!(
         "stored:         {} in {} data chunks ({} bytes)",
-        human_bytes(i.size),
-        i.chunk_count - i.zero_chunks,
-        i.size
+        human_bytes(i.size_bytes),
+        i.chunk_count - i.zero_chunk_count,
+        i.size_bytes
     );
     println!(
         "virtual size:   {} ({} bytes)",
-        human_bytes(i.virtual_size),
-        i.virtual_size
+        human_bytes(i.virtual_size_bytes),
+        i.virtual_size_bytes
     );
-    println!("source format:  {}", i.source_format);
-    println!("consistency:    {}", i.consistency);
+    println!("source format:  {}", format_name(i.source_format));
+    println!("consistency:    {}", consistency(i.consistency));
     println!(
         "source:         domain {:?} disk {:?} on host {:?}",
-        i.source_domain, i.source_disk, i.source_host
+        id(&i.source_domain),
+        i.source_disk,
+        i.source_host
     );
     println!("content digest: sha256-tree:{}", i.content_digest);
     println!(
         "chunks:         {} of {} ({} zero)",
         i.chunk_count,
-        human_bytes(u64::from(i.chunk_size)),
-        i.zero_chunks
+        human_bytes(u64::from(i.chunk_size_bytes)),
+        i.zero_chunk_count
     );
-    println!("created:        {}", rfc3339(i.created_at));
+    println!("created:        {}", rfc3339(secs(&i.create_time)));
+    println!("updated:        {}", rfc3339(secs(&i.update_time)));
 }
 
-/// Prints what a delete freed.
-pub fn deleted(name: &str, r: &proto::DeleteImageResponse, json: bool) {
+/// Prints that an image was deleted.
+pub fn deleted(name: &str, json: bool) {
     if json {
-        println!(
-            "{}",
-            json!({"deleted": name, "chunks_removed": r.chunks_removed, "bytes_freed": r.bytes_freed})
-        );
+        println!("{}", json!({ "deleted": name }));
     } else {
-        println!(
-            "deleted {name}: {} chunks removed, {} freed",
-            r.chunks_removed,
-            human_bytes(r.bytes_freed)
-        );
+        println!("deleted {name}");
     }
 }
 
 /// One operation as JSON.
-pub fn operation_json(o: &proto::Operation) -> Value {
-    let p = o.progress.unwrap_or_default();
+pub fn operation_json(o: &OpView) -> Value {
+    let p = o.progress();
+    let m = &o.meta;
+    let freeze_ms = m
+        .freeze_window
+        .map_or(0, |d| d.seconds as u64 * 1000 + d.nanos as u64 / 1_000_000);
     json!({
-        "id": o.id, "kind": op_kind(o.kind), "state": op_state(o.state), "domain": o.domain,
-        "image_name": o.image_name, "request_id": o.request_id, "path": o.path,
+        "id": o.id, "done": o.done, "kind": op_kind(m.kind), "state": op_state(m.state),
+        "domain": id(&m.domain), "image_name": o.image_name(), "request_id": m.request_id,
+        "path": m.path, "requester": m.requester, "cancel_requested": m.cancel_requested,
         "progress": {
-            "bytes_total": p.bytes_total, "bytes_done": p.bytes_done, "bytes_read": p.bytes_read,
-            "bytes_zero": p.bytes_zero, "bytes_new": p.bytes_new, "bytes_existing": p.bytes_existing,
-            "rate_bytes_per_sec": p.rate_bytes_per_sec,
+            "bytes_total": p.total_bytes, "bytes_done": p.done_bytes, "bytes_read": p.read_bytes,
+            "bytes_zero": p.zero_bytes, "bytes_new": p.new_bytes, "bytes_existing": p.existing_bytes,
+            "rate_bytes_per_sec": p.rate_bytes_per_second, "percent_done": p.percent_done,
         },
-        "error": o.error.as_ref().map(|e| json!({"code": e.code, "message": e.message})),
-        "created_at": rfc3339(o.created_at), "updated_at": rfc3339(o.updated_at),
-        "consistency": o.consistency, "freeze_window_ms": o.freeze_window_ms, "location": o.location,
-        "prep": o.prep.iter().map(prep_json).collect::<Vec<_>>(),
+        "error": o.error.as_ref().map(|e| json!({"code": e.code, "message": e.message, "reason": e.reason})),
+        "created_at": rfc3339(secs(&m.create_time)), "updated_at": rfc3339(secs(&m.update_time)),
+        "consistency": consistency(m.consistency), "freeze_window_ms": freeze_ms,
+        "location": m.location,
+        "prep": m.prep_steps.iter().map(prep_json).collect::<Vec<_>>(),
+        "image": o.image.as_ref().map(image_json),
     })
 }
 
 /// Prints operations.
-pub fn operations(os: &[proto::Operation], json: bool) {
+pub fn operations(os: &[OpView], json: bool) {
     if json {
         println!("{}", Value::Array(os.iter().map(operation_json).collect()));
         return;
@@ -346,7 +387,7 @@ pub fn operations(os: &[proto::Operation], json: bool) {
     print!("{}", operations_table(os));
 }
 
-fn operations_table(os: &[proto::Operation]) -> String {
+fn operations_table(os: &[OpView]) -> String {
     use Align::*;
     let mut t = Table::new(&[
         ("OPERATION", Left),
@@ -357,58 +398,97 @@ fn operations_table(os: &[proto::Operation]) -> String {
         ("CREATED", Left),
     ]);
     for o in os {
-        let p = o.progress.unwrap_or_default();
-        let pct = (p.bytes_done * 100).checked_div(p.bytes_total).unwrap_or(0);
         t.row(vec![
             o.id.clone(),
-            op_kind(o.kind).to_string(),
-            op_state(o.state).to_string(),
-            o.image_name.clone(),
-            format!("{pct}%"),
-            rfc3339(o.created_at),
+            op_kind(o.meta.kind).to_string(),
+            op_state(o.meta.state).to_string(),
+            o.image_name().to_string(),
+            format!("{}%", o.progress().percent_done),
+            rfc3339(secs(&o.meta.create_time)),
         ]);
     }
     t.render()
 }
 
 /// Prints one operation in full.
-pub fn operation_detail(o: &proto::Operation, json: bool) {
+pub fn operation_detail(o: &OpView, json: bool) {
     if json {
         println!("{}", operation_json(o));
         return;
     }
-    let p = o.progress.unwrap_or_default();
-    println!("operation: {} ({})", o.id, op_kind(o.kind));
-    println!("state:     {}", op_state(o.state));
-    if !o.domain.is_empty() {
-        println!("domain:    {}", o.domain);
+    let m = &o.meta;
+    println!("operation: {} ({})", o.id, op_kind(m.kind));
+    println!("state:     {}", op_state(m.state));
+    if !m.domain.is_empty() {
+        println!("domain:    {}", id(&m.domain));
     }
-    println!("image:     {}", o.image_name);
-    if !o.path.is_empty() {
-        println!("path:      {}", o.path);
+    println!("image:     {}", o.image_name());
+    if !m.path.is_empty() {
+        println!("path:      {}", m.path);
     }
-    println!("progress:  {}", summary(&p));
+    if !m.requester.is_empty() {
+        println!("requester: {}", m.requester);
+    }
+    println!("progress:  {}", summary(&o.progress()));
     if let Some(e) = &o.error {
-        println!("error:     {}: {}", e.code, escape_controls(&e.message));
+        println!(
+            "error:     {} ({}): {}",
+            e.code,
+            e.reason,
+            escape_controls(&e.message)
+        );
     }
 }
 
 fn summary(p: &proto::Progress) -> String {
     format!(
         "{} of {} done; read {}, zero {}, new {}, already stored {}",
-        human_bytes(p.bytes_done),
-        human_bytes(p.bytes_total),
-        human_bytes(p.bytes_read),
-        human_bytes(p.bytes_zero),
-        human_bytes(p.bytes_new),
-        human_bytes(p.bytes_existing)
+        human_bytes(p.done_bytes),
+        human_bytes(p.total_bytes),
+        human_bytes(p.read_bytes),
+        human_bytes(p.zero_bytes),
+        human_bytes(p.new_bytes),
+        human_bytes(p.existing_bytes)
     )
+}
+
+/// The CLI's name of a prep step ("udev-net-rules").
+fn step_name(s: i32) -> &'static str {
+    match proto::PrepStep::try_from(s) {
+        Ok(proto::PrepStep::Dhcp) => "dhcp",
+        Ok(proto::PrepStep::UdevNetRules) => "udev-net-rules",
+        Ok(proto::PrepStep::SetpasswdHook) => "setpasswd-hook",
+        Ok(proto::PrepStep::FstabDataDisks) => "fstab-data-disks",
+        _ => "unknown",
+    }
+}
+
+fn outcome_name(o: i32) -> &'static str {
+    match proto::PrepOutcome::try_from(o) {
+        Ok(proto::PrepOutcome::Planned) => "planned",
+        Ok(proto::PrepOutcome::Applied) => "applied",
+        Ok(proto::PrepOutcome::Unchanged) => "unchanged",
+        Ok(proto::PrepOutcome::NotApplicable) => "not-applicable",
+        Ok(proto::PrepOutcome::Restored) => "restored",
+        Ok(proto::PrepOutcome::Failed) => "failed",
+        _ => "unknown",
+    }
+}
+
+fn action_name(a: i32) -> &'static str {
+    match proto::FileAction::try_from(a) {
+        Ok(proto::FileAction::Modify) => "modify",
+        Ok(proto::FileAction::Delete) => "delete",
+        Ok(proto::FileAction::Create) => "create",
+        Ok(proto::FileAction::Unmount) => "unmount",
+        _ => "unknown",
+    }
 }
 
 fn prep_json(r: &proto::PrepStepReport) -> Value {
     json!({
-        "step": r.step, "outcome": r.outcome, "message": r.message,
-        "changes": r.changes.iter().map(|c| json!({"path": c.path, "action": c.action, "diff": c.diff})).collect::<Vec<_>>(),
+        "step": step_name(r.step), "outcome": outcome_name(r.outcome), "message": r.message,
+        "changes": r.changes.iter().map(|c| json!({"path": c.path, "action": action_name(c.action), "diff": c.diff})).collect::<Vec<_>>(),
     })
 }
 
@@ -427,13 +507,13 @@ pub fn prep_reports(rs: &[proto::PrepStepReport], json: bool) {
 fn prep_text(rs: &[proto::PrepStepReport]) -> String {
     let mut out = String::new();
     for r in rs {
-        let _ = write!(out, "{}: {}", escape_line(&r.step), escape_line(&r.outcome));
+        let _ = write!(out, "{}: {}", step_name(r.step), outcome_name(r.outcome));
         if !r.message.is_empty() {
             let _ = write!(out, " ({})", escape_line(&r.message));
         }
         out.push('\n');
         for c in &r.changes {
-            let _ = writeln!(out, "  {} {}", escape_line(&c.action), escape_line(&c.path));
+            let _ = writeln!(out, "  {} {}", action_name(c.action), escape_line(&c.path));
             let diff = c.diff.strip_suffix('\n').unwrap_or(&c.diff);
             if diff.is_empty() {
                 continue;
@@ -446,9 +526,13 @@ fn prep_text(rs: &[proto::PrepStepReport]) -> String {
     out
 }
 
-/// Prints an RPC failure as JSON.
+/// Prints an RPC failure as JSON: the code name, the message and the ErrorInfo reason.
 pub fn status_json(s: &tonic::Status) -> Value {
-    json!({"error": {"code": format!("{:?}", s.code()), "message": s.message()}})
+    json!({"error": {
+        "code": super::view::code_name(s.code() as i32),
+        "message": s.message(),
+        "reason": super::view::status_reason(s),
+    }})
 }
 
 /// Shows an operation while it runs.
@@ -460,7 +544,7 @@ pub struct ProgressView {
 
 impl ProgressView {
     /// A bar on a terminal, state lines on a pipe, silence with `--json`.
-    pub fn new(op: &proto::Operation, json: bool) -> ProgressView {
+    pub fn new(op: &OpView, json: bool) -> ProgressView {
         let bar = (!json && std::io::stderr().is_terminal()).then(|| {
             let b = ProgressBar::new(1);
             b.set_style(
@@ -470,45 +554,45 @@ impl ProgressView {
                 .unwrap_or_else(|_| ProgressStyle::default_bar())
                 .progress_chars("=> "),
             );
-            b.set_prefix(format!("{} {}", op_kind(op.kind), op.image_name));
+            b.set_prefix(format!("{} {}", op_kind(op.meta.kind), op.image_name()));
             b
         });
         if bar.is_none() && !json {
             eprintln!(
                 "{} {}: {} ({})",
-                op_kind(op.kind),
-                op.image_name,
-                op_state(op.state),
+                op_kind(op.meta.kind),
+                op.image_name(),
+                op_state(op.meta.state),
                 op.id
             );
         }
         ProgressView {
             bar,
             json,
-            last_state: op.state,
+            last_state: op.meta.state,
         }
     }
 
     /// Shows a new snapshot.
-    pub fn update(&mut self, o: &proto::Operation) {
-        let p = o.progress.unwrap_or_default();
+    pub fn update(&mut self, o: &OpView) {
+        let p = o.progress();
         if let Some(b) = &self.bar {
-            b.set_length(p.bytes_total.max(1));
-            b.set_position(p.bytes_done);
-            b.set_message(op_state(o.state));
-        } else if !self.json && o.state != self.last_state {
+            b.set_length(p.total_bytes.max(1));
+            b.set_position(p.done_bytes);
+            b.set_message(op_state(o.meta.state));
+        } else if !self.json && o.meta.state != self.last_state {
             eprintln!(
                 "{} {}: {}",
-                op_kind(o.kind),
-                o.image_name,
-                op_state(o.state)
+                op_kind(o.meta.kind),
+                o.image_name(),
+                op_state(o.meta.state)
             );
         }
-        self.last_state = o.state;
+        self.last_state = o.meta.state;
     }
 
     /// Prints the outcome.
-    pub fn finish(self, o: &proto::Operation) {
+    pub fn finish(self, o: &OpView) {
         if let Some(b) = &self.bar {
             b.finish_and_clear();
         }
@@ -516,34 +600,27 @@ impl ProgressView {
             println!("{}", operation_json(o));
             return;
         }
-        let p = o.progress.unwrap_or_default();
-        if o.error.is_none() && o.kind == proto::OperationKind::Export as i32 {
+        let p = o.progress();
+        let (kind, state) = (op_kind(o.meta.kind), op_state(o.meta.state));
+        if o.error.is_none() && o.meta.kind == proto::OperationKind::Export as i32 {
             println!(
-                "export {} -> {}: {} ({} of data written, {} of zeros left as holes)",
-                o.image_name,
-                o.path,
-                op_state(o.state),
-                human_bytes(p.bytes_read),
-                human_bytes(p.bytes_zero)
+                "export {} -> {}: {state} ({} of data written, {} of zeros left as holes)",
+                o.image_name(),
+                o.meta.path,
+                human_bytes(p.read_bytes),
+                human_bytes(p.zero_bytes)
             );
             return;
         }
         match &o.error {
             Some(e) => eprintln!(
-                "{} {} {}: {}: {}",
-                op_kind(o.kind),
-                o.image_name,
-                op_state(o.state),
+                "{kind} {} {state}: {} ({}): {}",
+                o.image_name(),
                 e.code,
+                e.reason,
                 escape_controls(&e.message)
             ),
-            None => println!(
-                "{} {}: {} ({})",
-                op_kind(o.kind),
-                o.image_name,
-                op_state(o.state),
-                summary(&p)
-            ),
+            None => println!("{kind} {}: {state} ({})", o.image_name(), summary(&p)),
         }
     }
 }
@@ -575,12 +652,12 @@ mod tests {
                     -iface eth0 inet static\x1b]0;owned\x07\r\n\
                     +iface eth0 inet dhcp \x1b[2J\x1b[H\u{9b}0m\n";
         let r = proto::PrepStepReport {
-            step: "dhcp".into(),
-            outcome: "planned".into(),
+            step: proto::PrepStep::Dhcp as i32,
+            outcome: proto::PrepOutcome::Planned as i32,
             message: "guest says \x1b[31mhi".into(),
             changes: vec![proto::FileChange {
                 path: "/etc/net\x1b[8mwork/interfaces".into(),
-                action: "modify".into(),
+                action: proto::FileAction::Modify as i32,
                 diff: diff.into(),
             }],
         };
@@ -600,7 +677,7 @@ mod tests {
         );
         // JSON carries the exact bytes.
         let j = prep_json(&proto::PrepStepReport {
-            step: "dhcp".into(),
+            step: proto::PrepStep::Dhcp as i32,
             changes: vec![proto::FileChange {
                 diff: diff.into(),
                 ..Default::default()
@@ -658,14 +735,15 @@ mod tests {
         let disk = |t: &str, sys: bool, path: &str| proto::Disk {
             target: t.into(),
             path: path.into(),
-            format: "qcow2".into(),
-            virtual_size: 2 << 30,
-            device: "disk".into(),
+            format: proto::ImageFormat::Qcow2 as i32,
+            format_name: "qcow2".into(),
+            virtual_size_bytes: 2 << 30,
+            device: proto::DiskDevice::Disk as i32,
             system_disk: sys,
         };
         let ds = vec![
             proto::Domain {
-                name: "imaged-test-a-rather-long-domain-name-12345-0".into(),
+                name: "domains/imaged-test-a-rather-long-domain-name-12345-0".into(),
                 state: proto::DomainState::ShutOff as i32,
                 disks: vec![
                     disk("vda", true, "/x/a.qcow2"),
@@ -674,9 +752,9 @@ mod tests {
                 ..Default::default()
             },
             proto::Domain {
-                name: "s".into(),
+                name: "domains/s".into(),
                 state: proto::DomainState::Running as i32,
-                has_guest_agent_channel: true,
+                guest_agent_channel: true,
                 ..Default::default()
             },
         ];

@@ -68,6 +68,8 @@ pub struct ImportParams {
     pub format: String,
     pub image_name: String,
     pub request_id: String,
+    /// Kept on the image.
+    pub description: String,
 }
 
 /// An export request.
@@ -191,10 +193,11 @@ impl Controller {
             )));
         }
         let fp = format!(
-            "import\0{}\0{}\0{}",
+            "import\0{}\0{}\0{}\0{}",
             p.path.display(),
             p.format,
-            p.image_name
+            p.image_name,
+            p.description
         );
         if let Some(op) = self.same_request(&p.request_id, OpKind::Import, &fp)? {
             return Ok(op);
@@ -217,8 +220,9 @@ impl Controller {
         tracing::info!(op = %op.id, path = %path, format = %p.format, image = %p.image_name, "import queued");
         let ctl = self.clone();
         let entry = op.clone();
+        let description = p.description.clone();
         tokio::spawn(async move {
-            let res = ctl.run_import(&entry, writer, source).await;
+            let res = ctl.run_import(&entry, writer, source, description).await;
             ctl.end(&entry, res);
         });
         Ok(op.snapshot())
@@ -282,6 +286,18 @@ impl Controller {
         blocking(move || repo.get(&name)).await
     }
 
+    /// Changes an image's display name and description (`None` keeps one).
+    pub async fn update_image(
+        &self,
+        name: &str,
+        display_name: Option<String>,
+        description: Option<String>,
+    ) -> Result<ImageRecord> {
+        let repo = self.inner.repo.clone();
+        let name = name.to_string();
+        blocking(move || repo.update_labels(&name, display_name, description)).await
+    }
+
     /// Deletes an image and the chunks only it used.
     pub async fn delete_image(&self, name: &str) -> Result<DeleteStats> {
         let repo = self.inner.repo.clone();
@@ -304,6 +320,37 @@ impl Controller {
             .filter_map(|id| t.ops.get(id))
             .map(|e| e.snapshot())
             .collect()
+    }
+
+    /// Waits until operation `id` ends or `timeout` passes; the operation as it is then.
+    pub async fn wait_operation(&self, id: &str, timeout: Duration) -> Result<Operation> {
+        let e = self.entry(id)?;
+        let mut rx = e.subscribe();
+        let _ = tokio::time::timeout(timeout, rx.wait_for(|s| s.state.is_terminal())).await;
+        Ok(e.snapshot())
+    }
+
+    /// Forgets a finished operation and its request_id; FAILED_PRECONDITION while it runs.
+    pub fn delete_operation(&self, id: &str) -> Result<()> {
+        let mut t = self.table();
+        let e = t
+            .ops
+            .get(id)
+            .cloned()
+            .ok_or_else(|| not_found(format!("operation {id} not found")))?;
+        if !e.state().is_terminal() {
+            return Err(precondition(format!(
+                "operation {id} is still running ({:?}): cancel it first, or wait for it to end",
+                e.state()
+            ))
+            .with_reason("OPERATION_RUNNING")
+            .with_subject(format!("operations/{id}")));
+        }
+        t.ops.remove(id);
+        t.order.retain(|o| o != id);
+        t.by_request.remove(&e.request_id);
+        t.fingerprints.remove(id);
+        Ok(())
     }
 
     /// The live entry of an operation, for watching.
@@ -351,7 +398,11 @@ impl Controller {
             .ops
             .get(id)
             .cloned()
-            .ok_or_else(|| not_found(format!("operation {id} not found")))
+            .ok_or_else(|| {
+                not_found(format!("operation {id} not found"))
+                    .with_reason("OPERATION_NOT_FOUND")
+                    .with_subject(format!("operations/{id}"))
+            })
     }
 
     fn request_in(t: &Table, request_id: &str) -> Option<Operation> {
@@ -485,6 +536,7 @@ impl Controller {
         op: &OpEntry,
         writer: ImageWriter,
         source: SourceFile,
+        description: String,
     ) -> Result<()> {
         let _permit = self.slot(op).await?;
         op.set_state(OpState::Preparing);
@@ -500,6 +552,7 @@ impl Controller {
             agent: false,
             os_type: None,
             os_distro: None,
+            description,
         };
         // A file that changed while it was read must not become an image: checked at the
         // commit, before the manifest is written (the chunks are released on failure).

@@ -46,6 +46,8 @@ impl OpState {
 pub struct OpError {
     pub kind: ErrorKind,
     pub message: String,
+    /// Reason, field and subject for the error details.
+    pub facts: crate::error::Facts,
 }
 
 /// The part of an operation that changes as it runs.
@@ -86,6 +88,10 @@ pub struct Operation {
     pub freeze_window_ms: u64,
     pub location: String,
     pub prep: Vec<PrepReport>,
+    /// Cancellation was asked for.
+    pub cancel_requested: bool,
+    /// Who started it (`uid:0`, `tls:CN=…`); "" when unknown.
+    pub requester: String,
 }
 
 /// A prep step's plan or outcome, as reported on an operation.
@@ -215,6 +221,10 @@ impl OpEntry {
                 Some(OpError {
                     kind: ErrorKind::Cancelled,
                     message: "cancelled by request".into(),
+                    facts: crate::error::Facts {
+                        reason: "CANCELLED".into(),
+                        ..Default::default()
+                    },
                 }),
             ),
             Err(e) => (
@@ -222,6 +232,7 @@ impl OpEntry {
                 Some(OpError {
                     kind: e.kind(),
                     message: e.chain(),
+                    facts: e.facts(),
                 }),
             ),
         };
@@ -285,6 +296,8 @@ impl OpEntry {
             freeze_window_ms: facts.freeze_window_ms,
             location: facts.location,
             prep: facts.prep,
+            cancel_requested: self.cancel.is_cancelled(),
+            requester: String::new(),
         }
     }
 }

@@ -584,6 +584,7 @@ async fn import_checks_name_path_format_and_file() {
         format: format.into(),
         image_name: name.into(),
         request_id: String::new(),
+        description: String::new(),
     };
     assert_eq!(
         kind(w.ctl.import(p("-x", &file, "raw")).await),

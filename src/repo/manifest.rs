@@ -92,6 +92,12 @@ pub struct ImageRecord {
     pub format_version: u32,
     pub id: String,
     pub name: String,
+    /// A name for people, changeable at any time ("" shows as `name`).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub display_name: String,
+    /// Free text, changeable at any time.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub description: String,
     pub virtual_size: u64,
     pub chunk_size: u64,
     /// See [`content_digest`].
@@ -257,6 +263,8 @@ impl ImageRecord {
     /// A cold raw image record with empty provenance, id "i" and no digest (for tests).
     pub(crate) fn blank(name: &str, virtual_size: u64, chunks: Vec<DataChunk>) -> ImageRecord {
         ImageRecord {
+            display_name: String::new(),
+            description: String::new(),
             format_version: FORMAT_VERSION,
             id: "i".into(),
             name: name.into(),

@@ -207,7 +207,9 @@ impl Repository {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(Error::new(
                 ErrorKind::NotFound,
                 format!("image {name} not found in the repository"),
-            )),
+            )
+            .with_reason("IMAGE_NOT_FOUND")
+            .with_subject(format!("images/{name}"))),
             Err(e) => Err(Error::io(format!("reading manifest {}", path.display()), e)),
         }
     }
@@ -227,6 +229,30 @@ impl Repository {
         Ok(rec)
     }
 
+    /// Changes the mutable labels of image `name` (`None` keeps one) and its `updated_at`; the
+    /// manifest is rewritten atomically (temp, fsync, rename). Returns the new record.
+    pub fn update_labels(
+        &self,
+        name: &str,
+        display_name: Option<String>,
+        description: Option<String>,
+    ) -> Result<ImageRecord> {
+        // Under the state lock: a delete or another update of the same image waits.
+        let _st = self.lock();
+        let mut rec = self.get(name)?;
+        if let Some(d) = display_name {
+            rec.display_name = d;
+        }
+        if let Some(d) = description {
+            rec.description = d;
+        }
+        rec.updated_at = util::now_unix();
+        let json = serde_json::to_vec_pretty(&rec)
+            .map_err(|e| Error::new(ErrorKind::Internal, "encoding manifest").with_source(e))?;
+        util::write_atomic(&self.manifest_path(name), &json)?;
+        Ok(rec)
+    }
+
     /// Reserves `name` for a new image and returns the writer that fills it.
     /// ALREADY_EXISTS when an image or an in-flight capture has that name.
     pub fn begin_image(&self, name: &str) -> Result<ImageWriter> {
@@ -236,7 +262,9 @@ impl Repository {
             return Err(Error::new(
                 ErrorKind::AlreadyExists,
                 format!("image name {name} is already taken: choose another or delete that image"),
-            ));
+            )
+            .with_reason("IMAGE_NAME_TAKEN")
+            .with_subject(format!("images/{name}")));
         }
         st.reserved.insert(name.to_string());
         drop(st);

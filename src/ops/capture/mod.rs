@@ -56,6 +56,8 @@ pub struct CaptureParams {
     pub prep: Vec<String>,
     /// quiesce: undo the prep in the running guest right after the consistency point.
     pub restore_source: bool,
+    /// Kept on the image.
+    pub description: String,
 }
 
 /// Where a capture writes the image.
@@ -88,6 +90,7 @@ impl Default for CaptureParams {
             target: TargetSpec::Repository,
             prep: Vec::new(),
             restore_source: false,
+            description: String::new(),
         }
     }
 }
@@ -105,6 +108,8 @@ struct Plan {
     os: Option<GuestOs>,
     /// Prep steps to apply before the consistency point.
     steps: Vec<PrepStep>,
+    /// Kept on the image.
+    description: String,
 }
 
 impl Controller {
@@ -207,6 +212,7 @@ impl Controller {
         }
         tracing::info!(op = %op.id, domain = %info.name, disk = %disk.target, mode = ?mode, image = %p.image_name, "capture queued");
         let plan = Plan {
+            description: p.description.clone(),
             steps,
             mode,
             decision,

@@ -42,6 +42,8 @@ pub(in crate::ops) struct Provenance {
     pub os_type: Option<String>,
     /// The guest's OS id (e.g. "debian") when the guest agent told.
     pub os_distro: Option<String>,
+    /// The caller's description of the image.
+    pub description: String,
 }
 
 impl Plan {
@@ -57,6 +59,7 @@ impl Plan {
                 .as_ref()
                 .map(|o| if o.is_windows { "windows" } else { "linux" }.to_string()),
             os_distro: self.os.as_ref().and_then(|o| o.id.clone()),
+            description: self.description.clone(),
         }
     }
 }
@@ -227,6 +230,8 @@ impl Controller {
             format_version: FORMAT_VERSION,
             id: crate::util::random_id("img"),
             name: op.image_name.clone(),
+            display_name: String::new(),
+            description: from.description.clone(),
             virtual_size: captured.virtual_size,
             chunk_size: CHUNK_SIZE,
             content_digest: content_digest(captured.virtual_size, &captured.chunks),
