@@ -87,7 +87,9 @@ enum Op {
 }
 
 fn bad(field: &str, msg: String) -> Error {
-    invalid(msg).with_field(field).with_reason("INVALID_LIST_REQUEST")
+    invalid(msg)
+        .with_field(field)
+        .with_reason("INVALID_LIST_REQUEST")
 }
 
 impl Query {
@@ -171,17 +173,16 @@ impl Query {
         let mut keyed = Vec::new();
         for it in items {
             if self.matches(&it)? {
-                let key: Vec<Option<Value>> =
-                    self.order.iter().map(|(f, _)| it.field(f)).collect();
+                let key: Vec<Option<Value>> = self.order.iter().map(|(f, _)| it.field(f)).collect();
                 keyed.push((key, it.name(), it));
             }
         }
         keyed.sort_by(|a, b| self.cmp(&a.0, &a.1, &b.0, &b.1));
         let start = match &self.after {
             None => 0,
-            Some(t) => keyed.partition_point(|(k, n, _)| {
-                self.cmp(k, n, &t.k, &t.n) != Ordering::Greater
-            }),
+            Some(t) => {
+                keyed.partition_point(|(k, n, _)| self.cmp(k, n, &t.k, &t.n) != Ordering::Greater)
+            }
         };
         let rest = keyed.len() - start;
         let page: Vec<_> = keyed.into_iter().skip(start).take(self.page_size).collect();
@@ -315,10 +316,7 @@ fn tokens(s: &str) -> Result<Vec<(String, bool)>> {
                     Some('\\') => v.extend(chars.next()),
                     Some(c) => v.push(c),
                     None => {
-                        return Err(bad(
-                            "filter",
-                            "filter: a quoted value is not closed".into(),
-                        ))
+                        return Err(bad("filter", "filter: a quoted value is not closed".into()))
                     }
                 }
             }
@@ -341,8 +339,7 @@ fn tokens(s: &str) -> Result<Vec<(String, bool)>> {
         } else {
             let mut w = String::new();
             while let Some(&c) = chars.peek() {
-                if c.is_whitespace() || matches!(c, '=' | '!' | '<' | '>' | ':' | '"' | '(' | ')')
-                {
+                if c.is_whitespace() || matches!(c, '=' | '!' | '<' | '>' | ':' | '"' | '(' | ')') {
                     break;
                 }
                 w.push(c);
@@ -534,7 +531,10 @@ mod tests {
     #[test]
     fn a_page_resumes_after_its_anchor_even_when_items_change() {
         let all = items(10);
-        let (p1, t) = q(4, "", "", "size_bytes desc").unwrap().page(all.clone()).unwrap();
+        let (p1, t) = q(4, "", "", "size_bytes desc")
+            .unwrap()
+            .page(all.clone())
+            .unwrap();
         // Remove the anchor itself and add an item that sorts before it: no repeats, no gaps.
         let mut changed: Vec<Item> = all
             .iter()
@@ -547,11 +547,18 @@ mod tests {
             size: 99,
             ok: true,
         });
-        let (p2, _) = q(100, &t, "", "size_bytes desc").unwrap().page(changed).unwrap();
+        let (p2, _) = q(100, &t, "", "size_bytes desc")
+            .unwrap()
+            .page(changed)
+            .unwrap();
         for i in &p1 {
             assert!(!names(&p2).contains(&i.name), "{} repeated", i.name);
         }
-        assert_eq!(p1.len() + p2.len(), 10, "everything but the removed anchor, plus none new");
+        assert_eq!(
+            p1.len() + p2.len(),
+            10,
+            "everything but the removed anchor, plus none new"
+        );
     }
 
     #[test]
@@ -565,7 +572,10 @@ mod tests {
         assert_eq!(f("-state = ACTIVE").len(), 10);
         assert_eq!(f("name = \"images/i01*\"").len(), 10);
         assert_eq!(f("name = images/i005 OR name = images/i006").len(), 2);
-        assert_eq!(f("size_bytes >= 5 state = ACTIVE").len(), f("size_bytes >= 5 AND state = ACTIVE").len());
+        assert_eq!(
+            f("size_bytes >= 5 state = ACTIVE").len(),
+            f("size_bytes >= 5 AND state = ACTIVE").len()
+        );
         assert_eq!(f("name : i01").len(), 10);
     }
 
@@ -584,7 +594,12 @@ mod tests {
             let e = q(0, token, filter, order)
                 .and_then(|q| q.page(items(3)).map(|_| ()))
                 .unwrap_err();
-            assert_eq!(e.facts().field, field, "{filter:?} {order:?}: {}", e.chain());
+            assert_eq!(
+                e.facts().field,
+                field,
+                "{filter:?} {order:?}: {}",
+                e.chain()
+            );
         }
         assert_eq!(q(-1, "", "", "").unwrap_err().facts().field, "page_size");
         let (_, t) = q(1, "", "", "").unwrap().page(items(3)).unwrap();

@@ -115,8 +115,10 @@ fn format_of(f: i32, field: &str) -> Result<Format> {
     match proto::ImageFormat::try_from(f) {
         Ok(proto::ImageFormat::Qcow2) => Ok(Format::Qcow2),
         Ok(proto::ImageFormat::Raw) => Ok(Format::Raw),
-        _ => Err(invalid(format!("{field} must be IMAGE_FORMAT_QCOW2 or IMAGE_FORMAT_RAW"))
-            .with_field(field)),
+        _ => Err(invalid(format!(
+            "{field} must be IMAGE_FORMAT_QCOW2 or IMAGE_FORMAT_RAW"
+        ))
+        .with_field(field)),
     }
 }
 
@@ -208,7 +210,6 @@ fn capture_params(r: proto::CaptureImageRequest) -> Result<CaptureParams> {
         prep: prep_steps(&r.prep_steps, "prep_steps")?,
         restore_source: r.restore_source,
         description: r.description,
-        ..CaptureParams::default()
     })
 }
 
@@ -316,7 +317,10 @@ impl proto::image_service_server::ImageService for Api {
 
     async fn get_image(&self, req: Request<proto::GetImageRequest>) -> ApiResult<proto::Image> {
         let r = req.into_inner();
-        let rec = self.ctl.image(names::parse(IMAGES, &r.name, "name")?).await?;
+        let rec = self
+            .ctl
+            .image(names::parse(IMAGES, &r.name, "name")?)
+            .await?;
         Ok(Response::new(convert::image(&rec)))
     }
 
@@ -396,7 +400,9 @@ type OpStream = Pin<Box<dyn Stream<Item = std::result::Result<lro::Operation, St
 /// The operations half, shared by `imaged.v1.OperationService` and `google.longrunning.Operations`.
 impl Api {
     async fn get_op(&self, name: &str) -> Result<lro::Operation> {
-        let op = self.ctl.operation(names::parse(OPERATIONS, name, "name")?)?;
+        let op = self
+            .ctl
+            .operation(names::parse(OPERATIONS, name, "name")?)?;
         Ok(self.envelope(&op).await)
     }
 
@@ -536,10 +542,7 @@ impl proto::operation_service_server::OperationService for Api {
         Ok(Response::new(self.cancel_op(&req.into_inner().name).await?))
     }
 
-    async fn delete_operation(
-        &self,
-        req: Request<proto::DeleteOperationRequest>,
-    ) -> ApiResult<()> {
+    async fn delete_operation(&self, req: Request<proto::DeleteOperationRequest>) -> ApiResult<()> {
         self.delete_op(&req.into_inner().name)?;
         Ok(Response::new(()))
     }
@@ -576,18 +579,12 @@ impl lro::operations_server::Operations for Api {
         Ok(Response::new(self.get_op(&req.into_inner().name).await?))
     }
 
-    async fn delete_operation(
-        &self,
-        req: Request<lro::DeleteOperationRequest>,
-    ) -> ApiResult<()> {
+    async fn delete_operation(&self, req: Request<lro::DeleteOperationRequest>) -> ApiResult<()> {
         self.delete_op(&req.into_inner().name)?;
         Ok(Response::new(()))
     }
 
-    async fn cancel_operation(
-        &self,
-        req: Request<lro::CancelOperationRequest>,
-    ) -> ApiResult<()> {
+    async fn cancel_operation(&self, req: Request<lro::CancelOperationRequest>) -> ApiResult<()> {
         self.cancel_op(&req.into_inner().name).await?;
         Ok(Response::new(()))
     }

@@ -4,7 +4,7 @@
 //! on stdout) and exit codes that say what happened (see [`exit`]).
 
 mod output;
-mod view;
+pub mod view;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -232,7 +232,6 @@ enum FormatArg {
     Raw,
 }
 
-
 /// Parses arguments, runs the command, returns the exit code.
 pub fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
@@ -326,7 +325,12 @@ fn format_enum(f: FormatArg) -> i32 {
 /// `--prep` values (comma-separated names, or `all`) as the API's enum values, in order, once.
 fn prep_enums(prep: &[String]) -> Result<Vec<i32>, tonic::Status> {
     use proto::PrepStep as P;
-    let all = [P::Dhcp, P::UdevNetRules, P::SetpasswdHook, P::FstabDataDisks];
+    let all = [
+        P::Dhcp,
+        P::UdevNetRules,
+        P::SetpasswdHook,
+        P::FstabDataDisks,
+    ];
     let mut out: Vec<i32> = Vec::new();
     for name in prep.iter().flat_map(|p| p.split(',')).map(str::trim) {
         let steps: Vec<P> = match name {

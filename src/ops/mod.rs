@@ -394,15 +394,11 @@ impl Controller {
     }
 
     fn entry(&self, id: &str) -> Result<Arc<OpEntry>> {
-        self.table()
-            .ops
-            .get(id)
-            .cloned()
-            .ok_or_else(|| {
-                not_found(format!("operation {id} not found"))
-                    .with_reason("OPERATION_NOT_FOUND")
-                    .with_subject(format!("operations/{id}"))
-            })
+        self.table().ops.get(id).cloned().ok_or_else(|| {
+            not_found(format!("operation {id} not found"))
+                .with_reason("OPERATION_NOT_FOUND")
+                .with_subject(format!("operations/{id}"))
+        })
     }
 
     fn request_in(t: &Table, request_id: &str) -> Option<Operation> {

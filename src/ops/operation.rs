@@ -259,13 +259,15 @@ impl OpEntry {
         let facts = self.facts().clone();
         let p = &self.progress;
         let done = p.bytes_done.load(Relaxed);
+        // Throughput is a running operation's figure: a finished one shows 0, not a rate that
+        // decays as time passes after its end.
         let rate = self
             .saving_since
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .map(|t| {
                 let secs = t.elapsed().as_secs_f64();
-                if secs > 0.05 {
+                if secs > 0.05 && !st.state.is_terminal() {
                     (done as f64 / secs) as u64
                 } else {
                     0

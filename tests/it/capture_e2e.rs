@@ -8,9 +8,9 @@
 use std::path::Path;
 use std::time::Duration;
 
+use crate::support::api::proto;
 use crate::support::daemon::{assert_identical, assert_qcow2_clean, state, Daemon};
 use crate::support::lab::{virsh, Lab, SystemDisk};
-use imaged::proto;
 use tonic::Code;
 
 fn capture_req(domain: &str, name: &str) -> proto::CaptureRequest {
@@ -75,12 +75,12 @@ async fn cold_capture_of_a_real_guest_round_trips_and_boots() {
     let op = d.wait_op(&op.id).await;
     d.assert_active(&op);
     let p = op.progress.unwrap();
-    assert_eq!(p.bytes_total, 2 << 30);
+    assert_eq!(p.total_bytes, 2 << 30);
     assert!(
-        p.bytes_read < p.bytes_total / 2,
+        p.read_bytes < p.total_bytes / 2,
         "holes must not be read: {p:?}"
     );
-    assert!(p.bytes_new > 0);
+    assert!(p.new_bytes > 0);
     let img = d.imagectl_json(&["image", "first"]);
     assert_eq!(img["consistency"], "cold");
     assert_eq!(img["source_domain"], guest.name());
@@ -89,8 +89,8 @@ async fn cold_capture_of_a_real_guest_round_trips_and_boots() {
     // A second capture of the unchanged disk, through imagectl, stores no new chunk.
     let op2 = d.imagectl_json(&["capture", guest.name(), "--name", "second"]);
     assert_eq!(op2["state"], "active", "{op2}");
-    assert_eq!(op2["progress"]["bytes_new"], 0, "{op2}");
-    assert!(op2["progress"]["bytes_existing"].as_u64().unwrap() > 0);
+    assert_eq!(op2["progress"]["new_bytes"], 0, "{op2}");
+    assert!(op2["progress"]["existing_bytes"].as_u64().unwrap() > 0);
     assert_eq!(
         d.imagectl_json(&["image", "second"])["content_digest"],
         img["content_digest"]

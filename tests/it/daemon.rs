@@ -6,12 +6,12 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
+use crate::support::api::proto;
 use crate::support::daemon::{
     assert_identical, assert_qcow2_clean, chunk_files, get_op, mode_of, run, state, Daemon,
     DaemonOptions, Tmpfs, SERVICES,
 };
 use crate::support::lab::qcow2_overlay;
-use imaged::proto;
 use tonic::Code;
 
 /// A 1 GiB qcow2 with data, written zeros and holes; two chunks hold the same bytes.
@@ -309,13 +309,13 @@ async fn import_export_round_trip_and_dedup() {
     let op = import(&d, &src, "golden").await;
     assert_eq!(state(&op), proto::OperationState::Active, "{op:?}");
     let p = op.progress.unwrap();
-    assert_eq!(p.bytes_total, 1 << 30);
-    assert_eq!(p.bytes_done, 1 << 30);
+    assert_eq!(p.total_bytes, 1 << 30);
+    assert_eq!(p.done_bytes, 1 << 30);
     // Holes and zeros are never read: only the extents with data are.
     assert!(
-        p.bytes_read <= 16 << 20,
+        p.read_bytes <= 16 << 20,
         "read {} bytes of a 1 GiB disk holding 13.1 MiB",
-        p.bytes_read
+        p.read_bytes
     );
     // Five data chunks, two of them identical: four chunk files. (Two workers may both store
     // the identical pair at the same moment; the file is still one.)
@@ -346,7 +346,7 @@ async fn import_export_round_trip_and_dedup() {
     let before = chunk_files(&d.repo).len();
     let op2 = import(&d, &src, "golden-again").await;
     assert_eq!(state(&op2), proto::OperationState::Active);
-    assert_eq!(op2.progress.unwrap().bytes_new, 0);
+    assert_eq!(op2.progress.unwrap().new_bytes, 0);
     assert_eq!(chunk_files(&d.repo).len(), before);
     let img2 = d.imagectl_json(&["image", "golden-again"]);
     assert_eq!(img2["content_digest"], img["content_digest"]);
@@ -559,9 +559,9 @@ async fn cancel_mid_capture_leaves_nothing() {
     loop {
         let o = get_op(&mut ops, &op.id).await;
         let p = o.progress.unwrap_or_default();
-        if p.bytes_done > 0 {
+        if p.done_bytes > 0 {
             assert!(
-                p.bytes_done < p.bytes_total,
+                p.done_bytes < p.total_bytes,
                 "capture finished before it could be cancelled"
             );
             break;

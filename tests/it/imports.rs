@@ -7,10 +7,10 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use crate::support::api::proto;
 use crate::support::daemon::{
     assert_identical, chunk_files, get_op, run, state, Daemon, DaemonOptions,
 };
-use imaged::proto;
 use tonic::Code;
 
 fn req(path: &Path, format: &str, name: &str, request_id: &str) -> proto::ImportRequest {
@@ -428,7 +428,7 @@ async fn a_damaged_chunk_is_replaced_by_the_next_import() {
     let op = import_ok(&d, &src, "qcow2", "second").await;
     let p = op.progress.unwrap_or_default();
     assert_eq!(
-        p.bytes_new,
+        p.new_bytes,
         8 << 20,
         "both chunks must be stored again: {p:?}"
     );

@@ -7,9 +7,9 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use crate::support::api::proto;
 use crate::support::daemon::{get_op, run, state, Daemon, DaemonOptions};
 use crate::support::lab::{Guest, Lab};
-use imaged::proto;
 use tonic::Code;
 
 fn req(domain: &str, name: &str, mode: proto::CaptureMode) -> proto::CaptureRequest {

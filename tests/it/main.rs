@@ -13,6 +13,7 @@
 
 mod support;
 
+mod api_v1;
 mod capture_e2e;
 mod daemon;
 mod guest_prep;

@@ -180,7 +180,7 @@ async fn shutdown_capture_with_prep_prepares_the_image_restarts_and_restores_the
     // the guest again and undoes the prep (from the host's copy: the guest's /run is new).
     let mut images = d.images().await;
     let op = images
-        .capture(imaged::proto::CaptureRequest {
+        .capture(crate::support::api::proto::CaptureRequest {
             domain: g.name().into(),
             image_name: "killed".into(),
             mode: imaged::proto::CaptureMode::Shutdown as i32,
@@ -196,14 +196,16 @@ async fn shutdown_capture_with_prep_prepares_the_image_restarts_and_restores_the
     let mut ops = d.ops().await;
     loop {
         let o = ops
-            .get_operation(imaged::proto::GetOperationRequest { id: op.id.clone() })
+            .get_operation(crate::support::api::proto::GetOperationRequest { id: op.id.clone() })
             .await
             .unwrap()
             .into_inner();
         if !o.prep.is_empty() {
             // The prep is applied; the shutdown begins.
             assert!(
-                o.prep.iter().any(|r| r.outcome == "applied"),
+                o.prep
+                    .iter()
+                    .any(|r| r.outcome == imaged::proto::PrepOutcome::Applied as i32),
                 "{:?}",
                 o.prep
             );

@@ -12,9 +12,9 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use crate::support::api::proto;
 use crate::support::daemon::{run, stdout_json, Daemon, SERVICES};
 use crate::support::lab::Lab;
-use imaged::proto;
 
 /// Panics, naming the fix, unless python3 can import grpcio, grpcio-tools, grpcio-reflection.
 fn require_python_grpc() {
@@ -110,7 +110,7 @@ async fn python_grpcio_client_with_default_authority() {
     );
     assert_eq!(out["import"]["state"], "OPERATION_STATE_ACTIVE", "{out}");
     assert_eq!(out["import"]["image_name"], "py-import", "{out}");
-    assert_eq!(out["import"]["bytes_total"], 64 << 20, "{out}");
+    assert_eq!(out["import"]["total_bytes"], 64 << 20, "{out}");
     assert_eq!(out["image"]["name"], "py-import", "{out}");
     assert_eq!(out["image"]["virtual_size"], 64 << 20, "{out}");
     assert_eq!(out["image"]["source_format"], "qcow2", "{out}");

@@ -32,10 +32,9 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime};
 
-use imaged::proto;
-use imaged::proto::operation_service_client::OperationServiceClient;
+use crate::support::api::proto;
+use crate::support::api::Ops;
 use proto::OperationState as St;
-use tonic::transport::Channel;
 
 use crate::support::daemon::{get_op, state, Daemon, DaemonOptions};
 use crate::support::lab::{agent_command, virsh, Guest, Lab};
@@ -128,12 +127,7 @@ fn terminal(s: St) -> bool {
 
 /// Polls an operation until it is in `want`; panics (the stage cannot be set up) when it ends
 /// or does not get there within `limit`.
-async fn wait_for(
-    ops: &mut OperationServiceClient<Channel>,
-    id: &str,
-    want: St,
-    limit: Duration,
-) -> proto::Operation {
+async fn wait_for(ops: &mut Ops, id: &str, want: St, limit: Duration) -> proto::Operation {
     let t0 = Instant::now();
     loop {
         let o = get_op(ops, id).await;
@@ -152,7 +146,7 @@ async fn wait_for(
 }
 
 /// Polls an operation until it has left QUEUED.
-async fn wait_dequeued(ops: &mut OperationServiceClient<Channel>, id: &str) -> St {
+async fn wait_dequeued(ops: &mut Ops, id: &str) -> St {
     let t0 = Instant::now();
     loop {
         let s = state(&get_op(ops, id).await);

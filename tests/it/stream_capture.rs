@@ -8,12 +8,12 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::support::api::proto;
 use crate::support::daemon::{
     assert_identical, assert_qcow2_clean, mode_of, run, Daemon, DaemonOptions,
 };
 use crate::support::lab::Lab;
 use crate::support::servers::{Glance, GLANCE_LOCK, S3, S3_LOCK};
-use imaged::proto;
 use tonic::Code;
 
 const PROJECT: &str = "imaged-stream-e2e";

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use imaged::proto;
+use super::api::{proto, Images, Ops};
 use imaged::proto::image_service_client::ImageServiceClient;
 use imaged::proto::operation_service_client::OperationServiceClient;
 use tonic::transport::Channel;
@@ -186,12 +186,12 @@ impl Daemon {
             .expect("connecting to imaged")
     }
 
-    pub async fn images(&self) -> ImageServiceClient<Channel> {
-        ImageServiceClient::new(self.channel().await)
+    pub async fn images(&self) -> Images {
+        Images(ImageServiceClient::new(self.channel().await))
     }
 
-    pub async fn ops(&self) -> OperationServiceClient<Channel> {
-        OperationServiceClient::new(self.channel().await)
+    pub async fn ops(&self) -> Ops {
+        Ops(OperationServiceClient::new(self.channel().await))
     }
 
     /// Runs the real `imagectl` against this daemon.
@@ -306,15 +306,16 @@ fn uses_lab_libvirt(extra_toml: &str) -> bool {
 }
 
 /// The gRPC services the daemon serves, as reflection lists them.
-pub const SERVICES: [&str; 4] = [
+pub const SERVICES: [&str; 5] = [
     "imaged.v1.ImageService",
     "imaged.v1.DomainService",
     "imaged.v1.OperationService",
+    "google.longrunning.Operations",
     "grpc.health.v1.Health",
 ];
 
 /// One `GetOperation` call on a client the caller keeps (polling loops stay fast).
-pub async fn get_op(ops: &mut OperationServiceClient<Channel>, id: &str) -> proto::Operation {
+pub async fn get_op(ops: &mut Ops, id: &str) -> proto::Operation {
     ops.get_operation(proto::GetOperationRequest { id: id.into() })
         .await
         .unwrap()
