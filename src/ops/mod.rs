@@ -35,6 +35,7 @@ pub mod journal;
 pub mod mode;
 pub mod operation;
 pub mod prep;
+pub mod store;
 #[cfg(test)]
 mod tests;
 
