@@ -220,7 +220,7 @@ impl proto::operation_service_server::OperationService for Api {
         &self,
         _: Request<proto::ListOperationsRequest>,
     ) -> ApiResult<proto::ListOperationsResponse> {
-        let ops = self.ctl.operations();
+        let ops = self.ctl.operations()?;
         Ok(Response::new(proto::ListOperationsResponse {
             operations: ops.iter().map(convert::operation).collect(),
         }))

@@ -166,7 +166,9 @@ fn main() -> std::process::ExitCode {
         let unsure = journal.end_orphan_jobs(hv.clone()).await;
         journal.sweep_run_dir(&unsure);
         let repo = Repository::open(&cfg.repository.path)?;
-        let ctl = Controller::new(cfg.clone(), hv, repo);
+        // Operations the previous run left unfinished are ended here, after recovery (their
+        // messages say what recovery did) and before anything is served.
+        let ctl = Controller::open(cfg.clone(), hv, repo)?;
         ctl.adopt_journal();
         imaged::api::server::serve(&cfg, ctl, stop).await
     });

@@ -118,7 +118,8 @@ impl Daemon {
         std::fs::write(
             &config,
             format!(
-                "[daemon]\nsocket = {socket:?}\nlog_level = \"debug\"\n{}\n[repository]\npath = {repo:?}\n{}\n[capture]\nrun_dir = {:?}\n{}\n{}\n",
+                "[daemon]\nsocket = {socket:?}\nlog_level = \"debug\"\nstate_dir = {:?}\n{}\n[repository]\npath = {repo:?}\n{}\n[capture]\nrun_dir = {:?}\n{}\n{}\n",
+                dir.path().join("state"),
                 opts.daemon_toml,
                 opts.repository_toml,
                 dir.path().join("run"),
