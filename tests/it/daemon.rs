@@ -160,8 +160,9 @@ fn sigterm_during_start_up_stops_gracefully() {
     std::fs::remove_file(&d.socket).ok();
 }
 
-/// Two daemons on one run directory would "recover" each other's running captures: the second
-/// one is refused at start, naming the directory, and the first keeps serving.
+/// Two daemons on one run directory would "recover" each other's running captures, on one
+/// state directory end each other's operations: the second one is refused at start, naming
+/// the directory, and the first keeps serving.
 #[test]
 fn a_second_daemon_on_the_same_run_directory_is_refused() {
     let d = Daemon::start();
@@ -184,6 +185,33 @@ fn a_second_daemon_on_the_same_run_directory_is_refused() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "a second daemon started: {err}");
     assert!(err.contains("another imaged uses run directory"), "{err}");
+    assert!(!socket.exists());
+    // Another run directory, the same state directory: it would end the first one's running
+    // operations as interrupted.
+    let run = d.run_dir();
+    std::fs::write(
+        &other,
+        cfg.replace(
+            &format!("socket = {:?}", d.socket),
+            &format!("socket = {socket:?}"),
+        )
+        .replace(
+            &format!("run_dir = {run:?}"),
+            &format!("run_dir = {:?}", d.dir.path().join("run2")),
+        ),
+    )
+    .unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_imaged"))
+        .arg("--config")
+        .arg(&other)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "a second daemon started: {err}");
+    assert!(
+        err.contains("another imaged uses state directory") && err.contains("daemon.state_dir"),
+        "{err}"
+    );
     assert!(!socket.exists());
     assert!(std::os::unix::net::UnixStream::connect(&d.socket).is_ok());
 }
