@@ -14,6 +14,8 @@ use crate::error::{invalid, Error, Result};
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/imaged/imaged.toml";
 /// Default unix socket of the gRPC API.
 pub const DEFAULT_SOCKET: &str = "/run/imaged/imaged.sock";
+/// Default `[daemon] state_dir` (systemd's `StateDirectory=imaged`).
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/imaged";
 
 /// The whole configuration.
 #[derive(Debug, Clone, Deserialize, Default)]
@@ -44,8 +46,15 @@ pub struct DaemonConfig {
     pub log_level: String,
     /// How many operations may run at once; more wait QUEUED.
     pub max_running_operations: usize,
-    /// How many finished operations are kept for `Get`/`List`.
+    /// No longer used (finished operations are kept for `operation_retention_days`); still
+    /// accepted so that existing config files load.
     pub keep_finished_operations: usize,
+    /// Directory of the daemon's own durable state (the operations database
+    /// `operations.db`); must survive reboots, so not under `/run`.
+    pub state_dir: PathBuf,
+    /// How many days a finished operation stays readable (`Get`/`List`), 1 to 3650; pruned at
+    /// start and hourly. A `request_id` is honoured for 24 hours regardless.
+    pub operation_retention_days: u32,
 }
 
 impl Default for DaemonConfig {
@@ -58,6 +67,8 @@ impl Default for DaemonConfig {
             log_level: "info".into(),
             max_running_operations: 2,
             keep_finished_operations: 200,
+            state_dir: PathBuf::from(DEFAULT_STATE_DIR),
+            operation_retention_days: 7,
         }
     }
 }
@@ -264,6 +275,18 @@ impl Config {
                 d.max_running_operations
             )));
         }
+        if !d.state_dir.is_absolute() {
+            return Err(invalid(format!(
+                "daemon.state_dir must be an absolute path, got {:?}",
+                d.state_dir
+            )));
+        }
+        if !(1..=3650).contains(&d.operation_retention_days) {
+            return Err(invalid(format!(
+                "daemon.operation_retention_days must be 1 to 3650, got {}",
+                d.operation_retention_days
+            )));
+        }
         if self.libvirt.uri.trim().is_empty() {
             return Err(invalid("libvirt.uri must not be empty"));
         }
@@ -369,6 +392,8 @@ mod tests {
         assert_eq!(c.socket_mode().unwrap(), 0o660);
         assert_eq!(c.export_file_mode().unwrap(), 0o600);
         assert_eq!(c.repository.path, PathBuf::from("/var/lib/imaged/repo"));
+        assert_eq!(c.daemon.state_dir, PathBuf::from("/var/lib/imaged"));
+        assert_eq!(c.daemon.operation_retention_days, 7);
     }
 
     #[test]
@@ -408,6 +433,15 @@ mod tests {
                 "daemon.tcp_listen",
             ),
             ("[daemon]\nlog_level = \"loud\"", "daemon.log_level"),
+            ("[daemon]\nstate_dir = \"state\"", "daemon.state_dir"),
+            (
+                "[daemon]\noperation_retention_days = 0",
+                "daemon.operation_retention_days",
+            ),
+            (
+                "[daemon]\noperation_retention_days = 3651",
+                "daemon.operation_retention_days",
+            ),
             ("[capture]\nreaders = 0", "capture.readers"),
             (
                 "[libvirt]\nreconnect_timeout_secs = 7200",

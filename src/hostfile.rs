@@ -50,6 +50,12 @@ pub fn parse_mode(s: &str, key: &str) -> Result<u32> {
     Ok(mode)
 }
 
+/// Removes the temp files that writers of the destination `path` left when their process
+/// died (see [`Destination::remove_temp_files`]); the final file is not touched.
+pub fn remove_temp_files(path: &Path) -> Result<usize> {
+    Destination::open(path, true, "destination")?.remove_temp_files()
+}
+
 /// The directory of a destination file, opened without following symbolic links, and the
 /// file's name in it.
 #[derive(Debug)]
@@ -153,12 +159,66 @@ impl Destination {
         }
     }
 
-    /// Creates the temp file (mode `mode` exactly) that [`NewFile::commit`] renames into place.
-    pub fn create(self, mode: u32) -> Result<NewFile> {
+    /// The start of the temp file names of this destination: `.NAME.` (the name cut at 128
+    /// bytes), followed by a random `w-…` id and `.part`.
+    fn temp_prefix(&self) -> Vec<u8> {
         let mut tmp = b".".to_vec();
         // Keep the temp name within NAME_MAX however long the final name is.
         tmp.extend_from_slice(&self.name[..self.name.len().min(128)]);
-        tmp.extend_from_slice(format!(".{}.part", crate::util::random_id("w")).as_bytes());
+        tmp.extend_from_slice(b".w-");
+        tmp
+    }
+
+    /// Removes the temp files a writer of this destination left when its process died
+    /// (regular files named as [`Destination::create`] names them; nothing else, no link).
+    /// Returns how many went.
+    pub fn remove_temp_files(&self) -> Result<usize> {
+        let prefix = self.temp_prefix();
+        let shown = self.path.display();
+        let what = &self.what;
+        // The directory as opened (no path walked again): its fd's entry in /proc.
+        let listing = format!("/proc/self/fd/{}", self.dir.as_raw_fd());
+        let rd = std::fs::read_dir(&listing)
+            .map_err(|e| Error::io(format!("{what} {shown}: listing its directory"), e))?;
+        let mut removed = 0;
+        for entry in rd.flatten() {
+            let name = entry.file_name();
+            let bytes = name.as_bytes();
+            let Some(rest) = bytes.strip_prefix(prefix.as_slice()) else {
+                continue;
+            };
+            let Some(id) = rest.strip_suffix(b".part") else {
+                continue;
+            };
+            if id.len() != 16 || !id.iter().all(u8::is_ascii_hexdigit) {
+                continue;
+            }
+            let c = cstr(bytes)?;
+            match stat_at(&self.dir, &c) {
+                Ok(Some(st)) if st.st_mode & libc::S_IFMT == libc::S_IFREG => {}
+                _ => continue,
+            }
+            // SAFETY: the directory fd is open and the name NUL-terminated.
+            if unsafe { libc::unlinkat(self.dir.as_raw_fd(), c.as_ptr(), 0) } != 0 {
+                let e = io::Error::last_os_error();
+                return Err(Error::io(
+                    format!(
+                        "{what} {shown}: removing temp file {}",
+                        String::from_utf8_lossy(bytes)
+                    ),
+                    e,
+                ));
+            }
+            removed += 1;
+        }
+        Ok(removed)
+    }
+
+    /// Creates the temp file (mode `mode` exactly) that [`NewFile::commit`] renames into place.
+    pub fn create(self, mode: u32) -> Result<NewFile> {
+        let mut tmp = self.temp_prefix();
+        tmp.extend_from_slice(&crate::util::random_id("w").as_bytes()[2..]);
+        tmp.extend_from_slice(b".part");
         let tmp = cstr(&tmp)?;
         let what = format!(
             "{} {}: creating its temp file",
@@ -444,6 +504,47 @@ mod tests {
             Err(DirProblem::Missing(p)) => assert_eq!(p, d.path().join("nope")),
             _ => panic!("missing directory"),
         }
+    }
+
+    #[test]
+    fn temp_files_of_a_dead_writer_are_removed_and_nothing_else() {
+        let d = tempfile::tempdir().unwrap();
+        let dest = d.path().join("out.qcow2");
+        let left = Destination::open(&dest, false, "t")
+            .unwrap()
+            .create(0o600)
+            .unwrap();
+        let tmp_name = std::ffi::OsStr::from_bytes(left.tmp.as_bytes()).to_owned();
+        std::mem::forget(left); // as if the process died
+        assert!(d.path().join(&tmp_name).exists());
+        for other in [
+            ".out.qcow2.w-notanid.part",
+            ".other.w-0123456789abcdef.part",
+            "out.qcow2",
+        ] {
+            std::fs::write(d.path().join(other), b"x").unwrap();
+        }
+        std::os::unix::fs::symlink(
+            "/etc/passwd",
+            d.path().join(".out.qcow2.w-0123456789abcdef.part"),
+        )
+        .unwrap();
+        assert_eq!(remove_temp_files(&dest).unwrap(), 1);
+        assert!(!d.path().join(&tmp_name).exists());
+        let mut names: Vec<String> = std::fs::read_dir(d.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        assert_eq!(
+            names,
+            [
+                ".other.w-0123456789abcdef.part",
+                ".out.qcow2.w-0123456789abcdef.part",
+                ".out.qcow2.w-notanid.part",
+                "out.qcow2"
+            ]
+        );
     }
 
     #[test]

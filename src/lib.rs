@@ -7,7 +7,8 @@
 //!   [`cli`] (`imagectl`, a gRPC client).
 //! - [`ops`]: the one internal API, the [`ops::Controller`]. Every action (capture, plan prep,
 //!   import, export, delete, cancel) with its preconditions; operations with their state
-//!   machine, progress and per-domain lock; the journal that finishes interrupted work; the
+//!   machine, progress and per-domain lock, kept across restarts in the operations database
+//!   ([`ops::store`], SQLite); the journal that finishes interrupted work; the
 //!   capture state machine of each mode ([`ops::capture`]).
 //! - [`config`]: the daemon's settings.
 //! - The data road: [`capture`] (a block source through qemu-nbd or a backup export and our

@@ -421,7 +421,7 @@ impl Api {
             convert::OPERATION_FIELDS,
             "create_time desc",
         )?;
-        let (page, next) = q.page(self.ctl.operations())?;
+        let (page, next) = q.page(self.ctl.operations()?)?;
         let mut out = Vec::with_capacity(page.len());
         for op in &page {
             out.push(self.envelope(op).await);

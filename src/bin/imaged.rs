@@ -55,14 +55,18 @@ fn hold_stop_signals(block: bool) {
     }
 }
 
-/// Takes the run directory's lock (`<run_dir>/imaged.lock`, held for the daemon's life), or
-/// fails naming the directory when another daemon holds it.
-fn lock_run_dir(run_dir: &std::path::Path) -> imaged::error::Result<std::fs::File> {
+/// Takes a directory's lock (`<dir>/imaged.lock`, held for the daemon's life), or fails naming
+/// the directory (`what`, its config key `key`) when another daemon holds it.
+fn lock_dir(
+    run_dir: &std::path::Path,
+    what: &str,
+    key: &str,
+) -> imaged::error::Result<std::fs::File> {
     use imaged::error::{Error, ErrorKind};
     use std::os::unix::fs::OpenOptionsExt;
     use std::os::unix::io::AsRawFd;
     std::fs::create_dir_all(run_dir)
-        .map_err(|e| Error::io(format!("creating run directory {}", run_dir.display()), e))?;
+        .map_err(|e| Error::io(format!("creating {what} {}", run_dir.display()), e))?;
     let path = run_dir.join("imaged.lock");
     let f = std::fs::OpenOptions::new()
         .create(true)
@@ -76,7 +80,7 @@ fn lock_run_dir(run_dir: &std::path::Path) -> imaged::error::Result<std::fs::Fil
         return Err(Error::new(
             ErrorKind::FailedPrecondition,
             format!(
-                "another imaged uses run directory {} (it holds {}); stop it first, or give this one another capture.run_dir",
+                "another imaged uses {what} {} (it holds {}); stop it first, or give this one another {key}",
                 run_dir.display(),
                 path.display()
             ),
@@ -151,7 +155,9 @@ fn main() -> std::process::ExitCode {
         hold_stop_signals(false);
         // One daemon per run directory: a second one must not "recover" the captures the
         // first is running (thaw its guests mid-freeze, end its backup jobs).
-        let _run_lock = lock_run_dir(&cfg.capture.run_dir)?;
+        let _run_lock = lock_dir(&cfg.capture.run_dir, "run directory", "capture.run_dir")?;
+        // Nor may it end the operations the first one runs as "interrupted".
+        let _state_lock = lock_dir(&cfg.daemon.state_dir, "state directory", "daemon.state_dir")?;
         let hv = Arc::new(
             Libvirt::new(&cfg.libvirt.uri).with_reconnect_timeout(cfg.libvirt.reconnect_timeout()),
         );
@@ -166,7 +172,9 @@ fn main() -> std::process::ExitCode {
         let unsure = journal.end_orphan_jobs(hv.clone()).await;
         journal.sweep_run_dir(&unsure);
         let repo = Repository::open(&cfg.repository.path)?;
-        let ctl = Controller::new(cfg.clone(), hv, repo);
+        // Operations the previous run left unfinished are ended here, after recovery (their
+        // messages say what recovery did) and before anything is served.
+        let ctl = Controller::open(cfg.clone(), hv, repo)?;
         ctl.adopt_journal();
         imaged::api::server::serve(&cfg, ctl, stop).await
     });

@@ -14,8 +14,9 @@
 //! | [`Controller::list_images`] | — | images of the repository |
 //! | [`Controller::image`] | the image exists | one image |
 //! | [`Controller::delete_image`] | the image exists and no export reads it | chunks freed |
-//! | [`Controller::operation`], [`Controller::operations`], [`Controller::watch`] | the operation is known | snapshots |
+//! | [`Controller::operation`], [`Controller::operations`], [`Controller::watch`], [`Controller::wait_operation`] | the operation is known (running, or ended within `[daemon] operation_retention_days`) | snapshots |
 //! | [`Controller::cancel`] | the operation has not ended | it ends CANCELLED, leaving no partial image |
+//! | [`Controller::delete_operation`] | the operation has ended (else FAILED_PRECONDITION naming its state) | it is forgotten, with its request_id |
 //!
 //! Every row is tested against an in-memory hypervisor in this module's `tests.rs`.
 //!
@@ -26,19 +27,31 @@
 //! failed capture leaves no image.
 //!
 //! A `request_id` given to capture, import or export makes a retried call return the
-//! operation of the first call instead of starting another; the parameters must be the same as
-//! the first call's (else INVALID_ARGUMENT).
+//! operation of the first call instead of starting another, for 24 hours and across restarts
+//! of the daemon; the parameters must be the same as the first call's (else INVALID_ARGUMENT).
+//!
+//! Operations are durable ([`store`]): each is written to the operations database when it is
+//! queued, before the call returns and before any work starts, then at each change of state
+//! and at its end. Progress counters are saved with those changes only, not while bytes flow:
+//! a running operation is always read from memory, and the saved counters matter only for an
+//! operation a stop of the daemon interrupted. Only operations that have not ended (and an
+//! ended one whose end could not be saved yet) are kept in memory; the rest is read from the
+//! database, where an ended operation stays for `[daemon] operation_retention_days`. At start,
+//! the operations a previous run left unfinished are ended (`history.rs`): an operation is
+//! never shown running when nothing runs it.
 
 pub mod capture;
+mod history;
 mod janitor;
 pub mod journal;
 pub mod mode;
 pub mod operation;
 pub mod prep;
+pub mod store;
 #[cfg(test)]
 mod tests;
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -53,13 +66,14 @@ use crate::export;
 use crate::format::Format;
 use crate::hypervisor::{DomainInfo, Hypervisor};
 use crate::repo::{DeleteStats, ImageRecord, ImageWriter, Repository};
-use crate::util::validate_image_name;
+use crate::util::{now_unix, validate_image_name};
 pub use capture::{CaptureParams, TargetSpec};
 pub use mode::{parse_mode, Mode};
 pub use operation::{
     OpEntry, OpError, OpKind, OpState, OpStatus, Operation, PrepReport, ProgressSnapshot,
     ReportedChange,
 };
+use store::Store;
 
 /// An import request.
 #[derive(Debug, Clone, Default)]
@@ -82,8 +96,8 @@ pub struct ExportParams {
     pub request_id: String,
 }
 
-/// The controller: configuration, the hypervisor, the repository and the operation table; every
-/// action of the public surface is one of its methods.
+/// The controller: configuration, the hypervisor, the repository, the operations database and
+/// the table of running operations; every action of the public surface is one of its methods.
 #[derive(Clone)]
 pub struct Controller {
     inner: Arc<Inner>,
@@ -95,19 +109,18 @@ struct Inner {
     repo: Repository,
     host: String,
     table: Mutex<Table>,
+    store: Arc<Store>,
     slots: Arc<Semaphore>,
 }
 
+/// What lives in memory only. Lock order: the table before the store (the store never calls
+/// out).
 #[derive(Default)]
 struct Table {
-    ops: HashMap<String, Arc<OpEntry>>,
-    order: VecDeque<String>,
-    by_request: HashMap<String, String>,
+    /// Operations that have not ended, and ended ones until their end is saved.
+    live: HashMap<String, Arc<OpEntry>>,
     /// Domain name -> id of the operation holding it.
     domain_locks: HashMap<String, String>,
-    /// Operation id -> the parameters of the call that started it (import, export), so that a
-    /// retry with the same request_id but other parameters is refused.
-    fingerprints: HashMap<String, String>,
 }
 
 /// Runs blocking work on tokio's blocking pool.
@@ -118,22 +131,41 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'sta
 }
 
 impl Controller {
-    /// A controller over `hv` and `repo` with settings from `cfg`.
-    pub fn new(cfg: Config, hv: Arc<dyn Hypervisor>, repo: Repository) -> Controller {
+    /// A controller over `hv` and `repo` with settings from `cfg`, its operations in the
+    /// database under `[daemon] state_dir`. Operations a previous run left unfinished are
+    /// ended first and old ones pruned (see `history.rs`); call it after the journal's
+    /// recovery and before serving.
+    pub fn open(cfg: Config, hv: Arc<dyn Hypervisor>, repo: Repository) -> Result<Controller> {
+        let store = Store::open_in(&cfg.daemon.state_dir)?;
+        Controller::with_store(cfg, hv, repo, store)
+    }
+
+    /// [`Controller::open`] with an opened database.
+    pub fn with_store(
+        cfg: Config,
+        hv: Arc<dyn Hypervisor>,
+        repo: Repository,
+        store: Store,
+    ) -> Result<Controller> {
         let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
             .map(|s| s.trim().to_string())
             .unwrap_or_default();
         let slots = Arc::new(Semaphore::new(cfg.daemon.max_running_operations));
-        Controller {
+        let ctl = Controller {
             inner: Arc::new(Inner {
                 cfg,
                 hv,
                 repo,
                 host,
                 table: Mutex::default(),
+                store: Arc::new(store),
                 slots,
             }),
-        }
+        };
+        ctl.end_interrupted()?;
+        ctl.prune_operations();
+        ctl.spawn_pruner();
+        Ok(ctl)
     }
 
     /// The hypervisor the controller acts on (shared with the health watcher).
@@ -211,11 +243,10 @@ impl Controller {
         op.set_consistency("imported");
         {
             let mut t = self.table();
-            if let Some(op) = Self::request_matching(&t, &p.request_id, OpKind::Import, &fp)? {
+            if let Some(op) = self.request_matching(&t, &p.request_id, OpKind::Import, &fp)? {
                 return Ok(op);
             }
-            self.insert(&mut t, &op);
-            t.fingerprints.insert(op.id.clone(), fp);
+            self.insert(&mut t, &op, "repository", &fp)?;
         }
         tracing::info!(op = %op.id, path = %path, format = %p.format, image = %p.image_name, "import queued");
         let ctl = self.clone();
@@ -256,11 +287,10 @@ impl Controller {
         op.set_location(&path);
         {
             let mut t = self.table();
-            if let Some(op) = Self::request_matching(&t, &p.request_id, OpKind::Export, &fp)? {
+            if let Some(op) = self.request_matching(&t, &p.request_id, OpKind::Export, &fp)? {
                 return Ok(op);
             }
-            self.insert(&mut t, &op);
-            t.fingerprints.insert(op.id.clone(), fp);
+            self.insert(&mut t, &op, &format!("file:{path}"), &fp)?;
         }
         tracing::info!(op = %op.id, image = %p.image_name, path = %path, format = p.format.as_str(), "export queued");
         let ctl = self.clone();
@@ -309,75 +339,97 @@ impl Controller {
 
     /// One operation.
     pub fn operation(&self, id: &str) -> Result<Operation> {
-        Ok(self.entry(id)?.snapshot())
+        if let Some(e) = self.live(id) {
+            return Ok(e.snapshot());
+        }
+        self.inner.store.get(id)?.ok_or_else(|| op_not_found(id))
     }
 
-    /// Every known operation, oldest first.
-    pub fn operations(&self) -> Vec<Operation> {
+    /// Every operation kept (running, or ended within the retention), newest first.
+    pub fn operations(&self) -> Result<Vec<Operation>> {
+        self.operations_page(None, u32::MAX)
+    }
+
+    /// Up to `limit` operations, newest first, after the one created at `after` =
+    /// `(created_at, id)` (keyset paging: pass the last operation of the previous page).
+    pub fn operations_page(
+        &self,
+        after: Option<(i64, &str)>,
+        limit: u32,
+    ) -> Result<Vec<Operation>> {
+        let mut ops = self.inner.store.page(after, limit)?;
         let t = self.table();
-        t.order
-            .iter()
-            .filter_map(|id| t.ops.get(id))
-            .map(|e| e.snapshot())
-            .collect()
+        for op in &mut ops {
+            if let Some(e) = t.live.get(&op.id) {
+                *op = e.snapshot();
+            }
+        }
+        Ok(ops)
     }
 
-    /// Waits until operation `id` ends or `timeout` passes; the operation as it is then.
+    /// The entry of an operation, for watching: the live one while it runs, else a fixed
+    /// record of how it ended.
+    pub fn watch(&self, id: &str) -> Result<Arc<OpEntry>> {
+        if let Some(e) = self.live(id) {
+            return Ok(e);
+        }
+        self.operation(id).map(OpEntry::ended)
+    }
+
+    /// Waits until the operation has ended or `timeout` has passed, and returns it as it is
+    /// then (the caller tells the two apart by its state).
     pub async fn wait_operation(&self, id: &str, timeout: Duration) -> Result<Operation> {
-        let e = self.entry(id)?;
+        let Some(e) = self.live(id) else {
+            return self.operation(id);
+        };
         let mut rx = e.subscribe();
         let _ = tokio::time::timeout(timeout, rx.wait_for(|s| s.state.is_terminal())).await;
         Ok(e.snapshot())
     }
 
-    /// Forgets a finished operation and its request_id; FAILED_PRECONDITION while it runs.
-    pub fn delete_operation(&self, id: &str) -> Result<()> {
-        let mut t = self.table();
-        let e = t
-            .ops
-            .get(id)
-            .cloned()
-            .ok_or_else(|| not_found(format!("operation {id} not found")))?;
-        if !e.state().is_terminal() {
-            return Err(precondition(format!(
-                "operation {id} is still running ({:?}): cancel it first, or wait for it to end",
-                e.state()
-            ))
-            .with_reason("OPERATION_RUNNING")
-            .with_subject(format!("operations/{id}")));
-        }
-        t.ops.remove(id);
-        t.order.retain(|o| o != id);
-        t.by_request.remove(&e.request_id);
-        t.fingerprints.remove(id);
-        Ok(())
-    }
-
-    /// The live entry of an operation, for watching.
-    pub fn watch(&self, id: &str) -> Result<Arc<OpEntry>> {
-        self.entry(id)
-    }
-
     /// Asks an operation to stop; it ends CANCELLED.
     pub fn cancel(&self, id: &str) -> Result<Operation> {
-        let e = self.entry(id)?;
-        let state = e.state();
-        if state.is_terminal() {
+        let Some(e) = self.live(id).filter(|e| !e.state().is_terminal()) else {
+            let op = self.operation(id)?;
             return Err(precondition(format!(
                 "operation {id} has already ended ({}); nothing to cancel",
-                format!("{state:?}").to_uppercase()
+                op.state.name()
             )));
-        }
+        };
         tracing::info!(op = %id, "cancel requested");
         e.cancel.cancel();
         Ok(e.snapshot())
+    }
+
+    /// Forgets an ended operation (and its request_id): FAILED_PRECONDITION while it runs.
+    pub fn delete_operation(&self, id: &str) -> Result<()> {
+        if let Some(e) = self.live(id) {
+            let state = e.state();
+            if !state.is_terminal() {
+                return Err(precondition(format!(
+                    "operation {id} is {} and has not ended; cancel it or wait for its end \
+                     before deleting it",
+                    state.name()
+                ))
+                .with_reason("OPERATION_RUNNING")
+                .with_subject(format!("operations/{id}")));
+            }
+            // Ended, its end not saved yet: save it so that it can go.
+            self.inner.store.update(&e.snapshot())?;
+            self.table().live.remove(id);
+        }
+        if !self.inner.store.delete(id)? {
+            return Err(op_not_found(id));
+        }
+        tracing::info!(op = %id, "operation deleted");
+        Ok(())
     }
 
     /// Cancels every running operation and waits up to `timeout` for them to end.
     pub async fn shutdown(&self, timeout: Duration) {
         let running: Vec<Arc<OpEntry>> = self
             .table()
-            .ops
+            .live
             .values()
             .filter(|e| !e.state().is_terminal())
             .cloned()
@@ -393,42 +445,36 @@ impl Controller {
         }
     }
 
-    fn entry(&self, id: &str) -> Result<Arc<OpEntry>> {
-        self.table().ops.get(id).cloned().ok_or_else(|| {
-            not_found(format!("operation {id} not found"))
-                .with_reason("OPERATION_NOT_FOUND")
-                .with_subject(format!("operations/{id}"))
-        })
+    fn live(&self, id: &str) -> Option<Arc<OpEntry>> {
+        self.table().live.get(id).cloned()
     }
 
-    fn request_in(t: &Table, request_id: &str) -> Option<Operation> {
-        if request_id.is_empty() {
-            return None;
-        }
-        t.by_request
-            .get(request_id)
-            .and_then(|id| t.ops.get(id))
-            .map(|e| e.snapshot())
-    }
-
-    /// The operation a request_id already started, when its kind and parameters (`fp`) are
-    /// the same; INVALID_ARGUMENT when the request_id was used for something else.
+    /// The operation a request_id already started (within its 24 hours), when its kind and
+    /// parameters (`fp`) are the same; INVALID_ARGUMENT when the request_id was used for
+    /// something else. Called with the table locked, so that a check and the insert after it
+    /// are one step.
     fn request_matching(
+        &self,
         t: &Table,
         request_id: &str,
         kind: OpKind,
         fp: &str,
     ) -> Result<Option<Operation>> {
-        let Some(op) = Self::request_in(t, request_id) else {
+        let Some((stored, stored_fp)) = self.inner.store.by_request(request_id, now_unix())? else {
             return Ok(None);
         };
+        let op = t
+            .live
+            .get(&stored.id)
+            .map(|e| e.snapshot())
+            .unwrap_or(stored);
         if op.kind != kind {
             return Err(invalid(format!(
                 "request_id {request_id} was already used for a {:?} operation ({})",
                 op.kind, op.id
             )));
         }
-        if t.fingerprints.get(&op.id).is_some_and(|f| f != fp) {
+        if stored_fp != store::fingerprint(fp) {
             return Err(invalid(format!(
                 "request_id {request_id} was already used for {:?} operation {} with other \
                  parameters; use a new request_id for a different request",
@@ -439,37 +485,27 @@ impl Controller {
     }
 
     fn same_request(&self, request_id: &str, kind: OpKind, fp: &str) -> Result<Option<Operation>> {
-        Self::request_matching(&self.table(), request_id, kind, fp)
+        if request_id.is_empty() {
+            return Ok(None);
+        }
+        self.request_matching(&self.table(), request_id, kind, fp)
     }
 
-    fn insert(&self, t: &mut Table, op: &Arc<OpEntry>) {
-        t.ops.insert(op.id.clone(), op.clone());
-        t.order.push_back(op.id.clone());
-        if !op.request_id.is_empty() {
-            t.by_request.insert(op.request_id.clone(), op.id.clone());
-        }
-        // Forget the oldest finished operations beyond the configured number.
-        let keep = self.inner.cfg.daemon.keep_finished_operations;
-        let finished = t
-            .order
-            .iter()
-            .filter(|id| t.ops.get(*id).is_some_and(|e| e.state().is_terminal()))
-            .count();
-        let mut excess = finished.saturating_sub(keep);
-        let mut i = 0;
-        while excess > 0 && i < t.order.len() {
-            let id = t.order[i].clone();
-            if t.ops.get(&id).is_some_and(|e| e.state().is_terminal()) {
-                if let Some(e) = t.ops.remove(&id) {
-                    t.by_request.remove(&e.request_id);
-                }
-                t.fingerprints.remove(&id);
-                t.order.remove(i);
-                excess -= 1;
-            } else {
-                i += 1;
+    /// Records a new operation in the database (QUEUED, with its request_id and the
+    /// fingerprint `fp` of the call's parameters) and makes it live; each later change of its
+    /// state is saved by a hook. `target` says where its bytes go (see [`store`]).
+    fn insert(&self, t: &mut Table, op: &Arc<OpEntry>, target: &str, fp: &str) -> Result<()> {
+        self.inner
+            .store
+            .insert(&op.snapshot(), target, &store::fingerprint(fp), now_unix())?;
+        let store = self.inner.store.clone();
+        op.on_change(Box::new(move |e| {
+            if let Err(err) = store.update(&e.snapshot()) {
+                tracing::error!(op = %e.id, error = %err.chain(), "cannot save the operation's new state");
             }
-        }
+        }));
+        t.live.insert(op.id.clone(), op.clone());
+        Ok(())
     }
 
     /// Reserves an image name in the repository (checks it is free and the repository writable).
@@ -497,8 +533,20 @@ impl Controller {
             }
         }
         op.finish(&res);
+        // Saved before it leaves memory; an end that cannot be saved stays in memory (and is
+        // saved again by the pruner) so the database never shows it running.
+        let saved = match self.inner.store.update(&op.snapshot()) {
+            Ok(_) => true,
+            Err(e) => {
+                tracing::error!(op = %op.id, error = %e.chain(), "cannot save the end of the operation; kept in memory, retried hourly");
+                false
+            }
+        };
         let cleanup = op.kind == OpKind::Capture && self.has_cleanup(&op.id);
         let mut t = self.table();
+        if saved {
+            t.live.remove(&op.id);
+        }
         if !op.domain.is_empty() && t.domain_locks.get(&op.domain) == Some(&op.id) {
             if cleanup {
                 // The domain stays held until the janitor confirms the cleanup.
@@ -607,4 +655,11 @@ fn check_readable(path: &Path, what: &str) -> Result<()> {
         )
         .with_source(e)),
     }
+}
+
+/// NOT_FOUND for operation `id`, with its reason and resource name.
+fn op_not_found(id: &str) -> Error {
+    not_found(format!("operation {id} not found"))
+        .with_reason("OPERATION_NOT_FOUND")
+        .with_subject(format!("operations/{id}"))
 }

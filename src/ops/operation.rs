@@ -4,9 +4,11 @@
 //! States: `Queued → Preparing → Saving → Active`, or `Failed` / `Cancelled` from any
 //! non-terminal state. Progress counters are atomics the data path updates; a snapshot
 //! ([`Operation`]) reads them together with the state. State changes are published on a
-//! `watch` channel so watchers wake at once.
+//! `watch` channel so watchers wake at once, and handed to a hook the controller sets
+//! ([`OpEntry::on_change`]) that saves them in the operations database ([`super::store`]).
+//! An operation read back from that database is an [`OpEntry::ended`]: a fixed record.
 
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Instant;
 
 use tokio::sync::watch;
@@ -21,6 +23,24 @@ pub enum OpKind {
     Capture,
     Import,
     Export,
+}
+
+impl OpKind {
+    /// The lower-case name stored in the operations database.
+    pub fn name(self) -> &'static str {
+        match self {
+            OpKind::Capture => "capture",
+            OpKind::Import => "import",
+            OpKind::Export => "export",
+        }
+    }
+
+    /// Back from [`OpKind::name`].
+    pub fn parse(s: &str) -> Option<OpKind> {
+        [OpKind::Capture, OpKind::Import, OpKind::Export]
+            .into_iter()
+            .find(|k| k.name() == s)
+    }
 }
 
 /// Where an operation is in its life.
@@ -38,6 +58,32 @@ impl OpState {
     /// True for `Active`, `Failed` and `Cancelled`.
     pub fn is_terminal(self) -> bool {
         matches!(self, OpState::Active | OpState::Failed | OpState::Cancelled)
+    }
+
+    /// The upper-case name, as the API and the operations database spell it.
+    pub fn name(self) -> &'static str {
+        match self {
+            OpState::Queued => "QUEUED",
+            OpState::Preparing => "PREPARING",
+            OpState::Saving => "SAVING",
+            OpState::Active => "ACTIVE",
+            OpState::Failed => "FAILED",
+            OpState::Cancelled => "CANCELLED",
+        }
+    }
+
+    /// Back from [`OpState::name`].
+    pub fn parse(s: &str) -> Option<OpState> {
+        [
+            OpState::Queued,
+            OpState::Preparing,
+            OpState::Saving,
+            OpState::Active,
+            OpState::Failed,
+            OpState::Cancelled,
+        ]
+        .into_iter()
+        .find(|k| k.name() == s)
     }
 }
 
@@ -59,7 +105,8 @@ pub struct OpStatus {
 }
 
 /// A progress reading.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
 pub struct ProgressSnapshot {
     pub bytes_total: u64,
     pub bytes_done: u64,
@@ -71,7 +118,7 @@ pub struct ProgressSnapshot {
 }
 
 /// A consistent snapshot of an operation, as the API shows it.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Operation {
     pub id: String,
     pub kind: OpKind,
@@ -80,6 +127,8 @@ pub struct Operation {
     pub image_name: String,
     pub request_id: String,
     pub path: String,
+    /// Who asked for it (empty until callers are identified).
+    pub requester: String,
     pub progress: ProgressSnapshot,
     pub error: Option<OpError>,
     pub created_at: i64,
@@ -90,12 +139,11 @@ pub struct Operation {
     pub prep: Vec<PrepReport>,
     /// Cancellation was asked for.
     pub cancel_requested: bool,
-    /// Who started it (`uid:0`, `tls:CN=…`); "" when unknown.
-    pub requester: String,
 }
 
 /// A prep step's plan or outcome, as reported on an operation.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
 pub struct PrepReport {
     pub step: String,
     /// "planned", "applied", "unchanged", "not-applicable", "restored", "failed".
@@ -105,7 +153,8 @@ pub struct PrepReport {
 }
 
 /// One change of a prep step: a file (with its diff when planned) or an action (unmount).
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
 pub struct ReportedChange {
     pub path: String,
     pub action: String,
@@ -119,7 +168,11 @@ struct Facts {
     freeze_window_ms: u64,
     location: String,
     prep: Vec<PrepReport>,
+    requester: String,
 }
+
+/// Called with an operation after each change of its state but the end.
+pub type ChangeHook = Box<dyn Fn(&OpEntry) + Send + Sync>;
 
 /// The live record of an operation, shared by the table and the task that runs it.
 pub struct OpEntry {
@@ -134,7 +187,12 @@ pub struct OpEntry {
     pub cancel: CancelToken,
     status: watch::Sender<OpStatus>,
     saving_since: Mutex<Option<Instant>>,
+    /// When it ended (the rate is measured up to then).
+    ended: Mutex<Option<Instant>>,
+    /// The rate of an operation read back from the database.
+    stored_rate: u64,
     facts: Mutex<Facts>,
+    on_change: OnceLock<ChangeHook>,
 }
 
 impl OpEntry {
@@ -164,8 +222,64 @@ impl OpEntry {
             cancel: CancelToken::default(),
             status,
             saving_since: Mutex::new(None),
+            ended: Mutex::new(None),
+            stored_rate: 0,
             facts: Mutex::new(Facts::default()),
+            on_change: OnceLock::new(),
         })
+    }
+
+    /// A fixed entry showing an operation read back from the database: its snapshot is `op`;
+    /// a terminal one never changes, and nothing runs it.
+    pub fn ended(op: Operation) -> Arc<OpEntry> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let (status, _) = watch::channel(OpStatus {
+            state: op.state,
+            error: op.error,
+            updated_at: op.updated_at,
+        });
+        let progress = Progress::default();
+        let p = &op.progress;
+        progress.bytes_total.store(p.bytes_total, Relaxed);
+        progress.bytes_done.store(p.bytes_done, Relaxed);
+        progress.bytes_read.store(p.bytes_read, Relaxed);
+        progress.bytes_zero.store(p.bytes_zero, Relaxed);
+        progress.bytes_new.store(p.bytes_new, Relaxed);
+        progress.bytes_existing.store(p.bytes_existing, Relaxed);
+        Arc::new(OpEntry {
+            id: op.id,
+            kind: op.kind,
+            domain: op.domain,
+            image_name: op.image_name,
+            request_id: op.request_id,
+            path: op.path,
+            created_at: op.created_at,
+            progress: Arc::new(progress),
+            cancel: CancelToken::default(),
+            status,
+            saving_since: Mutex::new(None),
+            ended: Mutex::new(None),
+            stored_rate: op.progress.rate_bytes_per_sec,
+            facts: Mutex::new(Facts {
+                consistency: op.consistency,
+                freeze_window_ms: op.freeze_window_ms,
+                location: op.location,
+                prep: op.prep,
+                requester: op.requester,
+            }),
+            on_change: OnceLock::new(),
+        })
+    }
+
+    /// Sets the hook called after each state change but the end (once; later calls are
+    /// ignored). The controller saves the operation there.
+    pub fn on_change(&self, hook: ChangeHook) {
+        let _ = self.on_change.set(hook);
+    }
+
+    /// Records who asked for the operation (before it is recorded).
+    pub fn set_requester(&self, who: &str) {
+        self.facts().requester = who.to_string();
     }
 
     fn facts(&self) -> std::sync::MutexGuard<'_, Facts> {
@@ -202,7 +316,7 @@ impl OpEntry {
         if state == OpState::Saving {
             *self.saving_since.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
         }
-        self.status.send_if_modified(|s| {
+        let changed = self.status.send_if_modified(|s| {
             if s.state.is_terminal() || s.state == state {
                 return false;
             }
@@ -210,6 +324,11 @@ impl OpEntry {
             s.updated_at = now_unix();
             true
         });
+        if changed {
+            if let Some(hook) = self.on_change.get() {
+                hook(self);
+            }
+        }
     }
 
     /// Ends the operation from a result: ACTIVE, CANCELLED or FAILED with the error.
@@ -236,10 +355,12 @@ impl OpEntry {
                 }),
             ),
         };
+        let ended = &self.ended;
         self.status.send_if_modified(|s| {
             if s.state.is_terminal() {
                 return false;
             }
+            *ended.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
             s.state = state;
             s.error = error;
             s.updated_at = now_unix();
@@ -259,21 +380,23 @@ impl OpEntry {
         let facts = self.facts().clone();
         let p = &self.progress;
         let done = p.bytes_done.load(Relaxed);
-        // Throughput is a running operation's figure: a finished one shows 0, not a rate that
-        // decays as time passes after its end.
+        let until = *self.ended.lock().unwrap_or_else(|p| p.into_inner());
         let rate = self
             .saving_since
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .map(|t| {
-                let secs = t.elapsed().as_secs_f64();
-                if secs > 0.05 && !st.state.is_terminal() {
+                let secs = until
+                    .unwrap_or_else(Instant::now)
+                    .saturating_duration_since(t)
+                    .as_secs_f64();
+                if secs > 0.05 {
                     (done as f64 / secs) as u64
                 } else {
                     0
                 }
             })
-            .unwrap_or(0);
+            .unwrap_or(self.stored_rate);
         Operation {
             id: self.id.clone(),
             kind: self.kind,
@@ -282,6 +405,7 @@ impl OpEntry {
             image_name: self.image_name.clone(),
             request_id: self.request_id.clone(),
             path: self.path.clone(),
+            requester: facts.requester,
             progress: ProgressSnapshot {
                 bytes_total: p.bytes_total.load(Relaxed),
                 bytes_done: done,
@@ -298,8 +422,7 @@ impl OpEntry {
             freeze_window_ms: facts.freeze_window_ms,
             location: facts.location,
             prep: facts.prep,
-            cancel_requested: self.cancel.is_cancelled(),
-            requester: String::new(),
+            cancel_requested: self.cancel.is_cancelled() && !st.state.is_terminal(),
         }
     }
 }

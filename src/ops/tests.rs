@@ -32,9 +32,10 @@ impl World {
         let mut cfg = Config::default();
         cfg.daemon.max_running_operations = 0;
         cfg.capture.run_dir = dir.path().join("run");
+        cfg.daemon.state_dir = dir.path().join("state");
         let repo = Repository::open(&dir.path().join("repo")).unwrap();
         let hv = FakeHypervisor::new(domains);
-        let ctl = Controller::new(cfg, Arc::new(hv.clone()), repo);
+        let ctl = Controller::open(cfg, Arc::new(hv.clone()), repo).unwrap();
         World { ctl, hv, dir }
     }
 
@@ -698,9 +699,258 @@ async fn operations_are_known_and_cancel_only_a_running_one() {
     assert_eq!(kind(w.ctl.cancel("op-nope")), NotFound);
     w.hv.add(w.domain("vm", DomainState::ShutOff));
     let op = w.ctl.capture(capture("vm", Mode::Cold)).await.unwrap();
-    assert_eq!(w.ctl.operations().len(), 1);
+    assert_eq!(w.ctl.operations().unwrap().len(), 1);
     w.cancel_accepted(&op).await;
     assert_eq!(kind(w.ctl.cancel(&op.id)), FailedPrecondition);
+}
+
+// ------------------------------------------------------------------------------- durability
+
+impl World {
+    /// A controller over the same state directory, repository and run directory, as a daemon
+    /// started again finds them (the first one is not told: as if its process had died).
+    fn restarted(&self) -> Controller {
+        let mut cfg = Config::default();
+        cfg.daemon.max_running_operations = 0;
+        cfg.capture.run_dir = self.dir.path().join("run");
+        cfg.daemon.state_dir = self.dir.path().join("state");
+        let repo = Repository::open(&self.dir.path().join("repo")).unwrap();
+        Controller::open(cfg, Arc::new(self.hv.clone()), repo).unwrap()
+    }
+
+    /// An import request of a small raw file.
+    fn import_params(&self, name: &str, request_id: &str) -> ImportParams {
+        let file = self.dir.path().join("disk.raw");
+        if !file.exists() {
+            std::fs::write(&file, vec![0u8; 1 << 20]).unwrap();
+        }
+        ImportParams {
+            path: file,
+            format: "raw".into(),
+            image_name: name.into(),
+            request_id: request_id.into(),
+            description: String::new(),
+        }
+    }
+}
+
+/// An ended operation, and its request_id, outlive the controller (a restart of the daemon);
+/// the same request_id with other parameters is still refused.
+#[tokio::test]
+async fn ended_operations_and_their_request_ids_survive_a_restart() {
+    let w = World::new(vec![]);
+    let op = w.ctl.import(w.import_params("a", "req-1")).await.unwrap();
+    w.cancel_accepted(&op).await;
+    let ended = w.ctl.operation(&op.id).unwrap();
+    let ctl = w.restarted();
+    assert_eq!(ctl.operation(&op.id).unwrap(), ended);
+    assert_eq!(ctl.operations().unwrap(), vec![ended.clone()]);
+    assert_eq!(
+        ctl.watch(&op.id).unwrap().snapshot(),
+        ended,
+        "a watch of an ended operation shows how it ended"
+    );
+    let again = ctl.import(w.import_params("a", "req-1")).await.unwrap();
+    assert_eq!(again, ended, "the retry returns the first call's operation");
+    let other = ctl.import(w.import_params("b", "req-1")).await;
+    let e = other.expect_err("other parameters");
+    assert_eq!(e.kind(), ErrorKind::InvalidArgument);
+    assert!(e.to_string().contains("req-1"), "{e}");
+    assert_eq!(kind(ctl.cancel(&op.id)), ErrorKind::FailedPrecondition);
+}
+
+/// An operation the previous process left QUEUED is FAILED (ABORTED) at start, saying what
+/// happened; a retry with its request_id returns it; a new request_id starts again.
+#[tokio::test]
+async fn an_interrupted_operation_is_failed_at_start_with_the_reason() {
+    let w = World::new(vec![]);
+    let op = w.ctl.import(w.import_params("a", "req-1")).await.unwrap();
+    assert_eq!(op.state, OpState::Queued);
+    let ctl = w.restarted();
+    let after = ctl.operation(&op.id).unwrap();
+    assert_eq!(after.state, OpState::Failed);
+    let err = after.error.clone().unwrap();
+    assert_eq!(err.kind, ErrorKind::Aborted);
+    for part in [
+        &format!("pid {}", std::process::id()),
+        "was QUEUED",
+        "no image a was kept",
+        "same request_id returns this operation",
+    ] {
+        assert!(err.message.contains(part), "{part:?} in {}", err.message);
+    }
+    assert!(
+        ctl.operations()
+            .unwrap()
+            .iter()
+            .all(|o| o.state.is_terminal()),
+        "nothing shown running"
+    );
+    let retry = ctl.import(w.import_params("a", "req-1")).await.unwrap();
+    assert_eq!(
+        retry, after,
+        "the same request_id returns the failed operation"
+    );
+    let fresh = ctl.import(w.import_params("a", "req-2")).await.unwrap();
+    assert_ne!(fresh.id, op.id);
+    assert_eq!(fresh.state, OpState::Queued);
+    // The first process's task ends later: its end does not overwrite the recorded one.
+    w.ctl.cancel(&op.id).unwrap();
+    w.ctl
+        .wait_operation(&op.id, Duration::from_secs(10))
+        .await
+        .unwrap();
+    assert_eq!(ctl.operation(&op.id).unwrap(), after);
+    ctl.cancel(&fresh.id).unwrap();
+}
+
+/// An import the previous process left unfinished whose image is in the repository had
+/// committed it: it is ACTIVE, not FAILED.
+#[tokio::test]
+async fn an_interrupted_import_whose_image_was_committed_is_active() {
+    let w = World::new(vec![]);
+    let op = w.ctl.import(w.import_params("done", "")).await.unwrap();
+    // The commit, seen through another handle of the repository (the name is reserved in
+    // the first one's memory only).
+    let repo = Repository::open(&w.dir.path().join("repo")).unwrap();
+    let writer = repo.begin_image("done").unwrap();
+    let mut rec = ImageRecord::blank("done", CHUNK_SIZE, Vec::new());
+    rec.id = "id-done".into();
+    rec.content_digest = content_digest(CHUNK_SIZE, &[]);
+    writer.commit(&rec).unwrap();
+    let ctl = w.restarted();
+    let after = ctl.operation(&op.id).unwrap();
+    assert_eq!(after.state, OpState::Active, "{after:?}");
+    assert_eq!((after.error, after.location.as_str()), (None, "done"));
+    w.ctl.cancel(&op.id).unwrap();
+}
+
+/// An interrupted capture says what start-up recovery did to its domain: all done when its
+/// journal entry is gone, still under way (a janitor) when it is there.
+#[tokio::test]
+async fn an_interrupted_capture_tells_what_recovery_did_to_the_domain() {
+    use super::journal::{Entry, Journal};
+    let w = World::new(vec![]);
+    w.hv.add(w.domain("vm", DomainState::ShutOff));
+    w.hv.add(w.domain("db", DomainState::ShutOff));
+    let done = w.ctl.capture(capture("vm", Mode::Cold)).await.unwrap();
+    let pending = w.ctl.capture(capture("db", Mode::Cold)).await.unwrap();
+    let mut e = Entry::new(&pending.id, "db");
+    e.restart = true;
+    Journal::new(&w.dir.path().join("run")).write(&e).unwrap();
+    let ctl = w.restarted();
+    let msg = |id: &str| ctl.operation(id).unwrap().error.unwrap().message;
+    assert!(
+        msg(&done.id)
+            .contains("start-up recovery has undone whatever it had recorded doing to domain vm"),
+        "{}",
+        msg(&done.id)
+    );
+    assert!(
+        msg(&pending.id).contains("not all confirmed undone yet: a janitor keeps trying"),
+        "{}",
+        msg(&pending.id)
+    );
+    for op in [&done, &pending] {
+        w.ctl.cancel(&op.id).unwrap();
+    }
+}
+
+/// Delete takes only an ended operation (FAILED_PRECONDITION naming the state of a running
+/// one, NOT_FOUND for an unknown one); wait returns at the end, or at its timeout with the
+/// operation as it is.
+#[tokio::test]
+async fn delete_needs_an_ended_operation_and_wait_returns_at_the_end_or_the_timeout() {
+    use ErrorKind::*;
+    let w = World::new(vec![]);
+    assert_eq!(kind(w.ctl.delete_operation("op-nope")), NotFound);
+    assert_eq!(
+        kind(w.ctl.wait_operation("op-nope", Duration::ZERO).await),
+        NotFound
+    );
+    let op = w.ctl.import(w.import_params("a", "req-1")).await.unwrap();
+    let e = w.ctl.delete_operation(&op.id).unwrap_err();
+    assert_eq!(e.kind(), FailedPrecondition);
+    assert!(
+        e.to_string().contains(&op.id) && e.to_string().contains("QUEUED"),
+        "{e}"
+    );
+    let t0 = std::time::Instant::now();
+    let waited = w
+        .ctl
+        .wait_operation(&op.id, Duration::from_millis(300))
+        .await
+        .unwrap();
+    assert_eq!(waited.state, OpState::Queued);
+    assert!(t0.elapsed() >= Duration::from_millis(300));
+    let ctl = w.ctl.clone();
+    let id = op.id.clone();
+    let waiter =
+        tokio::spawn(async move { ctl.wait_operation(&id, Duration::from_secs(60)).await });
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    w.ctl.cancel(&op.id).unwrap();
+    let ended = tokio::time::timeout(Duration::from_secs(10), waiter)
+        .await
+        .expect("the wait ends with the operation")
+        .unwrap()
+        .unwrap();
+    assert_eq!(ended.state, OpState::Cancelled);
+    assert_eq!(
+        w.ctl
+            .wait_operation(&op.id, Duration::from_secs(60))
+            .await
+            .unwrap(),
+        ended,
+        "an ended operation is returned at once"
+    );
+    w.ctl.delete_operation(&op.id).unwrap();
+    assert_eq!(kind(w.ctl.operation(&op.id)), NotFound);
+    assert_eq!(kind(w.ctl.delete_operation(&op.id)), NotFound);
+    // Its request_id went with it: the same call starts a new operation.
+    let again = w.ctl.import(w.import_params("a", "req-1")).await.unwrap();
+    assert_ne!(again.id, op.id);
+    w.ctl.cancel(&again.id).unwrap();
+}
+
+/// More than the old in-memory bound of finished operations are all kept, newest first.
+#[tokio::test]
+async fn finished_operations_are_not_dropped_after_a_count() {
+    let w = World::new(vec![]);
+    let mut ids = Vec::new();
+    for i in 0..210 {
+        let op = w
+            .ctl
+            .import(w.import_params(&format!("i{i}"), ""))
+            .await
+            .unwrap();
+        w.ctl.cancel(&op.id).unwrap();
+        ids.push(op.id);
+    }
+    for id in &ids {
+        w.ctl
+            .wait_operation(id, Duration::from_secs(10))
+            .await
+            .unwrap();
+    }
+    let all = w.ctl.operations().unwrap();
+    assert_eq!(all.len(), 210);
+    assert!(all.iter().all(|o| o.state == OpState::Cancelled));
+    assert!(
+        all.windows(2).all(|p| p[0].created_at >= p[1].created_at),
+        "newest first"
+    );
+    assert!(
+        w.ctl.table().live.is_empty(),
+        "ended operations leave memory"
+    );
+    let page = w.ctl.operations_page(None, 10).unwrap();
+    assert_eq!(page, all[..10]);
+    let last = &page[9];
+    let next = w
+        .ctl
+        .operations_page(Some((last.created_at, &last.id)), 10)
+        .unwrap();
+    assert_eq!(next, all[10..20]);
 }
 
 // ------------------------------------------------------------------------------- the seam
@@ -841,7 +1091,7 @@ async fn a_janitor_ends_the_job_an_ended_capture_left_and_frees_the_domain() {
     {
         let mut t = w.ctl.table();
         t.domain_locks.insert("vm".into(), op.id.clone());
-        w.ctl.insert(&mut t, &op);
+        w.ctl.insert(&mut t, &op, "repository", "").unwrap();
     }
     w.hv.fail_times(Step::BackupEnd, 2, ErrorKind::Unavailable);
 

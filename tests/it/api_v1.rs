@@ -4,7 +4,6 @@
 //! (typed metadata, the Image as `response`), Wait and Delete, UpdateImage with a field mask,
 //! and the standard `google.longrunning.Operations` service serving the same operations.
 
-use std::path::Path;
 
 use imaged::cli::view::OpView;
 use imaged::proto as pb;
@@ -12,7 +11,7 @@ use imaged::proto::google::longrunning as lro;
 use tonic::Code;
 use tonic_types::StatusExt;
 
-use crate::support::daemon::{run, Daemon};
+use crate::support::daemon::{clone_manifests, run, Daemon};
 
 fn reason(s: &tonic::Status) -> String {
     s.get_error_details()
@@ -26,25 +25,6 @@ fn field(s: &tonic::Status) -> String {
         .bad_request()
         .and_then(|b| b.field_violations.first().map(|v| v.field.clone()))
         .unwrap_or_default()
-}
-
-/// Makes `n - 1` more images named `{prefix}NNN` from image `src`'s manifest (same chunks,
-/// another name and uid), as the repository would after `n - 1` imports of the same file.
-fn clone_manifests(repo: &Path, src: &str, prefix: &str, n: usize) {
-    let text = std::fs::read_to_string(repo.join("images").join(format!("{src}.json"))).unwrap();
-    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
-    for i in 1..n {
-        let mut c = v.clone();
-        let name = format!("{prefix}{i:03}");
-        c["name"] = name.clone().into();
-        c["id"] = format!("img-clone-{i}").into();
-        c["created_at"] = (1_700_000_000 + i as i64).into();
-        std::fs::write(
-            repo.join("images").join(format!("{name}.json")),
-            serde_json::to_vec(&c).unwrap(),
-        )
-        .unwrap();
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

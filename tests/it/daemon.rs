@@ -160,8 +160,9 @@ fn sigterm_during_start_up_stops_gracefully() {
     std::fs::remove_file(&d.socket).ok();
 }
 
-/// Two daemons on one run directory would "recover" each other's running captures: the second
-/// one is refused at start, naming the directory, and the first keeps serving.
+/// Two daemons on one run directory would "recover" each other's running captures, on one
+/// state directory end each other's operations: the second one is refused at start, naming
+/// the directory, and the first keeps serving.
 #[test]
 fn a_second_daemon_on_the_same_run_directory_is_refused() {
     let d = Daemon::start();
@@ -184,6 +185,33 @@ fn a_second_daemon_on_the_same_run_directory_is_refused() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "a second daemon started: {err}");
     assert!(err.contains("another imaged uses run directory"), "{err}");
+    assert!(!socket.exists());
+    // Another run directory, the same state directory: it would end the first one's running
+    // operations as interrupted.
+    let run = d.run_dir();
+    std::fs::write(
+        &other,
+        cfg.replace(
+            &format!("socket = {:?}", d.socket),
+            &format!("socket = {socket:?}"),
+        )
+        .replace(
+            &format!("run_dir = {run:?}"),
+            &format!("run_dir = {:?}", d.dir.path().join("run2")),
+        ),
+    )
+    .unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_imaged"))
+        .arg("--config")
+        .arg(&other)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "a second daemon started: {err}");
+    assert!(
+        err.contains("another imaged uses state directory") && err.contains("daemon.state_dir"),
+        "{err}"
+    );
     assert!(!socket.exists());
     assert!(std::os::unix::net::UnixStream::connect(&d.socket).is_ok());
 }
@@ -820,4 +848,129 @@ async fn configured_export_file_mode_is_honoured_and_world_writable_refused() {
             "{mode}: {err}"
         );
     }
+}
+
+/// Operations outlive the daemon: an ended one is the same after a clean restart; after a
+/// SIGKILL, the operations it left unfinished (one reading, one waiting for the only run slot)
+/// are FAILED (ABORTED) with the reason, found by id and by a retry with their request_id, and
+/// none is shown running.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operations_outlive_the_daemon_and_a_kill_leaves_none_running() {
+    use proto::OperationState::*;
+    let mut d = Daemon::start_with(DaemonOptions {
+        daemon_toml: "max_running_operations = 1".into(),
+        capture_toml: "readers = 1".into(),
+        ..Default::default()
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let req = |path: &Path, name: &str, request_id: &str| proto::ImportRequest {
+        path: path.to_str().unwrap().into(),
+        format: "raw".into(),
+        image_name: name.into(),
+        request_id: request_id.into(),
+    };
+    let small = dir.path().join("small.raw");
+    random_raw(&small, 4);
+    let done = import_raw(&d, &small, "small").await;
+    let done = d.wait_op(&done.id).await;
+    d.assert_active(&done);
+    assert!(d.stop().success(), "clean stop");
+    d.restart();
+    let mut ops = d.ops().await;
+    assert_eq!(
+        get_op(&mut ops, &done.id).await,
+        done,
+        "the same after a restart"
+    );
+
+    // 512 MiB of one repeated chunk: read and hashed in full (slow), stored once.
+    let slow = dir.path().join("slow.raw");
+    {
+        use std::io::Write;
+        let mut f = std::fs::File::create(&slow).unwrap();
+        let block = vec![0x5au8; 4 << 20];
+        for _ in 0..128 {
+            f.write_all(&block).unwrap();
+        }
+    }
+    let mut images = d.images().await;
+    let running = images
+        .import(req(&slow, "slow", "req-slow"))
+        .await
+        .unwrap()
+        .into_inner();
+    let queued = images
+        .import(req(&small, "queued", "req-queued"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(state(&queued), Queued, "{queued:?}");
+    let held = get_op(&mut ops, &running.id).await;
+    assert!(
+        !matches!(state(&held), Active | Failed | Cancelled),
+        "the slow import ended before the kill; the test proves nothing: {held:?}"
+    );
+    let pid = d.pid();
+    d.kill();
+    d.restart();
+
+    let mut ops = d.ops().await;
+    let mut images = d.images().await;
+    let q = get_op(&mut ops, &queued.id).await;
+    assert_eq!(state(&q), Failed, "{q:?}");
+    let err = q.error.clone().unwrap();
+    assert_eq!(err.code, "ABORTED");
+    for part in [
+        &format!("imaged (pid {pid}) stopped while this operation was QUEUED"),
+        "no image queued was kept",
+        "a retry with the same request_id returns this operation",
+    ] {
+        assert!(err.message.contains(part), "{part:?} in {}", err.message);
+    }
+    let retry = images
+        .import(req(&small, "queued", "req-queued"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(retry, q, "the retry returns the failed operation");
+    let other = images
+        .import(req(&slow, "queued", "req-queued"))
+        .await
+        .unwrap_err();
+    assert_eq!(other.code(), Code::InvalidArgument, "{other:?}");
+
+    // The reading one: FAILED, unless its image was committed just before the kill.
+    let s = get_op(&mut ops, &running.id).await;
+    if d.repo.join("images/slow.json").exists() {
+        assert_eq!(state(&s), Active, "{s:?}");
+    } else {
+        assert_eq!(state(&s), Failed, "{s:?}");
+        let msg = &s.error.as_ref().unwrap().message;
+        assert!(
+            msg.contains(&format!(
+                "imaged (pid {pid}) stopped while this operation was"
+            )),
+            "{msg}"
+        );
+    }
+    let list = ops
+        .list_operations(proto::ListOperationsRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .operations;
+    assert_eq!(list.len(), 3, "{list:?}");
+    assert!(
+        list.iter()
+            .all(|o| matches!(state(o), Active | Failed | Cancelled)),
+        "none shown running: {list:?}"
+    );
+    // A new request_id runs it again.
+    let fresh = images
+        .import(req(&small, "queued", "req-queued-2"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_ne!(fresh.id, q.id);
+    d.assert_active(&d.wait_op(&fresh.id).await);
 }

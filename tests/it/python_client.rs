@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use crate::support::api::proto;
-use crate::support::daemon::{run, stdout_json, Daemon, SERVICES};
+use crate::support::daemon::{clone_manifests, run, stdout_json, Daemon, SERVICES};
 use crate::support::lab::Lab;
 
 /// Panics, naming the fix, unless python3 can import grpcio, grpcio-tools, grpcio-reflection.
@@ -94,34 +94,47 @@ async fn python_grpcio_client_with_default_authority() {
 
     let out = client(&stubs, &d.socket, &["with-authority", q, guest.name()]);
     assert_eq!(out["images_before"], serde_json::json!([]), "{out}");
+    let want_domain = format!("domains/{}", guest.name());
     let domains: Vec<&str> = out["domains"]
         .as_array()
         .unwrap()
         .iter()
         .map(|v| v.as_str().unwrap())
         .collect();
-    assert!(domains.contains(&guest.name()), "{out}");
-    assert_eq!(out["domain"]["name"], guest.name(), "{out}");
+    assert!(domains.contains(&want_domain.as_str()), "{out}");
+    assert_eq!(out["domain"]["name"], want_domain, "{out}");
     assert_eq!(out["domain"]["state"], "DOMAIN_STATE_SHUT_OFF", "{out}");
     assert_eq!(
         out["domain"]["system_disks"],
         serde_json::json!([guest.disk_path().to_str().unwrap()]),
         "{out}"
     );
-    assert_eq!(out["import"]["state"], "OPERATION_STATE_ACTIVE", "{out}");
-    assert_eq!(out["import"]["image_name"], "py-import", "{out}");
-    assert_eq!(out["import"]["total_bytes"], 64 << 20, "{out}");
-    assert_eq!(out["image"]["name"], "py-import", "{out}");
-    assert_eq!(out["image"]["virtual_size"], 64 << 20, "{out}");
-    assert_eq!(out["image"]["source_format"], "qcow2", "{out}");
-    assert_eq!(out["image"]["consistency"], "imported", "{out}");
+    let imp = &out["import"];
+    assert_eq!(imp["done"], true, "{out}");
+    assert_eq!(imp["state"], "OPERATION_STATE_ACTIVE", "{out}");
     assert_eq!(
-        out["images_after"],
-        serde_json::json!(["py-import"]),
+        imp["states"].as_array().unwrap().last().unwrap(),
+        "OPERATION_STATE_ACTIVE",
         "{out}"
     );
+    assert_eq!(imp["total_bytes"], 64 << 20, "{out}");
+    assert_eq!(
+        imp["image"]["name"], "images/py-import",
+        "the Image is the response: {out}"
+    );
+    assert_eq!(imp["image"]["virtual_size_bytes"], 64 << 20, "{out}");
+    assert_eq!(out["image"]["name"], "images/py-import", "{out}");
+    assert_eq!(out["image"]["virtual_size_bytes"], 64 << 20, "{out}");
+    assert_eq!(out["image"]["source_format"], "IMAGE_FORMAT_QCOW2", "{out}");
+    assert_eq!(out["image"]["consistency"], "CONSISTENCY_IMPORTED", "{out}");
+    assert_eq!(
+        out["images_after"],
+        serde_json::json!(["images/py-import"]),
+        "{out}"
+    );
+    assert_eq!(out["missing"]["code"], "NOT_FOUND", "{out}");
+    assert_eq!(out["missing"]["reason"], "IMAGE_NOT_FOUND", "{out}");
 
-    // The Python client saw what the Rust client sees.
     let img = d
         .images()
         .await
@@ -132,6 +145,53 @@ async fn python_grpcio_client_with_default_authority() {
         .unwrap()
         .into_inner();
     assert_eq!(out["image"]["content_digest"], img.content_digest, "{out}");
+    assert_eq!(imp["image"]["content_digest"], img.content_digest, "{out}");
+
+    // A full capture of the (shut-off) guest: watch, wait, the Image in the response, and a
+    // second capture to the same name refused with a reason a program can act on.
+    let cap = client(&stubs, &d.socket, &["capture", guest.name(), "py-cap"]);
+    assert_eq!(cap["capture"]["done"], true, "{cap}\n{}", d.log_text());
+    assert_eq!(
+        cap["capture"]["state"],
+        "OPERATION_STATE_ACTIVE",
+        "{cap}\n{}",
+        d.log_text()
+    );
+    assert_eq!(cap["capture"]["image"]["name"], "images/py-cap", "{cap}");
+    assert_eq!(
+        cap["capture"]["image"]["consistency"], "CONSISTENCY_COLD",
+        "{cap}"
+    );
+    assert_eq!(cap["again"]["code"], "ALREADY_EXISTS", "{cap}");
+    assert_eq!(cap["again"]["reason"], "IMAGE_NAME_TAKEN", "{cap}");
+
+    // Paging over 250 more images, and a filter with an order.
+    clone_manifests(&d.repo, "py-import", "p-", 251);
+    let pg = client(&stubs, &d.socket, &["paging"]);
+    assert_eq!(pg["pages"], 3, "{pg}");
+    let names: Vec<&str> = pg["names"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap())
+        .collect();
+    assert_eq!(names.len(), 252, "{pg}");
+    let mut sorted = names.clone();
+    sorted.sort();
+    sorted.dedup();
+    assert_eq!(names, sorted, "every image once, in name order");
+    let filtered: Vec<&str> = pg["filtered"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap())
+        .collect();
+    assert_eq!(filtered.len(), 10, "{pg}");
+    assert_eq!(
+        (filtered[0], filtered[9]),
+        ("images/p-019", "images/p-010"),
+        "{pg}"
+    );
 
     let services = out["reflection_v1alpha"].as_array().unwrap();
     for want in SERVICES {

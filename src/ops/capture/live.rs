@@ -172,14 +172,20 @@ impl Controller {
             .filter(|e| e.domain == domain && !e.backup_dir.as_os_str().is_empty())
             .map(|e| e.backup_dir)
             .collect();
-        let running: Vec<String> = {
-            let t = self.table();
-            for e in t.ops.values() {
-                if e.domain == domain && e.id != op.id {
-                    candidates.push(run.join(format!("backup-{}", e.id)));
+        // Ended operations of this run are in the database only.
+        match self.inner.store.ids_on_domain(domain, std::process::id()) {
+            Ok(ids) => {
+                for id in ids.into_iter().filter(|id| *id != op.id) {
+                    candidates.push(run.join(format!("backup-{id}")));
                 }
             }
-            t.ops
+            Err(e) => {
+                tracing::warn!(domain, error = %e.chain(), "cannot list this run's operations on the domain")
+            }
+        }
+        let running: Vec<String> = {
+            let t = self.table();
+            t.live
                 .values()
                 .filter(|e| !e.state().is_terminal())
                 .map(|e| e.id.clone())

@@ -184,6 +184,9 @@ impl Controller {
         op.set_consistency(consistency_of(mode));
         {
             let mut t = self.table();
+            if let Some(op) = self.request_matching(&t, &p.request_id, OpKind::Capture, &fp)? {
+                return Ok(op);
+            }
             if let Some(holder) = t.domain_locks.get(&info.name) {
                 if let Some(ended) = holder.strip_prefix("cleanup:") {
                     return Err(Error::new(
@@ -203,12 +206,13 @@ impl Controller {
                     ),
                 ));
             }
-            if let Some(op) = Self::request_matching(&t, &p.request_id, OpKind::Capture, &fp)? {
-                return Ok(op);
-            }
+            let target = match &p.target {
+                TargetSpec::Repository => "repository".to_string(),
+                TargetSpec::File { path, .. } => format!("file:{}", path.display()),
+                TargetSpec::Remote { name, .. } => format!("remote:{name}"),
+            };
+            self.insert(&mut t, &op, &target, &fp)?;
             t.domain_locks.insert(info.name.clone(), op.id.clone());
-            self.insert(&mut t, &op);
-            t.fingerprints.insert(op.id.clone(), fp);
         }
         tracing::info!(op = %op.id, domain = %info.name, disk = %disk.target, mode = ?mode, image = %p.image_name, "capture queued");
         let plan = Plan {

@@ -227,6 +227,12 @@ impl Images {
     }
 }
 
+/// What [`Ops::list_operations`] returns.
+#[derive(Debug, Clone, Default)]
+pub struct OperationList {
+    pub operations: Vec<Operation>,
+}
+
 /// OperationService, by operation ID.
 #[derive(Clone)]
 pub struct Ops(pub pb::operation_service_client::OperationServiceClient<Channel>);
@@ -242,6 +248,23 @@ impl Ops {
             })
             .await
             .map(flat)
+    }
+
+    /// Every operation (all pages), newest first.
+    pub async fn list_operations(
+        &mut self,
+        mut r: pb::ListOperationsRequest,
+    ) -> Result<Response<OperationList>, Status> {
+        let mut operations = Vec::new();
+        loop {
+            let page = self.0.list_operations(r.clone()).await?.into_inner();
+            operations.extend(page.operations.iter().map(Operation::from));
+            if page.next_page_token.is_empty() {
+                break;
+            }
+            r.page_token = page.next_page_token;
+        }
+        Ok(Response::new(OperationList { operations }))
     }
 
     pub async fn cancel_operation(

@@ -118,7 +118,8 @@ impl Daemon {
         std::fs::write(
             &config,
             format!(
-                "[daemon]\nsocket = {socket:?}\nlog_level = \"debug\"\n{}\n[repository]\npath = {repo:?}\n{}\n[capture]\nrun_dir = {:?}\n{}\n{}\n",
+                "[daemon]\nsocket = {socket:?}\nlog_level = \"debug\"\nstate_dir = {:?}\n{}\n[repository]\npath = {repo:?}\n{}\n[capture]\nrun_dir = {:?}\n{}\n{}\n",
+                dir.path().join("state"),
                 opts.daemon_toml,
                 opts.repository_toml,
                 dir.path().join("run"),
@@ -439,5 +440,24 @@ impl Tmpfs {
 impl Drop for Tmpfs {
     fn drop(&mut self) {
         let _ = Command::new("umount").arg("-l").arg(&self.dir).status();
+    }
+}
+
+/// Makes `n - 1` more images named `{prefix}NNN` from image `src`'s manifest (same chunks,
+/// another name and uid), as the repository would after `n - 1` imports of the same file.
+pub fn clone_manifests(repo: &Path, src: &str, prefix: &str, n: usize) {
+    let text = std::fs::read_to_string(repo.join("images").join(format!("{src}.json"))).unwrap();
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    for i in 1..n {
+        let mut c = v.clone();
+        let name = format!("{prefix}{i:03}");
+        c["name"] = name.clone().into();
+        c["id"] = format!("img-clone-{i}").into();
+        c["created_at"] = (1_700_000_000 + i as i64).into();
+        std::fs::write(
+            repo.join("images").join(format!("{name}.json")),
+            serde_json::to_vec(&c).unwrap(),
+        )
+        .unwrap();
     }
 }
