@@ -4,7 +4,6 @@
 //! (typed metadata, the Image as `response`), Wait and Delete, UpdateImage with a field mask,
 //! and the standard `google.longrunning.Operations` service serving the same operations.
 
-
 use imaged::cli::view::OpView;
 use imaged::proto as pb;
 use imaged::proto::google::longrunning as lro;
