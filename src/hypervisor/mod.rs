@@ -98,10 +98,12 @@ impl DomainInfo {
                     } else {
                         have.join(", ")
                     }
-                ))
+                )).with_reason("DISK_NOT_FOUND").with_field("disk")
             }),
             None => self.disks.iter().find(|d| d.system_disk).ok_or_else(|| {
                 precondition(format!("domain {} has no disk to capture", self.name))
+                    .with_reason("DOMAIN_HAS_NO_DISK")
+                    .with_subject(format!("domains/{}", self.name))
             }),
         }
     }

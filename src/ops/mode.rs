@@ -150,17 +150,30 @@ pub fn decide(asked: &Asked, f: &Facts<'_>) -> Result<Decision> {
     let name = f.domain;
     let state = f.state;
     let running = is_running(state);
-    let is_now =
-        |what: String| precondition(format!("domain {name} is {}; {what}", state.as_str()));
+    let subject = format!("domains/{name}");
+    // The reason names the state that stopped the call: DOMAIN_RUNNING, DOMAIN_SHUT_OFF, ...
+    let state_reason = format!(
+        "DOMAIN_{}",
+        state.as_str().to_ascii_uppercase().replace([' ', '-'], "_")
+    );
+    let is_now = |what: String| {
+        precondition(format!("domain {name} is {}; {what}", state.as_str()))
+            .with_reason(&state_reason)
+            .with_subject(subject.clone())
+    };
     let agent_missing = || -> Error {
         match f.agent {
             AgentState::NoChannel => precondition(format!(
                 "domain {name} has no guest agent channel (org.qemu.guest_agent.0); add one and \
                  install qemu-guest-agent in the guest"
-            )),
+            ))
+            .with_reason("AGENT_CHANNEL_MISSING")
+            .with_subject(subject.clone()),
             _ => precondition(format!(
                 "the guest agent of domain {name} does not answer; start qemu-guest-agent in the guest"
-            )),
+            ))
+            .with_reason("AGENT_UNREACHABLE")
+            .with_subject(subject.clone()),
         }
     };
     // What never fits the mode asked for is refused first, whatever the domain's state.
@@ -228,7 +241,9 @@ pub fn decide(asked: &Asked, f: &Facts<'_>) -> Result<Decision> {
                 AgentState::Windows => {
                     return Err(precondition(format!(
                         "domain {name} runs Windows: capture it in shutdown mode"
-                    )))
+                    ))
+                    .with_reason("WINDOWS_GUEST")
+                    .with_subject(subject.clone()))
                 }
                 _ => return Err(agent_missing()),
             }
@@ -247,7 +262,9 @@ pub fn decide(asked: &Asked, f: &Facts<'_>) -> Result<Decision> {
                         return Err(precondition(format!(
                             "domain {name} is running and its guest agent does not answer, so it cannot be quiesced; \
                              choose mode crash-consistent (live, no freeze) or shutdown (ACPI power button)"
-                        )))
+                        ))
+                        .with_reason("AGENT_UNREACHABLE")
+                        .with_subject(subject.clone()))
                     }
                 }
             }
@@ -298,7 +315,9 @@ pub fn decide(asked: &Asked, f: &Facts<'_>) -> Result<Decision> {
         if f.agent == AgentState::Windows {
             return Err(precondition(format!(
                 "domain {name} runs Windows: its network settings changed by netsh cannot be restored automatically, so restore_source is refused"
-            )));
+            ))
+            .with_reason("WINDOWS_GUEST")
+            .with_subject(subject.clone()));
         }
         if mode == Mode::Shutdown && !asked.restart {
             return Err(invalid(

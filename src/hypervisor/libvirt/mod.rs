@@ -122,6 +122,7 @@ pub fn connect(uri: &str) -> Result<Connect> {
             ErrorKind::Unavailable,
             format!("cannot connect to libvirt at {uri} (is libvirtd running?)"),
         )
+        .with_reason("HYPERVISOR_UNAVAILABLE")
         .with_source(e)
     })
 }
@@ -134,6 +135,8 @@ pub fn lookup(conn: &Connect, name: &str) -> Result<Domain> {
                 ErrorKind::NotFound,
                 format!("domain {name} not found on this host"),
             )
+            .with_reason("DOMAIN_NOT_FOUND")
+            .with_subject(format!("domains/{name}"))
         } else {
             libvirt_err(format!("looking up domain {name}"), e)
         }
@@ -177,7 +180,11 @@ pub(crate) fn libvirt_err(what: impl Into<String>, e: virt::error::Error) -> Err
         | Enum::Known(ErrorNumber::OperationTimeout) => ErrorKind::Unavailable,
         _ => ErrorKind::Internal,
     };
-    Error::new(kind, what).with_source(e)
+    let reason = match kind {
+        ErrorKind::Unavailable => "HYPERVISOR_UNAVAILABLE",
+        _ => "HYPERVISOR_ERROR",
+    };
+    Error::new(kind, what).with_reason(reason).with_source(e)
 }
 
 impl Hypervisor for Libvirt {

@@ -196,7 +196,9 @@ impl Controller {
                              a restart or prep to undo is not confirmed done yet; imaged keeps trying); retry shortly",
                             info.name
                         ),
-                    ));
+                    )
+                    .with_reason("DOMAIN_CLEANUP_PENDING")
+                    .with_subject(format!("domains/{}", info.name)));
                 }
                 return Err(Error::new(
                     ErrorKind::Aborted,
@@ -204,7 +206,9 @@ impl Controller {
                         "domain {} is held by operation {holder}; wait for it or cancel it",
                         info.name
                     ),
-                ));
+                )
+                .with_reason("DOMAIN_BUSY")
+                .with_subject(format!("domains/{}", info.name)));
             }
             let target = match &p.target {
                 TargetSpec::Repository => "repository".to_string(),
