@@ -2,6 +2,7 @@
 //! the answer. No decision is taken here; errors map to status codes through
 //! [`crate::error::ErrorKind`].
 
+pub mod auth;
 pub mod authority_hint;
 pub mod convert;
 pub mod server;
@@ -33,6 +34,15 @@ impl Api {
 
 type ApiResult<T> = Result<Response<T>, Status>;
 
+/// The caller [`auth::AuthLayer`] resolved for a request (`uid:1000`, `tls:CN=cp1`); empty
+/// when the request did not pass the layer (direct calls in tests).
+fn requester<T>(req: &Request<T>) -> String {
+    req.extensions()
+        .get::<auth::Caller>()
+        .map(|c| c.name.clone())
+        .unwrap_or_default()
+}
+
 #[tonic::async_trait]
 impl proto::domain_service_server::DomainService for Api {
     async fn list_domains(
@@ -54,6 +64,7 @@ impl proto::domain_service_server::DomainService for Api {
 #[tonic::async_trait]
 impl proto::image_service_server::ImageService for Api {
     async fn capture(&self, req: Request<proto::CaptureRequest>) -> ApiResult<proto::Operation> {
+        let requester = requester(&req);
         let r = req.into_inner();
         let mode = match proto::CaptureMode::try_from(r.mode) {
             Ok(proto::CaptureMode::Unspecified) => Mode::Auto,
@@ -86,12 +97,14 @@ impl proto::image_service_server::ImageService for Api {
                 target: target_spec(r.target)?,
                 prep: r.prep,
                 restore_source: r.restore_source,
+                requester,
             })
             .await?;
         Ok(Response::new(convert::operation(&op)))
     }
 
     async fn import(&self, req: Request<proto::ImportRequest>) -> ApiResult<proto::Operation> {
+        let requester = requester(&req);
         let r = req.into_inner();
         let op = self
             .ctl
@@ -100,6 +113,7 @@ impl proto::image_service_server::ImageService for Api {
                 format: r.format,
                 image_name: r.image_name,
                 request_id: r.request_id,
+                requester,
             })
             .await?;
         Ok(Response::new(convert::operation(&op)))
@@ -146,6 +160,7 @@ impl proto::image_service_server::ImageService for Api {
         &self,
         req: Request<proto::ExportImageRequest>,
     ) -> ApiResult<proto::Operation> {
+        let requester = requester(&req);
         let r = req.into_inner();
         let format = match proto::ImageFormat::try_from(r.format) {
             Ok(proto::ImageFormat::Qcow2) => Format::Qcow2,
@@ -160,6 +175,7 @@ impl proto::image_service_server::ImageService for Api {
                 path: PathBuf::from(r.path),
                 overwrite: r.overwrite,
                 request_id: r.request_id,
+                requester,
             })
             .await?;
         Ok(Response::new(convert::operation(&op)))

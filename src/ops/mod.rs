@@ -68,6 +68,8 @@ pub struct ImportParams {
     pub format: String,
     pub image_name: String,
     pub request_id: String,
+    /// Who asks (the API caller, e.g. `uid:1000`), for the per-identity operation limit.
+    pub requester: String,
 }
 
 /// An export request.
@@ -78,6 +80,8 @@ pub struct ExportParams {
     pub path: PathBuf,
     pub overwrite: bool,
     pub request_id: String,
+    /// Who asks (the API caller), for the per-identity operation limit.
+    pub requester: String,
 }
 
 /// The controller: configuration, the hypervisor, the repository and the operation table; every
@@ -201,17 +205,21 @@ impl Controller {
         }
         // Opened once; everything after reads this open file, never the path again.
         let max = self.inner.cfg.repository.max_virtual_size;
+        let dirs = &self.inner.cfg.paths.import_dirs;
+        crate::hostfile::precheck_within(&p.path, dirs, "import path")?;
         let source = SourceFile::open(&p.path, &p.format, max).await?;
+        crate::hostfile::check_opened_within(source.file(), &p.path, dirs, "import path")?;
         let writer = self.reserve(&p.image_name).await?;
         let path = p.path.to_string_lossy().into_owned();
         let op = OpEntry::new(OpKind::Import, "", &p.image_name, &p.request_id, &path);
+        op.set_requester(&p.requester);
         op.set_consistency("imported");
         {
             let mut t = self.table();
             if let Some(op) = Self::request_matching(&t, &p.request_id, OpKind::Import, &fp)? {
                 return Ok(op);
             }
-            self.insert(&mut t, &op);
+            self.insert(&mut t, &op)?;
             t.fingerprints.insert(op.id.clone(), fp);
         }
         tracing::info!(op = %op.id, path = %path, format = %p.format, image = %p.image_name, "import queued");
@@ -243,19 +251,21 @@ impl Controller {
         if let Some(op) = self.same_request(&p.request_id, OpKind::Export, &fp)? {
             return Ok(op);
         }
-        crate::upload::file::check_destination(&p.path, p.overwrite, "export path")?;
+        let dirs = &self.inner.cfg.paths.export_dirs;
+        crate::hostfile::check_destination_within(&p.path, p.overwrite, dirs, "export path")?;
         let repo = self.inner.repo.clone();
         let name = p.image_name.clone();
         let (rec, guard) = blocking(move || repo.open_reader(&name)).await?;
         let path = p.path.to_string_lossy().into_owned();
         let op = OpEntry::new(OpKind::Export, "", &p.image_name, &p.request_id, &path);
+        op.set_requester(&p.requester);
         op.set_location(&path);
         {
             let mut t = self.table();
             if let Some(op) = Self::request_matching(&t, &p.request_id, OpKind::Export, &fp)? {
                 return Ok(op);
             }
-            self.insert(&mut t, &op);
+            self.insert(&mut t, &op)?;
             t.fingerprints.insert(op.id.clone(), fp);
         }
         tracing::info!(op = %op.id, image = %p.image_name, path = %path, format = p.format.as_str(), "export queued");
@@ -395,7 +405,28 @@ impl Controller {
         Self::request_matching(&self.table(), request_id, kind, fp)
     }
 
-    fn insert(&self, t: &mut Table, op: &Arc<OpEntry>) {
+    /// Adds `op` to the table; RESOURCE_EXHAUSTED when its requester already has
+    /// `daemon.max_operations_per_identity` operations queued or running (an empty requester,
+    /// an internal caller, is not counted).
+    fn insert(&self, t: &mut Table, op: &Arc<OpEntry>) -> Result<()> {
+        let who = op.requester();
+        let limit = self.inner.cfg.daemon.max_operations_per_identity;
+        if !who.is_empty() {
+            let open = t
+                .ops
+                .values()
+                .filter(|e| !e.state().is_terminal() && e.requester() == who)
+                .count();
+            if open >= limit {
+                return Err(Error::new(
+                    ErrorKind::ResourceExhausted,
+                    format!(
+                        "{who} has {open} operations queued or running, the limit per identity \
+                         (daemon.max_operations_per_identity = {limit}); wait for one to end or cancel one"
+                    ),
+                ));
+            }
+        }
         t.ops.insert(op.id.clone(), op.clone());
         t.order.push_back(op.id.clone());
         if !op.request_id.is_empty() {
@@ -423,6 +454,7 @@ impl Controller {
                 i += 1;
             }
         }
+        Ok(())
     }
 
     /// Reserves an image name in the repository (checks it is free and the repository writable).

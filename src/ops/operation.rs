@@ -86,6 +86,8 @@ pub struct Operation {
     pub freeze_window_ms: u64,
     pub location: String,
     pub prep: Vec<PrepReport>,
+    /// Who started it (the API caller, e.g. `uid:1000`); empty for internal callers.
+    pub requester: String,
 }
 
 /// A prep step's plan or outcome, as reported on an operation.
@@ -113,6 +115,7 @@ struct Facts {
     freeze_window_ms: u64,
     location: String,
     prep: Vec<PrepReport>,
+    requester: String,
 }
 
 /// The live record of an operation, shared by the table and the task that runs it.
@@ -179,6 +182,16 @@ impl OpEntry {
     /// Records the prep steps' outcomes.
     pub fn set_prep(&self, reports: Vec<PrepReport>) {
         self.facts().prep = reports;
+    }
+
+    /// Records who asked for the operation.
+    pub fn set_requester(&self, who: &str) {
+        self.facts().requester = who.to_string();
+    }
+
+    /// Who asked for the operation.
+    pub fn requester(&self) -> String {
+        self.facts().requester.clone()
     }
 
     /// Records where the image landed.
@@ -285,6 +298,7 @@ impl OpEntry {
             freeze_window_ms: facts.freeze_window_ms,
             location: facts.location,
             prep: facts.prep,
+            requester: facts.requester,
         }
     }
 }

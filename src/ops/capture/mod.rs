@@ -56,6 +56,8 @@ pub struct CaptureParams {
     pub prep: Vec<String>,
     /// quiesce: undo the prep in the running guest right after the consistency point.
     pub restore_source: bool,
+    /// Who asks (the API caller), for the per-identity operation limit.
+    pub requester: String,
 }
 
 /// Where a capture writes the image.
@@ -88,6 +90,7 @@ impl Default for CaptureParams {
             target: TargetSpec::Repository,
             prep: Vec::new(),
             restore_source: false,
+            requester: String::new(),
         }
     }
 }
@@ -176,6 +179,7 @@ impl Controller {
             &p.request_id,
             &disk.path,
         );
+        op.set_requester(&p.requester);
         op.set_consistency(consistency_of(mode));
         {
             let mut t = self.table();
@@ -202,7 +206,7 @@ impl Controller {
                 return Ok(op);
             }
             t.domain_locks.insert(info.name.clone(), op.id.clone());
-            self.insert(&mut t, &op);
+            self.insert(&mut t, &op)?;
             t.fingerprints.insert(op.id.clone(), fp);
         }
         tracing::info!(op = %op.id, domain = %info.name, disk = %disk.target, mode = ?mode, image = %p.image_name, "capture queued");
