@@ -366,21 +366,20 @@ impl Config {
                 &mut self.paths.export_dirs,
             ),
         ] {
-            match std::fs::DirBuilder::new()
+            // A read-only repository still serves reads: its own directory is then left out.
+            let own = match std::fs::DirBuilder::new()
                 .recursive(true)
                 .mode(0o700)
                 .create(&own)
             {
-                Ok(()) => {}
+                Ok(()) => Some(own),
                 Err(e) => {
-                    return Err(Error::io(
-                        format!("creating {key} directory {}", own.display()),
-                        e,
-                    ))
+                    tracing::warn!(dir = %own.display(), error = %e, "cannot create the daemon's own {key} directory; only the configured ones are allowed");
+                    None
                 }
-            }
+            };
             let mut real = Vec::new();
-            for d in std::iter::once(&own).chain(list.iter()) {
+            for d in own.iter().chain(list.iter()) {
                 let r = std::fs::canonicalize(d).map_err(|e| {
                     Error::io(
                         format!("{key}: directory {} cannot be resolved; create it or remove it from the list", d.display()),
