@@ -203,9 +203,14 @@ def main():
                    + "".join(f'{k} = "{v}"\n' for k, v in GLANCE_HEADERS.items())
                    + f'[targets.s3]\nkind = "s3"\nendpoint = "{s3}"\nbucket = "{S3_BUCKET}"\naccess_key = "{S3_KEY}"\n'
                    f'secret_key = "{S3_SECRET}"\nprefix = "bench-{os.getpid()}/"\n')
-    with open(cfg, "w") as f:
-        f.write(f'[daemon]\nsocket = "{sock}"\nlog_level = "warn"\n[repository]\npath = "{repo}"\n'
-                f'[capture]\nrun_dir = "{run}/nbd"\nreaders = {a.readers}\n{targets}')
+    # The config holds the targets' secrets: imaged refuses it unless only root may read it.
+    with open(os.open(cfg, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
+        f.write(f'[daemon]\nsocket = "{sock}"\nlog_level = "warn"\nstate_dir = "{run}/state"\n'
+                f'[repository]\npath = "{repo}"\n'
+                f'[capture]\nrun_dir = "{run}/nbd"\nreaders = {a.readers}\n'
+                f'[paths]\nimport_dirs = ["{os.path.realpath(a.work)}"]\nexport_dirs = ["{os.path.realpath(run)}"]\n'
+                f'{targets}')
+    os.chmod(cfg, 0o600)
     def start_daemon():
         d = subprocess.Popen([imaged, "--config", cfg], stderr=open(os.path.join(run, "imaged.log"), "a"))
         for _ in range(200):

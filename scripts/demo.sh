@@ -81,11 +81,12 @@ say "imagectl capture $DOM --name $NAME"
 "$IMAGECTL" capture "$DOM" --name "$NAME"
 say "imagectl image $NAME"
 "$IMAGECTL" image "$NAME"
-say "imagectl export $NAME --format qcow2"
-rm -f "$DIR/$NAME.qcow2"
-"$IMAGECTL" export "$NAME" --format qcow2 -o "$DIR/$NAME.qcow2"
-qemu-img compare -f qcow2 -F qcow2 "$DIR/disk.qcow2" "$DIR/$NAME.qcow2"
+# Exports go only to allowed directories; the daemon's own is <repository>/export.
+OUT=/var/lib/imaged/repo/export
+say "imagectl export $NAME --format qcow2 -o $OUT/$NAME.qcow2"
+"$IMAGECTL" export "$NAME" --format qcow2 -o "$OUT/$NAME.qcow2"
+qemu-img compare -f qcow2 -F qcow2 "$DIR/disk.qcow2" "$OUT/$NAME.qcow2"
 say "imagectl images"
 "$IMAGECTL" images
 echo
-echo "done: image $NAME is in /var/lib/imaged/repo, its qcow2 export in $DIR/$NAME.qcow2"
+echo "done: image $NAME is in /var/lib/imaged/repo, its qcow2 export in $OUT/$NAME.qcow2"

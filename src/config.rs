@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
-use crate::error::{invalid, Error, Result};
+use crate::error::{invalid, Error, ErrorKind, Result};
 
 /// Where the daemon looks when `--config` is not given.
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/imaged/imaged.toml";
@@ -28,6 +28,106 @@ pub struct Config {
     pub export: ExportConfig,
     /// Remote stream targets by name: `[targets.NAME]` with `kind = "glance"` or `"s3"`.
     pub targets: std::collections::BTreeMap<String, crate::upload::TargetConfig>,
+    /// `[tls]`: the TCP listener's certificate and the CA of client certificates.
+    pub tls: Option<TlsConfig>,
+    /// `[[policy]]`: who has which role. Empty: uid 0 on the unix socket is admin, nobody
+    /// else has a role.
+    pub policy: Vec<PolicyEntry>,
+    /// `[paths]`: the host directories import reads from and export writes into.
+    pub paths: PathsConfig,
+}
+
+/// A role of the API: each includes the ones before it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Role {
+    /// Reads: get, list, watch, wait.
+    Viewer,
+    /// Viewer, and starts and steers work: capture, import, export, plan prep, update, cancel.
+    Operator,
+    /// Everything, deletions included.
+    Admin,
+}
+
+impl Role {
+    /// Every role, lowest first.
+    pub const ALL: [Role; 3] = [Role::Viewer, Role::Operator, Role::Admin];
+
+    /// The name used in the config and in messages.
+    pub fn name(self) -> &'static str {
+        match self {
+            Role::Viewer => "viewer",
+            Role::Operator => "operator",
+            Role::Admin => "admin",
+        }
+    }
+
+    /// The role named `name`.
+    pub fn parse(name: &str) -> Option<Role> {
+        Role::ALL.into_iter().find(|r| r.name() == name)
+    }
+}
+
+/// One `[[policy]]` entry: a role, and who gets it. An identity matches when any one list
+/// holds it; the roles of every matching entry add up.
+#[derive(Debug, Clone, Deserialize, Default, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct PolicyEntry {
+    /// viewer, operator or admin.
+    pub role: String,
+    /// Unix socket peers by user id.
+    pub unix_uids: Vec<u32>,
+    /// Unix socket peers by group id: the peer's primary group or a supplementary group of
+    /// its user in the host's user database.
+    pub unix_gids: Vec<u32>,
+    /// TLS clients by the common name (CN) of their certificate's subject, e.g. "cp1".
+    pub tls_subjects: Vec<String>,
+    /// TLS clients by a DNS or URI subject alternative name of their certificate, e.g.
+    /// "cp1.example.org" or "spiffe://example.org/cp1".
+    pub tls_sans: Vec<String>,
+}
+
+impl PolicyEntry {
+    /// The role, checked by [`Config::validate`].
+    pub fn role(&self) -> Option<Role> {
+        Role::parse(&self.role)
+    }
+}
+
+/// `[tls]`: mutual TLS of the TCP listener (`daemon.tcp_listen`). Re-read on SIGHUP.
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct TlsConfig {
+    /// The server's certificate chain, PEM, leaf first.
+    pub cert: PathBuf,
+    /// The server's private key, PEM (PKCS#8, PKCS#1 or SEC1); not readable by others.
+    pub key: PathBuf,
+    /// The CA certificates (PEM) that client certificates must chain to.
+    pub client_ca: PathBuf,
+    /// How long a client has to finish the TLS handshake, in seconds (1 to 300; default 10).
+    pub handshake_timeout_secs: u64,
+}
+
+impl TlsConfig {
+    /// [`TlsConfig::handshake_timeout_secs`] as a duration (10 s when 0).
+    pub fn handshake_timeout(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(match self.handshake_timeout_secs {
+            0 => 10,
+            n => n,
+        })
+    }
+}
+
+/// `[paths]`: where import and export may touch the host. Besides the directories listed, the
+/// daemon's own `<repository.path>/import` and `<repository.path>/export` (created 0700 at
+/// start) are always allowed. A path is checked on the opened file or directory, so a
+/// symbolic link or `..` cannot lead out.
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct PathsConfig {
+    /// Directories whose files (at any depth) may be imported.
+    pub import_dirs: Vec<PathBuf>,
+    /// Directories under which exports and file targets may be written.
+    pub export_dirs: Vec<PathBuf>,
 }
 
 /// `[daemon]`: how the API is served and logged.
@@ -55,6 +155,8 @@ pub struct DaemonConfig {
     /// How many days a finished operation stays readable (`Get`/`List`), 1 to 3650; pruned at
     /// start and hourly. A `request_id` is honoured for 24 hours regardless.
     pub operation_retention_days: u32,
+    /// How many operations one identity may have queued or running at once (1 to 10000).
+    pub max_operations_per_identity: usize,
 }
 
 impl Default for DaemonConfig {
@@ -69,6 +171,7 @@ impl Default for DaemonConfig {
             keep_finished_operations: 200,
             state_dir: PathBuf::from(DEFAULT_STATE_DIR),
             operation_retention_days: 7,
+            max_operations_per_identity: 16,
         }
     }
 }
@@ -216,20 +319,97 @@ impl Default for ExportConfig {
 
 impl Config {
     /// Reads `path`. A missing file is fine only when `required` is false (the default path).
+    ///
+    /// A file that holds secrets ([`Config::holds_secrets`]) must not be readable by group or
+    /// others; the mode is read from the opened file.
     pub fn load(path: &Path, required: bool) -> Result<Config> {
-        let text = match std::fs::read_to_string(path) {
-            Ok(t) => t,
+        use std::io::Read;
+        use std::os::unix::fs::PermissionsExt;
+        let reading = |e| Error::io(format!("reading config file {}", path.display()), e);
+        let mut file = match std::fs::File::open(path) {
+            Ok(f) => f,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound && !required => {
                 return Ok(Config::default())
             }
-            Err(e) => {
-                return Err(Error::io(
-                    format!("reading config file {}", path.display()),
-                    e,
-                ));
-            }
+            Err(e) => return Err(reading(e)),
         };
-        Config::parse(&text).map_err(|e| invalid(format!("config file {}: {e}", path.display())))
+        let mode = file.metadata().map_err(reading)?.permissions().mode() & 0o777;
+        let mut text = String::new();
+        file.read_to_string(&mut text).map_err(reading)?;
+        let cfg = Config::parse(&text)
+            .map_err(|e| invalid(format!("config file {}: {e}", path.display())))?;
+        if cfg.holds_secrets() && mode & 0o044 != 0 {
+            return Err(Error::new(
+                ErrorKind::PermissionDenied,
+                format!(
+                    "config file {} holds secrets (credentials of [targets]) but its mode {mode:04o} \
+                     lets group or others read it: chmod 600 {}",
+                    path.display(),
+                    path.display()
+                ),
+            ));
+        }
+        Ok(cfg)
+    }
+
+    /// True when the config holds credentials: any remote target (its password, secret key
+    /// or auth headers).
+    pub fn holds_secrets(&self) -> bool {
+        !self.targets.is_empty()
+    }
+
+    /// Makes every `[paths]` directory absolute and real, once at start: adds the daemon's own
+    /// `<repository>/import` and `<repository>/export` (created with mode 0700), then
+    /// canonicalizes each entry (a missing directory is an error naming it). Containment is
+    /// checked against these real paths.
+    pub fn resolve_paths(&mut self) -> Result<()> {
+        use std::os::unix::fs::DirBuilderExt;
+        let repo = self.repository.path.clone();
+        for (key, own, list) in [
+            (
+                "paths.import_dirs",
+                repo.join("import"),
+                &mut self.paths.import_dirs,
+            ),
+            (
+                "paths.export_dirs",
+                repo.join("export"),
+                &mut self.paths.export_dirs,
+            ),
+        ] {
+            // A read-only repository still serves reads: its own directory is then left out.
+            let own = match std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(&own)
+            {
+                Ok(()) => Some(own),
+                Err(e) => {
+                    tracing::warn!(dir = %own.display(), error = %e, "cannot create the daemon's own {key} directory; only the configured ones are allowed");
+                    None
+                }
+            };
+            let mut real = Vec::new();
+            for d in own.iter().chain(list.iter()) {
+                let r = std::fs::canonicalize(d).map_err(|e| {
+                    Error::io(
+                        format!("{key}: directory {} cannot be resolved; create it or remove it from the list", d.display()),
+                        e,
+                    )
+                })?;
+                if !r.is_dir() {
+                    return Err(invalid(format!(
+                        "{key}: {} is not a directory",
+                        d.display()
+                    )));
+                }
+                if !real.contains(&r) {
+                    real.push(r);
+                }
+            }
+            *list = real;
+        }
+        Ok(())
     }
 
     /// Parses and validates TOML text.
@@ -259,14 +439,51 @@ impl Config {
                     d.tcp_listen
                 ))
             })?;
-            // The API can shut down and read any VM of the host: without TLS and client
-            // certificates it must not be reachable from the network.
-            if !addr.ip().is_loopback() {
+            // The API can shut down and read any VM of the host: over TCP only clients with a
+            // certificate of the configured CA may talk to it.
+            if self.tls.is_none() {
                 return Err(invalid(format!(
-                    "daemon.tcp_listen {addr} is not a loopback address; this version serves TCP without TLS, \
-                     so bind it to 127.0.0.1 (and tunnel) or use the unix socket"
+                    "daemon.tcp_listen {addr} is set but the config has no [tls] section: TCP is \
+                     served only with mutual TLS; add [tls] with cert, key and client_ca, or remove \
+                     tcp_listen and use the unix socket"
                 )));
             }
+        }
+        if let Some(t) = &self.tls {
+            for (key, p) in [
+                ("tls.cert", &t.cert),
+                ("tls.key", &t.key),
+                ("tls.client_ca", &t.client_ca),
+            ] {
+                if !p.is_absolute() {
+                    return Err(invalid(format!(
+                        "{key} must be an absolute path to a PEM file, got {p:?}"
+                    )));
+                }
+            }
+            if t.handshake_timeout_secs > 300 {
+                return Err(invalid(format!(
+                    "tls.handshake_timeout_secs must be 1 to 300, got {}",
+                    t.handshake_timeout_secs
+                )));
+            }
+        }
+        self.validate_policy()?;
+        for (key, list) in [
+            ("paths.import_dirs", &self.paths.import_dirs),
+            ("paths.export_dirs", &self.paths.export_dirs),
+        ] {
+            if let Some(d) = list.iter().find(|d| !d.is_absolute()) {
+                return Err(invalid(format!(
+                    "{key} must hold absolute paths, got {d:?}"
+                )));
+            }
+        }
+        if !(1..=10_000).contains(&d.max_operations_per_identity) {
+            return Err(invalid(format!(
+                "daemon.max_operations_per_identity must be 1 to 10000, got {}",
+                d.max_operations_per_identity
+            )));
         }
         self.log_level()?;
         if !(1..=64).contains(&d.max_running_operations) {
@@ -345,6 +562,43 @@ impl Config {
                 "capture.run_dir must be an absolute path, got {:?}",
                 self.capture.run_dir
             )));
+        }
+        Ok(())
+    }
+
+    /// Checks each `[[policy]]` entry: a known role and at least one identity to match.
+    pub fn validate_policy(&self) -> Result<()> {
+        for (i, e) in self.policy.iter().enumerate() {
+            let n = i + 1;
+            if e.role().is_none() {
+                return Err(invalid(format!(
+                    "policy entry {n}: role {:?} is unknown; use viewer, operator or admin",
+                    e.role
+                )));
+            }
+            if e.unix_uids.is_empty()
+                && e.unix_gids.is_empty()
+                && e.tls_subjects.is_empty()
+                && e.tls_sans.is_empty()
+            {
+                return Err(invalid(format!(
+                    "policy entry {n} (role {}) matches nobody: give unix_uids, unix_gids, \
+                     tls_subjects or tls_sans",
+                    e.role
+                )));
+            }
+            if let Some(s) = e
+                .tls_subjects
+                .iter()
+                .chain(&e.tls_sans)
+                .find(|s| s.trim().is_empty() || s.trim() != s.as_str())
+            {
+                return Err(invalid(format!(
+                    "policy entry {n} (role {}): {s:?} is empty or has surrounding spaces; \
+                     write the name exactly as in the certificate",
+                    e.role
+                )));
+            }
         }
         Ok(())
     }
@@ -456,6 +710,120 @@ mod tests {
         }
         let e = Config::parse("[capture]\nreaders = \"two\"").unwrap_err();
         assert!(e.to_string().contains("readers"), "{e}");
+    }
+
+    #[test]
+    fn tcp_needs_tls_and_tls_paths_are_absolute() {
+        let e = Config::parse("[daemon]\ntcp_listen = \"0.0.0.0:7070\"").unwrap_err();
+        assert!(e.to_string().contains("[tls]"), "{e}");
+        let tls = "[tls]\ncert = \"/t/c.pem\"\nkey = \"/t/k.pem\"\nclient_ca = \"/t/ca.pem\"\n";
+        let c = Config::parse(&format!("[daemon]\ntcp_listen = \"0.0.0.0:7070\"\n{tls}")).unwrap();
+        assert_eq!(
+            c.tls.unwrap().handshake_timeout(),
+            std::time::Duration::from_secs(10)
+        );
+        let e = Config::parse("[tls]\ncert = \"c.pem\"\nkey = \"/k\"\nclient_ca = \"/ca\"")
+            .unwrap_err();
+        assert!(e.to_string().contains("tls.cert"), "{e}");
+    }
+
+    #[test]
+    fn policy_entries_are_checked_and_named() {
+        let c = Config::parse(
+            "[[policy]]\nrole = \"operator\"\nunix_uids = [1000]\ntls_sans = [\"cp1.example.org\"]\n",
+        )
+        .unwrap();
+        assert_eq!(c.policy[0].role(), Some(Role::Operator));
+        for (text, want) in [
+            (
+                "[[policy]]\nrole = \"viewer\"\nunix_uids = [1]\n[[policy]]\nrole = \"root\"\nunix_uids = [0]\n",
+                "policy entry 2: role \"root\" is unknown",
+            ),
+            (
+                "[[policy]]\nrole = \"admin\"\n",
+                "policy entry 1 (role admin) matches nobody",
+            ),
+            (
+                "[[policy]]\nrole = \"admin\"\ntls_subjects = [\" cp1\"]\n",
+                "policy entry 1 (role admin)",
+            ),
+            ("[[policy]]\nrole = \"admin\"\nunix_user = [0]\n", "unix_user"),
+        ] {
+            let e = Config::parse(text).unwrap_err();
+            assert!(e.to_string().contains(want), "{text}: {e}");
+        }
+        for n in [0, 10_001] {
+            let e =
+                Config::parse(&format!("[daemon]\nmax_operations_per_identity = {n}")).unwrap_err();
+            assert!(e.to_string().contains("max_operations_per_identity"), "{e}");
+        }
+    }
+
+    #[test]
+    fn a_config_with_secrets_must_not_be_readable_by_others() {
+        use std::os::unix::fs::PermissionsExt;
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("imaged.toml");
+        let secret =
+            "[targets.s3]\nkind = \"s3\"\nendpoint = \"http://127.0.0.1:1\"\nbucket = \"b\"\n\
+                      access_key = \"a\"\nsecret_key = \"s\"\n";
+        std::fs::write(&p, secret).unwrap();
+        for (mode, ok) in [
+            (0o600, true),
+            (0o400, true),
+            (0o640, false),
+            (0o644, false),
+            (0o604, false),
+        ] {
+            std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode)).unwrap();
+            match Config::load(&p, true) {
+                Ok(_) => assert!(ok, "{mode:o} accepted"),
+                Err(e) => {
+                    assert!(!ok, "{mode:o}: {e}");
+                    assert_eq!(e.kind(), ErrorKind::PermissionDenied);
+                    let m = e.to_string();
+                    assert!(m.contains(&p.display().to_string()), "{m}");
+                    assert!(m.contains(&format!("{mode:04o}")), "{m}");
+                    assert!(m.contains("chmod 600"), "{m}");
+                }
+            }
+        }
+        // Without secrets the mode is the admin's business.
+        std::fs::write(&p, "[daemon]\nlog_level = \"info\"\n").unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o644)).unwrap();
+        Config::load(&p, true).unwrap();
+    }
+
+    #[test]
+    fn paths_are_made_real_with_the_daemons_own() {
+        let d = tempfile::tempdir().unwrap();
+        let real = std::fs::canonicalize(d.path()).unwrap();
+        std::fs::create_dir(real.join("in")).unwrap();
+        std::os::unix::fs::symlink(real.join("in"), real.join("in-link")).unwrap();
+        let mut c = Config::parse(&format!(
+            "[repository]\npath = {:?}\n[paths]\nimport_dirs = [{:?}]\n",
+            real.join("repo"),
+            real.join("in-link")
+        ))
+        .unwrap();
+        c.resolve_paths().unwrap();
+        assert_eq!(
+            c.paths.import_dirs,
+            [real.join("repo/import"), real.join("in")]
+        );
+        assert_eq!(c.paths.export_dirs, [real.join("repo/export")]);
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(real.join("repo/export"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o700);
+        let mut c = Config::parse("[paths]\nexport_dirs = [\"/nonexistent/x\"]").unwrap();
+        c.repository.path = real.join("repo");
+        let e = c.resolve_paths().unwrap_err();
+        assert!(e.to_string().contains("/nonexistent/x"), "{e}");
+        let e = Config::parse("[paths]\nimport_dirs = [\"rel\"]").unwrap_err();
+        assert!(e.to_string().contains("paths.import_dirs"), "{e}");
     }
 
     #[test]

@@ -22,6 +22,9 @@ pub enum ErrorKind {
     Aborted,
     /// Out of space or over a limit.
     ResourceExhausted,
+    /// The caller's role does not allow the request, or a host path lies outside the
+    /// directories the config allows.
+    PermissionDenied,
     /// A dependency (libvirt, the repository directory, qemu-nbd) is not reachable.
     Unavailable,
     /// The operation was cancelled.
@@ -40,6 +43,7 @@ impl ErrorKind {
             ErrorKind::FailedPrecondition => "FAILED_PRECONDITION",
             ErrorKind::Aborted => "ABORTED",
             ErrorKind::ResourceExhausted => "RESOURCE_EXHAUSTED",
+            ErrorKind::PermissionDenied => "PERMISSION_DENIED",
             ErrorKind::Unavailable => "UNAVAILABLE",
             ErrorKind::Cancelled => "CANCELLED",
             ErrorKind::Internal => "INTERNAL",
@@ -55,6 +59,7 @@ impl ErrorKind {
             ErrorKind::FailedPrecondition => tonic::Code::FailedPrecondition,
             ErrorKind::Aborted => tonic::Code::Aborted,
             ErrorKind::ResourceExhausted => tonic::Code::ResourceExhausted,
+            ErrorKind::PermissionDenied => tonic::Code::PermissionDenied,
             ErrorKind::Unavailable => tonic::Code::Unavailable,
             ErrorKind::Cancelled => tonic::Code::Cancelled,
             ErrorKind::Internal => tonic::Code::Internal,
@@ -70,6 +75,7 @@ impl ErrorKind {
             "FAILED_PRECONDITION" => ErrorKind::FailedPrecondition,
             "ABORTED" => ErrorKind::Aborted,
             "RESOURCE_EXHAUSTED" => ErrorKind::ResourceExhausted,
+            "PERMISSION_DENIED" => ErrorKind::PermissionDenied,
             "UNAVAILABLE" => ErrorKind::Unavailable,
             "CANCELLED" => ErrorKind::Cancelled,
             _ => ErrorKind::Internal,
@@ -197,6 +203,10 @@ pub fn not_found(msg: impl Into<String>) -> Error {
 pub fn precondition(msg: impl Into<String>) -> Error {
     Error::new(ErrorKind::FailedPrecondition, msg)
 }
+/// PERMISSION_DENIED with a message.
+pub fn denied(msg: impl Into<String>) -> Error {
+    Error::new(ErrorKind::PermissionDenied, msg)
+}
 /// INTERNAL with a message.
 pub fn internal(msg: impl Into<String>) -> Error {
     Error::new(ErrorKind::Internal, msg)
@@ -259,6 +269,7 @@ mod tests {
             ErrorKind::FailedPrecondition,
             ErrorKind::Aborted,
             ErrorKind::ResourceExhausted,
+            ErrorKind::PermissionDenied,
             ErrorKind::Unavailable,
             ErrorKind::Cancelled,
             ErrorKind::Internal,

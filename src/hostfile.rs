@@ -14,6 +14,12 @@
 //! 3. [`NewFile::commit`] fsyncs the file, renames it into place with `renameat2` (no
 //!    replacing unless asked) and fsyncs the directory. A [`NewFile`] dropped before that
 //!    removes its temp file.
+//!
+//! Where a request may touch the host at all is limited to configured directories
+//! ([`check_opened_within`], [`check_destination_within`]): the check reads the real path of
+//! the *opened* descriptor (`/proc/self/fd/N`) and compares it component by component with the
+//! allowed directories (canonical, resolved once at start), so neither a symbolic link, nor
+//! `..`, nor a rename between check and use leads out of them.
 
 use std::ffi::{CString, OsStr};
 use std::fs::File;
@@ -23,7 +29,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Component, Path, PathBuf};
 
-use crate::error::{invalid, precondition, Error, ErrorKind, Result};
+use crate::error::{denied, invalid, precondition, Error, ErrorKind, Result};
 
 /// The mode of image files when the config does not say otherwise: the owner (root) only.
 pub const DEFAULT_MODE: u32 = 0o600;
@@ -54,6 +60,104 @@ pub fn parse_mode(s: &str, key: &str) -> Result<u32> {
 /// died (see [`Destination::remove_temp_files`]); the final file is not touched.
 pub fn remove_temp_files(path: &Path) -> Result<usize> {
     Destination::open(path, true, "destination")?.remove_temp_files()
+}
+
+/// True when the real path `real` is one of `allowed` (canonical directories) or lies under
+/// one. Compares whole components: `/srv/importer` is not under `/srv/import`.
+pub fn is_within(real: &Path, allowed: &[PathBuf]) -> bool {
+    allowed.iter().any(|a| real.starts_with(a))
+}
+
+/// The real path of an open descriptor, as the kernel resolved it when it was opened.
+fn real_path_of(fd: &impl AsRawFd) -> io::Result<PathBuf> {
+    std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd()))
+}
+
+fn outside(what: &str, shown: &Path, real: Option<&Path>, allowed: &[PathBuf]) -> Error {
+    let list: Vec<String> = allowed.iter().map(|a| a.display().to_string()).collect();
+    let resolved = match real {
+        Some(r) if r != shown => format!(" (it resolves to {})", r.display()),
+        _ => String::new(),
+    };
+    denied(format!(
+        "{what} {}{resolved} is outside the directories this daemon may use for it ({}); \
+         move the file into one of them or add its directory to the daemon's [paths]",
+        shown.display(),
+        if list.is_empty() {
+            "none".to_string()
+        } else {
+            list.join(", ")
+        }
+    ))
+    .with_reason("PATH_NOT_ALLOWED")
+}
+
+/// The real path `path` names, as far as it exists: the longest existing ancestor
+/// canonicalized, the rest appended. `None` when the rest holds `..` (it cannot be judged).
+fn resolve_lexically(path: &Path) -> Option<PathBuf> {
+    let mut missing: Vec<&OsStr> = Vec::new();
+    let mut cur = path;
+    loop {
+        if let Ok(real) = std::fs::canonicalize(cur) {
+            let mut out = real;
+            for m in missing.iter().rev() {
+                out.push(m);
+            }
+            return Some(out);
+        }
+        match (cur.parent(), cur.components().next_back()) {
+            (Some(parent), Some(Component::Normal(name))) => {
+                missing.push(name);
+                cur = parent;
+            }
+            _ => return None,
+        }
+    }
+}
+
+/// A first look at the path string: refused when it plainly leads outside `allowed`, before
+/// anything is opened (so nothing is learnt about files outside). Not the guard itself: the
+/// checks on the opened descriptor are.
+pub fn precheck_within(path: &Path, allowed: &[PathBuf], what: &str) -> Result<()> {
+    match resolve_lexically(path) {
+        Some(real) if is_within(&real, allowed) => Ok(()),
+        real => Err(outside(what, path, real.as_deref(), allowed)),
+    }
+}
+
+/// Refuses an opened host file (`file`, opened from `shown`) whose real path is outside
+/// `allowed` (canonical directories). PERMISSION_DENIED names the path and the directories.
+pub fn check_opened_within(
+    file: &impl AsRawFd,
+    shown: &Path,
+    allowed: &[PathBuf],
+    what: &str,
+) -> Result<()> {
+    let real = real_path_of(file).map_err(|e| {
+        Error::io(
+            format!("{what} {}: reading its real path", shown.display()),
+            e,
+        )
+    })?;
+    if is_within(&real, allowed) {
+        Ok(())
+    } else {
+        Err(outside(what, shown, Some(&real), allowed))
+    }
+}
+
+/// Checks that `path` may be written as a new file under one of `allowed`: the string first,
+/// then its directory opened as [`Destination::open`] does (no symbolic links; the name
+/// absent, or a regular file with `overwrite`) and the real path of that descriptor.
+pub fn check_destination_within(
+    path: &Path,
+    overwrite: bool,
+    allowed: &[PathBuf],
+    what: &str,
+) -> Result<()> {
+    precheck_within(path, allowed, what)?;
+    let dest = Destination::open(path, overwrite, what)?;
+    dest.check_within(allowed)
 }
 
 /// The directory of a destination file, opened without following symbolic links, and the
@@ -133,6 +237,11 @@ impl Destination {
     /// The destination path, for messages.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// Refuses the destination when its opened directory is outside `allowed`.
+    pub fn check_within(&self, allowed: &[PathBuf]) -> Result<()> {
+        check_opened_within(&self.dir, &self.path, allowed, &self.what)
     }
 
     fn check_name(&self, overwrite: bool) -> Result<()> {
@@ -594,6 +703,73 @@ mod tests {
         );
         assert_eq!(std::fs::read(&q).unwrap(), b"keep");
         assert_eq!(std::fs::read_dir(d.path()).unwrap().count(), 2);
+    }
+
+    #[test]
+    fn containment_is_by_component() {
+        let allowed = [PathBuf::from("/srv/import")];
+        assert!(is_within(Path::new("/srv/import"), &allowed));
+        assert!(is_within(Path::new("/srv/import/a/b.raw"), &allowed));
+        assert!(!is_within(Path::new("/srv/importer/b.raw"), &allowed));
+        assert!(!is_within(Path::new("/srv"), &allowed));
+        assert!(!is_within(Path::new("/etc/shadow"), &allowed));
+        assert!(!is_within(Path::new("/srv/import/../x"), &[]));
+    }
+
+    #[test]
+    fn links_and_dotdot_cannot_lead_out() {
+        let d = tempfile::tempdir().unwrap();
+        let inside = d.path().join("inside");
+        let out = d.path().join("out");
+        std::fs::create_dir(&inside).unwrap();
+        std::fs::create_dir(&out).unwrap();
+        std::fs::write(out.join("secret"), b"s").unwrap();
+        std::fs::write(inside.join("ok.raw"), b"x").unwrap();
+        symlink(out.join("secret"), inside.join("link.raw")).unwrap();
+        symlink(&out, inside.join("dirlink")).unwrap();
+        let allowed = [std::fs::canonicalize(&inside).unwrap()];
+
+        let ok = inside.join("ok.raw");
+        precheck_within(&ok, &allowed, "import path").unwrap();
+        check_opened_within(&File::open(&ok).unwrap(), &ok, &allowed, "import path").unwrap();
+        // A new file in a new subdirectory is judged by where it would be.
+        precheck_within(&inside.join("new/x.raw"), &allowed, "export path").unwrap();
+
+        for p in [
+            inside.join("link.raw"),
+            inside.join("dirlink/secret"),
+            inside.join("../out/secret"),
+            PathBuf::from("/etc/shadow"),
+        ] {
+            let e = precheck_within(&p, &allowed, "import path").unwrap_err();
+            assert_eq!(e.kind(), ErrorKind::PermissionDenied, "{}", p.display());
+            assert!(e.to_string().contains(&p.display().to_string()), "{e}");
+            assert!(
+                e.to_string().contains(&allowed[0].display().to_string()),
+                "{e}"
+            );
+            // The descriptor check alone refuses it too (the string check raced, say).
+            let e = check_opened_within(&File::open(&p).unwrap(), &p, &allowed, "import path")
+                .unwrap_err();
+            assert_eq!(e.kind(), ErrorKind::PermissionDenied, "{}", p.display());
+        }
+        // Export: the directory is opened without links, then judged by its real path.
+        let e = check_destination_within(&out.join("x.raw"), false, &allowed, "export path")
+            .unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::PermissionDenied);
+        let e = check_destination_within(Path::new("/etc/passwd"), true, &allowed, "export path")
+            .unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::PermissionDenied);
+        assert!(e.to_string().contains("/etc/passwd"), "{e}");
+        check_destination_within(&inside.join("y.raw"), false, &allowed, "export path").unwrap();
+        // The directory renamed away after the string check: the descriptor tells.
+        let dest = Destination::open(&inside.join("z.raw"), false, "export path").unwrap();
+        let moved = d.path().join("moved");
+        std::fs::rename(&inside, &moved).unwrap();
+        std::fs::create_dir(&inside).unwrap();
+        let e = dest.check_within(&allowed).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::PermissionDenied);
+        assert!(e.to_string().contains("moved"), "{e}");
     }
 
     #[test]

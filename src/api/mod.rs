@@ -5,6 +5,7 @@
 //! Four services share one [`Api`]: `imaged.v1` DomainService, ImageService, OperationService,
 //! and the standard `google.longrunning.Operations` (the same operations, for stock LRO clients).
 
+pub mod auth;
 pub mod authority_hint;
 pub mod convert;
 pub mod list;
@@ -174,7 +175,7 @@ fn target_spec(t: Option<proto::Target>) -> Result<TargetSpec> {
     })
 }
 
-fn capture_params(r: proto::CaptureImageRequest) -> Result<CaptureParams> {
+fn capture_params(r: proto::CaptureImageRequest, requester: String) -> Result<CaptureParams> {
     let mode = match proto::CaptureMode::try_from(r.mode) {
         Ok(proto::CaptureMode::Unspecified) => Mode::Auto,
         Ok(proto::CaptureMode::Cold) => Mode::Cold,
@@ -210,7 +211,17 @@ fn capture_params(r: proto::CaptureImageRequest) -> Result<CaptureParams> {
         prep: prep_steps(&r.prep_steps, "prep_steps")?,
         restore_source: r.restore_source,
         description: r.description,
+        requester,
     })
+}
+
+/// The caller [`auth::AuthLayer`] resolved for a request (`uid:1000`, `tls:CN=cp1`); empty
+/// when the request did not pass the layer (direct calls in tests).
+fn requester<T>(req: &Request<T>) -> String {
+    req.extensions()
+        .get::<auth::Caller>()
+        .map(|c| c.name.clone())
+        .unwrap_or_default()
 }
 
 #[tonic::async_trait]
@@ -252,7 +263,11 @@ impl proto::image_service_server::ImageService for Api {
         &self,
         req: Request<proto::CaptureImageRequest>,
     ) -> ApiResult<lro::Operation> {
-        let op = self.ctl.capture(capture_params(req.into_inner())?).await?;
+        let requester = requester(&req);
+        let op = self
+            .ctl
+            .capture(capture_params(req.into_inner(), requester)?)
+            .await?;
         Ok(Response::new(self.envelope(&op).await))
     }
 
@@ -260,6 +275,7 @@ impl proto::image_service_server::ImageService for Api {
         &self,
         req: Request<proto::ImportImageRequest>,
     ) -> ApiResult<lro::Operation> {
+        let requester = requester(&req);
         let r = req.into_inner();
         limit("description", &r.description, MAX_DESCRIPTION)?;
         let format = format_of(r.format, "format")?;
@@ -271,6 +287,7 @@ impl proto::image_service_server::ImageService for Api {
                 image_name: r.image_id,
                 request_id: request_id(&r.request_id)?,
                 description: r.description,
+                requester,
             })
             .await?;
         Ok(Response::new(self.envelope(&op).await))
@@ -380,6 +397,7 @@ impl proto::image_service_server::ImageService for Api {
         &self,
         req: Request<proto::ExportImageRequest>,
     ) -> ApiResult<lro::Operation> {
+        let requester = requester(&req);
         let r = req.into_inner();
         let op = self
             .ctl
@@ -389,6 +407,7 @@ impl proto::image_service_server::ImageService for Api {
                 path: host_path("path", &r.path)?,
                 overwrite: r.overwrite,
                 request_id: request_id(&r.request_id)?,
+                requester,
             })
             .await?;
         Ok(Response::new(self.envelope(&op).await))

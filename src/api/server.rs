@@ -1,5 +1,10 @@
-//! Serving the API: the unix socket (and optional TCP), gRPC health and reflection, systemd
-//! readiness, and a clean stop on SIGTERM/SIGINT.
+//! Serving the API: the unix socket (and TCP with mutual TLS, [`super::auth::tls`]), gRPC
+//! health and reflection, systemd readiness, a clean stop on SIGTERM/SIGINT, and on SIGHUP a
+//! reload of the TLS certificates, key, client CA and the policy ([`super::auth::Trust`]).
+//!
+//! Every request passes [`AuthLayer`] first (who may call what). Messages in are limited to
+//! [`MAX_REQUEST_BYTES`], out to [`MAX_RESPONSE_BYTES`]; one connection may hold
+//! [`MAX_STREAMS_PER_CONNECTION`] calls at once (watch streams included).
 //!
 //! Health: the overall service ("") and ImageService and OperationService are SERVING while the
 //! daemon runs (images and operations need no hypervisor); DomainService follows libvirt,
@@ -7,14 +12,15 @@
 //! unreachable, SERVING again when it answers.
 
 use std::os::unix::fs::PermissionsExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::UnixListener;
-use tokio_stream::wrappers::{TcpListenerStream, UnixListenerStream};
+use tokio_stream::wrappers::UnixListenerStream;
 use tonic::transport::Server;
 
+use super::auth::{AuthLayer, Trust};
 use super::Api;
 use crate::config::Config;
 use crate::error::{Error, ErrorKind, Result};
@@ -26,6 +32,22 @@ use crate::proto;
 const STOP_GRACE: Duration = Duration::from_secs(30);
 /// How often the health of the hypervisor-dependent services is probed.
 pub const PROBE_PERIOD: Duration = Duration::from_secs(5);
+/// The largest request message accepted (no request of the API comes near it).
+pub const MAX_REQUEST_BYTES: usize = 4 << 20;
+/// The largest response message sent (a list of many images or operations).
+pub const MAX_RESPONSE_BYTES: usize = 64 << 20;
+/// HTTP/2 streams one connection may have open at once: room for hundreds of watch streams
+/// from one control plane, while one client cannot open unbounded numbers of calls.
+pub const MAX_STREAMS_PER_CONNECTION: u32 = 1024;
+
+/// Where the config came from, read again on SIGHUP.
+#[derive(Debug, Clone)]
+pub struct ConfigFile {
+    /// The file.
+    pub path: PathBuf,
+    /// False for the default path, which may be absent (then the defaults apply).
+    pub required: bool,
+}
 
 type DomainServer = proto::domain_service_server::DomainServiceServer<Api>;
 
@@ -126,8 +148,48 @@ fn group_id(group: &str) -> Result<u32> {
         })
 }
 
+/// Reloads the trust (TLS files and policy) from `file` at every SIGHUP until `stop`; a
+/// reload that fails keeps what is in force and logs why.
+async fn reload_on_hangup(
+    mut hup: tokio::signal::unix::Signal,
+    file: ConfigFile,
+    trust: Arc<Trust>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    loop {
+        tokio::select! {
+            _ = stop.wait_for(|s| *s) => return,
+            got = hup.recv() => if got.is_none() { return },
+        }
+        let path = file.path.clone();
+        let required = file.required;
+        let trust = trust.clone();
+        let loaded = tokio::task::spawn_blocking(move || {
+            let cfg = Config::load(&path, required)?;
+            trust.reload(&cfg)
+        })
+        .await
+        .unwrap_or_else(|e| Err(Error::new(ErrorKind::Internal, "reloading").with_source(e)));
+        match loaded {
+            Ok(summary) => {
+                tracing::info!(config = %file.path.display(), "SIGHUP: reloaded {summary}")
+            }
+            Err(e) => {
+                tracing::warn!(config = %file.path.display(), error = %e.chain(), "SIGHUP: reload failed; the TLS config and policy in force are kept")
+            }
+        }
+    }
+}
+
 /// Serves the API until SIGTERM or SIGINT, then cancels running operations and returns.
-pub async fn serve(cfg: &Config, ctl: Controller, stop: StopSignals) -> Result<()> {
+/// SIGHUP re-reads `file` for the TLS files and the policy.
+pub async fn serve(
+    cfg: &Config,
+    ctl: Controller,
+    mut stop: StopSignals,
+    file: ConfigFile,
+) -> Result<()> {
+    let trust = Trust::new(cfg)?;
     let uds = bind_unix(
         &cfg.daemon.socket,
         cfg.socket_mode()?,
@@ -146,6 +208,13 @@ pub async fn serve(cfg: &Config, ctl: Controller, stop: StopSignals) -> Result<(
                 )
             })?;
         Some(l)
+    };
+    let tcp_addr = match &tcp {
+        Some(l) => l
+            .local_addr()
+            .map(|a| a.to_string())
+            .unwrap_or_else(|_| cfg.daemon.tcp_listen.clone()),
+        None => String::new(),
     };
 
     let (health_reporter, health) = tonic_health::server::health_reporter();
@@ -177,18 +246,30 @@ pub async fn serve(cfg: &Config, ctl: Controller, stop: StopSignals) -> Result<(
     let api = Api::new(ctl.clone());
     let router = || {
         Server::builder()
+            .max_concurrent_streams(MAX_STREAMS_PER_CONNECTION)
+            .layer(AuthLayer::new(trust.clone()))
             .add_service(health.clone())
             .add_service(reflection.clone())
             .add_service(reflection_v1alpha.clone())
-            .add_service(proto::domain_service_server::DomainServiceServer::new(
-                api.clone(),
-            ))
-            .add_service(proto::image_service_server::ImageServiceServer::new(
-                api.clone(),
-            ))
-            .add_service(proto::operation_service_server::OperationServiceServer::new(api.clone()))
             .add_service(
-                proto::google::longrunning::operations_server::OperationsServer::new(api.clone()),
+                proto::domain_service_server::DomainServiceServer::new(api.clone())
+                    .max_decoding_message_size(MAX_REQUEST_BYTES)
+                    .max_encoding_message_size(MAX_RESPONSE_BYTES),
+            )
+            .add_service(
+                proto::image_service_server::ImageServiceServer::new(api.clone())
+                    .max_decoding_message_size(MAX_REQUEST_BYTES)
+                    .max_encoding_message_size(MAX_RESPONSE_BYTES),
+            )
+            .add_service(
+                proto::operation_service_server::OperationServiceServer::new(api.clone())
+                    .max_decoding_message_size(MAX_REQUEST_BYTES)
+                    .max_encoding_message_size(MAX_RESPONSE_BYTES),
+            )
+            .add_service(
+                proto::google::longrunning::operations_server::OperationsServer::new(api.clone())
+                    .max_decoding_message_size(MAX_REQUEST_BYTES)
+                    .max_encoding_message_size(MAX_RESPONSE_BYTES),
             )
     };
 
@@ -208,16 +289,32 @@ pub async fn serve(cfg: &Config, ctl: Controller, stop: StopSignals) -> Result<(
         router()
             .serve_with_incoming_shutdown(UnixListenerStream::new(uds), stopped(stop_rx.clone())),
     );
-    let tcp_task = tcp.map(|l| {
-        tokio::spawn(
-            router()
-                .serve_with_incoming_shutdown(TcpListenerStream::new(l), stopped(stop_rx.clone())),
-        )
-    });
+    let tcp_task = match (tcp, &cfg.tls) {
+        (Some(l), Some(t)) => {
+            let incoming = super::auth::tls::incoming(l, trust.clone(), t.handshake_timeout());
+            Some(tokio::spawn(router().serve_with_incoming_shutdown(
+                incoming,
+                stopped(stop_rx.clone()),
+            )))
+        }
+        (Some(_), None) => {
+            return Err(Error::new(
+                ErrorKind::InvalidArgument,
+                "daemon.tcp_listen needs a [tls] section: TCP is served only with mutual TLS",
+            ))
+        }
+        (None, _) => None,
+    };
+    let reload_task = stop
+        .hangup
+        .take()
+        .map(|hup| tokio::spawn(reload_on_hangup(hup, file, trust.clone(), stop_rx.clone())));
 
+    let policy = trust.policy();
     tracing::info!(
         socket = %cfg.daemon.socket.display(),
-        tcp = %cfg.daemon.tcp_listen,
+        tcp = %tcp_addr,
+        policy = %if policy.is_empty() { "default (uid 0 is admin)".to_string() } else { format!("{} entries", policy.len()) },
         repository = %ctl.repository().root().display(),
         libvirt = %cfg.libvirt.uri,
         "imaged ready"
@@ -230,6 +327,9 @@ pub async fn serve(cfg: &Config, ctl: Controller, stop: StopSignals) -> Result<(
     ctl.shutdown(STOP_GRACE).await;
     let _ = stop_tx.send(true);
     let _ = watch_task.await;
+    if let Some(t) = reload_task {
+        let _ = t.await;
+    }
     let _ = uds_task.await;
     if let Some(t) = tcp_task {
         let _ = t.await;
@@ -239,11 +339,14 @@ pub async fn serve(cfg: &Config, ctl: Controller, stop: StopSignals) -> Result<(
     Ok(())
 }
 
-/// The daemon's stop requests (SIGTERM, SIGINT), listened for from [`StopSignals::install`] on:
-/// install them before anything else, so no stop request falls to the default action.
+/// The daemon's stop requests (SIGTERM, SIGINT) and reload requests (SIGHUP), listened for
+/// from [`StopSignals::install`] on: install them before anything else, so no such signal
+/// falls to its default action (which ends the process).
 pub struct StopSignals {
     term: tokio::signal::unix::Signal,
     int: tokio::signal::unix::Signal,
+    /// SIGHUP, taken by [`serve`] for reloads.
+    hangup: Option<tokio::signal::unix::Signal>,
 }
 
 impl StopSignals {
@@ -256,6 +359,7 @@ impl StopSignals {
         Ok(StopSignals {
             term: handler(SignalKind::terminate(), "SIGTERM")?,
             int: handler(SignalKind::interrupt(), "SIGINT")?,
+            hangup: Some(handler(SignalKind::hangup(), "SIGHUP")?),
         })
     }
 

@@ -33,7 +33,7 @@ struct Args {
     repository: Option<PathBuf>,
 }
 
-/// Holds (`block`) or releases SIGTERM and SIGINT for the calling thread and every thread it
+/// Holds (`block`) or releases SIGTERM, SIGINT and SIGHUP for the calling thread and every thread it
 /// starts afterwards. `main` holds them from its first line, so a stop request that arrives while
 /// the daemon starts waits, pending, until the handlers are installed, and is then served
 /// gracefully instead of killing the process by the default action. Child processes start with
@@ -46,6 +46,7 @@ fn hold_stop_signals(block: bool) {
         libc::sigemptyset(&mut set);
         libc::sigaddset(&mut set, libc::SIGTERM);
         libc::sigaddset(&mut set, libc::SIGINT);
+        libc::sigaddset(&mut set, libc::SIGHUP);
         let how = if block {
             libc::SIG_BLOCK
         } else {
@@ -97,6 +98,10 @@ fn main() -> std::process::ExitCode {
         Some(p) => (p.clone(), true),
         None => (PathBuf::from(DEFAULT_CONFIG_PATH), false),
     };
+    let file = imaged::api::server::ConfigFile {
+        path: path.clone(),
+        required,
+    };
     let mut cfg = match Config::load(&path, required) {
         Ok(c) => c,
         Err(e) => {
@@ -111,6 +116,11 @@ fn main() -> std::process::ExitCode {
         cfg.repository.path = r;
     }
     if let Err(e) = cfg.validate() {
+        eprintln!("imaged: {}", e.chain());
+        return std::process::ExitCode::from(2);
+    }
+    // The TLS files and the policy are read now too, so --check-config catches a bad key.
+    if let Err(e) = imaged::api::auth::Trust::new(&cfg) {
         eprintln!("imaged: {}", e.chain());
         return std::process::ExitCode::from(2);
     }
@@ -172,11 +182,14 @@ fn main() -> std::process::ExitCode {
         let unsure = journal.end_orphan_jobs(hv.clone()).await;
         journal.sweep_run_dir(&unsure);
         let repo = Repository::open(&cfg.repository.path)?;
+        // The import and export directories, created and made real once.
+        let mut cfg = cfg;
+        cfg.resolve_paths()?;
         // Operations the previous run left unfinished are ended here, after recovery (their
         // messages say what recovery did) and before anything is served.
         let ctl = Controller::open(cfg.clone(), hv, repo)?;
         ctl.adopt_journal();
-        imaged::api::server::serve(&cfg, ctl, stop).await
+        imaged::api::server::serve(&cfg, ctl, stop, file).await
     });
     match res {
         Ok(()) => std::process::ExitCode::SUCCESS,

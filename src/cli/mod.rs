@@ -3,6 +3,7 @@
 //! People get tables and a progress bar on a terminal; scripts get `--json` (one JSON document
 //! on stdout) and exit codes that say what happened (see [`exit`]).
 
+pub mod connect;
 mod output;
 pub mod view;
 
@@ -58,9 +59,9 @@ unavailable or full, 6 cancelled.";
 #[derive(Parser)]
 #[command(name = "imagectl", version, about, after_help = AFTER_HELP)]
 pub struct Cli {
-    /// The daemon's unix socket.
-    #[arg(long, global = true, env = "IMAGED_SOCKET", default_value = crate::config::DEFAULT_SOCKET)]
-    socket: PathBuf,
+    /// Where the daemon is: its unix socket, or a TCP endpoint with mutual TLS.
+    #[command(flatten)]
+    conn: connect::ConnectOpts,
     /// Print JSON for scripts instead of tables and progress bars.
     #[arg(long, global = true)]
     json: bool,
@@ -356,7 +357,7 @@ fn prep_enums(prep: &[String]) -> Result<Vec<i32>, tonic::Status> {
 }
 
 async fn dispatch(cli: &Cli) -> Result<u8, tonic::Status> {
-    let ch = connect(&cli.socket).await?;
+    let ch = connect::connect(&cli.conn).await?;
     let mut doms = DomainServiceClient::new(ch.clone());
     let mut imgs = ImageServiceClient::new(ch.clone());
     let mut ops = OperationServiceClient::new(ch.clone());

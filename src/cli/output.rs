@@ -365,9 +365,9 @@ pub fn operation_json(o: &OpView) -> Value {
         "domain": id(&m.domain), "image_name": o.image_name(), "request_id": m.request_id,
         "path": m.path, "requester": m.requester, "cancel_requested": m.cancel_requested,
         "progress": {
-            "bytes_total": p.total_bytes, "bytes_done": p.done_bytes, "bytes_read": p.read_bytes,
-            "bytes_zero": p.zero_bytes, "bytes_new": p.new_bytes, "bytes_existing": p.existing_bytes,
-            "rate_bytes_per_sec": p.rate_bytes_per_second, "percent_done": p.percent_done,
+            "total_bytes": p.total_bytes, "done_bytes": p.done_bytes, "read_bytes": p.read_bytes,
+            "zero_bytes": p.zero_bytes, "new_bytes": p.new_bytes, "existing_bytes": p.existing_bytes,
+            "rate_bytes_per_second": p.rate_bytes_per_second, "percent_done": p.percent_done,
         },
         "error": o.error.as_ref().map(|e| json!({"code": e.code, "message": e.message, "reason": e.reason})),
         "created_at": rfc3339(secs(&m.create_time)), "updated_at": rfc3339(secs(&m.update_time)),

@@ -98,7 +98,9 @@ impl DomainInfo {
                     } else {
                         have.join(", ")
                     }
-                )).with_reason("DISK_NOT_FOUND").with_field("disk")
+                ))
+                .with_reason("DISK_NOT_FOUND")
+                .with_field("disk")
             }),
             None => self.disks.iter().find(|d| d.system_disk).ok_or_else(|| {
                 precondition(format!("domain {} has no disk to capture", self.name))

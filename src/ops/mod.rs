@@ -84,6 +84,8 @@ pub struct ImportParams {
     pub request_id: String,
     /// Kept on the image.
     pub description: String,
+    /// Who asks (the API caller, e.g. `uid:1000`), for the per-identity operation limit.
+    pub requester: String,
 }
 
 /// An export request.
@@ -94,6 +96,8 @@ pub struct ExportParams {
     pub path: PathBuf,
     pub overwrite: bool,
     pub request_id: String,
+    /// Who asks (the API caller), for the per-identity operation limit.
+    pub requester: String,
 }
 
 /// The controller: configuration, the hypervisor, the repository, the operations database and
@@ -236,10 +240,14 @@ impl Controller {
         }
         // Opened once; everything after reads this open file, never the path again.
         let max = self.inner.cfg.repository.max_virtual_size;
+        let dirs = &self.inner.cfg.paths.import_dirs;
+        crate::hostfile::precheck_within(&p.path, dirs, "import path")?;
         let source = SourceFile::open(&p.path, &p.format, max).await?;
+        crate::hostfile::check_opened_within(source.file(), &p.path, dirs, "import path")?;
         let writer = self.reserve(&p.image_name).await?;
         let path = p.path.to_string_lossy().into_owned();
         let op = OpEntry::new(OpKind::Import, "", &p.image_name, &p.request_id, &path);
+        op.set_requester(&p.requester);
         op.set_consistency("imported");
         {
             let mut t = self.table();
@@ -278,12 +286,14 @@ impl Controller {
         if let Some(op) = self.same_request(&p.request_id, OpKind::Export, &fp)? {
             return Ok(op);
         }
-        crate::upload::file::check_destination(&p.path, p.overwrite, "export path")?;
+        let dirs = &self.inner.cfg.paths.export_dirs;
+        crate::hostfile::check_destination_within(&p.path, p.overwrite, dirs, "export path")?;
         let repo = self.inner.repo.clone();
         let name = p.image_name.clone();
         let (rec, guard) = blocking(move || repo.open_reader(&name)).await?;
         let path = p.path.to_string_lossy().into_owned();
         let op = OpEntry::new(OpKind::Export, "", &p.image_name, &p.request_id, &path);
+        op.set_requester(&p.requester);
         op.set_location(&path);
         {
             let mut t = self.table();
@@ -491,10 +501,31 @@ impl Controller {
         self.request_matching(&self.table(), request_id, kind, fp)
     }
 
-    /// Records a new operation in the database (QUEUED, with its request_id and the
+    /// Refuses it (RESOURCE_EXHAUSTED) when its requester already has
+    /// `daemon.max_operations_per_identity` operations queued or running (an empty requester, an
+    /// internal caller, is not counted); else records a new operation in the database (QUEUED, with its request_id and the
     /// fingerprint `fp` of the call's parameters) and makes it live; each later change of its
     /// state is saved by a hook. `target` says where its bytes go (see [`store`]).
     fn insert(&self, t: &mut Table, op: &Arc<OpEntry>, target: &str, fp: &str) -> Result<()> {
+        let who = op.requester();
+        let limit = self.inner.cfg.daemon.max_operations_per_identity;
+        if !who.is_empty() {
+            let open = t
+                .live
+                .values()
+                .filter(|e| !e.state().is_terminal() && e.requester() == who)
+                .count();
+            if open >= limit {
+                return Err(Error::new(
+                    ErrorKind::ResourceExhausted,
+                    format!(
+                        "{who} has {open} operations queued or running, the limit per identity \
+                         (daemon.max_operations_per_identity = {limit}); wait for one to end or cancel one"
+                    ),
+                )
+                .with_reason("IDENTITY_OPERATION_LIMIT"));
+            }
+        }
         self.inner
             .store
             .insert(&op.snapshot(), target, &store::fingerprint(fp), now_unix())?;

@@ -301,6 +301,11 @@ impl OpEntry {
         self.facts().prep = reports;
     }
 
+    /// Who asked for the operation.
+    pub fn requester(&self) -> String {
+        self.facts().requester.clone()
+    }
+
     /// Records where the image landed.
     pub fn set_location(&self, l: &str) {
         self.facts().location = l.to_string();

@@ -33,6 +33,10 @@ impl World {
         cfg.daemon.max_running_operations = 0;
         cfg.capture.run_dir = dir.path().join("run");
         cfg.daemon.state_dir = dir.path().join("state");
+        // Imports and exports of these tests live in the temp dir.
+        let real = std::fs::canonicalize(dir.path()).unwrap();
+        cfg.paths.import_dirs = vec![real.clone()];
+        cfg.paths.export_dirs = vec![real];
         let repo = Repository::open(&dir.path().join("repo")).unwrap();
         let hv = FakeHypervisor::new(domains);
         let ctl = Controller::open(cfg, Arc::new(hv.clone()), repo).unwrap();
@@ -586,6 +590,7 @@ async fn import_checks_name_path_format_and_file() {
         image_name: name.into(),
         request_id: String::new(),
         description: String::new(),
+        requester: String::new(),
     };
     assert_eq!(
         kind(w.ctl.import(p("-x", &file, "raw")).await),
@@ -641,6 +646,7 @@ async fn export_delete_and_image_need_the_image() {
         path: path.to_path_buf(),
         overwrite,
         request_id: String::new(),
+        requester: String::new(),
     };
     assert_eq!(kind(w.ctl.export(p("nope", &dest, false)).await), NotFound);
     assert_eq!(kind(w.ctl.image("nope").await), NotFound);
@@ -714,6 +720,9 @@ impl World {
         cfg.daemon.max_running_operations = 0;
         cfg.capture.run_dir = self.dir.path().join("run");
         cfg.daemon.state_dir = self.dir.path().join("state");
+        let real = std::fs::canonicalize(self.dir.path()).unwrap();
+        cfg.paths.import_dirs = vec![real.clone()];
+        cfg.paths.export_dirs = vec![real];
         let repo = Repository::open(&self.dir.path().join("repo")).unwrap();
         Controller::open(cfg, Arc::new(self.hv.clone()), repo).unwrap()
     }
@@ -730,6 +739,7 @@ impl World {
             image_name: name.into(),
             request_id: request_id.into(),
             description: String::new(),
+            requester: String::new(),
         }
     }
 }
@@ -1252,4 +1262,80 @@ async fn a_job_of_ours_without_a_journal_entry_is_ended_at_start() {
     assert_eq!(w.hv.backup_job("a"), None, "ours ended");
     assert_eq!(w.hv.backup_job("b").as_deref(), Some(theirs), "theirs left");
     assert!(!ours.dir.exists());
+}
+
+#[tokio::test]
+async fn host_paths_outside_the_allowed_directories_are_refused() {
+    let w = World::new(vec![]);
+    w.image("img");
+    let e = w
+        .ctl
+        .import(ImportParams {
+            path: "/etc/shadow".into(),
+            format: "raw".into(),
+            image_name: "stolen".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::PermissionDenied, "{e}");
+    assert!(e.to_string().contains("/etc/shadow"), "{e}");
+    let e = w
+        .ctl
+        .export(ExportParams {
+            image_name: "img".into(),
+            format: Format::Raw,
+            path: "/etc/passwd".into(),
+            overwrite: true,
+            request_id: String::new(),
+            requester: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::PermissionDenied, "{e}");
+}
+
+#[tokio::test]
+async fn operations_per_identity_are_limited() {
+    let dir = tempfile::tempdir().unwrap();
+    let real = std::fs::canonicalize(dir.path()).unwrap();
+    let mut cfg = Config::default();
+    cfg.daemon.max_running_operations = 0;
+    cfg.daemon.max_operations_per_identity = 2;
+    cfg.capture.run_dir = dir.path().join("run");
+    cfg.paths.import_dirs = vec![real];
+    cfg.daemon.state_dir = dir.path().join("state");
+    let repo = Repository::open(&dir.path().join("repo")).unwrap();
+    let ctl = Controller::open(cfg, Arc::new(FakeHypervisor::new(vec![])), repo).unwrap();
+    let file = dir.path().join("disk.raw");
+    std::fs::write(&file, vec![0u8; 1 << 20]).unwrap();
+    let import = |name: &str, who: &str| ImportParams {
+        path: file.clone(),
+        format: "raw".into(),
+        image_name: name.into(),
+        request_id: String::new(),
+        description: String::new(),
+        requester: who.into(),
+    };
+    let a = ctl.import(import("a", "uid:7")).await.unwrap();
+    assert_eq!(a.requester, "uid:7");
+    ctl.import(import("b", "uid:7")).await.unwrap();
+    let e = ctl.import(import("c", "uid:7")).await.unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::ResourceExhausted);
+    assert!(e.to_string().contains("uid:7"), "{e}");
+    assert!(
+        e.to_string().contains("max_operations_per_identity = 2"),
+        "{e}"
+    );
+    // Someone else is not held back, nor are internal callers.
+    ctl.import(import("d", "tls:CN=cp1")).await.unwrap();
+    ctl.import(import("e", "")).await.unwrap();
+    // An ended operation no longer counts.
+    ctl.cancel(&a.id).unwrap();
+    let t0 = std::time::Instant::now();
+    while !ctl.operation(&a.id).unwrap().state.is_terminal() {
+        assert!(t0.elapsed() < Duration::from_secs(10));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    ctl.import(import("c", "uid:7")).await.unwrap();
 }

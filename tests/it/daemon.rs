@@ -402,6 +402,11 @@ async fn bad_requests_get_clear_errors_and_change_nothing() {
         request_id: String::new(),
     };
     let s = src.to_str().unwrap();
+    let missing = d.dir.path().join("nonexistent/disk.qcow2");
+    let missing = missing.to_str().unwrap();
+    let text = d.dir.path().join("hostname.txt");
+    std::fs::write(&text, "not an image\n").unwrap();
+    let text = text.to_str().unwrap();
     for (req, code, words) in [
         (
             imp("a/../../etc/passwd", s, "qcow2"),
@@ -420,14 +425,19 @@ async fn bad_requests_get_clear_errors_and_change_nothing() {
             "IMAGE_FORMAT_QCOW2 or IMAGE_FORMAT_RAW",
         ),
         (
-            imp("ok", "/nonexistent/disk.qcow2", "qcow2"),
+            imp("ok", missing, "qcow2"),
             Code::FailedPrecondition,
             "does not exist",
         ),
         (
-            imp("ok", "/etc/hostname", "qcow2"),
+            imp("ok", text, "qcow2"),
             Code::InvalidArgument,
             "not a valid qcow2",
+        ),
+        (
+            imp("ok", "/etc/hostname", "qcow2"),
+            Code::PermissionDenied,
+            "outside the directories",
         ),
     ] {
         let err = images
@@ -453,7 +463,10 @@ async fn bad_requests_get_clear_errors_and_change_nothing() {
     assert_eq!(err.code(), Code::AlreadyExists, "{err:?}");
     assert!(err.message().contains("taken"));
 
-    // Exports: unknown image, existing destination, missing directory, relative path.
+    // Exports: unknown image, existing destination, missing directory, relative path, a
+    // directory outside the export directories.
+    let missing_dir = d.dir.path().join("nonexistent-dir/x.qcow2");
+    let missing_dir = missing_dir.to_str().unwrap();
     let exp = |name: &str, path: &str| proto::ExportImageRequest {
         name: name.into(),
         format: proto::ImageFormat::Qcow2 as i32,
@@ -469,9 +482,10 @@ async fn bad_requests_get_clear_errors_and_change_nothing() {
             exp("taken", existing.to_str().unwrap()),
             Code::AlreadyExists,
         ),
+        (exp("taken", missing_dir), Code::FailedPrecondition),
         (
             exp("taken", "/nonexistent-dir/x.qcow2"),
-            Code::FailedPrecondition,
+            Code::PermissionDenied,
         ),
         (exp("taken", "x.qcow2"), Code::InvalidArgument),
     ] {

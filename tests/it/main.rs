@@ -28,3 +28,4 @@ mod qcow2_encoder;
 mod restarts;
 mod stream_capture;
 mod targets;
+mod trust;

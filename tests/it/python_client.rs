@@ -15,6 +15,7 @@ use std::process::Command;
 use crate::support::api::proto;
 use crate::support::daemon::{clone_manifests, run, stdout_json, Daemon, SERVICES};
 use crate::support::lab::Lab;
+use crate::support::pki::{tls_daemon, Pki};
 
 /// Panics, naming the fix, unless python3 can import grpcio, grpcio-tools, grpcio-reflection.
 fn require_python_grpc() {
@@ -53,12 +54,13 @@ fn generate_stubs(dir: &Path) {
 }
 
 /// Runs tests/python/client.py and parses the JSON it prints.
-fn client(stubs: &Path, socket: &Path, args: &[&str]) -> serde_json::Value {
+/// Runs client.py against `target` (a socket path, or `tls:HOST:PORT:CA:CERT:KEY`).
+fn client(stubs: &Path, target: impl AsRef<std::ffi::OsStr>, args: &[&str]) -> serde_json::Value {
     let script: PathBuf = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/python/client.py");
     let out = Command::new("python3")
         .arg(&script)
         .arg(stubs)
-        .arg(socket)
+        .arg(target)
         .args(args)
         .output()
         .expect("running python3");
@@ -233,4 +235,82 @@ fn python_grpcio_client_without_authority_is_refused_with_a_hint() {
         );
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
+}
+
+/// A control plane's view: a stock Python client over TCP with mutual TLS captures a real guest
+/// (watch, wait, the Image as the response), pages over 250 images, reads a refusal's reason;
+/// a viewer's certificate may list but not capture.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn python_grpcio_client_over_mutual_tls_drives_a_capture() {
+    require_python_grpc();
+    let guest = Lab::get().guest("pytls").create();
+    let tmp = tempfile::tempdir().unwrap();
+    let pki = Pki::new(&tmp.path().join("pki"));
+    let operator = pki.client("control-plane", None, false);
+    let viewer = pki.client("dashboard", None, false);
+    let policy = "[[policy]]\nrole = \"operator\"\ntls_subjects = [\"control-plane\"]\n\
+                  [[policy]]\nrole = \"viewer\"\ntls_subjects = [\"dashboard\"]\n\
+                  [[policy]]\nrole = \"admin\"\nunix_uids = [0]\n";
+    let (d, url) = tls_daemon(&pki, policy);
+    let hostport = url.trim_start_matches("https://");
+    let ca = pki.dir.join("server-ca.pem");
+    let target = |(cert, key): &(PathBuf, PathBuf)| {
+        format!(
+            "tls:{hostport}:{}:{}:{}",
+            ca.display(),
+            cert.display(),
+            key.display()
+        )
+    };
+    let stubs = tmp.path().join("stubs");
+    std::fs::create_dir(&stubs).unwrap();
+    generate_stubs(&stubs);
+
+    let cap = client(
+        &stubs,
+        target(&operator),
+        &["capture", guest.name(), "tls-cap"],
+    );
+    assert_eq!(cap["capture"]["done"], true, "{cap}\n{}", d.log_text());
+    assert_eq!(
+        cap["capture"]["state"],
+        "OPERATION_STATE_ACTIVE",
+        "{cap}\n{}",
+        d.log_text()
+    );
+    let states = cap["capture"]["states"].as_array().unwrap();
+    assert_eq!(states.last().unwrap(), "OPERATION_STATE_ACTIVE", "{cap}");
+    assert_eq!(cap["capture"]["image"]["name"], "images/tls-cap", "{cap}");
+    assert_eq!(
+        cap["capture"]["image"]["consistency"], "CONSISTENCY_COLD",
+        "{cap}"
+    );
+    assert_eq!(cap["again"]["code"], "ALREADY_EXISTS", "{cap}");
+    assert_eq!(cap["again"]["reason"], "IMAGE_NAME_TAKEN", "{cap}");
+    let ops = d.imagectl_json(&["ops"]);
+    assert_eq!(ops[0]["requester"], "tls:CN=control-plane", "{ops}");
+
+    clone_manifests(&d.repo, "tls-cap", "p-", 251);
+    let pg = client(&stubs, target(&viewer), &["paging"]);
+    assert_eq!(pg["pages"], 3, "{pg}");
+    assert_eq!(pg["names"].as_array().unwrap().len(), 251, "{pg}");
+
+    let denied = client(
+        &stubs,
+        target(&viewer),
+        &["call", "capture", guest.name(), "nope"],
+    );
+    assert_eq!(denied["result"]["code"], "PERMISSION_DENIED", "{denied}");
+    assert_eq!(denied["result"]["reason"], "ROLE_MISSING", "{denied}");
+    let details = denied["result"]["details"].as_str().unwrap();
+    assert!(
+        details.contains("dashboard") && details.contains("CaptureImage"),
+        "the refusal names the identity and the method: {details}"
+    );
+    assert!(
+        d.log_text()
+            .lines()
+            .any(|l| l.contains("request denied") && l.contains("dashboard")),
+        "the denial is logged"
+    );
 }

@@ -58,6 +58,8 @@ pub struct CaptureParams {
     pub restore_source: bool,
     /// Kept on the image.
     pub description: String,
+    /// Who asks (the API caller), for the per-identity operation limit.
+    pub requester: String,
 }
 
 /// Where a capture writes the image.
@@ -91,6 +93,7 @@ impl Default for CaptureParams {
             prep: Vec::new(),
             restore_source: false,
             description: String::new(),
+            requester: String::new(),
         }
     }
 }
@@ -181,6 +184,7 @@ impl Controller {
             &p.request_id,
             &disk.path,
         );
+        op.set_requester(&p.requester);
         op.set_consistency(consistency_of(mode));
         {
             let mut t = self.table();

@@ -68,6 +68,14 @@ impl Controller {
     /// Prepares where the bytes go, checking it before anything is read: the repository name
     /// is reserved; a stream target is reached and its credentials checked.
     pub(super) async fn open_sink(&self, p: &CaptureParams) -> Result<Sink> {
+        if let TargetSpec::File {
+            path, overwrite, ..
+        } = &p.target
+        {
+            // A file target writes on the host like an export: the same directories.
+            let dirs = &self.inner.cfg.paths.export_dirs;
+            crate::hostfile::check_destination_within(path, *overwrite, dirs, "target file")?;
+        }
         let (target, format): (Box<dyn StreamTarget>, Format) = match &p.target {
             TargetSpec::Repository => {
                 return Ok(Sink::Repository(self.reserve(&p.image_name).await?))

@@ -40,8 +40,21 @@ pub struct DaemonOptions {
     pub repository_toml: String,
     /// NOTIFY_SOCKET for the child.
     pub notify_socket: Option<PathBuf>,
-    /// More TOML tables appended at the end (e.g. `[targets.glance]`).
+    /// More TOML tables appended at the end (e.g. `[targets.glance]`, `[tls]`, `[[policy]]`).
     pub extra_toml: String,
+    /// The `[paths]` table's keys; `None` allows imports and exports anywhere under the
+    /// system temp dir (where the tests keep their files) and the lab's run directory.
+    pub paths_toml: Option<String>,
+}
+
+/// The `[paths]` of a test daemon when the test does not say otherwise.
+pub fn default_paths_toml() -> String {
+    let mut dirs = vec![std::env::temp_dir()];
+    let lab = Path::new("/var/lib/imaged-lab");
+    if lab.is_dir() {
+        dirs.push(lab.to_path_buf());
+    }
+    format!("import_dirs = {dirs:?}\nexport_dirs = {dirs:?}\n")
 }
 
 impl Daemon {
@@ -118,16 +131,22 @@ impl Daemon {
         std::fs::write(
             &config,
             format!(
-                "[daemon]\nsocket = {socket:?}\nlog_level = \"debug\"\nstate_dir = {:?}\n{}\n[repository]\npath = {repo:?}\n{}\n[capture]\nrun_dir = {:?}\n{}\n{}\n",
+                "[daemon]\nsocket = {socket:?}\nlog_level = \"debug\"\nstate_dir = {:?}\n{}\n[repository]\npath = {repo:?}\n{}\n[capture]\nrun_dir = {:?}\n{}\n[paths]\n{}\n{}\n",
                 dir.path().join("state"),
                 opts.daemon_toml,
                 opts.repository_toml,
                 dir.path().join("run"),
                 opts.capture_toml,
+                opts.paths_toml.clone().unwrap_or_else(default_paths_toml),
                 opts.extra_toml
             ),
         )
         .unwrap();
+        // Configs of targets hold secrets: the daemon refuses them unless only its user reads.
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&config, std::fs::Permissions::from_mode(0o600)).unwrap();
+        }
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_imaged"));
         cmd.arg("--config")
             .arg(&config)

@@ -7,4 +7,5 @@ pub mod api;
 pub mod daemon;
 pub mod lab;
 pub mod libvirtd;
+pub mod pki;
 pub mod servers;
