@@ -37,6 +37,9 @@ pub mod exit {
     pub const UNAVAILABLE: u8 = 5;
     /// The operation was cancelled.
     pub const CANCELLED: u8 = 6;
+    /// The caller may not do this (PERMISSION_DENIED: its roles, or a host path outside the
+    /// allowed directories).
+    pub const DENIED: u8 = 7;
 }
 
 const AFTER_HELP: &str = "\
@@ -53,7 +56,7 @@ Examples:
 
 Exit codes: 0 done, 1 operation failed, 2 bad arguments, 3 not found,
 4 conflict (wrong domain state, name taken, object busy), 5 daemon/libvirt/repository
-unavailable or full, 6 cancelled.";
+unavailable or full, 6 cancelled, 7 permission denied.";
 
 /// Command line of the imaged host agent: capture VM disks into images, export and import them.
 #[derive(Parser)]
@@ -265,6 +268,7 @@ fn exit_for(code: Code) -> u8 {
         Code::FailedPrecondition | Code::Aborted | Code::AlreadyExists => exit::CONFLICT,
         Code::Unavailable | Code::ResourceExhausted | Code::DeadlineExceeded => exit::UNAVAILABLE,
         Code::Cancelled => exit::CANCELLED,
+        Code::PermissionDenied | Code::Unauthenticated => exit::DENIED,
         _ => exit::FAILED,
     }
 }

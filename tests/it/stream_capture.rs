@@ -346,17 +346,24 @@ async fn bad_targets_are_refused_before_any_byte_is_read() {
         "{}",
         err.message()
     );
-    // A file target whose directory does not exist.
-    let kind = proto::target::Kind::File(proto::FileTarget {
-        path: "/nonexistent-dir/x.qcow2".into(),
-        format: 1,
-        overwrite: false,
-    });
-    let err = images
-        .capture(capture(guest.name(), "x", kind))
-        .await
-        .unwrap_err();
-    assert_eq!(err.code(), Code::FailedPrecondition);
+    // A file target whose directory does not exist (in an allowed directory), and one outside
+    // the allowed directories.
+    let missing = std::env::temp_dir().join(format!("imaged-no-such-dir-{}", std::process::id()));
+    for (path, code) in [
+        (missing.join("x.qcow2"), Code::FailedPrecondition),
+        ("/nonexistent-dir/x.qcow2".into(), Code::PermissionDenied),
+    ] {
+        let kind = proto::target::Kind::File(proto::FileTarget {
+            path: path.to_str().unwrap().into(),
+            format: 1,
+            overwrite: false,
+        });
+        let err = images
+            .capture(capture(guest.name(), "x", kind))
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), code, "{path:?}: {err:?}");
+    }
     assert_eq!(
         d.imagectl_json(&["ops"]).as_array().unwrap().len(),
         0,
