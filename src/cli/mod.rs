@@ -368,24 +368,20 @@ async fn dispatch(cli: &Cli) -> Result<u8, tonic::Status> {
     let json = cli.json;
     match &cli.cmd {
         Cmd::Domains { list } => {
-            let mut all = Vec::new();
-            let mut token = String::new();
-            loop {
-                let r = doms
-                    .list_domains(proto::ListDomainsRequest {
-                        page_size: 1000,
-                        page_token: token,
-                        filter: list.filter.clone(),
-                        order_by: list.order_by.clone(),
-                    })
-                    .await?
-                    .into_inner();
-                all.extend(r.domains);
-                if r.next_page_token.is_empty() {
-                    break;
+            let all = all_pages(|page_token| {
+                let mut c = doms.clone();
+                let req = proto::ListDomainsRequest {
+                    page_size: 1000,
+                    page_token,
+                    filter: list.filter.clone(),
+                    order_by: list.order_by.clone(),
+                };
+                async move {
+                    let r = c.list_domains(req).await?.into_inner();
+                    Ok((r.domains, r.next_page_token))
                 }
-                token = r.next_page_token;
-            }
+            })
+            .await?;
             output::domains(&all, json);
         }
         Cmd::Domain { name } => {
@@ -502,24 +498,20 @@ async fn dispatch(cli: &Cli) -> Result<u8, tonic::Status> {
             return follow(&mut ops, OpView::from_lro(&op), *no_wait, json).await;
         }
         Cmd::Images { list } => {
-            let mut all = Vec::new();
-            let mut token = String::new();
-            loop {
-                let r = imgs
-                    .list_images(proto::ListImagesRequest {
-                        page_size: 1000,
-                        page_token: token,
-                        filter: list.filter.clone(),
-                        order_by: list.order_by.clone(),
-                    })
-                    .await?
-                    .into_inner();
-                all.extend(r.images);
-                if r.next_page_token.is_empty() {
-                    break;
+            let all = all_pages(|page_token| {
+                let mut c = imgs.clone();
+                let req = proto::ListImagesRequest {
+                    page_size: 1000,
+                    page_token,
+                    filter: list.filter.clone(),
+                    order_by: list.order_by.clone(),
+                };
+                async move {
+                    let r = c.list_images(req).await?.into_inner();
+                    Ok((r.images, r.next_page_token))
                 }
-                token = r.next_page_token;
-            }
+            })
+            .await?;
             output::images(&all, json);
         }
         Cmd::Image { name } => {
@@ -590,24 +582,21 @@ async fn dispatch(cli: &Cli) -> Result<u8, tonic::Status> {
             output::deleted(name, json);
         }
         Cmd::Ops { list } => {
-            let mut all = Vec::new();
-            let mut token = String::new();
-            loop {
-                let r = ops
-                    .list_operations(proto::ListOperationsRequest {
-                        page_size: 1000,
-                        page_token: token,
-                        filter: list.filter.clone(),
-                        order_by: list.order_by.clone(),
-                    })
-                    .await?
-                    .into_inner();
-                all.extend(r.operations.iter().map(OpView::from_lro));
-                if r.next_page_token.is_empty() {
-                    break;
+            let all = all_pages(|page_token| {
+                let mut c = ops.clone();
+                let req = proto::ListOperationsRequest {
+                    page_size: 1000,
+                    page_token,
+                    filter: list.filter.clone(),
+                    order_by: list.order_by.clone(),
+                };
+                async move {
+                    let r = c.list_operations(req).await?.into_inner();
+                    let views = r.operations.iter().map(OpView::from_lro).collect();
+                    Ok((views, r.next_page_token))
                 }
-                token = r.next_page_token;
-            }
+            })
+            .await?;
             output::operations(&all, json);
         }
         Cmd::Op { id } => {
@@ -667,6 +656,25 @@ async fn dispatch(cli: &Cli) -> Result<u8, tonic::Status> {
         }
     }
     Ok(exit::OK)
+}
+
+/// Every item of a List: `page(token)` fetches one page (items, next token) until the token
+/// comes back empty.
+async fn all_pages<T, F, Fut>(mut page: F) -> Result<Vec<T>, tonic::Status>
+where
+    F: FnMut(String) -> Fut,
+    Fut: std::future::Future<Output = Result<(Vec<T>, String), tonic::Status>>,
+{
+    let mut all = Vec::new();
+    let mut token = String::new();
+    loop {
+        let (items, next) = page(token).await?;
+        all.extend(items);
+        if next.is_empty() {
+            return Ok(all);
+        }
+        token = next;
+    }
 }
 
 /// Exit code for an operation's final state.

@@ -50,14 +50,19 @@ async fn resources_pages_errors_and_operations_follow_the_aips() {
             src.to_str().unwrap(),
         ],
     );
-    let started = images
-        .import_image(pb::ImportImageRequest {
-            image_id: "p-000".into(),
+    const RID: &str = "6f1c8a0e-4b55-4c1e-9d7a-1e2f3a4b5c6d";
+    let import = |id: &str, format: pb::ImageFormat, description: &str, request_id: &str| {
+        pb::ImportImageRequest {
+            image_id: id.into(),
             path: src.to_str().unwrap().into(),
-            format: pb::ImageFormat::Raw as i32,
-            description: "first".into(),
-            request_id: "6f1c8a0e-4b55-4c1e-9d7a-1e2f3a4b5c6d".into(),
-        })
+            format: format as i32,
+            description: description.into(),
+            request_id: request_id.into(),
+        }
+    };
+    let raw = pb::ImageFormat::Raw;
+    let started = images
+        .import_image(import("p-000", raw, "first", RID))
         .await
         .unwrap()
         .into_inner();
@@ -90,25 +95,13 @@ async fn resources_pages_errors_and_operations_follow_the_aips() {
 
     // The same request_id returns the same operation; with other parameters it is refused.
     let again = images
-        .import_image(pb::ImportImageRequest {
-            image_id: "p-000".into(),
-            path: src.to_str().unwrap().into(),
-            format: pb::ImageFormat::Raw as i32,
-            description: "first".into(),
-            request_id: "6f1c8a0e-4b55-4c1e-9d7a-1e2f3a4b5c6d".into(),
-        })
+        .import_image(import("p-000", raw, "first", RID))
         .await
         .unwrap()
         .into_inner();
     assert_eq!(again.name, started.name);
     let other = images
-        .import_image(pb::ImportImageRequest {
-            image_id: "p-999".into(),
-            path: src.to_str().unwrap().into(),
-            format: pb::ImageFormat::Raw as i32,
-            description: String::new(),
-            request_id: "6f1c8a0e-4b55-4c1e-9d7a-1e2f3a4b5c6d".into(),
-        })
+        .import_image(import("p-999", raw, "", RID))
         .await
         .unwrap_err();
     assert_eq!(other.code(), Code::InvalidArgument, "{other:?}");
@@ -134,12 +127,7 @@ async fn resources_pages_errors_and_operations_follow_the_aips() {
     assert_eq!(reason(&e), "INVALID_RESOURCE_NAME");
     assert_eq!(field(&e), "name");
     let e = images
-        .import_image(pb::ImportImageRequest {
-            image_id: "p-000".into(),
-            path: src.to_str().unwrap().into(),
-            format: pb::ImageFormat::Raw as i32,
-            ..Default::default()
-        })
+        .import_image(import("p-000", raw, "", ""))
         .await
         .unwrap_err();
     assert_eq!(
@@ -147,12 +135,7 @@ async fn resources_pages_errors_and_operations_follow_the_aips() {
         (Code::AlreadyExists, "IMAGE_NAME_TAKEN")
     );
     let e = images
-        .import_image(pb::ImportImageRequest {
-            image_id: "p-x".into(),
-            path: src.to_str().unwrap().into(),
-            format: pb::ImageFormat::Unspecified as i32,
-            ..Default::default()
-        })
+        .import_image(import("p-x", pb::ImageFormat::Unspecified, "", ""))
         .await
         .unwrap_err();
     assert_eq!(
