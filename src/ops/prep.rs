@@ -58,17 +58,20 @@ impl Controller {
         Ok(())
     }
 
-    /// Applies the steps in the guest (all or nothing: a failed step undoes the others).
+    /// Applies the steps in the guest (all or nothing: a failed step undoes the others);
+    /// `before` hears of each change before it is made ([`prep::BeforeChange`]).
     pub(super) async fn apply_prep(
         &self,
         domain: &str,
         steps: Vec<PrepStep>,
+        mut before: Box<dyn FnMut(&[StepOutcome]) -> Result<()> + Send>,
     ) -> Result<Vec<StepOutcome>> {
         let name = domain.to_string();
         self.hv(move |hv| {
-            prep::apply(
+            prep::apply_recorded(
                 hv.guest_agent(&name, DEFAULT_COMMAND_TIMEOUT)?.as_ref(),
                 &steps,
+                &mut *before,
             )
         })
         .await

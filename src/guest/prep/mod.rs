@@ -43,7 +43,7 @@ pub mod text;
 mod types;
 
 pub use io::{BACKUP_ROOT, MAX_CONFIG_BYTES};
-pub use runner::{apply, check, plan, restore};
+pub use runner::{apply, apply_recorded, check, plan, restore, BeforeChange, UNDO_FAILED};
 pub use steps::{dhcp, fstab, netplan, setpasswd, udev};
 pub use types::{
     AppliedFile, FileAction, FileChange, OutcomeStatus, PlanStatus, PrepStep, StepCheck,

@@ -71,14 +71,40 @@ pub fn check(agent: &dyn GuestAgent, steps: &[PrepStep]) -> Result<Vec<StepCheck
         .collect()
 }
 
+/// The reason of an apply's error when undoing its own changes failed too: the guest may be
+/// left partly prepped, so a journaled duty to restore it must stay.
+pub const UNDO_FAILED: &str = "PREP_UNDO_FAILED";
+
+/// Called by [`apply_recorded`] before it changes the guest, with the outcomes so far and the
+/// step about to change (its mounts taken down, or its backups made) as if it were applied. A
+/// caller journals them there, so that a process killed in the middle of an apply leaves a
+/// record that [`restore`] can undo from: restoring a change not made yet writes back what is
+/// there already. An error stops the apply, which then undoes what it did.
+pub type BeforeChange<'a> = &'a mut dyn FnMut(&[StepOutcome]) -> Result<()>;
+
 /// Applies `steps` in order (see the module doc). On failure, everything this call changed is
 /// undone before the error is returned.
 pub fn apply(agent: &dyn GuestAgent, steps: &[PrepStep]) -> Result<Vec<StepOutcome>> {
+    apply_recorded(agent, steps, &mut |_| Ok(()))
+}
+
+/// [`apply`], telling `before` what it is about to change before each change.
+pub fn apply_recorded(
+    agent: &dyn GuestAgent,
+    steps: &[PrepStep],
+    before: BeforeChange<'_>,
+) -> Result<Vec<StepOutcome>> {
     let io = GuestIo::new(agent)?;
     let backup_root = format!("{BACKUP_ROOT}/{}", crate::util::random_id("apply"));
     let mut done: Vec<StepOutcome> = Vec::new();
     for &id in steps {
-        match apply_step(&io, step(id), &format!("{backup_root}/{id}")) {
+        match apply_step(
+            &io,
+            step(id),
+            &format!("{backup_root}/{id}"),
+            &done,
+            &mut *before,
+        ) {
             Ok(o) => done.push(o),
             Err(e) => {
                 if done.iter().any(|o| o.status == OutcomeStatus::Applied) {
@@ -93,6 +119,7 @@ pub fn apply(agent: &dyn GuestAgent, steps: &[PrepStep]) -> Result<Vec<StepOutco
                             e.kind(),
                             format!("{e}; undoing the steps applied before it failed too"),
                         )
+                        .with_reason(UNDO_FAILED)
                         .with_source(r));
                     }
                 }
@@ -103,8 +130,22 @@ pub fn apply(agent: &dyn GuestAgent, steps: &[PrepStep]) -> Result<Vec<StepOutco
     Ok(done)
 }
 
-/// Applies one step, its backups under `backup_root`; on failure, undoes what it did.
-fn apply_step(io: &GuestIo<'_>, step: &dyn Step, backup_root: &str) -> Result<StepOutcome> {
+/// `before` told of `done` and `o`.
+fn record(before: BeforeChange<'_>, done: &[StepOutcome], o: &StepOutcome) -> Result<()> {
+    let mut all = done.to_vec();
+    all.push(o.clone());
+    before(&all)
+}
+
+/// Applies one step, its backups under `backup_root`; on failure, undoes what it did. `before`
+/// hears of each change first (see [`BeforeChange`]); `done` are the steps applied before.
+fn apply_step(
+    io: &GuestIo<'_>,
+    step: &dyn Step,
+    backup_root: &str,
+    done: &[StepOutcome],
+    before: BeforeChange<'_>,
+) -> Result<StepOutcome> {
     let id = step.id();
     let w = inspect(io, step)?;
     let mut o = StepOutcome {
@@ -129,14 +170,18 @@ fn apply_step(io: &GuestIo<'_>, step: &dyn Step, backup_root: &str) -> Result<St
         // 1. What must come down first (swap and mounts on data disks): a busy mount stops
         //    the step before any file changes.
         step.take_down(io, &w, &mut o)?;
-        // 2. Backups of every file, checked.
+        if !o.unmounted.is_empty() || !o.swaps_off.is_empty() {
+            record(&mut *before, done, &o)?;
+        }
+        // 2. Backups of every file, checked; the duty to restore them is recorded before any
+        //    file changes.
         if !w.edits.is_empty() {
             o.backup_dir = Some(backup_root.to_string());
         }
-        let backups = io.back_up(&w.edits, backup_root)?;
+        o.files = io.back_up(&w.edits, backup_root)?;
+        record(&mut *before, done, &o)?;
         // 3. The changes.
-        for (e, b) in w.edits.iter().zip(backups) {
-            o.files.push(b);
+        for e in &w.edits {
             match &e.new {
                 Some(bytes) => io.agent.write_file(&e.path, bytes, None)?,
                 None => io.agent.remove_file(&e.path)?,
@@ -169,6 +214,7 @@ fn apply_step(io: &GuestIo<'_>, step: &dyn Step, backup_root: &str) -> Result<St
                     e.kind(),
                     format!("{e}; undoing what the step had done failed too"),
                 )
+                .with_reason(UNDO_FAILED)
                 .with_source(r));
             }
             Err(e)
@@ -418,6 +464,71 @@ mod tests {
         assert_eq!(g.file("/etc/fstab").unwrap(), FSTAB);
         assert!(g.mounted.lock().unwrap().contains("/mnt/data"));
         assert_eq!(g.backups_left(), Vec::<String>::new());
+    }
+
+    /// Every change is announced before it is made, with backups a restore can work from: a
+    /// process killed right after any announcement leaves a record that puts the guest back.
+    #[test]
+    fn each_change_is_recorded_before_it_is_made_and_the_record_restores() {
+        let g = FakeLinux::new();
+        let mut records: Vec<Vec<StepOutcome>> = Vec::new();
+        let mut seen_before: Vec<(String, String)> = Vec::new();
+        let outcomes = apply_recorded(&g, &STEPS, &mut |so_far| {
+            // Nothing the last announced step edits has changed yet.
+            let cur = so_far.last().unwrap();
+            for f in &cur.files {
+                seen_before.push((f.path.clone(), g.file(&f.path).unwrap_or_default()));
+            }
+            records.push(so_far.to_vec());
+            Ok(())
+        })
+        .unwrap();
+        assert!(seen_before.contains(&("/etc/init.d/rc".to_string(), RC.to_string())));
+        assert!(seen_before.contains(&("/etc/fstab".to_string(), FSTAB.to_string())));
+        // The last record holds every applied file with its backup, as the final outcomes do.
+        let last = records.last().unwrap();
+        let files = |v: &[StepOutcome]| -> Vec<String> {
+            v.iter()
+                .flat_map(|o| o.files.iter().map(|f| f.path.clone()))
+                .collect()
+        };
+        assert_eq!(files(last), files(&outcomes));
+        // A "kill" after the first record: restoring from it leaves the guest as it was.
+        let g2 = FakeLinux::new();
+        let mut first: Option<Vec<StepOutcome>> = None;
+        let _ = apply_recorded(&g2, &STEPS, &mut |so_far| {
+            if first.is_none() && so_far.iter().any(|o| !o.files.is_empty()) {
+                first = Some(so_far.to_vec());
+            }
+            Ok(())
+        })
+        .unwrap();
+        // The apply went on to the end; restoring only what was recorded first restores those
+        // files (a change announced is undone whether or not it was made).
+        restore(&g2, first.as_deref().unwrap()).unwrap();
+        let rec = first.unwrap();
+        for o in &rec {
+            for f in &o.files {
+                let want = if f.path == "/etc/init.d/rc" {
+                    RC
+                } else {
+                    FSTAB
+                };
+                if f.path == "/etc/init.d/rc" || f.path == "/etc/fstab" {
+                    assert_eq!(g2.file(&f.path).unwrap(), want, "{}", f.path);
+                }
+            }
+        }
+        // An error from the record stops the apply, which undoes itself.
+        let g3 = FakeLinux::new();
+        let e = apply_recorded(&g3, &STEPS, &mut |_| {
+            Err(crate::error::internal("journal full"))
+        })
+        .unwrap_err();
+        assert!(e.to_string().contains("journal full"), "{e}");
+        assert_eq!(g3.file("/etc/init.d/rc").unwrap(), RC);
+        assert_eq!(g3.file("/etc/fstab").unwrap(), FSTAB);
+        assert!(g3.mounted.lock().unwrap().contains("/mnt/data"));
     }
 
     #[test]

@@ -9,9 +9,10 @@ use crate::error::{Error, Result};
 use crate::guest::prep::StepOutcome;
 
 impl Controller {
-    /// Applies the plan's prep steps, then journals the entry with their outcomes before
-    /// anything else happens; if the journal cannot be written, the guest gets its
-    /// configuration back and the error is returned. The outcomes go on the operation.
+    /// Applies the plan's prep steps, journaling each change before it is made (a daemon killed
+    /// mid-apply leaves a duty start-up recovery undoes), then journals the entry with their
+    /// final outcomes before anything else happens; if the journal cannot be written, the guest
+    /// gets its configuration back and the error is returned. The outcomes go on the operation.
     pub(super) async fn prep_journaled(
         &self,
         op: &OpEntry,
@@ -19,7 +20,22 @@ impl Controller {
         journal: &Journal,
         entry: &mut Entry,
     ) -> Result<Option<Vec<StepOutcome>>> {
-        let applied = self.prep_before(op, plan).await?;
+        let (j, mut pending) = (journal.clone(), entry.clone());
+        let before = Box::new(move |so_far: &[StepOutcome]| {
+            pending.prep = Some(so_far.to_vec());
+            j.write(&pending)
+        });
+        let applied = match self.prep_before(op, plan, before).await {
+            Ok(a) => a,
+            Err(e) => {
+                // The apply undid itself: the duty it journaled on the way is void. When its
+                // undo failed too, the duty stays, and the janitor restores the guest.
+                if e.facts().reason != crate::guest::prep::UNDO_FAILED {
+                    journal.remove(&op.id);
+                }
+                return Err(e);
+            }
+        };
         entry.prep = applied.clone();
         if let Err(e) = journal.write(entry) {
             if let Some(outcomes) = applied {
@@ -37,6 +53,7 @@ impl Controller {
         &self,
         op: &OpEntry,
         plan: &Plan,
+        before: Box<dyn FnMut(&[StepOutcome]) -> Result<()> + Send>,
     ) -> Result<Option<Vec<StepOutcome>>> {
         if plan.steps.is_empty() {
             return Ok(None);
@@ -44,14 +61,26 @@ impl Controller {
         let name = plan.info.name.clone();
         tracing::info!(op = %op.id, domain = %name, steps = ?plan.steps, "applying prep steps");
         let outcomes = self
-            .apply_prep(&name, plan.steps.clone())
+            .apply_prep(&name, plan.steps.clone(), before)
             .await
             .map_err(|e| {
-                Error::new(
-                    e.kind(),
-                    format!("prep steps failed in domain {name}; the guest was left as it was"),
-                )
-                .with_source(e)
+                if e.facts().reason == crate::guest::prep::UNDO_FAILED {
+                    Error::new(
+                        e.kind(),
+                        format!(
+                            "prep steps failed in domain {name}, and undoing them failed too; \
+                             imaged keeps trying to restore the guest"
+                        ),
+                    )
+                    .with_reason(crate::guest::prep::UNDO_FAILED)
+                    .with_source(e)
+                } else {
+                    Error::new(
+                        e.kind(),
+                        format!("prep steps failed in domain {name}; the guest was left as it was"),
+                    )
+                    .with_source(e)
+                }
             })?;
         Ok(Some(outcomes))
     }
