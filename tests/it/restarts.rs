@@ -1,5 +1,5 @@
 //! Issue 12: captures of real guests while libvirtd goes away, guests destroyed mid-capture, and
-//! a bounded soak.
+//! a bounded soak. Issue 8: the daemon killed at each stage of a capture.
 //!
 //! Every test here that stops libvirtd holds the libvirt lock exclusively
 //! ([`libvirtd::exclusive`], first thing), so no other libvirt test of the binary runs beside
@@ -21,13 +21,23 @@
 //! - shutdown: libvirtd is stopped once the daemon logged "shutdown requested", so the guest
 //!   powers off while libvirtd is down.
 //!
-//! After each stage: the operation ends ACTIVE, or FAILED naming the domain or libvirt (and
-//! then lists no image); the daemon still runs; within 90 s no backup job is left on the domain
-//! (`virsh domjobinfo`), the guest runs as before (same boot id, or booted again where a
-//! shutdown capture with `restart` was asked), `guest-fsfreeze-status` says thawed, and
-//! `run_dir` holds nothing named after the operation; then a capture of the same guest ends
-//! ACTIVE. Findings are collected per stage and reported together at the end of a test (the
-//! lab is put back in order between stages, so one failure does not hide the next).
+//! The daemon itself is killed (SIGKILL) and started again at each stage of a quiesce capture
+//! with prep in [`a_daemon_killed_at_each_stage_of_a_capture_loses_nothing`]: QUEUED behind a
+//! held import as above; while prep is being applied (a watcher in the guest stops the agent
+//! once prep rewrote a file and prints a mark on the serial console); while the freeze hook
+//! holds the agent in the freeze (the journal records the freeze first); mid-read (SAVING);
+//! as the progress reaches the total (committing); and just after the commit. Just before the
+//! SIGKILL the daemon is stopped (SIGSTOP) and its journal entry, the repository's manifest and
+//! the domain's job are read, so each stage reports what it hit.
+//!
+//! After each stage of libvirtd or the guest going away: the operation ends ACTIVE, or FAILED
+//! naming the domain or libvirt (and then lists no image); the daemon still runs; within 90 s
+//! no backup job is left on the domain (`virsh domjobinfo`), the guest runs as before (same
+//! boot id, or booted again where a shutdown capture with `restart` was asked),
+//! `guest-fsfreeze-status` says thawed, and `run_dir` holds nothing named after the operation;
+//! then a capture of the same guest ends ACTIVE (what the daemon-kill stages check is in that
+//! test's own doc). Findings are collected per stage and reported together at the end of a
+//! test (the lab is put back in order between stages, so one failure does not hide the next).
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime};
@@ -1150,6 +1160,989 @@ async fn a_guest_destroyed_at_each_stage_of_a_live_capture() {
     f.check(stage, daemon_alive(&d), || {
         "expected the daemon up at the end".into()
     });
+    f.finish();
+}
+
+// ------------------------------------------------------------------------------ daemon killed
+
+/// The files the prep steps of [`killed_req`] change in the source guest: `dhcp` rewrites the
+/// static stanza of `interfaces`, `udev-net-rules` removes the persistent-net rules.
+const PREP_FILES: [&str; 2] = [
+    "/etc/network/interfaces",
+    "/etc/udev/rules.d/70-persistent-net.rules",
+];
+const STATIC_INTERFACES: &str = "auto lo\niface lo inet loopback\n\nauto eth0\niface eth0 inet static\n    address 192.0.2.10\n    netmask 255.255.255.0\n    gateway 192.0.2.1\n";
+const NET_RULES: &str =
+    "SUBSYSTEM==\"net\", ACTION==\"add\", ATTR{address}==\"52:54:00:12:34:56\", NAME=\"eth0\"\n";
+/// Where prep keeps its backups inside the guest.
+const PREP_BACKUPS: &str = "/run/imaged-prep";
+/// What the guest writes on its serial console once prep has rewritten `interfaces` and its
+/// agent is stopped.
+const PREP_MARK: &str = "IMAGED-TEST-PREP-WRITTEN";
+/// The captured data disk: this many MiB of pseudo-random bytes (long enough to read that a
+/// kill can be aimed at the middle of it).
+const DATA_MIB: usize = 256;
+/// How long the freeze hook sleeps before it lets the agent freeze, in the "frozen" stage.
+const HOOK_SLEEP_SECS: u64 = 6;
+
+/// The capture every stage kills: quiesce of the data disk with two cheap prep steps, undone in
+/// the source right after the consistency point.
+fn killed_req(g: &Guest, image: &str, request_id: &str) -> proto::CaptureRequest {
+    proto::CaptureRequest {
+        domain: g.name().into(),
+        image_name: image.into(),
+        request_id: request_id.into(),
+        mode: proto::CaptureMode::Quiesce as i32,
+        disk: "vdb".into(),
+        prep: vec!["dhcp".into(), "udev-net-rules".into()],
+        restore_source: true,
+        ..Default::default()
+    }
+}
+
+/// The source configuration the prep steps change (a static address, a persistent-net rule),
+/// written afresh, with no prep backup left in the guest. Returns [`prep_files`].
+fn plant_prep_targets(g: &Guest) -> String {
+    g.write_file(PREP_FILES[0], STATIC_INTERFACES.as_bytes());
+    g.write_file(PREP_FILES[1], NET_RULES.as_bytes());
+    g.sh_ok(&format!("rm -rf {PREP_BACKUPS} && sync"));
+    prep_files(g)
+}
+
+/// sha256 (or "absent") of each file prep touches, as `sha256sum` prints it.
+fn prep_files(g: &Guest) -> String {
+    let script = PREP_FILES
+        .iter()
+        .map(|p| format!("if [ -e {p} ]; then sha256sum {p}; else echo absent {p}; fi"))
+        .collect::<Vec<_>>()
+        .join("; ");
+    g.sh_ok(&script)
+}
+
+/// What prep left under [`PREP_BACKUPS`] in the guest (empty: nothing).
+fn prep_backups(g: &Guest) -> String {
+    g.sh(&format!("find {PREP_BACKUPS} -mindepth 1 2>/dev/null"))
+        .1
+        .trim()
+        .to_string()
+}
+
+/// Waits (up to 5 s) until every thread of `pid` is stopped: a thread inside a system call
+/// (an fsync, a rename) finishes it first, so what the process wrote is then final.
+fn wait_stopped(pid: u32) {
+    let t0 = Instant::now();
+    while t0.elapsed() < Duration::from_secs(5) {
+        let all = std::fs::read_dir(format!("/proc/{pid}/task"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .all(|t| {
+                std::fs::read_to_string(t.path().join("stat"))
+                    .ok()
+                    .and_then(|s| {
+                        s.rsplit_once(')')
+                            .map(|(_, r)| r.trim_start().starts_with(['T', 't']))
+                    })
+                    .unwrap_or(true)
+            });
+        if all {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+/// What the daemon had done when it was killed, read while it was stopped.
+#[derive(Debug)]
+struct AtKill {
+    pid: u32,
+    /// Its journal entry of the operation (None: it had none).
+    entry: Option<serde_json::Value>,
+    /// The image's manifest was in the repository (the image was committed).
+    committed: bool,
+    /// A backup job ran on the domain.
+    job: bool,
+}
+
+impl AtKill {
+    fn journaled(&self, key: &str) -> bool {
+        self.entry.as_ref().is_some_and(|e| match &e[key] {
+            serde_json::Value::Bool(b) => *b,
+            serde_json::Value::Null => false,
+            serde_json::Value::String(s) => !s.is_empty(),
+            _ => true,
+        })
+    }
+
+    fn describe(&self) -> String {
+        match &self.entry {
+            None => format!(
+                "no journal entry, image committed: {}, backup job on the domain: {}",
+                self.committed, self.job
+            ),
+            Some(_) => format!(
+                "journal entry frozen={} backup_dir={} prep={}, image committed: {}, backup job \
+                 on the domain: {}",
+                self.journaled("frozen"),
+                self.journaled("backup_dir"),
+                self.journaled("prep"),
+                self.committed,
+                self.job
+            ),
+        }
+    }
+}
+
+/// Stops the daemon (SIGSTOP) so that its journal entry of `op_id`, the repository and the
+/// domain's job are read as they are at the kill, then kills it (SIGKILL) and reaps it.
+fn stop_and_kill(d: &mut Daemon, g: &Guest, op_id: &str, image: &str) -> AtKill {
+    let pid = d.pid();
+    signal(pid, libc::SIGSTOP);
+    wait_stopped(pid);
+    let entry = std::fs::read(d.run_dir().join("journal").join(format!("{op_id}.json")))
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok());
+    let committed = d.repo.join("images").join(format!("{image}.json")).exists();
+    let job = no_job(g).is_err();
+    d.kill();
+    AtKill {
+        pid,
+        entry,
+        committed,
+        job,
+    }
+}
+
+/// One stage: the capture killed, and what it was when it was.
+struct Killed<'a> {
+    stage: &'a str,
+    /// The request, retried as it was.
+    req: proto::CaptureRequest,
+    op_id: String,
+    /// The state it was in (the FAILED message must name it).
+    was: &'static str,
+    at: AtKill,
+    /// The guest's boot id before the stage.
+    boot: String,
+    /// [`prep_files`] before the capture.
+    prep_before: String,
+    /// Other operations the kill cut off (their leftovers are looked for too).
+    others: Vec<String>,
+}
+
+/// Whether the image `name`, exported raw with imagectl, is byte for byte `want`.
+fn export_matches(d: &Daemon, name: &str, want: &Path) -> Result<(), String> {
+    let out = d.dir.path().join(format!("{name}.export.raw"));
+    let o = d.imagectl(&[
+        "--json",
+        "export",
+        name,
+        "--format",
+        "raw",
+        "-o",
+        out.to_str().unwrap(),
+    ]);
+    if !o.status.success() {
+        return Err(format!(
+            "imagectl export {name} failed ({:?}): {}",
+            o.status,
+            String::from_utf8_lossy(&o.stderr)
+        ));
+    }
+    let same = std::process::Command::new("cmp")
+        .arg("-s")
+        .arg(&out)
+        .arg(want)
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    let _ = std::fs::remove_file(&out);
+    same.then_some(())
+        .ok_or_else(|| format!("image {name} exported raw differs from the disk it was read from"))
+}
+
+/// What must hold once the daemon killed at a stage runs again.
+async fn judge_killed(f: &mut Findings, d: &Daemon, g: &Guest, k: &Killed<'_>, data: &Path) {
+    let stage = k.stage;
+    let mut ops = d.ops().await;
+    let mut images = d.images().await;
+    let op = match ops
+        .get_operation(proto::GetOperationRequest {
+            id: k.op_id.clone(),
+        })
+        .await
+    {
+        Ok(o) => o.into_inner(),
+        Err(e) => {
+            return f.check(stage, false, || {
+                format!(
+                    "expected GetOperation to find operation {} after the restart; {e:?}",
+                    k.op_id
+                )
+            })
+        }
+    };
+    let s = state(&op);
+    eprintln!(
+        "{stage}: after the restart the operation is {s:?}: {:?}",
+        op.error
+    );
+
+    // A retry with the same request_id is that operation, not a new capture.
+    let before = ops
+        .list_operations(proto::ListOperationsRequest::default())
+        .await
+        .map(|r| r.into_inner().operations.len());
+    match images.capture(k.req.clone()).await {
+        Ok(r) => {
+            let r = r.into_inner();
+            f.check(stage, r.id == op.id && state(&r) == s, || {
+                format!(
+                    "expected the retry with request_id {} to return operation {} as it is \
+                     ({s:?}); it returned {} ({:?})",
+                    k.req.request_id,
+                    op.id,
+                    r.id,
+                    state(&r)
+                )
+            });
+        }
+        Err(e) => f.check(stage, false, || {
+            format!(
+                "expected the retry with request_id {} to return operation {}; refused: {e:?}",
+                k.req.request_id, op.id
+            )
+        }),
+    }
+    let after = ops
+        .list_operations(proto::ListOperationsRequest::default())
+        .await
+        .map(|r| r.into_inner().operations.len());
+    f.check(
+        stage,
+        matches!((&before, &after), (Ok(a), Ok(b)) if a == b),
+        || {
+            format!(
+                "expected the retry to start nothing; operations listed before and after: \
+                 {before:?} {after:?}"
+            )
+        },
+    );
+
+    // How it ended: FAILED naming the state it was in, or ACTIVE when its image was committed.
+    match s {
+        St::Failed => {
+            let e = op.error.clone().unwrap_or_default();
+            f.check(
+                stage,
+                e.reason == "DAEMON_RESTARTED" && e.code == "ABORTED",
+                || {
+                    format!(
+                        "expected ABORTED with reason DAEMON_RESTARTED; it is {} {:?}",
+                        e.code, e.reason
+                    )
+                },
+            );
+            let said = format!(
+                "imaged (pid {}) stopped while this operation was {}",
+                k.at.pid, k.was
+            );
+            f.check(stage, e.message.contains(&said), || {
+                format!(
+                    "expected the message to say {said:?}; it says {:?}",
+                    e.message
+                )
+            });
+            f.check(stage, !k.at.committed, || {
+                "expected ACTIVE: the image was committed before the kill".into()
+            });
+            f.check(
+                stage,
+                image_listed(d, &k.req.image_name) == Some(false),
+                || {
+                    format!(
+                        "expected no image {} after the FAILED capture; imagectl image says {:?}",
+                        k.req.image_name,
+                        image_listed(d, &k.req.image_name)
+                    )
+                },
+            );
+        }
+        St::Active => {
+            f.check(stage, k.at.committed, || {
+                format!(
+                    "expected FAILED: the image was not committed when the daemon was killed; \
+                     it is ACTIVE: {op:?}"
+                )
+            });
+            f.check(
+                stage,
+                image_listed(d, &k.req.image_name) == Some(true),
+                || {
+                    format!(
+                        "expected image {} of the ACTIVE capture listed; imagectl image says {:?}",
+                        k.req.image_name,
+                        image_listed(d, &k.req.image_name)
+                    )
+                },
+            );
+            let r = export_matches(d, &k.req.image_name, data);
+            f.check(stage, r.is_ok(), || {
+                format!("expected the image readable and whole; {}", r.unwrap_err())
+            });
+        }
+        other => f.check(stage, false, || {
+            format!("expected FAILED (or ACTIVE after a commit); it is {other:?}: {op:?}")
+        }),
+    }
+    for id in &k.others {
+        let o = get_op(&mut ops, id).await;
+        f.check(stage, terminal(state(&o)), || {
+            format!("expected operation {id}, also cut off by the kill, ended; it is {o:?}")
+        });
+    }
+    match ops
+        .list_operations(proto::ListOperationsRequest {
+            filter: "done = false".into(),
+            ..Default::default()
+        })
+        .await
+    {
+        Ok(r) => {
+            let open = r.into_inner().operations;
+            f.check(stage, open.is_empty(), || {
+                format!("expected no operation shown running (done = false); listed: {open:?}")
+            });
+        }
+        Err(e) => f.check(stage, false, || {
+            format!("expected ListOperations with filter done = false to answer; {e:?}")
+        }),
+    }
+
+    // The guest and the host: thawed, no job, nothing of the operation left.
+    nothing_left(f, stage, d, g, &k.op_id, true, Some(&k.boot)).await;
+    for id in &k.others {
+        let l = leftovers(&d.run_dir(), id);
+        f.check(stage, l.is_empty(), || {
+            format!("expected nothing of operation {id} in run_dir; it holds {l:?}")
+        });
+    }
+    let j = journal_entries(d);
+    f.check(stage, j.is_empty(), || {
+        format!("expected an empty journal; it holds {j:?}")
+    });
+    let tmp: Vec<String> = std::fs::read_dir(d.repo.join("tmp"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    f.check(stage, tmp.is_empty(), || {
+        format!("expected the repository's tmp/ empty; it holds {tmp:?}")
+    });
+    let manifests: Vec<String> = std::fs::read_dir(d.repo.join("images"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains(".tmp"))
+        .collect();
+    f.check(stage, manifests.is_empty(), || {
+        format!("expected no temp manifest in the repository; found {manifests:?}")
+    });
+
+    if g.try_agent(r#"{"execute":"guest-ping"}"#, 10).is_err() {
+        return; // nothing_left has recorded why
+    }
+    let log = hook_log(g);
+    f.check(stage, thawed_after_last_freeze(&log), || {
+        format!(
+            "expected the freeze hook's log to end the last freeze with a thaw; it says {log:?}"
+        )
+    });
+
+    // The prep changes are undone in the running source.
+    // A restore still journaled may be a janitor's to finish: wait for it (up to SETTLE);
+    // once no entry is left, nothing will change the files any more.
+    let t0 = Instant::now();
+    let mut now = prep_files(g);
+    while now != k.prep_before && !journal_entries(d).is_empty() && t0.elapsed() < SETTLE {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        now = prep_files(g);
+    }
+    if now != k.prep_before {
+        now = prep_files(g);
+    }
+    f.check(stage, now == k.prep_before, || {
+        format!(
+            "expected the files prep touched back as they were (checksums before the \
+             capture):\n{}\nthey are:\n{now}",
+            k.prep_before
+        )
+    });
+    let left = prep_backups(g);
+    f.check(stage, left.is_empty(), || {
+        format!("expected no prep backup left in the guest; {PREP_BACKUPS} holds:\n{left}")
+    });
+}
+
+/// The lab back in order after a stage (see [`repair`]), the source's configuration planted
+/// again; then the same capture with a new request_id must end ACTIVE, quiesced, with the
+/// prep undone in the source. Returns the boot id and [`prep_files`] for the next stage.
+async fn capture_again(
+    f: &mut Findings,
+    stage: &str,
+    d: &Daemon,
+    g: &Guest,
+    image: &str,
+    request_id: &str,
+    old_id: &str,
+) -> (String, String) {
+    repair(g, true);
+    let _ = g.sh(&format!("rm -f {SLOW_FREEZE}"));
+    let before = plant_prep_targets(g);
+    let mut images = d.images().await;
+    match images.capture(killed_req(g, image, request_id)).await {
+        Ok(op) => {
+            let op = op.into_inner();
+            f.check(stage, op.id != old_id, || {
+                format!("expected a new operation for request_id {request_id}; got {old_id} again")
+            });
+            let end = d.wait_op(&op.id).await;
+            f.check(
+                stage,
+                state(&end) == St::Active && end.consistency == "quiesced",
+                || {
+                    format!(
+                        "expected the capture with a new request_id to end ACTIVE, quiesced; it \
+                         ended {:?} ({:?}): {:?}",
+                        state(&end),
+                        end.consistency,
+                        end.error
+                    )
+                },
+            );
+            let now = prep_files(g);
+            f.check(stage, now == before, || {
+                format!(
+                    "expected the new capture to undo its prep in the source:\n{before}\nthe \
+                     files are:\n{now}"
+                )
+            });
+        }
+        Err(e) => f.check(stage, false, || {
+            format!("expected the capture with a new request_id to be accepted; refused: {e:?}")
+        }),
+    }
+    let r = until(Instant::now() + SETTLE, || no_job(g)).await;
+    f.check(stage, r.is_ok(), || {
+        format!(
+            "expected the new capture to end its backup job; {}",
+            r.clone().unwrap_err()
+        )
+    });
+    repair(g, true);
+    (boot_id(g), plant_prep_targets(g))
+}
+
+/// Polls the journal entry of `op` until `key` is set in it; panics (the stage cannot be set
+/// up) when the operation ends first or after 120 s.
+async fn wait_journaled(d: &Daemon, ops: &mut Ops, op: &str, key: &str) {
+    let path = d.run_dir().join("journal").join(format!("{op}.json"));
+    let t0 = Instant::now();
+    let mut n = 0u32;
+    loop {
+        let entry: Option<serde_json::Value> = std::fs::read(&path)
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok());
+        if entry.is_some_and(|e| e[key] == serde_json::Value::Bool(true)) {
+            return;
+        }
+        n += 1;
+        if n % 100 == 0 {
+            let o = get_op(ops, op).await;
+            assert!(
+                !terminal(state(&o)) && t0.elapsed() < Duration::from_secs(120),
+                "expected the journal entry of {op} to record {key} (the stage this test aims \
+                 at); the operation is {o:?} after {:?}",
+                t0.elapsed()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
+/// The daemon killed with SIGKILL at each stage of a quiesce capture with prep and
+/// restore_source, and started again at once:
+/// - QUEUED: behind an import that holds the only run slot;
+/// - PREPARING, prep being applied: a watcher in the guest stops its agent (SIGSTOP) as soon as
+///   prep has rewritten `interfaces` and says so on the serial console; the daemon is killed
+///   before it journaled the prep;
+/// - PREPARING, frozen: prep applied and journaled, the freeze journaled, the agent inside the
+///   freeze hook's sleep (the filesystems freeze a few seconds after the kill, while the new
+///   daemon starts);
+/// - SAVING: mid-read of the data disk from the backup job;
+/// - committing: as soon as the progress reaches the total (the image is committed, or about
+///   to be; what was on disk at the kill decides what must follow);
+/// - just after the commit: as soon as the image's manifest is in the repository (the daemon
+///   is then ending the backup job, the operation not yet ended).
+///
+/// The daemon is stopped (SIGSTOP) just before the kill, and its journal entry, the repository
+/// and the domain's backup job are read then, so each stage says what it hit. After each
+/// restart: GetOperation finds the operation and a retry with its request_id returns it (and
+/// starts nothing); it is FAILED, ABORTED, reason DAEMON_RESTARTED, its message naming the
+/// daemon's pid and the state it was in, and no image is listed (or ACTIVE, its image listed
+/// and exported byte for byte, when the image was committed at the kill); ListOperations shows
+/// none with done = false; the guest runs the same boot, thawed (the freeze hook's log ends
+/// with a thaw), with no backup job; run_dir holds nothing of the operation, the journal is
+/// empty, the repository's tmp/ holds nothing; the files prep touched have their checksums of
+/// before and no prep backup is left in the guest; then the same capture with a new request_id
+/// ends ACTIVE and quiesced, its prep undone in the source. At the end the data disk still
+/// holds exactly the bytes put there before the guest booted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_daemon_killed_at_each_stage_of_a_capture_loses_nothing() {
+    // libvirtd stays up here: the lock is held shared, like every test that uses libvirt.
+    let _libvirt = libvirtd::shared();
+    let t_start = Instant::now();
+    let lab = Lab::get();
+    let g = lab
+        .guest("rs-daemon-kill")
+        .data_disk((DATA_MIB as u64) << 20)
+        .create();
+    let files = tempfile::Builder::new()
+        .prefix("imaged-kill-")
+        .tempdir()
+        .expect("temp dir");
+    let data = files.path().join("data.raw");
+    random_file(&data, DATA_MIB, 29);
+    let vdb = g.data_disk_paths()[0].to_str().unwrap().to_string();
+    crate::support::lab::qemu_img(&[
+        "convert",
+        "-n",
+        "-f",
+        "raw",
+        "-O",
+        "qcow2",
+        data.to_str().unwrap(),
+        &vdb,
+    ])
+    .expect("filling the data disk");
+    boot(&g);
+    install_freeze_hook(&g);
+    let mut d = one_slot_daemon();
+    let mut f = Findings::new("daemon-killed");
+    let mut boot_before = boot_id(&g);
+    let mut prep_before = plant_prep_targets(&g);
+    eprintln!("daemon-killed: set up in {:?}", t_start.elapsed());
+
+    // ---- QUEUED
+    let stage = "killed while the capture is QUEUED";
+    let t0 = Instant::now();
+    let mut holder = SlotHolder::hold(&d, "k-queued-holder").await;
+    let mut images = d.images().await;
+    let mut ops = d.ops().await;
+    let req = killed_req(&g, "k-queued", "kill-queued-1");
+    let op = images
+        .capture(req.clone())
+        .await
+        .expect("expected the capture to be accepted")
+        .into_inner();
+    let s = state(&get_op(&mut ops, &op.id).await);
+    assert_eq!(
+        s,
+        St::Queued,
+        "expected the capture QUEUED behind the held import; it is {s:?}"
+    );
+    let at = stop_and_kill(&mut d, &g, &op.id, "k-queued");
+    eprintln!("{stage}: at the kill: QUEUED, {}", at.describe());
+    let r = until(Instant::now() + Duration::from_secs(10), || {
+        (!libvirtd::alive(holder.nbd))
+            .then_some(())
+            .ok_or(format!("qemu-nbd {} still runs", holder.nbd))
+    })
+    .await;
+    f.check(stage, r.is_ok(), || {
+        format!(
+            "expected the killed daemon's qemu-nbd (the held import's) to die with it; {}",
+            r.clone().unwrap_err()
+        )
+    });
+    holder.nbd = 0;
+    let others = vec![holder.op.clone()];
+    drop(holder);
+    d.restart();
+    let k = Killed {
+        stage,
+        req,
+        op_id: op.id.clone(),
+        was: "QUEUED",
+        at,
+        boot: boot_before.clone(),
+        prep_before: prep_before.clone(),
+        others,
+    };
+    judge_killed(&mut f, &d, &g, &k, &data).await;
+    (boot_before, prep_before) = capture_again(
+        &mut f,
+        stage,
+        &d,
+        &g,
+        "k-queued-next",
+        "kill-queued-2",
+        &op.id,
+    )
+    .await;
+    eprintln!("{stage}: took {:?}", t0.elapsed());
+
+    // ---- PREPARING, prep being applied
+    let stage = "killed while prep is being applied (PREPARING)";
+    let t0 = Instant::now();
+    g.sh_ok(&format!(
+        "cp {0} /run/imaged-test-watch.orig && nohup sh -c 'while cmp -s {0} \
+         /run/imaged-test-watch.orig; do sleep 0.02; done; kill -STOP $(pidof qemu-ga); \
+         echo {PREP_MARK} > /dev/ttyS0; sleep 10; kill -CONT $(pidof qemu-ga)' >/dev/null 2>&1 &",
+        PREP_FILES[0]
+    ));
+    let mut images = d.images().await;
+    let mut ops = d.ops().await;
+    let req = killed_req(&g, "k-applying", "kill-applying-1");
+    let op = images
+        .capture(req.clone())
+        .await
+        .expect("expected the capture to be accepted")
+        .into_inner();
+    let t = Instant::now();
+    while !g.console_log().contains(PREP_MARK) {
+        let o = get_op(&mut ops, &op.id).await;
+        assert!(
+            !terminal(state(&o)) && t.elapsed() < Duration::from_secs(120),
+            "expected the guest to report that prep rewrote {} (the stage this test aims at); \
+             the operation is {o:?} after {:?}",
+            PREP_FILES[0],
+            t.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let o = get_op(&mut ops, &op.id).await;
+    let at = stop_and_kill(&mut d, &g, &op.id, "k-applying");
+    eprintln!(
+        "{stage}: at the kill: {:?}, {} prep report(s) on the operation, {}",
+        state(&o),
+        o.prep.len(),
+        at.describe()
+    );
+    f.check(stage, state(&o) == St::Preparing, || {
+        format!("expected the kill to come while PREPARING; it came at {o:?}")
+    });
+    d.restart();
+    let k = Killed {
+        stage,
+        req,
+        op_id: op.id.clone(),
+        was: "PREPARING",
+        at,
+        boot: boot_before.clone(),
+        prep_before: prep_before.clone(),
+        others: Vec::new(),
+    };
+    judge_killed(&mut f, &d, &g, &k, &data).await;
+    (boot_before, prep_before) = capture_again(
+        &mut f,
+        stage,
+        &d,
+        &g,
+        "k-applying-next",
+        "kill-applying-2",
+        &op.id,
+    )
+    .await;
+    eprintln!("{stage}: took {:?}", t0.elapsed());
+
+    // ---- PREPARING, frozen
+    let stage = "killed while the freeze hook holds the guest (PREPARING, frozen)";
+    let t0 = Instant::now();
+    g.sh_ok(&format!("echo {HOOK_SLEEP_SECS} > {SLOW_FREEZE}"));
+    let freezes = |g: &Guest| {
+        hook_log(g)
+            .lines()
+            .filter(|l| l.starts_with("freeze"))
+            .count()
+    };
+    let freezes_before = freezes(&g);
+    let mut images = d.images().await;
+    let mut ops = d.ops().await;
+    let req = killed_req(&g, "k-frozen", "kill-frozen-1");
+    let op = images
+        .capture(req.clone())
+        .await
+        .expect("expected the capture to be accepted")
+        .into_inner();
+    wait_journaled(&d, &mut ops, &op.id, "frozen").await;
+    // The agent is asked to freeze right after the journal says so; its hook sleeps.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let o = get_op(&mut ops, &op.id).await;
+    let at = stop_and_kill(&mut d, &g, &op.id, "k-frozen");
+    let applied = o
+        .prep
+        .iter()
+        .filter(|r| r.outcome == proto::PrepOutcome::Applied as i32)
+        .count();
+    eprintln!(
+        "{stage}: at the kill: {:?}, {applied} prep step(s) applied, {}",
+        state(&o),
+        at.describe()
+    );
+    f.check(
+        stage,
+        state(&o) == St::Preparing && at.journaled("frozen") && at.journaled("prep"),
+        || {
+            format!(
+                "expected the kill to come while PREPARING with the freeze and the prep \
+                 journaled; it came at {:?}, {}",
+                state(&o),
+                at.describe()
+            )
+        },
+    );
+    let t = Instant::now();
+    d.restart();
+    eprintln!("{stage}: the new daemon served after {:?}", t.elapsed());
+    let k = Killed {
+        stage,
+        req,
+        op_id: op.id.clone(),
+        was: "PREPARING",
+        at,
+        boot: boot_before.clone(),
+        prep_before: prep_before.clone(),
+        others: Vec::new(),
+    };
+    judge_killed(&mut f, &d, &g, &k, &data).await;
+    if g.try_agent(r#"{"execute":"guest-ping"}"#, 10).is_ok() {
+        // Nothing froze the guest since but the killed daemon's request, which libvirt
+        // delivered after the kill: the guest froze with that daemon gone.
+        let n = freezes(&g);
+        f.check(stage, n == freezes_before + 1, || {
+            format!(
+                "expected the killed daemon's freeze to reach the guest (one more freeze in \
+                 the hook's log, {} then); it logged {n}",
+                freezes_before + 1
+            )
+        });
+    }
+    check_freeze_undone(&mut f, stage, &g);
+    (boot_before, prep_before) = capture_again(
+        &mut f,
+        stage,
+        &d,
+        &g,
+        "k-frozen-next",
+        "kill-frozen-2",
+        &op.id,
+    )
+    .await;
+    eprintln!("{stage}: took {:?}", t0.elapsed());
+
+    // ---- SAVING
+    let stage = "killed mid-read (SAVING)";
+    let t0 = Instant::now();
+    let mut images = d.images().await;
+    let mut ops = d.ops().await;
+    let req = killed_req(&g, "k-saving", "kill-saving-1");
+    let op = images
+        .capture(req.clone())
+        .await
+        .expect("expected the capture to be accepted")
+        .into_inner();
+    let t = Instant::now();
+    let o = loop {
+        let o = get_op(&mut ops, &op.id).await;
+        if state(&o) == St::Saving && o.progress.is_some_and(|p| p.done_bytes > 0) {
+            break o;
+        }
+        assert!(
+            !terminal(state(&o)) && t.elapsed() < Duration::from_secs(120),
+            "expected the capture to be reading (the stage this test aims at); it is {o:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    };
+    let at = stop_and_kill(&mut d, &g, &op.id, "k-saving");
+    let p = o.progress.unwrap_or_default();
+    eprintln!(
+        "{stage}: at the kill: {:?}, {} of {} bytes done, {}",
+        state(&o),
+        p.done_bytes,
+        p.total_bytes,
+        at.describe()
+    );
+    f.check(
+        stage,
+        p.done_bytes < p.total_bytes && at.job && !at.committed,
+        || {
+            format!(
+                "expected the kill mid-read with the backup job running; {} of {} bytes done, {}",
+                p.done_bytes,
+                p.total_bytes,
+                at.describe()
+            )
+        },
+    );
+    d.restart();
+    let k = Killed {
+        stage,
+        req,
+        op_id: op.id.clone(),
+        was: "SAVING",
+        at,
+        boot: boot_before.clone(),
+        prep_before: prep_before.clone(),
+        others: Vec::new(),
+    };
+    judge_killed(&mut f, &d, &g, &k, &data).await;
+    (boot_before, prep_before) = capture_again(
+        &mut f,
+        stage,
+        &d,
+        &g,
+        "k-saving-next",
+        "kill-saving-2",
+        &op.id,
+    )
+    .await;
+    eprintln!("{stage}: took {:?}", t0.elapsed());
+
+    // ---- committing
+    let stage = "killed as the read reaches its end (committing)";
+    let t0 = Instant::now();
+    let mut images = d.images().await;
+    let mut ops = d.ops().await;
+    let req = killed_req(&g, "k-commit", "kill-commit-1");
+    let op = images
+        .capture(req.clone())
+        .await
+        .expect("expected the capture to be accepted")
+        .into_inner();
+    let t = Instant::now();
+    let o = loop {
+        let o = get_op(&mut ops, &op.id).await;
+        let at_end = o
+            .progress
+            .is_some_and(|p| p.total_bytes > 0 && p.done_bytes >= p.total_bytes);
+        if (state(&o) == St::Saving && at_end) || state(&o) == St::Active {
+            break o;
+        }
+        assert!(
+            !terminal(state(&o)) && t.elapsed() < Duration::from_secs(120),
+            "expected the capture to read to its end (the stage this test aims at); it is {o:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    };
+    let at = stop_and_kill(&mut d, &g, &op.id, "k-commit");
+    eprintln!("{stage}: at the kill: {:?}, {}", state(&o), at.describe());
+    d.restart();
+    let k = Killed {
+        stage,
+        req,
+        op_id: op.id.clone(),
+        was: "SAVING",
+        at,
+        boot: boot_before.clone(),
+        prep_before: prep_before.clone(),
+        others: Vec::new(),
+    };
+    judge_killed(&mut f, &d, &g, &k, &data).await;
+    (boot_before, prep_before) = capture_again(
+        &mut f,
+        stage,
+        &d,
+        &g,
+        "k-commit-next",
+        "kill-commit-2",
+        &op.id,
+    )
+    .await;
+    eprintln!("{stage}: took {:?}", t0.elapsed());
+
+    // ---- just after the commit
+    let stage = "killed just after the commit (image committed, backup job ending)";
+    let t0 = Instant::now();
+    let mut images = d.images().await;
+    let mut ops = d.ops().await;
+    let req = killed_req(&g, "k-committed", "kill-committed-1");
+    let op = images
+        .capture(req.clone())
+        .await
+        .expect("expected the capture to be accepted")
+        .into_inner();
+    let manifest = d.repo.join("images").join("k-committed.json");
+    let t = Instant::now();
+    let mut n = 0u32;
+    while !manifest.exists() {
+        n += 1;
+        if n % 100 == 0 {
+            let o = get_op(&mut ops, &op.id).await;
+            assert!(
+                !terminal(state(&o)) && t.elapsed() < Duration::from_secs(120),
+                "expected the image committed while the capture runs (the stage this test aims \
+                 at); the operation is {o:?}"
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let at = stop_and_kill(&mut d, &g, &op.id, "k-committed");
+    eprintln!("{stage}: at the kill: {}", at.describe());
+    f.check(stage, at.committed, || {
+        format!(
+            "expected the kill to come after the commit; {}",
+            at.describe()
+        )
+    });
+    d.restart();
+    let k = Killed {
+        stage,
+        req,
+        op_id: op.id.clone(),
+        was: "SAVING",
+        at,
+        boot: boot_before.clone(),
+        prep_before: prep_before.clone(),
+        others: Vec::new(),
+    };
+    judge_killed(&mut f, &d, &g, &k, &data).await;
+    capture_again(
+        &mut f,
+        stage,
+        &d,
+        &g,
+        "k-committed-next",
+        "kill-committed-2",
+        &op.id,
+    )
+    .await;
+    eprintln!("{stage}: took {:?}", t0.elapsed());
+
+    // Nine captures read the data disk (three of them killed): the guest never writes to it,
+    // so it must still hold exactly the bytes put there.
+    let stage = "the source disk after every stage";
+    let cmp = crate::support::lab::qemu_img(&[
+        "compare",
+        "-U",
+        "-f",
+        "raw",
+        "-F",
+        "qcow2",
+        data.to_str().unwrap(),
+        &vdb,
+    ]);
+    f.check(
+        stage,
+        cmp.as_ref()
+            .is_ok_and(|o| o.contains("Images are identical")),
+        || format!("expected the captured data disk unchanged; qemu-img compare says {cmp:?}"),
+    );
+
+    let took = t_start.elapsed();
+    eprintln!("daemon-killed: took {took:?}");
     f.finish();
 }
 
