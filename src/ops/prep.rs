@@ -64,7 +64,7 @@ impl Controller {
         &self,
         domain: &str,
         steps: Vec<PrepStep>,
-        mut before: Box<dyn FnMut(&[StepOutcome]) -> Result<()> + Send>,
+        mut before: RecordPrep,
     ) -> Result<Vec<StepOutcome>> {
         let name = domain.to_string();
         self.hv(move |hv| {
@@ -160,3 +160,7 @@ pub fn report_outcome(o: &StepOutcome, restored: bool) -> PrepReport {
         message: o.notes.join("; "),
     }
 }
+
+/// What a capture does with each prep change announced before it is made: journals it (see
+/// [`prep::BeforeChange`]); sent to the blocking pool with the apply.
+pub(super) type RecordPrep = Box<dyn FnMut(&[StepOutcome]) -> Result<()> + Send>;

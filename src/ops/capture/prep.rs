@@ -53,7 +53,7 @@ impl Controller {
         &self,
         op: &OpEntry,
         plan: &Plan,
-        before: Box<dyn FnMut(&[StepOutcome]) -> Result<()> + Send>,
+        before: super::super::prep::RecordPrep,
     ) -> Result<Option<Vec<StepOutcome>>> {
         if plan.steps.is_empty() {
             return Ok(None);
