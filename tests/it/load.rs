@@ -478,30 +478,42 @@ async fn fifty_cold_captures_at_once_with_two_hundred_watchers() {
     // Each domain's own chunk, and the shared one once.
     assert_eq!(chunk_files(&d.repo).len(), DOMAINS + 1);
 
-    // The order the queue was served in, against the order CaptureImage answered in: how many
-    // places an operation was overtaken by (printed: the API promises no order).
-    let mut answered: Vec<(Duration, usize)> = all.iter().map(|s| (s.answered_at, s.i)).collect();
-    answered.sort();
-    let answer_span = answered.last().unwrap().0 - answered[0].0;
-    let mut started: Vec<(Duration, usize)> = all
+    // The order the queue was served in (printed, not asserted: the API promises no order).
+    // The daemon logs "capture queued" as it queues each capture; the streams saw when each
+    // left QUEUED. Overtaken: how many operations queued after one started before it.
+    let queue_order: Vec<usize> = d
+        .log_text()
+        .lines()
+        .filter(|l| l.contains("capture queued"))
+        .filter_map(|l| {
+            l.split_whitespace()
+                .find_map(|w| w.strip_prefix("image=load-"))
+        })
+        .map(|n| n.parse().unwrap())
+        .collect();
+    assert_eq!(queue_order.len(), DOMAINS, "{queue_order:?}");
+    let queue_rank: HashMap<usize, usize> = queue_order
+        .iter()
+        .enumerate()
+        .map(|(rank, i)| (*i, rank))
+        .collect();
+    let started: HashMap<usize, Duration> = all
         .iter()
         .map(|s| {
             let at = s.streams.iter().filter_map(|w| w.started_at).min();
-            (at.expect("every operation was seen started"), s.i)
+            (s.i, at.expect("every operation was seen started"))
         })
         .collect();
-    started.sort();
-    let answer_rank: HashMap<usize, usize> = answered
-        .iter()
-        .enumerate()
-        .map(|(rank, (_, i))| (*i, rank))
-        .collect();
-    let overtaken = started
-        .iter()
-        .enumerate()
-        .map(|(rank, (_, i))| rank.saturating_sub(answer_rank[i]))
+    let overtaken = (0..DOMAINS)
+        .map(|x| {
+            (0..DOMAINS)
+                .filter(|y| queue_rank[y] > queue_rank[&x] && started[y] < started[&x])
+                .count()
+        })
         .max()
-        .unwrap_or(0);
+        .unwrap();
+    let answered = all.iter().map(|s| s.answered_at);
+    let answer_span = answered.clone().max().unwrap() - answered.min().unwrap();
 
     // The clients go: the daemon's descriptors come back to where they started, and its idle
     // blocking threads end (tokio lets them idle 10 s).
