@@ -44,10 +44,12 @@ const BOUND: Duration = Duration::from_secs(600);
 /// of operations or streams (50 × 4 MiB buffers alone would pass it).
 const MAX_HWM: u64 = 256 << 20;
 /// The daemon's threads must stay at or under this at their peak: tokio's 2 workers and the
-/// main thread, plus its blocking pool, which libvirt calls run on. A CaptureImage call makes
-/// its libvirt calls there (a connection per call), so 50 calls at once may hold up to 50
-/// blocking threads for a moment (measured: 21-54 at the peak); they end after 10 s idle.
-const MAX_THREADS: usize = DOMAINS + 16;
+/// main thread, plus its blocking pool, which libvirt calls and the captures' file and hashing
+/// work run on. A CaptureImage call makes its libvirt calls there (a connection per call), so
+/// 50 calls at once may hold up to 50 blocking threads for a moment, and the 2 running
+/// captures a few more (measured: 21-59 at the peak); idle ones end after 10 s. The 200
+/// streams are tasks, not threads: the bound does not grow with them.
+const MAX_THREADS: usize = DOMAINS + 32;
 /// Every load domain's name starts with this (the lab's prefix, so a later lab run removes
 /// those a killed run left behind), then `<pid>-<n>`.
 const PREFIX: &str = "imaged-test-load-";
@@ -516,14 +518,16 @@ async fn fifty_cold_captures_at_once_with_two_hundred_watchers() {
     let answer_span = answered.clone().max().unwrap() - answered.min().unwrap();
 
     // The clients go: the daemon's descriptors come back to where they started, and its idle
-    // blocking threads end (tokio lets them idle 10 s).
+    // blocking threads end (tokio lets them idle 10 s). Up to 4 more threads than at start are
+    // not a leak: the health probe's periodic libvirt calls keep a blocking thread or two warm
+    // (3 or 4 threads at start, 5 measured after).
     drop(ops);
     drop(channels);
     drop(all);
     let t_close = Instant::now();
     let mut fds_end = open_fds(pid);
     let mut threads_end = threads(pid);
-    while (fds_end > fds0 + 2 || threads_end > threads0 + 2)
+    while (fds_end > fds0 + 2 || threads_end > threads0 + 4)
         && t_close.elapsed() < Duration::from_secs(30)
     {
         tokio::time::sleep(Duration::from_millis(200)).await;
@@ -574,7 +578,7 @@ async fn fifty_cold_captures_at_once_with_two_hundred_watchers() {
         "the daemon ran {peak_threads} threads at its peak"
     );
     assert!(
-        threads_end <= threads0 + 2,
+        threads_end <= threads0 + 4,
         "the daemon still runs {threads_end} threads, {threads0} at start"
     );
     drop(d);
