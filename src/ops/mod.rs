@@ -592,13 +592,16 @@ impl Controller {
         }
     }
 
-    /// Waits for a run slot, giving up early when cancelled.
+    /// Waits for a run slot, giving up early when cancelled. The one request for a slot is
+    /// kept across the checks for a cancel (a new request would join the semaphore's queue at
+    /// its end again), so queued operations start in the order they were queued.
     async fn slot(&self, op: &OpEntry) -> Result<tokio::sync::OwnedSemaphorePermit> {
+        let acquire = self.inner.slots.clone().acquire_owned();
+        tokio::pin!(acquire);
         loop {
             op.cancel.check()?;
-            let acquire = self.inner.slots.clone().acquire_owned();
             tokio::select! {
-                permit = acquire => {
+                permit = &mut acquire => {
                     return permit.map_err(|e| internal("run slots closed").with_source(e));
                 }
                 _ = tokio::time::sleep(Duration::from_millis(200)) => {}

@@ -21,6 +21,7 @@ mod imagectl_tables;
 mod imports;
 mod lab_smoke;
 mod live_capture;
+mod load;
 mod nbd_client;
 mod prep_capture;
 mod python_client;
