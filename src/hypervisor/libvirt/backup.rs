@@ -189,34 +189,13 @@ pub(super) fn begin(
 }
 
 /// Ends the domain's pull-mode backup job if it is the one exporting on `backup`'s socket
-/// (ours); Ok when no backup job runs. Another job: FAILED_PRECONDITION naming it, left running.
+/// (ours), and returns once the job is gone (QEMU tears it down after the abort returns); Ok
+/// when no backup job runs. Another job: FAILED_PRECONDITION naming it, left running.
 pub(super) fn end(dom: &Domain, name: &str, backup: &BackupHandle) -> Result<()> {
     let socket = backup.socket.as_path();
-    // SAFETY: `dom` is live for the call; a non-null result is a NUL-terminated string
-    // that libvirt allocated with malloc and that we own: copied, then freed once.
-    let xml = unsafe {
-        let p = virt::sys::virDomainBackupGetXMLDesc(dom.as_ptr(), 0);
-        if p.is_null() {
-            None
-        } else {
-            let s = std::ffi::CStr::from_ptr(p).to_string_lossy().into_owned();
-            libc::free(p.cast());
-            Some(s)
-        }
-    };
-    let Some(xml) = xml else {
-        let e = virt::error::Error::last_error();
+    let Some(xml) = job_xml(dom, name)? else {
         // No backup job: nothing to end (whatever other job may run is not ours).
-        if matches!(
-            e.code(),
-            Enum::Known(ErrorNumber::NoDomainBackup) | Enum::Known(ErrorNumber::OperationInvalid)
-        ) {
-            return Ok(());
-        }
-        return Err(libvirt_err(
-            format!("reading the backup job of domain {name}"),
-            e,
-        ));
+        return Ok(());
     };
     let ours = xml::backup_socket(&xml).is_some_and(|s| Path::new(&s) == socket);
     if !ours {
@@ -233,15 +212,63 @@ pub(super) fn end(dom: &Domain, name: &str, backup: &BackupHandle) -> Result<()>
     let rc = unsafe { virt::sys::virDomainAbortJob(dom.as_ptr()) };
     if rc < 0 {
         let e = virt::error::Error::last_error();
-        if e.code() == Enum::Known(ErrorNumber::OperationInvalid) {
-            return Ok(()); // the job ended meanwhile
+        if e.code() != Enum::Known(ErrorNumber::OperationInvalid) {
+            return Err(libvirt_err(
+                format!("ending the backup job of domain {name}"),
+                e,
+            ));
         }
-        return Err(libvirt_err(
-            format!("ending the backup job of domain {name}"),
-            e,
-        ));
+        // The job ended meanwhile.
+    }
+    // The abort is asked for; QEMU tears the job down after it returns. "Ended" must mean
+    // gone (the journal forgets the job on it), so wait for the job to disappear.
+    let t0 = std::time::Instant::now();
+    while job_xml(dom, name)?.is_some() {
+        if t0.elapsed() > JOB_END_WAIT {
+            return Err(Error::new(
+                ErrorKind::Unavailable,
+                format!(
+                    "the backup job of domain {name} is still ending {} s after it was aborted",
+                    JOB_END_WAIT.as_secs()
+                ),
+            ));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
     }
     Ok(())
+}
+
+/// How long [`end`] waits for an aborted backup job to be gone.
+const JOB_END_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// The XML of the backup job running on `dom`; None when there is none.
+fn job_xml(dom: &Domain, name: &str) -> Result<Option<String>> {
+    // SAFETY: `dom` is live for the call; a non-null result is a NUL-terminated string
+    // that libvirt allocated with malloc and that we own: copied, then freed once.
+    let xml = unsafe {
+        let p = virt::sys::virDomainBackupGetXMLDesc(dom.as_ptr(), 0);
+        if p.is_null() {
+            None
+        } else {
+            let s = std::ffi::CStr::from_ptr(p).to_string_lossy().into_owned();
+            libc::free(p.cast());
+            Some(s)
+        }
+    };
+    if xml.is_some() {
+        return Ok(xml);
+    }
+    let e = virt::error::Error::last_error();
+    if matches!(
+        e.code(),
+        Enum::Known(ErrorNumber::NoDomainBackup) | Enum::Known(ErrorNumber::OperationInvalid)
+    ) {
+        return Ok(None);
+    }
+    Err(libvirt_err(
+        format!("reading the backup job of domain {name}"),
+        e,
+    ))
 }
 
 #[cfg(test)]
