@@ -1586,6 +1586,23 @@ async fn judge_killed(f: &mut Findings, d: &Daemon, g: &Guest, k: &Killed<'_>, d
     });
 }
 
+impl Killed<'_> {
+    /// Judges what the restarted daemon made of this kill ([`judge_killed`]), then captures
+    /// again with a new request_id ([`capture_again`], `next` = image and request id): the
+    /// boot id and prep files the next stage starts from.
+    async fn judge_then_capture_again(
+        &self,
+        f: &mut Findings,
+        d: &Daemon,
+        g: &Guest,
+        data: &Path,
+        next: (&str, &str),
+    ) -> (String, String) {
+        judge_killed(f, d, g, self, data).await;
+        capture_again(f, self.stage, d, g, next.0, next.1, &self.op_id).await
+    }
+}
+
 /// The lab back in order after a stage (see [`repair`]), the source's configuration planted
 /// again; then the same capture with a new request_id must end ACTIVE, quiesced, with the
 /// prep undone in the source. Returns the boot id and [`prep_files`] for the next stage.
@@ -1781,17 +1798,9 @@ async fn a_daemon_killed_at_each_stage_of_a_capture_loses_nothing() {
         prep_before: prep_before.clone(),
         others,
     };
-    judge_killed(&mut f, &d, &g, &k, &data).await;
-    (boot_before, prep_before) = capture_again(
-        &mut f,
-        stage,
-        &d,
-        &g,
-        "k-queued-next",
-        "kill-queued-2",
-        &op.id,
-    )
-    .await;
+    (boot_before, prep_before) = k
+        .judge_then_capture_again(&mut f, &d, &g, &data, ("k-queued-next", "kill-queued-2"))
+        .await;
     eprintln!("{stage}: took {:?}", t0.elapsed());
 
     // ---- PREPARING, prep being applied
@@ -1845,17 +1854,15 @@ async fn a_daemon_killed_at_each_stage_of_a_capture_loses_nothing() {
         prep_before: prep_before.clone(),
         others: Vec::new(),
     };
-    judge_killed(&mut f, &d, &g, &k, &data).await;
-    (boot_before, prep_before) = capture_again(
-        &mut f,
-        stage,
-        &d,
-        &g,
-        "k-applying-next",
-        "kill-applying-2",
-        &op.id,
-    )
-    .await;
+    (boot_before, prep_before) = k
+        .judge_then_capture_again(
+            &mut f,
+            &d,
+            &g,
+            &data,
+            ("k-applying-next", "kill-applying-2"),
+        )
+        .await;
     eprintln!("{stage}: took {:?}", t0.elapsed());
 
     // ---- PREPARING, frozen
@@ -1998,17 +2005,9 @@ async fn a_daemon_killed_at_each_stage_of_a_capture_loses_nothing() {
         prep_before: prep_before.clone(),
         others: Vec::new(),
     };
-    judge_killed(&mut f, &d, &g, &k, &data).await;
-    (boot_before, prep_before) = capture_again(
-        &mut f,
-        stage,
-        &d,
-        &g,
-        "k-saving-next",
-        "kill-saving-2",
-        &op.id,
-    )
-    .await;
+    (boot_before, prep_before) = k
+        .judge_then_capture_again(&mut f, &d, &g, &data, ("k-saving-next", "kill-saving-2"))
+        .await;
     eprintln!("{stage}: took {:?}", t0.elapsed());
 
     // ---- committing
@@ -2050,17 +2049,9 @@ async fn a_daemon_killed_at_each_stage_of_a_capture_loses_nothing() {
         prep_before: prep_before.clone(),
         others: Vec::new(),
     };
-    judge_killed(&mut f, &d, &g, &k, &data).await;
-    (boot_before, prep_before) = capture_again(
-        &mut f,
-        stage,
-        &d,
-        &g,
-        "k-commit-next",
-        "kill-commit-2",
-        &op.id,
-    )
-    .await;
+    (boot_before, prep_before) = k
+        .judge_then_capture_again(&mut f, &d, &g, &data, ("k-commit-next", "kill-commit-2"))
+        .await;
     eprintln!("{stage}: took {:?}", t0.elapsed());
 
     // ---- just after the commit
@@ -2108,15 +2099,12 @@ async fn a_daemon_killed_at_each_stage_of_a_capture_loses_nothing() {
         prep_before: prep_before.clone(),
         others: Vec::new(),
     };
-    judge_killed(&mut f, &d, &g, &k, &data).await;
-    capture_again(
+    k.judge_then_capture_again(
         &mut f,
-        stage,
         &d,
         &g,
-        "k-committed-next",
-        "kill-committed-2",
-        &op.id,
+        &data,
+        ("k-committed-next", "kill-committed-2"),
     )
     .await;
     eprintln!("{stage}: took {:?}", t0.elapsed());
