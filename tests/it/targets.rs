@@ -1064,11 +1064,26 @@ async fn s3_cancelled_upload_is_aborted() {
     let m = meta(&unique("cancelled"), "raw", src.size);
     let key = target.key_for(&m);
     let factory = || src.stream();
-    let upload = target.upload(&m, &factory);
-    // Part 1 (16 MiB) is on its way after ~0.7 s; cancel during part 2's filling.
-    let r = tokio::time::timeout(Duration::from_millis(1000), upload).await;
-    assert!(r.is_err(), "the upload should still be running");
-    assert!(src.produced.load(Ordering::SeqCst) > 16 * MIB);
+    {
+        let upload = target.upload(&m, &factory);
+        tokio::pin!(upload);
+        // Cancel (drop the upload) once part 1 (16 MiB) is on its way and part 2 is filling:
+        // watched, not timed, so a loaded machine cannot move the cancel to another stage.
+        let t0 = std::time::Instant::now();
+        while src.produced.load(Ordering::SeqCst) <= 16 * MIB {
+            tokio::select! {
+                r = &mut upload => panic!(
+                    "the upload should still be running, it ended: {:?}",
+                    r.map(|_| ()).map_err(|e| e.chain())
+                ),
+                _ = tokio::time::sleep(Duration::from_millis(10)) => {}
+            }
+            assert!(
+                t0.elapsed() < Duration::from_secs(120),
+                "the source never got past part 1"
+            );
+        }
+    }
     assert_nothing_left(&key).await;
 }
 

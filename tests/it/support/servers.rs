@@ -179,12 +179,20 @@ impl S3 {
     /// The server, started (and installed) on first use in this test binary.
     pub fn get() -> &'static S3 {
         let s = S3_SERVER.get_or_init(|| {
-            run_script("s3.sh", "start").map(|endpoint| S3 {
-                endpoint,
-                access_key: "imaged-test".into(),
-                secret_key: "imaged-test-secret".into(),
-                bucket: "imaged-test".into(),
-                data_dir: Path::new(STATE_DIR).join("s3/data"),
+            run_script("s3.sh", "start").map(|endpoint| {
+                let s = S3 {
+                    endpoint,
+                    access_key: "imaged-test".into(),
+                    secret_key: "imaged-test-secret".into(),
+                    bucket: "imaged-test".into(),
+                    data_dir: Path::new(STATE_DIR).join("s3/data"),
+                };
+                // The server's data outlives a run: uploads a killed or failed earlier run left
+                // would read as this run's leftovers. This binary's S3 tests start from none.
+                for name in s.uploads_on_disk() {
+                    let _ = std::fs::remove_file(s.data_dir.join(name));
+                }
+                s
             })
         });
         match s {
