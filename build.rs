@@ -1,4 +1,5 @@
-//! Generates the gRPC code for `proto/imaged/v1/imaged.proto` (and the standard
+//! Generates the gRPC code for `proto/imaged/v1/imaged.proto`, the central repository's
+//! `proto/imagerepo/v1/imagerepo.proto` (and the standard
 //! `google.longrunning.Operations` service it returns operations of) with protox, a pure-Rust
 //! protobuf compiler, so building needs no `protoc` binary.
 //!
@@ -12,6 +13,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("cargo:rerun-if-changed=proto");
     let files = [
         "proto/imaged/v1/imaged.proto",
+        "proto/imagerepo/v1/imagerepo.proto",
         "proto/google/longrunning/operations.proto",
         "proto/google/rpc/error_details.proto",
     ];

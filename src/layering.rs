@@ -10,6 +10,8 @@ use std::path::Path;
 /// module may only name modules listed after it.
 #[rustfmt::skip]
 const ALLOWED: &[(&str, &[&str])] = &[
+    // The central repository server: beside the agent, sharing its TLS listener and leaves.
+    ("imagerepo", &["api", "repo", "format", "progress", "proto", "error", "util"]),
     // Transports: thin, over the controller.
     ("api", &["ops", "config", "hypervisor", "repo", "format", "proto", "error", "util"]),
     ("cli", &["ops", "config", "proto", "error", "util"]),

@@ -3,6 +3,9 @@
 //! The crate is laid out the way control and data flow through it, top down; a module uses
 //! only modules below it (checked by the `layering` test):
 //!
+//! - [`imagerepo`]: the central image repository server (its own binary, `imagerepo`): chunk
+//!   protocol, catalog, download links. It shares only leaves (and the TLS listener of [`api`])
+//!   with the agent.
 //! - Transports: [`api`] (gRPC, thin: decodes requests, calls [`ops`], encodes answers) and
 //!   [`cli`] (`imagectl`, a gRPC client).
 //! - [`ops`]: the one internal API, the [`ops::Controller`]. Every action (capture, plan prep,
@@ -32,6 +35,7 @@ pub mod format;
 pub mod guest;
 pub mod hostfile;
 pub mod hypervisor;
+pub mod imagerepo;
 pub mod nbd;
 pub mod ops;
 pub mod progress;
@@ -53,6 +57,14 @@ pub mod proto {
         /// `imaged.v1`.
         pub mod v1 {
             tonic::include_proto!("imaged.v1");
+        }
+    }
+
+    /// The central repository's package.
+    pub mod imagerepo {
+        /// `imagerepo.v1`: the chunk protocol and the image catalog.
+        pub mod v1 {
+            tonic::include_proto!("imagerepo.v1");
         }
     }
 
