@@ -832,4 +832,135 @@ mod tests {
         assert!(Config::load(p, false).is_ok());
         assert!(Config::load(p, true).is_err());
     }
+
+    /// Every combination of the trust settings (TCP listener, `[tls]`, `[[policy]]`, `[paths]`,
+    /// the per-identity operation limit) is either accepted whole or refused naming the key at
+    /// fault: a setting can never be accepted and then silently ignored because of another.
+    #[test]
+    fn trust_settings_combine_or_are_refused_by_name() {
+        // (text, the key a refusal must name; None when valid)
+        let tcp: &[(&str, Option<&str>)] = &[
+            ("", None),
+            ("[daemon]\ntcp_listen = \"127.0.0.1:7070\"\n", None),
+            ("[daemon]\ntcp_listen = \"[::]:7070\"\n", None),
+            (
+                "[daemon]\ntcp_listen = \"localhost\"\n",
+                Some("daemon.tcp_listen"),
+            ),
+        ];
+        let tls: &[(&str, Option<&str>)] = &[
+            ("", None),
+            (
+                "[tls]\ncert = \"/t/c.pem\"\nkey = \"/t/k.pem\"\nclient_ca = \"/t/ca.pem\"\n",
+                None,
+            ),
+            (
+                "[tls]\ncert = \"c.pem\"\nkey = \"/t/k.pem\"\nclient_ca = \"/t/ca.pem\"\n",
+                Some("tls.cert"),
+            ),
+            (
+                "[tls]\ncert = \"/t/c.pem\"\nkey = \"/t/k.pem\"\nclient_ca = \"/t/ca.pem\"\n\
+                 handshake_timeout_secs = 301\n",
+                Some("tls.handshake_timeout_secs"),
+            ),
+        ];
+        let policy: &[(&str, Option<&str>)] = &[
+            ("", None),
+            (
+                "[[policy]]\nrole = \"viewer\"\ntls_subjects = [\"cp1\"]\n",
+                None,
+            ),
+            ("[[policy]]\nrole = \"admin\"\nunix_gids = [0]\n", None),
+            (
+                "[[policy]]\nrole = \"root\"\nunix_uids = [0]\n",
+                Some("role"),
+            ),
+            ("[[policy]]\nrole = \"operator\"\n", Some("matches nobody")),
+            (
+                "[[policy]]\nrole = \"operator\"\ntls_sans = [\" cp1\"]\n",
+                Some("surrounding spaces"),
+            ),
+        ];
+        let paths: &[(&str, Option<&str>)] = &[
+            ("", None),
+            (
+                "[paths]\nimport_dirs = [\"/srv/in\"]\nexport_dirs = [\"/srv/out\"]\n",
+                None,
+            ),
+            (
+                "[paths]\nexport_dirs = [\"out\"]\n",
+                Some("paths.export_dirs"),
+            ),
+        ];
+        let limit: &[(&str, Option<&str>)] = &[
+            ("", None),
+            ("max_operations_per_identity = 1\n", None),
+            (
+                "max_operations_per_identity = 0\n",
+                Some("max_operations_per_identity"),
+            ),
+        ];
+        let mut cases = 0;
+        for (t, t_bad) in tcp {
+            for (s, s_bad) in tls {
+                for (p, p_bad) in policy {
+                    for (d, d_bad) in paths {
+                        for (l, l_bad) in limit {
+                            cases += 1;
+                            // The limit lives in [daemon]: append it to that table.
+                            let daemon = if l.is_empty() {
+                                t.to_string()
+                            } else if t.is_empty() {
+                                format!("[daemon]\n{l}")
+                            } else {
+                                format!("{t}{l}")
+                            };
+                            let text = format!("{daemon}{s}{p}{d}");
+                            let tcp_without_tls = !t.is_empty() && t_bad.is_none() && s.is_empty();
+                            let faults: Vec<&str> = [
+                                *t_bad,
+                                tcp_without_tls.then_some("[tls]"),
+                                *s_bad,
+                                *p_bad,
+                                *d_bad,
+                                *l_bad,
+                            ]
+                            .into_iter()
+                            .flatten()
+                            .collect();
+                            match (Config::parse(&text), faults.is_empty()) {
+                                (Ok(c), true) => {
+                                    // Accepted settings are in force, not dropped.
+                                    assert_eq!(c.tls.is_some(), !s.is_empty(), "{text}");
+                                    assert_eq!(c.policy.is_empty(), p.is_empty(), "{text}");
+                                    assert_eq!(
+                                        c.paths.export_dirs.is_empty(),
+                                        d.is_empty(),
+                                        "{text}"
+                                    );
+                                    let want = if l.is_empty() { 16 } else { 1 };
+                                    assert_eq!(
+                                        c.daemon.max_operations_per_identity, want,
+                                        "{text}"
+                                    );
+                                }
+                                (Ok(_), false) => {
+                                    panic!("accepted although {faults:?} is wrong:\n{text}")
+                                }
+                                (Err(e), true) => panic!("refused a valid config ({e}):\n{text}"),
+                                (Err(e), false) => {
+                                    let msg = e.to_string();
+                                    assert!(
+                                        faults.iter().any(|f| msg.contains(f)),
+                                        "refusal names none of {faults:?}: {msg}\n{text}"
+                                    );
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        assert_eq!(cases, 4 * 4 * 6 * 3 * 3);
+    }
 }
