@@ -89,6 +89,8 @@ fn main() -> std::process::ExitCode {
     let level = cfg.log_level().unwrap_or(tracing::Level::INFO);
     tracing_subscriber::fmt()
         .with_max_level(level)
+        .with_target(false)
+        .with_ansi(false)
         .with_writer(std::io::stderr)
         .init();
     let rt = match tokio::runtime::Builder::new_multi_thread()
