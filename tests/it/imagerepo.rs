@@ -221,7 +221,7 @@ async fn a_chunk_whose_bytes_do_not_match_its_digest_is_refused_naming_it() {
         .chunks
         .commit_upload(c.req(pb::CommitUploadRequest {
             upload: up.name.clone(),
-            content_digest: content_digest(CHUNK, &[good.clone()]),
+            content_digest: content_digest(CHUNK, std::slice::from_ref(&good)),
         }))
         .await
         .unwrap_err();

@@ -1212,9 +1212,8 @@ impl Catalog {
         })?;
         if let Some((up, _, _, _)) = &checked {
             // The chunks reach the disk before any record names them as ACTIVE.
-            sync().map_err(|e| {
+            sync().inspect_err(|e| {
                 tracing::error!(upload = %up.name(), error = %e.chain(), "syncing chunks before a commit failed");
-                e
             })?;
         }
         self.tx(|tx| {
