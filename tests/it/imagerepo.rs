@@ -846,3 +846,81 @@ async fn a_repository_killed_mid_upload_resumes_and_lists_no_half_image() {
     // A clean stop on SIGTERM.
     assert!(srv.stop().success(), "{}", srv.log_text());
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_recorded_chunk_whose_file_is_lost_is_asked_for_again_before_commit() {
+    let srv = RepoServer::start("", "");
+    let mut c = srv.service("alpha").await;
+    let (size, chunks) = disk(40);
+    let up = begin(&mut c, "alpha", "web", "", "", size).await.unwrap();
+    c.chunks
+        .put_chunks(c.req(tokio_stream::iter(pieces(
+            &up.name,
+            &[&chunks[0], &chunks[1]],
+        ))))
+        .await
+        .unwrap();
+    c.chunks
+        .add_manifest_entries(c.req(pb::AddManifestEntriesRequest {
+            upload: up.name.clone(),
+            entries: chunks.iter().map(TestChunk::entry).collect(),
+        }))
+        .await
+        .unwrap();
+    // The file is lost (a power cut before it reached the disk).
+    std::fs::remove_file(srv.chunk_file(&chunks[1].digest())).unwrap();
+    let st = c
+        .chunks
+        .commit_upload(c.req(pb::CommitUploadRequest {
+            upload: up.name.clone(),
+            content_digest: content_digest(size, &chunks),
+        }))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        (st.code(), reason(&st)),
+        (Code::FailedPrecondition, "CHUNK_MISSING".into())
+    );
+    assert!(
+        st.message().contains(&chunks[1].digest()),
+        "{}",
+        st.message()
+    );
+    assert_eq!(
+        state(&get(&mut c, &up.image).await.unwrap()),
+        pb::ImageState::Saving
+    );
+    let (img, asked) = finish(&mut c, &up.name, size, &chunks).await.unwrap();
+    assert_eq!(asked, 1);
+    assert_eq!(state(&img), pb::ImageState::Active);
+    assert_eq!(
+        read_chunk(&mut c, &img.name, &chunks[1].digest())
+            .await
+            .unwrap(),
+        chunks[1].data
+    );
+    // Download links: the caller's right to the image is checked; the link itself is not
+    // served by this build yet (UNIMPLEMENTED, reason DOWNLOAD_NOT_WIRED).
+    let st = c
+        .catalog
+        .create_download_link(c.req(pb::CreateDownloadLinkRequest {
+            name: img.name.clone(),
+            ..Default::default()
+        }))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        (st.code(), reason(&st)),
+        (Code::Unimplemented, "DOWNLOAD_NOT_WIRED".into())
+    );
+    let mut beta = srv.service("beta").await;
+    let st = beta
+        .catalog
+        .create_download_link(beta.req(pb::CreateDownloadLinkRequest {
+            name: img.name.clone(),
+            ..Default::default()
+        }))
+        .await
+        .unwrap_err();
+    assert_eq!(st.code(), Code::PermissionDenied);
+}

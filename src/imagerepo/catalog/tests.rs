@@ -89,7 +89,7 @@ fn capture(
     let ch = [chunk(1, fill, CHUNK_SIZE as usize)];
     send(c, who, &up, &ch);
     let digest = content_digest(size, &[ch[0].0]);
-    c.commit(who, &uref(&up), &digest, || Ok(())).unwrap()
+    c.commit(who, &uref(&up), &digest, |_| Ok(())).unwrap()
 }
 
 fn reason(e: &Error) -> String {
@@ -118,14 +118,14 @@ fn an_upload_goes_queued_saving_active() {
     assert_eq!(img.state, State::Saving);
     assert_eq!(img.display_name, "web:latest");
     let digest = content_digest(size, &[ch[0].0, ch[1].0]);
-    let v = c.commit(&alpha(), &uref(&up), &digest, || Ok(())).unwrap();
+    let v = c.commit(&alpha(), &uref(&up), &digest, |_| Ok(())).unwrap();
     assert_eq!(v.image.state, State::Active);
     assert_eq!(v.image.content_digest, digest);
     assert_eq!(v.image.stored_size, CHUNK_SIZE + 100);
     assert_eq!(v.image.data_chunk_count, 2);
     // Committing again returns the image again.
     let again = c
-        .commit(&alpha(), &uref(&up), &digest, || panic!("no second sync"))
+        .commit(&alpha(), &uref(&up), &digest, |_| panic!("no second sync"))
         .unwrap();
     assert_eq!(again.image.id, v.image.id);
     assert_eq!(
@@ -164,18 +164,18 @@ fn commit_checks_chunks_and_the_content_digest() {
     c.add_entries(&alpha(), &uref(&up), &[e]).unwrap();
     let digest = content_digest(size, &[e]);
     let err = c
-        .commit(&alpha(), &uref(&up), &digest, || Ok(()))
+        .commit(&alpha(), &uref(&up), &digest, |_| Ok(()))
         .unwrap_err();
     assert_eq!(reason(&err), "CHUNK_MISSING");
     assert!(err.to_string().contains(&hex::encode(e.digest)), "{err}");
     c.chunk_stored(&uref(&up), &e.digest, CHUNK_SIZE).unwrap();
     let err = c
-        .commit(&alpha(), &uref(&up), &"0".repeat(64), || Ok(()))
+        .commit(&alpha(), &uref(&up), &"0".repeat(64), |_| Ok(()))
         .unwrap_err();
     assert_eq!(reason(&err), "CONTENT_DIGEST_MISMATCH");
     // A failed sync leaves the upload open.
     let err = c
-        .commit(&alpha(), &uref(&up), &digest, || {
+        .commit(&alpha(), &uref(&up), &digest, |_| {
             Err(crate::error::internal("disk gone"))
         })
         .unwrap_err();
@@ -184,7 +184,7 @@ fn commit_checks_chunks_and_the_content_digest() {
         c.get_upload(&alpha(), &uref(&up)).unwrap().state,
         UploadState::Open
     );
-    c.commit(&alpha(), &uref(&up), &digest, || Ok(())).unwrap();
+    c.commit(&alpha(), &uref(&up), &digest, |_| Ok(())).unwrap();
 }
 
 #[test]
@@ -213,7 +213,7 @@ fn entries_are_idempotent_by_index_and_checked() {
             &alpha(),
             &uref(&up),
             &content_digest(CHUNK_SIZE, &[e]),
-            || Ok(()),
+            |_| Ok(()),
         )
         .unwrap_err();
     assert_eq!(reason(&err), "CHUNK_SIZE_MISMATCH");
