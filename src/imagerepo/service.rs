@@ -938,3 +938,51 @@ fn quota_project(name: &str, field: &str) -> Result<String> {
             .with_field(field)
         })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn member_and_quota_names_parse() {
+        let (i, m) = parse_member("projects/alpha/images/x1/members/beta").unwrap();
+        assert_eq!(
+            (i.name().as_str(), m.as_str()),
+            ("projects/alpha/images/x1", "beta")
+        );
+        assert!(parse_member("projects/alpha/images/x1").is_err());
+        assert!(parse_member("projects/alpha/images/x1/members/").is_err());
+        assert_eq!(
+            quota_project("projects/alpha/quota", "name").unwrap(),
+            "alpha"
+        );
+        assert!(quota_project("projects/alpha", "name").is_err());
+    }
+
+    #[test]
+    fn the_download_refusal_carries_the_repository_domain() {
+        use tonic_types::StatusExt;
+        let st = not_wired();
+        assert_eq!(st.code(), tonic::Code::Unimplemented);
+        let info = st.get_error_details().error_info().cloned().unwrap();
+        assert_eq!(
+            (info.reason.as_str(), info.domain.as_str()),
+            ("DOWNLOAD_NOT_WIRED", "imagerepo")
+        );
+    }
+
+    #[test]
+    fn errors_carry_the_repository_domain_and_imaged_keeps_its_own() {
+        use tonic_types::StatusExt;
+        let e = || invalid("x").with_reason("DIGEST_MISMATCH");
+        let st = e().into_status_in(ERROR_DOMAIN);
+        let info = st.get_error_details().error_info().cloned().unwrap();
+        assert_eq!(
+            (info.reason.as_str(), info.domain.as_str()),
+            ("DIGEST_MISMATCH", "imagerepo")
+        );
+        let st: Status = e().into();
+        let info = st.get_error_details().error_info().cloned().unwrap();
+        assert_eq!(info.domain, "imaged");
+    }
+}

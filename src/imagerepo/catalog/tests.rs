@@ -786,3 +786,47 @@ fn the_schema_is_versioned_and_reopening_migrates_nothing() {
         .unwrap();
     assert_eq!(mode, "wal");
 }
+
+#[test]
+fn restoring_is_refused_when_a_newer_image_took_the_name() {
+    let c = cat();
+    let old = capture(&c, &alpha(), "alpha", "web", "", 1);
+    c.delete_image(&alpha(), &iref(&old)).unwrap();
+    let new = capture(&c, &alpha(), "alpha", "web", "", 2);
+    assert_ne!(new.image.id, old.image.id);
+    let err = c.undelete_image(&alpha(), &iref(&old)).unwrap_err();
+    assert_eq!(
+        (err.kind(), reason(&err)),
+        (ErrorKind::AlreadyExists, "IMAGE_NAME_TAKEN".into())
+    );
+    assert!(err.to_string().contains(&new.image.id), "{err}");
+}
+
+#[test]
+fn resource_names_parse_strictly() {
+    let r = ImageRef::parse("projects/alpha/images/abc", "name").unwrap();
+    assert_eq!((r.project.as_str(), r.id.as_str()), ("alpha", "abc"));
+    assert_eq!(r.name(), "projects/alpha/images/abc");
+    for bad in [
+        "",
+        "projects/alpha",
+        "projects//images/x",
+        "images/x",
+        "projects/a/images/x/y",
+    ] {
+        assert_eq!(
+            reason(&ImageRef::parse(bad, "name").unwrap_err()),
+            "BAD_NAME",
+            "{bad}"
+        );
+    }
+    assert!(UploadRef::parse("projects/a/uploads/up-1", "upload").is_ok());
+    assert!(UploadRef::parse("projects/a/images/up-1", "upload").is_err());
+    assert_eq!(parse_parent("projects/-", true).unwrap(), None);
+    assert!(parse_parent("projects/-", false).is_err());
+    assert_eq!(
+        parse_parent("projects/alpha", false).unwrap().as_deref(),
+        Some("alpha")
+    );
+    assert!(parse_parent("projects/Alpha", false).is_err());
+}
