@@ -924,3 +924,41 @@ async fn a_recorded_chunk_whose_file_is_lost_is_asked_for_again_before_commit() 
         .unwrap_err();
     assert_eq!(st.code(), Code::PermissionDenied);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_collector_aborts_idle_uploads_and_their_records_fail() {
+    let srv = RepoServer::start("", "upload_idle_secs = 1");
+    let mut c = srv.service("alpha").await;
+    let mut admin = srv.tls("repo-admin").await;
+    let up = begin(&mut c, "alpha", "web", "", "", CHUNK).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    let r = admin
+        .catalog
+        .run_garbage_collection(admin.req(pb::RunGarbageCollectionRequest {}))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.uploads_aborted, 1);
+    let img = get(&mut c, &up.image).await.unwrap();
+    assert_eq!(state(&img), pb::ImageState::Failed);
+    assert!(
+        img.failure_reason.contains("idle"),
+        "{}",
+        img.failure_reason
+    );
+    let u = c
+        .chunks
+        .get_upload(c.req(pb::GetUploadRequest {
+            name: up.name.clone(),
+        }))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        pb::UploadState::try_from(u.state).unwrap(),
+        pb::UploadState::Aborted
+    );
+    // A FAILED image can be deleted, or retried under its name.
+    let again = begin(&mut c, "alpha", "web", "", "", CHUNK).await.unwrap();
+    assert_eq!(again.image, up.image);
+}

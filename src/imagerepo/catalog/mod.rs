@@ -1229,7 +1229,9 @@ impl Catalog {
         }
         self.tx(|tx| {
             let up = Self::upload_for(tx, who, u)?;
-            if let Some((_, digest, stored, chunks)) = &checked {
+            // A commit of the same upload that raced this one and won: its image is the answer.
+            let checked = checked.as_ref().filter(|_| up.state != UploadState::Committed);
+            if let Some((_, digest, stored, chunks)) = checked {
                 if up.state != UploadState::Open {
                     return Err(precondition(format!(
                         "upload {} ended while it was being committed",
