@@ -68,6 +68,52 @@ fn default_timeout() -> u64 {
     60
 }
 
+impl S3ChunksConfig {
+    /// Checks every setting (the config calls this at load), and makes the bucket handle.
+    pub fn bucket(&self) -> Result<Bucket> {
+        let url: reqwest::Url = self.endpoint.parse().map_err(|_| {
+            invalid(format!(
+                "chunks.endpoint: {:?} is not a URL like http://127.0.0.1:9000",
+                self.endpoint
+            ))
+        })?;
+        if !matches!(url.scheme(), "http" | "https") {
+            return Err(invalid(format!(
+                "chunks.endpoint: {:?} must be http:// or https://",
+                self.endpoint
+            )));
+        }
+        let style = match self.url_style.as_str() {
+            "path" => UrlStyle::Path,
+            "virtual" => UrlStyle::VirtualHost,
+            other => {
+                return Err(invalid(format!(
+                    "chunks.url_style: {other:?} is neither \"path\" nor \"virtual\""
+                )))
+            }
+        };
+        if self.access_key.is_empty() || self.secret_key.is_empty() {
+            return Err(invalid(
+                "chunks.access_key and chunks.secret_key must be set for backend = \"s3\"",
+            ));
+        }
+        if self.prefix.starts_with('/') || self.prefix.contains("..") {
+            return Err(invalid(format!(
+                "chunks.prefix: {:?} must be a relative key prefix like \"chunks/\"",
+                self.prefix
+            )));
+        }
+        if !(1..=3600).contains(&self.timeout_secs) {
+            return Err(invalid(format!(
+                "chunks.timeout_secs must be 1 to 3600, got {}",
+                self.timeout_secs
+            )));
+        }
+        Bucket::new(url, style, self.bucket.clone(), self.region.clone())
+            .map_err(|e| invalid(format!("chunks.bucket {:?}: {e}", self.bucket)))
+    }
+}
+
 impl std::fmt::Debug for S3ChunksConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("S3ChunksConfig")
@@ -94,46 +140,7 @@ impl S3Chunks {
     /// Checks the settings and makes the client; `rt` runs the requests. Nothing is sent: the
     /// first call says whether the bucket answers ([`S3Chunks::check`] asks at once).
     pub fn new(cfg: &S3ChunksConfig, rt: tokio::runtime::Handle) -> Result<S3Chunks> {
-        let url: reqwest::Url = cfg.endpoint.parse().map_err(|_| {
-            invalid(format!(
-                "chunks.endpoint: {:?} is not a URL like http://127.0.0.1:9000",
-                cfg.endpoint
-            ))
-        })?;
-        if !matches!(url.scheme(), "http" | "https") {
-            return Err(invalid(format!(
-                "chunks.endpoint: {:?} must be http:// or https://",
-                cfg.endpoint
-            )));
-        }
-        let style = match cfg.url_style.as_str() {
-            "path" => UrlStyle::Path,
-            "virtual" => UrlStyle::VirtualHost,
-            other => {
-                return Err(invalid(format!(
-                    "chunks.url_style: {other:?} is neither \"path\" nor \"virtual\""
-                )))
-            }
-        };
-        if cfg.access_key.is_empty() || cfg.secret_key.is_empty() {
-            return Err(invalid(
-                "chunks.access_key and chunks.secret_key must be set for backend = \"s3\"",
-            ));
-        }
-        if cfg.prefix.starts_with('/') || cfg.prefix.contains("..") {
-            return Err(invalid(format!(
-                "chunks.prefix: {:?} must be a relative key prefix like \"chunks/\"",
-                cfg.prefix
-            )));
-        }
-        if !(1..=3600).contains(&cfg.timeout_secs) {
-            return Err(invalid(format!(
-                "chunks.timeout_secs must be 1 to 3600, got {}",
-                cfg.timeout_secs
-            )));
-        }
-        let bucket = Bucket::new(url, style, cfg.bucket.clone(), cfg.region.clone())
-            .map_err(|e| invalid(format!("chunks.bucket {:?}: {e}", cfg.bucket)))?;
+        let bucket = cfg.bucket()?;
         let http = reqwest::Client::builder()
             .timeout(Duration::from_secs(cfg.timeout_secs))
             .connect_timeout(Duration::from_secs(10))
