@@ -42,7 +42,8 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
-use crate::error::{invalid, Error, Result};
+use super::chunks_s3::S3ChunksConfig;
+use crate::error::{invalid, Error, ErrorKind, Result};
 
 /// Where the server looks when `--config` is not given.
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/imagerepo/imagerepo.toml";
@@ -57,8 +58,21 @@ pub struct RepoConfig {
     pub catalog: CatalogConfig,
     pub gc: GcConfig,
     pub download: DownloadConfig,
+    /// `[chunks]`: where chunk bytes live (default: `{data_dir}/chunks`).
+    pub chunks: ChunksConfig,
     /// `[[policy]]`: identities and their roles. Empty: uid 0 on the socket is admin.
     pub policy: Vec<PolicyEntry>,
+}
+
+/// `[chunks]`: `backend = "local"` (the default: files under `{data_dir}/chunks`) or
+/// `backend = "s3"` with the keys of [`S3ChunksConfig`] (one object a chunk in a bucket of
+/// S3-compatible storage: Ceph RGW, MinIO, AWS).
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(tag = "backend", rename_all = "snake_case")]
+pub enum ChunksConfig {
+    #[default]
+    Local,
+    S3(S3ChunksConfig),
 }
 
 /// `[server]`.
@@ -236,8 +250,28 @@ impl RepoConfig {
                 ))
             }
         };
-        RepoConfig::parse(&text)
-            .map_err(|e| invalid(format!("config file {}: {e}", path.display())))
+        let cfg = RepoConfig::parse(&text)
+            .map_err(|e| invalid(format!("config file {}: {e}", path.display())))?;
+        if matches!(cfg.chunks, ChunksConfig::S3(_)) {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(path)
+                .map_err(|e| Error::io(format!("reading config file {}", path.display()), e))?
+                .permissions()
+                .mode()
+                & 0o777;
+            if mode & 0o044 != 0 {
+                return Err(Error::new(
+                    ErrorKind::PermissionDenied,
+                    format!(
+                        "config file {} holds the object store's secret key ([chunks]) but its \
+                         mode {mode:04o} lets group or others read it: chmod 600 {}",
+                        path.display(),
+                        path.display()
+                    ),
+                ));
+            }
+        }
+        Ok(cfg)
     }
 
     /// Parses and checks a config text.
@@ -249,6 +283,9 @@ impl RepoConfig {
 
     /// Every rule the types cannot say.
     pub fn validate(&self) -> Result<()> {
+        if let ChunksConfig::S3(s3) = &self.chunks {
+            s3.bucket()?;
+        }
         if !self.server.data_dir.is_absolute() {
             return Err(invalid(format!(
                 "server.data_dir must be an absolute path, got {:?}",
@@ -451,5 +488,44 @@ mod tests {
         assert_eq!(c.policy[0].role(), Some(RepoRole::Project));
         assert_eq!(c.policy[1].role(), Some(RepoRole::Service));
         assert_eq!(c.gc.gc_grace_secs, 0);
+    }
+
+    #[test]
+    fn chunks_backend_is_local_by_default_or_s3_with_its_keys_checked() {
+        assert!(matches!(
+            RepoConfig::parse("").unwrap().chunks,
+            ChunksConfig::Local
+        ));
+        let s3 = "[chunks]\nbackend = \"s3\"\nendpoint = \"http://127.0.0.1:9000\"\n\
+                  bucket = \"images\"\naccess_key = \"a\"\nsecret_key = \"s\"\n";
+        match RepoConfig::parse(s3).unwrap().chunks {
+            ChunksConfig::S3(c) => assert_eq!(
+                (c.prefix.as_str(), c.url_style.as_str()),
+                ("chunks/", "path")
+            ),
+            other => panic!("{other:?}"),
+        }
+        for (text, key) in [
+            (
+                s3.replace("http://127.0.0.1:9000", "ftp://x"),
+                "chunks.endpoint",
+            ),
+            (format!("{s3}url_style = \"odd\"\n"), "chunks.url_style"),
+            (format!("{s3}buckit = \"x\"\n"), "buckit"),
+            ("[chunks]\nbackend = \"tape\"\n".to_string(), "tape"),
+        ] {
+            let e = RepoConfig::parse(&text).unwrap_err();
+            assert!(e.to_string().contains(key), "{key}: {e}");
+        }
+        // The secret key in a file others may read is refused.
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("imagerepo.toml");
+        std::fs::write(&p, s3).unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let e = RepoConfig::load(&p, true).unwrap_err();
+        assert!(e.to_string().contains("chmod 600"), "{e}");
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
+        RepoConfig::load(&p, true).unwrap();
     }
 }

@@ -16,6 +16,7 @@
 
 pub mod catalog;
 pub mod chunks;
+pub mod chunks_s3;
 pub mod config;
 pub mod gc;
 pub mod identity;

@@ -10,7 +10,9 @@ use tokio_stream::wrappers::UnixListenerStream;
 use tonic::transport::Server;
 
 use super::catalog::{Catalog, Settings};
-use super::chunks::LocalChunks;
+use super::chunks::{ChunkStore, LocalChunks};
+use super::chunks_s3::S3Chunks;
+use super::config::ChunksConfig;
 use super::config::RepoConfig;
 use super::identity::RepoPolicy;
 use super::service::{Repo, RepoService};
@@ -45,10 +47,21 @@ pub fn open(cfg: &RepoConfig) -> Result<Arc<Repo>> {
             recycle_bin_days: cfg.catalog.recycle_bin_days,
         },
     )?;
-    let chunks = LocalChunks::open(&cfg.chunks_dir())?;
+    let chunks: Arc<dyn ChunkStore> = match &cfg.chunks {
+        ChunksConfig::Local => Arc::new(LocalChunks::open(&cfg.chunks_dir())?),
+        ChunksConfig::S3(s3) => {
+            // Called on a blocking thread (see `serve`): the store runs its requests on the
+            // runtime of that thread's context, and a wrong endpoint or key stops the start.
+            let store = S3Chunks::new(s3, tokio::runtime::Handle::current())?;
+            store.check()?;
+            tracing::info!(endpoint = %s3.endpoint, bucket = %s3.bucket, prefix = %s3.prefix,
+                "chunks are kept in S3-compatible storage");
+            Arc::new(store)
+        }
+    };
     Ok(Arc::new(Repo {
         catalog: Arc::new(catalog),
-        chunks: Arc::new(chunks),
+        chunks,
         policy: RepoPolicy::new(cfg.policy.clone()),
         gate: Arc::new(RwLock::new(())),
         gc: cfg.gc.clone(),
@@ -90,7 +103,15 @@ async fn periodic_gc(repo: Arc<Repo>, mut stop: tokio::sync::watch::Receiver<boo
 
 /// Serves until SIGTERM or SIGINT (`stop`, installed before anything else).
 pub async fn serve(cfg: &RepoConfig, stop: StopSignals) -> Result<()> {
-    let repo = open(cfg)?;
+    // Opening may talk to the object store ([chunks] backend = "s3"): a blocking call.
+    let repo = {
+        let cfg = cfg.clone();
+        tokio::task::spawn_blocking(move || open(&cfg))
+            .await
+            .map_err(|e| {
+                Error::new(ErrorKind::Internal, "opening the repository panicked").with_source(e)
+            })??
+    };
     let uds = bind_unix(&cfg.server.socket, cfg.socket_mode()?, "").await?;
     let tcp = if cfg.server.tcp_listen.is_empty() {
         None

@@ -81,6 +81,12 @@ impl RepoServer {
             ),
         )
         .unwrap();
+        // Owner-only, as an admin keeps a config that may hold the object store's secret key
+        // (the server refuses such a file when others may read it).
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&config, std::fs::Permissions::from_mode(0o600)).unwrap();
+        }
         let mut s = RepoServer {
             child: None,
             _dir: dir,
