@@ -390,6 +390,17 @@ impl Qcow2Layout {
         }
     }
 
+    /// The metadata region from cluster `first_cluster` on (a stream resumed at byte
+    /// `first_cluster * CLUSTER_SIZE`, e.g. an HTTP `Range`): the clusters before it are
+    /// never generated. Empty when `first_cluster` lies at or past
+    /// [`data_offset`](Self::data_offset).
+    pub fn metadata_from(&self, first_cluster: u64) -> MetadataPieces<'_> {
+        MetadataPieces {
+            layout: self,
+            next_cluster: first_cluster.min(self.data_start),
+        }
+    }
+
     /// Fills `buf` (one cluster, zeroed by the caller) with metadata cluster `index`.
     fn fill_metadata_cluster(&self, index: u64, buf: &mut [u8]) {
         debug_assert!(index < self.data_start);

@@ -3,3 +3,4 @@
 //! Agents (`imaged`) send it the chunks it lacks and commit manifests (the chunk protocol);
 //! control planes and `imagectl repo` manage the catalog: projects, tags, recycle bin, quotas,
 //! sharing, images in use, download links. The API is `proto/imagerepo/v1/imagerepo.proto`.
+pub mod download;
