@@ -955,3 +955,570 @@ async fn handle(ctx: &Ctx, req: Request<Incoming>, peer: SocketAddr) -> Response
     }
     resp
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::error::not_found;
+    use crate::repo::manifest::{cluster_mask, is_zero};
+    use crate::repo::Digest;
+    use sha2::Digest as _;
+    use std::collections::HashMap;
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    const CL: usize = CLUSTER_SIZE as usize;
+    const CH: usize = CHUNK_SIZE as usize;
+    const IMAGE: &str = "projects/p1/images/img-0123";
+
+    fn signer() -> LinkSigner {
+        LinkSigner::from_key([7u8; KEY_LEN])
+    }
+
+    fn claim(format: LinkFormat) -> LinkClaim {
+        LinkClaim {
+            image: IMAGE.into(),
+            content_digest: "ab".repeat(32),
+            format,
+            expires_unix: 2_000_000_000,
+        }
+    }
+
+    fn reason(e: &Error) -> String {
+        e.facts().reason
+    }
+
+    #[test]
+    fn link_round_trip() {
+        let s = signer();
+        for f in [LinkFormat::Raw, LinkFormat::Qcow2] {
+            let t = s.sign(&claim(f));
+            assert!(t
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_'));
+            assert_eq!(s.verify(&t, 1_999_999_999).unwrap(), claim(f));
+        }
+    }
+
+    #[test]
+    fn link_tampered_is_refused() {
+        let s = signer();
+        let c = claim(LinkFormat::Raw);
+        let t = s.sign(&c);
+        let raw = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(&t)
+            .unwrap();
+        let mac = &raw[raw.len() - MAC_LEN..];
+        let b64 = |v: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v);
+        let refused = |token: &str, what: &str| {
+            let e = s.verify(token, 1).unwrap_err();
+            assert_eq!(e.kind(), ErrorKind::PermissionDenied, "{what}");
+            assert_eq!(reason(&e), "LINK_INVALID", "{what}");
+        };
+        // Each field changed, the original MAC kept.
+        let variants = [
+            LinkClaim {
+                image: "projects/p2/images/img-0123".into(),
+                ..c.clone()
+            },
+            LinkClaim {
+                content_digest: "cd".repeat(32),
+                ..c.clone()
+            },
+            LinkClaim {
+                format: LinkFormat::Qcow2,
+                ..c.clone()
+            },
+            LinkClaim {
+                expires_unix: c.expires_unix + 86_400,
+                ..c.clone()
+            },
+        ];
+        for v in &variants {
+            let mut body = encode_claim(v);
+            body.extend_from_slice(mac);
+            refused(&b64(&body), &format!("{v:?}"));
+        }
+        // Every single byte flipped, the MAC's included.
+        for i in 0..raw.len() {
+            let mut m = raw.clone();
+            m[i] ^= 0x01;
+            refused(&b64(&m), &format!("byte {i} flipped"));
+        }
+        refused(&b64(&raw[..raw.len() - 1]), "cut short");
+        refused(&b64(&raw[..MAC_LEN - 1]), "shorter than a MAC");
+        refused("", "empty");
+        refused("not base64!", "not base64");
+        refused(&"A".repeat(MAX_TOKEN_CHARS + 1), "too long");
+        // Another server's key.
+        let other = LinkSigner::from_key([8u8; KEY_LEN]);
+        refused(&other.sign(&c), "another key");
+    }
+
+    #[test]
+    fn link_expired_is_refused() {
+        let s = signer();
+        let c = LinkClaim {
+            expires_unix: 1_000,
+            ..claim(LinkFormat::Qcow2)
+        };
+        let t = s.sign(&c);
+        assert_eq!(s.verify(&t, 999).unwrap(), c);
+        for now in [1_000, 1_001, u64::MAX] {
+            let e = s.verify(&t, now).unwrap_err();
+            assert_eq!(e.kind(), ErrorKind::PermissionDenied);
+            assert_eq!(reason(&e), "LINK_EXPIRED");
+            assert!(e.to_string().contains(IMAGE), "{e}");
+            assert!(e.to_string().contains("1970-01-01T00:16:40Z"), "{e}");
+        }
+    }
+
+    #[test]
+    fn key_file_is_made_private_and_kept() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("link.key");
+        let a = LinkSigner::load_or_create(&path).unwrap();
+        let meta = std::fs::metadata(&path).unwrap();
+        assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+        assert_eq!(meta.len(), KEY_LEN as u64);
+        let b = LinkSigner::load_or_create(&path).unwrap();
+        assert_eq!(a.key, b.key, "the key is read back, not made again");
+        let t = a.sign(&claim(LinkFormat::Raw));
+        b.verify(&t, 0).unwrap();
+        assert!(!format!("{a:?}").contains("7"), "Debug hides the key");
+
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let e = LinkSigner::load_or_create(&path).unwrap_err();
+        assert_eq!(reason(&e), "LINK_KEY_UNSAFE");
+        assert!(e.to_string().contains("chmod 600"), "{e}");
+
+        let short = dir.path().join("short.key");
+        std::fs::write(&short, b"too short").unwrap();
+        std::fs::set_permissions(&short, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let e = LinkSigner::load_or_create(&short).unwrap_err();
+        assert_eq!(reason(&e), "LINK_KEY_INVALID");
+        assert!(e.to_string().contains("9 bytes long"), "{e}");
+
+        let link = dir.path().join("sym.key");
+        std::os::unix::fs::symlink(&short, &link).unwrap();
+        let e = LinkSigner::load_or_create(&link).unwrap_err();
+        assert_eq!(reason(&e), "LINK_KEY_UNSAFE");
+    }
+
+    #[test]
+    fn range_parsing() {
+        use RangeAsk::*;
+        let p = |s: &str| parse_range(s, 1000);
+        assert_eq!(p("bytes=0-99"), Part(0..100));
+        assert_eq!(p("bytes=0-0"), Part(0..1));
+        assert_eq!(p("bytes=999-999"), Part(999..1000));
+        assert_eq!(p("bytes=500-"), Part(500..1000));
+        assert_eq!(p("bytes=500-5000"), Part(500..1000), "clamped to the end");
+        assert_eq!(p("bytes=0-99999999999999999999999"), Part(0..1000));
+        assert_eq!(p("bytes=-1"), Part(999..1000));
+        assert_eq!(p("bytes=-300"), Part(700..1000));
+        assert_eq!(
+            p("bytes=-5000"),
+            Part(0..1000),
+            "suffix longer than the body"
+        );
+        assert_eq!(p("BYTES = 10 - 19 "), Part(10..20), "case and spaces");
+        assert_eq!(p("bytes=1000-"), Unsatisfiable);
+        assert_eq!(p("bytes=1000-2000"), Unsatisfiable);
+        assert_eq!(p("bytes=99999999999999999999999-"), Unsatisfiable);
+        assert_eq!(p("bytes=-0"), Unsatisfiable);
+        assert_eq!(parse_range("bytes=0-", 0), Unsatisfiable);
+        // Ignored: the whole body.
+        assert_eq!(p("bytes=0-1,5-6"), Whole, "several ranges");
+        assert_eq!(p("bytes=9-5"), Whole, "last before first");
+        assert_eq!(p("bytes=-"), Whole);
+        assert_eq!(p("bytes=a-b"), Whole);
+        assert_eq!(p("bytes=+1-2"), Whole);
+        assert_eq!(p("bytes=1-+2"), Whole);
+        assert_eq!(p("bytes 0-1"), Whole);
+        assert_eq!(p("items=0-1"), Whole);
+        assert_eq!(p(""), Whole);
+    }
+
+    /// An image in memory, counting chunk reads.
+    struct MemSource {
+        virtual_size: u64,
+        chunks: Vec<DataChunk>,
+        data: HashMap<Digest, Vec<u8>>,
+        digest: String,
+        reads: AtomicU64,
+    }
+
+    impl ImageSource for MemSource {
+        fn manifest(&self, image: &str, content_digest: &str) -> Result<(u64, Vec<DataChunk>)> {
+            if image != IMAGE || content_digest != self.digest {
+                return Err(not_found(format!(
+                    "image {image} has no version {content_digest}"
+                )));
+            }
+            // Any order: the server sorts.
+            let mut c = self.chunks.clone();
+            c.reverse();
+            Ok((self.virtual_size, c))
+        }
+
+        fn read_chunk(&self, digest: &Digest, buf: &mut Vec<u8>) -> Result<()> {
+            self.reads.fetch_add(1, Ordering::Relaxed);
+            buf.clear();
+            buf.extend_from_slice(
+                self.data
+                    .get(digest)
+                    .ok_or_else(|| not_found("no such chunk"))?,
+            );
+            Ok(())
+        }
+    }
+
+    /// A disk of four full chunks and a short fifth (ending mid-cluster): chunk 0 data with
+    /// zero clusters inside, 1 a hole, 2 two scattered bits of data, 3 a hole, 4 all data.
+    fn disk() -> (Vec<u8>, MemSource) {
+        let vs = 4 * CHUNK_SIZE + 200 * 1024 + 512;
+        let mut raw = vec![0u8; vs as usize];
+        let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+        let mut fill = |buf: &mut [u8]| {
+            for b in buf {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                *b = (x >> 24) as u8 | 1;
+            }
+        };
+        fill(&mut raw[..10 * CL]);
+        fill(&mut raw[20 * CL..CH]);
+        let b2 = 2 * CH;
+        fill(&mut raw[b2 + 5 * CL..b2 + 6 * CL]);
+        fill(&mut raw[b2 + CH - 100..b2 + CH]);
+        fill(&mut raw[4 * CH..]);
+        let mut chunks = Vec::new();
+        let mut data = HashMap::new();
+        for (i, c) in raw.chunks(CH).enumerate() {
+            if is_zero(c) {
+                continue;
+            }
+            let d: Digest = Sha256::digest(c).into();
+            chunks.push(DataChunk {
+                index: i as u64,
+                digest: d,
+                mask: cluster_mask(c),
+            });
+            data.insert(d, c.to_vec());
+        }
+        assert_eq!(chunks.len(), 3);
+        let digest = crate::repo::manifest::content_digest(vs, &chunks);
+        let src = MemSource {
+            virtual_size: vs,
+            chunks,
+            data,
+            digest,
+            reads: AtomicU64::new(0),
+        };
+        (raw, src)
+    }
+
+    struct Server {
+        base: String,
+        signer: Arc<LinkSigner>,
+        source: Arc<MemSource>,
+        stop: Option<tokio::sync::oneshot::Sender<()>>,
+        task: tokio::task::JoinHandle<Result<()>>,
+    }
+
+    impl Server {
+        async fn start(source: MemSource) -> Server {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let base = format!("http://{}", listener.local_addr().unwrap());
+            let signer = Arc::new(signer());
+            let source = Arc::new(source);
+            let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+            let task = tokio::spawn(serve(
+                listener,
+                signer.clone(),
+                source.clone() as Arc<dyn ImageSource>,
+                async move {
+                    let _ = stopped.await;
+                },
+            ));
+            Server {
+                base,
+                signer,
+                source,
+                stop: Some(stop),
+                task,
+            }
+        }
+
+        fn url(&self, format: LinkFormat) -> String {
+            let c = LinkClaim {
+                content_digest: self.source.digest.clone(),
+                expires_unix: now_unix() + 3600,
+                ..claim(format)
+            };
+            format!("{}{DOWNLOAD_PATH}{}", self.base, self.signer.sign(&c))
+        }
+
+        async fn stop(mut self) {
+            let _ = self.stop.take().unwrap().send(());
+            self.task.await.unwrap().unwrap();
+        }
+    }
+
+    async fn get(url: &str, range: Option<&str>) -> (u16, reqwest::header::HeaderMap, Vec<u8>) {
+        let mut req = reqwest::Client::new().get(url);
+        if let Some(r) = range {
+            req = req.header("Range", r);
+        }
+        let resp = req.send().await.unwrap();
+        let status = resp.status().as_u16();
+        let headers = resp.headers().clone();
+        let body = resp.bytes().await.unwrap().to_vec();
+        (status, headers, body)
+    }
+
+    fn h<'a>(headers: &'a reqwest::header::HeaderMap, name: &str) -> &'a str {
+        headers.get(name).map(|v| v.to_str().unwrap()).unwrap_or("")
+    }
+
+    /// Reads `url` from byte 0 until at least `cut` bytes came, then drops the connection;
+    /// returns exactly the first `cut` bytes.
+    async fn get_cut(url: &str, cut: usize) -> Vec<u8> {
+        let mut resp = reqwest::Client::new().get(url).send().await.unwrap();
+        assert_eq!(resp.status().as_u16(), 200);
+        let mut got = Vec::new();
+        while got.len() < cut {
+            let piece = resp
+                .chunk()
+                .await
+                .unwrap()
+                .expect("body ended before the cut");
+            got.extend_from_slice(&piece);
+        }
+        drop(resp);
+        got.truncate(cut);
+        got
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn raw_download_with_ranges_and_refusals() {
+        let (raw, src) = disk();
+        let len = raw.len() as u64;
+        assert_eq!(image_len(len, &src.chunks, LinkFormat::Raw), len);
+        let srv = Server::start(src).await;
+        let url = srv.url(LinkFormat::Raw);
+
+        let (st, hd, body) = get(&url, None).await;
+        assert_eq!(st, 200);
+        assert!(body == raw, "the raw download differs from the disk");
+        assert_eq!(h(&hd, "content-length"), len.to_string());
+        assert_eq!(h(&hd, "accept-ranges"), "bytes");
+        let etag = format!("\"{}-raw\"", srv.source.digest);
+        assert_eq!(h(&hd, "etag"), etag);
+        assert_eq!(
+            h(&hd, "content-disposition"),
+            format!(
+                "attachment; filename=\"img-0123-{}.raw\"",
+                &srv.source.digest[..12]
+            )
+        );
+        assert_eq!(
+            srv.source.reads.load(Ordering::Relaxed),
+            3,
+            "holes are not read"
+        );
+
+        // HEAD: the headers, no body.
+        let resp = reqwest::Client::new().head(&url).send().await.unwrap();
+        assert_eq!(resp.status().as_u16(), 200);
+        assert_eq!(h(resp.headers(), "content-length"), len.to_string());
+
+        // Ranges across chunk boundaries, inside holes, at the short end.
+        for (a, b) in [
+            (0u64, 0u64),
+            (CH as u64 - 10, CH as u64 + 10),
+            (CH as u64 + 100, 2 * CH as u64 - 1),
+            (2 * CH as u64 + 5 * CL as u64 - 1, 4 * CH as u64 + 1),
+            (len - 1, len - 1),
+        ] {
+            let (st, hd, body) = get(&url, Some(&format!("bytes={a}-{b}"))).await;
+            assert_eq!(st, 206, "{a}-{b}");
+            assert_eq!(h(&hd, "content-range"), format!("bytes {a}-{b}/{len}"));
+            assert!(body == raw[a as usize..=b as usize], "bytes {a}-{b} differ");
+        }
+        // A range inside a hole reads no chunk.
+        let before = srv.source.reads.load(Ordering::Relaxed);
+        let (st, _, body) = get(&url, Some("bytes=4194304-8388607")).await;
+        assert_eq!((st, body.len()), (206, CH));
+        assert!(is_zero(&body));
+        assert_eq!(srv.source.reads.load(Ordering::Relaxed), before);
+        // Suffix, open end.
+        let (st, _, body) = get(&url, Some("bytes=-1000")).await;
+        assert_eq!(st, 206);
+        assert!(body == raw[raw.len() - 1000..]);
+        let (st, _, body) = get(&url, Some(&format!("bytes={}-", len - 5000))).await;
+        assert_eq!(st, 206);
+        assert!(body == raw[raw.len() - 5000..]);
+        // Unsatisfiable: 416 with the length.
+        let (st, hd, _) = get(&url, Some(&format!("bytes={len}-"))).await;
+        assert_eq!(st, 416);
+        assert_eq!(h(&hd, "content-range"), format!("bytes */{len}"));
+        // Several ranges: the whole image.
+        let (st, _, body) = get(&url, Some("bytes=0-1,5-9")).await;
+        assert_eq!((st, body.len() as u64), (200, len));
+        // If-Range of another version: the whole image, never a glued one.
+        let resp = reqwest::Client::new()
+            .get(&url)
+            .header("Range", "bytes=10-")
+            .header("If-Range", "\"0000-raw\"")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status().as_u16(), 200);
+        let resp = reqwest::Client::new()
+            .get(&url)
+            .header("Range", "bytes=10-")
+            .header("If-Range", &etag)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status().as_u16(), 206);
+
+        // A download cut in the middle, resumed with Range, is the disk.
+        let cut = 2 * CH + 5 * CL + 777;
+        let mut got = get_cut(&url, cut).await;
+        let (st, _, rest) = get(&url, Some(&format!("bytes={cut}-"))).await;
+        assert_eq!(st, 206);
+        got.extend_from_slice(&rest);
+        assert!(got == raw, "the resumed raw download differs");
+
+        // Refusals: tampered, expired, another version, wrong path and method.
+        let token = url.rsplit('/').next().unwrap();
+        let mut t = token.as_bytes().to_vec();
+        t[5] = if t[5] == b'A' { b'B' } else { b'A' };
+        let tampered = format!(
+            "{}{DOWNLOAD_PATH}{}",
+            srv.base,
+            String::from_utf8(t).unwrap()
+        );
+        let (st, _, body) = get(&tampered, None).await;
+        assert_eq!(st, 403);
+        assert!(String::from_utf8_lossy(&body).contains("not valid"));
+        let expired = LinkClaim {
+            content_digest: srv.source.digest.clone(),
+            expires_unix: now_unix() - 1,
+            ..claim(LinkFormat::Raw)
+        };
+        let expired = format!("{}{DOWNLOAD_PATH}{}", srv.base, srv.signer.sign(&expired));
+        let (st, _, body) = get(&expired, None).await;
+        assert_eq!(st, 403);
+        assert!(String::from_utf8_lossy(&body).contains("expired"));
+        let gone = LinkClaim {
+            content_digest: "00".repeat(32),
+            expires_unix: now_unix() + 60,
+            ..claim(LinkFormat::Raw)
+        };
+        let gone = format!("{}{DOWNLOAD_PATH}{}", srv.base, srv.signer.sign(&gone));
+        assert_eq!(get(&gone, None).await.0, 410);
+        assert_eq!(get(&format!("{}/v1/other", srv.base), None).await.0, 404);
+        let resp = reqwest::Client::new().post(&url).send().await.unwrap();
+        assert_eq!(resp.status().as_u16(), 405);
+        srv.stop().await;
+    }
+
+    fn qemu_img(args: &[&str]) -> String {
+        let out = std::process::Command::new("qemu-img")
+            .args(args)
+            .output()
+            .expect("qemu-img is not installed: it judges the qcow2 downloads");
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(out.status.success(), "qemu-img {args:?} failed: {text}");
+        text
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn qcow2_download_judged_by_qemu_img_and_resumed() {
+        let (raw, src) = disk();
+        let qlen = image_len(src.virtual_size, &src.chunks, LinkFormat::Qcow2);
+        let layout =
+            Qcow2Layout::new(src.virtual_size, allocated_cluster_ranges(&src.chunks)).unwrap();
+        assert_eq!(qlen, layout.total_size());
+        let meta_end = layout.data_offset();
+        let srv = Server::start(src).await;
+        let url = srv.url(LinkFormat::Qcow2);
+
+        let (st, hd, full) = get(&url, None).await;
+        assert_eq!(st, 200);
+        assert_eq!(full.len() as u64, qlen);
+        assert_eq!(h(&hd, "etag"), format!("\"{}-qcow2\"", srv.source.digest));
+        assert!(h(&hd, "content-disposition").ends_with(".qcow2\""));
+
+        let dir = tempfile::tempdir().unwrap();
+        let raw_path = dir.path().join("disk.raw");
+        let q_path = dir.path().join("disk.qcow2");
+        std::fs::write(&raw_path, &raw).unwrap();
+        std::fs::write(&q_path, &full).unwrap();
+        let (rp, qp) = (raw_path.to_str().unwrap(), q_path.to_str().unwrap());
+        qemu_img(&["check", "-f", "qcow2", qp]);
+        qemu_img(&["compare", "-f", "raw", "-F", "qcow2", rp, qp]);
+
+        // Ranges starting and ending anywhere: in the header, across the metadata's end,
+        // inside a data cluster, across chunks, at the end; each is the full stream's slice.
+        let ql = qlen as usize;
+        let m = meta_end as usize;
+        for (a, b) in [
+            (0, 103),
+            (1, CL + 1),
+            (m - 3, m + 2),
+            (m, m + CL - 1),
+            (m + 7 * CL + 13, m + 12 * CL + 7),
+            (m + 50 * CL, ql - 1),
+            (ql - 1, ql - 1),
+        ] {
+            let (st, hd, body) = get(&url, Some(&format!("bytes={a}-{b}"))).await;
+            assert_eq!(st, 206, "{a}-{b}");
+            assert_eq!(h(&hd, "content-range"), format!("bytes {a}-{b}/{qlen}"));
+            assert!(body == full[a..=b], "qcow2 bytes {a}-{b} differ");
+        }
+        // A range of the metadata reads no chunk.
+        let before = srv.source.reads.load(Ordering::Relaxed);
+        let (st, _, _) = get(&url, Some(&format!("bytes=0-{}", m - 1))).await;
+        assert_eq!(st, 206);
+        assert_eq!(srv.source.reads.load(Ordering::Relaxed), before);
+
+        // Cut in the middle of the data, resumed with Range: the same file, judged again.
+        for cut in [m / 2 + 3, m + 30 * CL + 5] {
+            let mut got = get_cut(&url, cut).await;
+            let (st, _, rest) = get(&url, Some(&format!("bytes={cut}-"))).await;
+            assert_eq!(st, 206);
+            got.extend_from_slice(&rest);
+            assert!(got == full, "the download resumed at {cut} differs");
+            let resumed = dir.path().join(format!("resumed-{cut}.qcow2"));
+            std::fs::write(&resumed, &got).unwrap();
+            let rq = resumed.to_str().unwrap();
+            qemu_img(&["check", "-f", "qcow2", rq]);
+            qemu_img(&["compare", "-f", "raw", "-F", "qcow2", rp, rq]);
+        }
+        srv.stop().await;
+    }
+
+    #[test]
+    fn qcow2_needs_whole_sectors() {
+        let e = try_image_len(1000, &[], LinkFormat::Qcow2).unwrap_err();
+        assert_eq!(reason(&e), "QCOW2_UNSUPPORTED");
+        assert_eq!(image_len(1000, &[], LinkFormat::Qcow2), 0);
+        assert_eq!(image_len(1000, &[], LinkFormat::Raw), 1000);
+        let bad = DataChunk {
+            index: 5,
+            digest: [0; 32],
+            mask: 1,
+        };
+        assert!(try_image_len(CHUNK_SIZE, &[bad], LinkFormat::Raw).is_err());
+    }
+}
