@@ -133,7 +133,7 @@ pub async fn connect_repo(url: &str, opts: &ConnectOpts, flag: &str) -> Result<C
                 format!(
                     "cannot reach the image repository at {url} ({}): is imagerepo running? \
                      (systemctl status imagerepo), or give {flag} https://HOST:PORT",
-                    causes(&e)
+                    std::error::Error::source(&e).map_or_else(|| e.to_string(), causes)
                 ),
             )
         });

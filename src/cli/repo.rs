@@ -58,7 +58,7 @@ Examples:
   imagectl repo quota set p1 --limit 20                    admins
   imagectl repo --project p1 in-use mark img-5f3a9c --user domains/web1@host3
   curl -fO -C - \"$(imagectl repo --project p1 link img-5f3a9c --format qcow2 --ttl 2h)\"
-  imagectl repo --repo-endpoint https://repo.example:7444 --ca ca.pem --cert me.pem --key me.key list
+  imagectl repo --repo-endpoint https://repo:7444 --ca ca.pem --cert me.pem --key me.key list
 
 Exit codes as for the other commands: 0 done, 2 bad arguments, 3 not found, 4 conflict
 (wrong state, in use, licensed), 5 repository unavailable or over quota, 7 permission denied;
