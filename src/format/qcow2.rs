@@ -660,6 +660,30 @@ mod tests {
         out
     }
 
+    #[test]
+    fn metadata_from_a_cluster_is_the_tail_of_the_whole() {
+        // Enough refcount and L2 clusters that the metadata spans several 1 MiB pieces.
+        let ranges: Vec<Range<u64>> = (0..40u64).map(|i| i * 9000..i * 9000 + 3).collect();
+        let layout = Qcow2Layout::new(1 << 40, ranges).unwrap();
+        let whole = collect_metadata(&layout);
+        let clusters = layout.data_offset() / CS;
+        assert!(clusters > PIECE_CLUSTERS, "{clusters} metadata clusters");
+        for first in [
+            0,
+            1,
+            5,
+            PIECE_CLUSTERS - 1,
+            PIECE_CLUSTERS,
+            clusters - 1,
+            clusters,
+            clusters + 7,
+        ] {
+            let tail: Vec<u8> = layout.metadata_from(first).flatten().collect();
+            let from = (first.min(clusters) * CS) as usize;
+            assert!(tail == whole[from..], "metadata from cluster {first}");
+        }
+    }
+
     /// An independent reader: parses the metadata as qemu would, checks every structural rule
     /// (alignment, flags, refcounts = references = 1 for every host cluster, no leaks) and that
     /// guest clusters map exactly to the allocated ones, in ascending host order.
