@@ -121,9 +121,19 @@ enum RepoCmd {
     /// Remove a deleted image for good.
     Purge { image: String },
     /// Share an image with another project (it sees the image as pending until it accepts).
-    Share { image: String, project: String },
+    Share {
+        image: String,
+        /// The member project.
+        #[arg(value_name = "PROJECT")]
+        member: String,
+    },
     /// Stop sharing an image with a project.
-    Unshare { image: String, project: String },
+    Unshare {
+        image: String,
+        /// The member project.
+        #[arg(value_name = "PROJECT")]
+        member: String,
+    },
     /// List the projects an image is shared with, and their answers.
     Members { image: String },
     /// Accept an image shared with --project.
@@ -156,10 +166,14 @@ enum RepoCmd {
 #[derive(Subcommand)]
 enum QuotaCmd {
     /// Show a project's limit and use (default: --project).
-    Get { project: Option<String> },
-    /// Set a project's limit of private images (admins).
+    Get {
+        #[arg(value_name = "PROJECT")]
+        of: Option<String>,
+    },
+    /// Set a project's limit of private images (admins; default: --project).
     Set {
-        project: Option<String>,
+        #[arg(value_name = "PROJECT")]
+        of: Option<String>,
         #[arg(long)]
         limit: u32,
     },
@@ -456,7 +470,10 @@ pub(super) async fn run(args: &RepoArgs, conn: &ConnectOpts, json: bool) -> Resu
                 .map_err(naming(format!("image {name}")))?;
             done(json, json!({ "purged": name }), format!("purged {name}"));
         }
-        RepoCmd::Share { image, project } => {
+        RepoCmd::Share {
+            image,
+            member: project,
+        } => {
             let name = r.image(image)?;
             let m =
                 r.c.add_image_member(pb::AddImageMemberRequest {
@@ -477,7 +494,10 @@ pub(super) async fn run(args: &RepoArgs, conn: &ConnectOpts, json: bool) -> Resu
                 ),
             );
         }
-        RepoCmd::Unshare { image, project } => {
+        RepoCmd::Unshare {
+            image,
+            member: project,
+        } => {
             let name = r.image(image)?;
             let member = format!("{name}/members/{project}");
             r.c.remove_image_member(pb::RemoveImageMemberRequest {
@@ -538,8 +558,8 @@ pub(super) async fn run(args: &RepoArgs, conn: &ConnectOpts, json: bool) -> Resu
         }
         RepoCmd::Quota { cmd } => {
             let (project, limit) = match cmd {
-                QuotaCmd::Get { project } => (project, None),
-                QuotaCmd::Set { project, limit } => (project, Some(*limit)),
+                QuotaCmd::Get { of } => (of, None),
+                QuotaCmd::Set { of, limit } => (of, Some(*limit)),
             };
             let project = match project {
                 Some(p) => p.clone(),
@@ -1165,5 +1185,21 @@ mod tests {
             "csv",
         ]);
         assert!(cli.is_ok());
+        // A positional PROJECT is not the global --project (one clap id would merge them).
+        let cli = <super::super::Cli as clap::Parser>::try_parse_from([
+            "imagectl",
+            "repo",
+            "--project",
+            "p1",
+            "share",
+            "img",
+            "p2",
+        ])
+        .unwrap();
+        let super::super::Cmd::Repo(args) = cli.cmd else {
+            panic!("not a repo command")
+        };
+        assert_eq!(args.project.as_deref(), Some("p1"));
+        assert!(matches!(&args.cmd, RepoCmd::Share { member, .. } if member == "p2"));
     }
 }

@@ -15,9 +15,14 @@ const MIB: u64 = 1 << 20;
 
 /// Runs the real `imagectl repo` with the server's socket and project alpha.
 fn repo(srv: &RepoServer, args: &[&str]) -> Output {
+    repo_as(srv, "alpha", args)
+}
+
+/// Runs the real `imagectl repo` with the server's socket, acting for `project`.
+fn repo_as(srv: &RepoServer, project: &str, args: &[&str]) -> Output {
     let endpoint = format!("unix://{}", srv.socket.display());
     Command::new(env!("CARGO_BIN_EXE_imagectl"))
-        .args(["repo", "--repo-endpoint", &endpoint, "--project", "alpha"])
+        .args(["repo", "--repo-endpoint", &endpoint, "--project", project])
         .args(args)
         .env_remove("IMAGEREPO_PROJECT")
         .env_remove("IMAGEREPO_ENDPOINT")
@@ -35,7 +40,12 @@ fn text(o: &Output) -> (String, String) {
 
 /// Runs `imagectl repo ARGS`, asserts exit 0 and returns stdout.
 fn ok(srv: &RepoServer, args: &[&str]) -> String {
-    let o = repo(srv, args);
+    ok_as(srv, "alpha", args)
+}
+
+/// Runs `imagectl repo ARGS` for `project`, asserts exit 0 and returns stdout.
+fn ok_as(srv: &RepoServer, project: &str, args: &[&str]) -> String {
+    let o = repo_as(srv, project, args);
     let (out, err) = text(&o);
     assert!(
         o.status.success(),
@@ -46,9 +56,13 @@ fn ok(srv: &RepoServer, args: &[&str]) -> String {
 }
 
 fn json(srv: &RepoServer, args: &[&str]) -> Value {
+    json_as(srv, "alpha", args)
+}
+
+fn json_as(srv: &RepoServer, project: &str, args: &[&str]) -> Value {
     let mut full = vec!["--json"];
     full.extend_from_slice(args);
-    let out = ok(srv, &full);
+    let out = ok_as(srv, project, &full);
     serde_json::from_str(&out).unwrap_or_else(|e| panic!("{args:?}: not JSON ({e}): {out}"))
 }
 
@@ -222,4 +236,53 @@ async fn list_export_and_batch_delete() {
         "{:?}",
         text(&o)
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn share_accept_and_quota() {
+    let srv = RepoServer::start("", "");
+    let mut alpha = srv.service("alpha").await;
+    let chunks = [TestChunk::new(0, 11, MIB as usize)];
+    let img = capture(&mut alpha, "alpha", "base", "v1", MIB, &chunks)
+        .await
+        .unwrap();
+    let base = id(&img);
+
+    // The owner shares; the member project sees it pending, accepts it, then lists it.
+    let m = json(&srv, &["share", &base, "beta"]);
+    assert_eq!(m["member_project"], "beta", "{m}");
+    assert_eq!(m["state"], "pending", "{m}");
+    let members = ok(&srv, &["members", &base]);
+    assert!(members.starts_with("MEMBER"), "{members}");
+    assert!(
+        members
+            .lines()
+            .any(|l| l.starts_with("beta") && l.contains("pending")),
+        "{members}"
+    );
+    let owner_image = format!("alpha/{base}");
+    let m = json_as(&srv, "beta", &["accept", &owner_image]);
+    assert_eq!(m["state"], "accepted", "{m}");
+    let seen = json_as(&srv, "beta", &["list"]);
+    let seen = seen.as_array().unwrap();
+    assert!(
+        seen.iter()
+            .any(|i| i["id"] == base.as_str() && i["visibility"] == "shared"),
+        "{seen:?}"
+    );
+    // A member acting as owner is refused, with the exit code of a denial or a conflict.
+    let o = repo_as(&srv, "beta", &["delete", &owner_image]);
+    assert_ne!(o.status.code(), Some(0), "{:?}", text(&o));
+    let m = json_as(&srv, "beta", &["reject", &owner_image]);
+    assert_eq!(m["state"], "rejected", "{m}");
+    let out = ok(&srv, &["unshare", &base, "beta"]);
+    assert!(out.contains("stopped sharing"), "{out}");
+    assert_eq!(json(&srv, &["members", &base]), serde_json::json!([]));
+
+    // Quota: alpha holds one private image of the default ten.
+    let q = json(&srv, &["quota", "get"]);
+    assert_eq!(q["image_count"], 1, "{q}");
+    assert_eq!(q["image_limit"], 10, "{q}");
+    let line = ok(&srv, &["quota", "get", "alpha"]);
+    assert_eq!(line.trim(), "project alpha: 1 of 10 private images");
 }
