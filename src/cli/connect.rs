@@ -57,10 +57,16 @@ fn causes(e: &dyn std::error::Error) -> String {
     out
 }
 
-fn read(path: &Option<PathBuf>, flag: &str, env: &str) -> Result<Vec<u8>> {
+fn read(
+    path: &Option<PathBuf>,
+    flag: &str,
+    env: &str,
+    need: &str,
+    server: &str,
+) -> Result<Vec<u8>> {
     let Some(p) = path else {
         return Err(invalid(format!(
-            "--endpoint needs {flag} (or {env}): the daemon serves TCP only with mutual TLS"
+            "{need} needs {flag} (or {env}): {server} serves TCP only with mutual TLS"
         )));
     };
     std::fs::read(p).map_err(|e| Error::io(format!("{flag} {}: reading it", p.display()), e))
@@ -75,30 +81,62 @@ pub async fn connect(opts: &ConnectOpts) -> Result<Channel> {
             .await
             .map_err(|s| Error::new(ErrorKind::Unavailable, s.message().to_string()));
     };
+    tls_channel(url, opts, "--endpoint", "imaged", "the daemon").await
+}
+
+/// A channel to `url` (`https://HOST:PORT`) with mutual TLS from `opts`' `--ca`, `--cert` and
+/// `--key`. `flag` is the option that gave the URL, `who` and `server` name the server in
+/// messages.
+async fn tls_channel(
+    url: &str,
+    opts: &ConnectOpts,
+    flag: &str,
+    who: &str,
+    server: &str,
+) -> Result<Channel> {
     if !url.starts_with("https://") {
         return Err(invalid(format!(
-            "--endpoint {url}: write https://HOST:PORT; the daemon serves TCP only with mutual TLS"
+            "{flag} {url}: write https://HOST:PORT; {server} serves TCP only with mutual TLS"
         )));
     }
-    let ca = read(&opts.ca, "--ca", "IMAGED_CA")?;
-    let cert = read(&opts.cert, "--cert", "IMAGED_CERT")?;
-    let key = read(&opts.key, "--key", "IMAGED_KEY")?;
+    let ca = read(&opts.ca, "--ca", "IMAGED_CA", flag, server)?;
+    let cert = read(&opts.cert, "--cert", "IMAGED_CERT", flag, server)?;
+    let key = read(&opts.key, "--key", "IMAGED_KEY", flag, server)?;
     let tls = ClientTlsConfig::new()
         .ca_certificate(Certificate::from_pem(ca))
         .identity(Identity::from_pem(cert, key));
-    let endpoint = Endpoint::from_shared(url.clone())
-        .map_err(|e| invalid(format!("--endpoint {url} is not a URL")).with_source(e))?
+    let endpoint = Endpoint::from_shared(url.to_string())
+        .map_err(|e| invalid(format!("{flag} {url} is not a URL")).with_source(e))?
         .connect_timeout(CONNECT_TIMEOUT)
         .tls_config(tls)
-        .map_err(|e| invalid(format!("--endpoint {url}: TLS settings: {}", causes(&e))))?;
+        .map_err(|e| invalid(format!("{flag} {url}: TLS settings: {}", causes(&e))))?;
     endpoint.connect().await.map_err(|e| {
         Error::new(
             ErrorKind::Unavailable,
             format!(
-                "cannot reach imaged at {url} ({}): is the daemon listening there, and does it \
+                "cannot reach {who} at {url} ({}): is {server} listening there, and does it \
                  trust this client's certificate?",
                 causes(&e)
             ),
         )
     })
+}
+
+/// Opens a channel to the central image repository at `url`: `unix:///PATH` (its local
+/// socket) or `https://HOST:PORT` (mutual TLS with the same `--ca`, `--cert`, `--key` as the
+/// daemon's TCP endpoint). `flag` is the option that gave the URL, for messages.
+pub async fn connect_repo(url: &str, opts: &ConnectOpts, flag: &str) -> Result<Channel> {
+    if let Some(path) = url.strip_prefix("unix://") {
+        return super::unix_channel(Path::new(path)).await.map_err(|e| {
+            Error::new(
+                ErrorKind::Unavailable,
+                format!(
+                    "cannot reach the image repository at {url} ({}): is imagerepo running? \
+                     (systemctl status imagerepo), or give {flag} https://HOST:PORT",
+                    std::error::Error::source(&e).map_or_else(|| e.to_string(), causes)
+                ),
+            )
+        });
+    }
+    tls_channel(url, opts, flag, "the image repository", "imagerepo").await
 }

@@ -5,6 +5,7 @@
 
 pub mod connect;
 mod output;
+pub mod repo;
 pub mod view;
 
 use std::path::{Path, PathBuf};
@@ -53,6 +54,7 @@ Examples:
   imagectl images --filter 'source_domain = domains/web1' --order-by 'create_time desc'
   imagectl update web1-2026-11-26 --display-name 'web1 golden' --description 'patched'
   imagectl wait op-1a2b3c4d                         wait for an operation to end
+  imagectl repo --project p1 list --format csv      the central repository's images, as CSV
 
 Exit codes: 0 done, 1 operation failed, 2 bad arguments, 3 not found,
 4 conflict (wrong domain state, name taken, object busy), 5 daemon/libvirt/repository
@@ -228,6 +230,9 @@ enum Cmd {
     Cancel { id: String },
     /// Forget a finished operation (and its request id).
     Forget { id: String },
+    /// The central image repository's catalog (imagerepo): list and export, delete and
+    /// restore, share with projects, quotas, images in use, download links.
+    Repo(repo::RepoArgs),
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -275,10 +280,21 @@ fn exit_for(code: Code) -> u8 {
 
 /// Opens a channel to the daemon's unix socket.
 pub async fn connect(socket: &Path) -> Result<Channel, tonic::Status> {
+    unix_channel(socket).await.map_err(|e| {
+        tonic::Status::unavailable(format!(
+            "cannot reach imaged at {} ({}): is the daemon running? (systemctl status imaged)",
+            socket.display(),
+            std::error::Error::source(&e)
+                .map(|s| s.to_string())
+                .unwrap_or_else(|| e.to_string())
+        ))
+    })
+}
+
+/// A gRPC channel over the unix socket `socket` (the daemon's or the repository's).
+async fn unix_channel(socket: &Path) -> Result<Channel, tonic::transport::Error> {
     let path = socket.to_path_buf();
-    let endpoint = Endpoint::try_from("http://imaged.local")
-        .map_err(|e| tonic::Status::internal(e.to_string()))?;
-    endpoint
+    Endpoint::from_static("http://imaged.local")
         .connect_with_connector(tower::service_fn(move |_: Uri| {
             let path = path.clone();
             async move {
@@ -286,15 +302,6 @@ pub async fn connect(socket: &Path) -> Result<Channel, tonic::Status> {
             }
         }))
         .await
-        .map_err(|e| {
-            tonic::Status::unavailable(format!(
-                "cannot reach imaged at {} ({}): is the daemon running? (systemctl status imaged)",
-                socket.display(),
-                std::error::Error::source(&e)
-                    .map(|s| s.to_string())
-                    .unwrap_or_else(|| e.to_string())
-            ))
-        })
 }
 
 fn absolute(p: &Path) -> PathBuf {
@@ -361,6 +368,9 @@ fn prep_enums(prep: &[String]) -> Result<Vec<i32>, tonic::Status> {
 }
 
 async fn dispatch(cli: &Cli) -> Result<u8, tonic::Status> {
+    if let Cmd::Repo(args) = &cli.cmd {
+        return repo::run(args, &cli.conn, cli.json).await;
+    }
     let ch = connect::connect(&cli.conn).await?;
     let mut doms = DomainServiceClient::new(ch.clone());
     let mut imgs = ImageServiceClient::new(ch.clone());
@@ -645,6 +655,7 @@ async fn dispatch(cli: &Cli) -> Result<u8, tonic::Status> {
                 println!("cancel requested for {} ({})", o.id, o.image_name());
             }
         }
+        Cmd::Repo(_) => unreachable!("handled above"),
         Cmd::Forget { id } => {
             ops.delete_operation(proto::DeleteOperationRequest { name: op_name(id) })
                 .await?;

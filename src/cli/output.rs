@@ -40,7 +40,7 @@ pub fn escape_controls(s: &str) -> Cow<'_, str> {
 }
 
 /// `s` for one table cell or one line: [`escape_controls`], and `\n` and `\t` escaped too.
-fn escape_line(s: &str) -> String {
+pub(super) fn escape_line(s: &str) -> String {
     escape_controls(s)
         .replace('\n', "\\x0a")
         .replace('\t', "\\x09")
@@ -48,7 +48,7 @@ fn escape_line(s: &str) -> String {
 
 /// How a [`Table`] column lines its cells up.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Align {
+pub(super) enum Align {
     Left,
     Right,
 }
@@ -56,13 +56,13 @@ enum Align {
 /// A table for people: each column as wide as its widest cell or header (in terminal columns),
 /// columns two spaces apart, so every cell of a column starts at the header's offset (a right
 /// aligned column ends where its header ends). Cells are escaped with [`escape_line`].
-struct Table {
+pub(super) struct Table {
     headers: Vec<(&'static str, Align)>,
     rows: Vec<Vec<String>>,
 }
 
 impl Table {
-    fn new(headers: &[(&'static str, Align)]) -> Table {
+    pub(super) fn new(headers: &[(&'static str, Align)]) -> Table {
         Table {
             headers: headers.to_vec(),
             rows: Vec::new(),
@@ -70,14 +70,14 @@ impl Table {
     }
 
     /// Adds a row; missing trailing cells are empty.
-    fn row(&mut self, cells: Vec<String>) {
+    pub(super) fn row(&mut self, cells: Vec<String>) {
         debug_assert!(cells.len() <= self.headers.len());
         self.rows
             .push(cells.iter().map(|c| escape_line(c)).collect());
     }
 
     /// The table as lines, without trailing spaces, each ending in `\n`.
-    fn render(&self) -> String {
+    pub(super) fn render(&self) -> String {
         let mut widths: Vec<usize> = self.headers.iter().map(|(h, _)| width(h)).collect();
         for r in &self.rows {
             for (w, c) in widths.iter_mut().zip(r) {

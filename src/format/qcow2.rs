@@ -390,6 +390,17 @@ impl Qcow2Layout {
         }
     }
 
+    /// The metadata region from cluster `first_cluster` on (a stream resumed at byte
+    /// `first_cluster * CLUSTER_SIZE`, e.g. an HTTP `Range`): the clusters before it are
+    /// never generated. Empty when `first_cluster` lies at or past
+    /// [`data_offset`](Self::data_offset).
+    pub fn metadata_from(&self, first_cluster: u64) -> MetadataPieces<'_> {
+        MetadataPieces {
+            layout: self,
+            next_cluster: first_cluster.min(self.data_start),
+        }
+    }
+
     /// Fills `buf` (one cluster, zeroed by the caller) with metadata cluster `index`.
     fn fill_metadata_cluster(&self, index: u64, buf: &mut [u8]) {
         debug_assert!(index < self.data_start);
@@ -647,6 +658,30 @@ mod tests {
         assert_eq!(n, expected_pieces);
         assert_eq!(out.len() as u64, layout.data_offset());
         out
+    }
+
+    #[test]
+    fn metadata_from_a_cluster_is_the_tail_of_the_whole() {
+        // Enough refcount and L2 clusters that the metadata spans several 1 MiB pieces.
+        let ranges: Vec<Range<u64>> = (0..40u64).map(|i| i * 9000..i * 9000 + 3).collect();
+        let layout = Qcow2Layout::new(1 << 40, ranges).unwrap();
+        let whole = collect_metadata(&layout);
+        let clusters = layout.data_offset() / CS;
+        assert!(clusters > PIECE_CLUSTERS, "{clusters} metadata clusters");
+        for first in [
+            0,
+            1,
+            5,
+            PIECE_CLUSTERS - 1,
+            PIECE_CLUSTERS,
+            clusters - 1,
+            clusters,
+            clusters + 7,
+        ] {
+            let tail: Vec<u8> = layout.metadata_from(first).flatten().collect();
+            let from = (first.min(clusters) * CS) as usize;
+            assert!(tail == whole[from..], "metadata from cluster {first}");
+        }
     }
 
     /// An independent reader: parses the metadata as qemu would, checks every structural rule

@@ -18,6 +18,7 @@ pub mod catalog;
 pub mod chunks;
 pub mod chunks_s3;
 pub mod config;
+pub mod download;
 pub mod gc;
 pub mod identity;
 pub mod server;

@@ -330,27 +330,34 @@ impl ImageRecord {
 
     /// Allocated 64 KiB clusters as sorted ranges of cluster indices (for the qcow2 exporter).
     pub fn allocated_cluster_ranges(&self) -> Vec<std::ops::Range<u64>> {
-        let mut out: Vec<std::ops::Range<u64>> = Vec::new();
-        for c in &self.chunks {
-            let base = c.index * CLUSTERS_PER_CHUNK;
-            let mut m = c.mask;
-            while m != 0 {
-                let start = m.trailing_zeros() as u64;
-                let run = (m >> start).trailing_ones() as u64;
-                let r = base + start..base + start + run;
-                match out.last_mut() {
-                    Some(last) if last.end == r.start => last.end = r.end,
-                    _ => out.push(r),
-                }
-                m = if start + run >= 64 {
-                    0
-                } else {
-                    m & !(((1u64 << run) - 1) << start)
-                };
-            }
-        }
-        out
+        allocated_cluster_ranges(&self.chunks)
     }
+}
+
+/// Allocated 64 KiB clusters of the data chunks `chunks` (in index order) as sorted ranges of
+/// guest cluster indices, adjacent runs merged: what [`crate::format::qcow2::Qcow2Layout`] lays
+/// out. Used by the exporter and by the repository's download links.
+pub fn allocated_cluster_ranges(chunks: &[DataChunk]) -> Vec<std::ops::Range<u64>> {
+    let mut out: Vec<std::ops::Range<u64>> = Vec::new();
+    for c in chunks {
+        let base = c.index * CLUSTERS_PER_CHUNK;
+        let mut m = c.mask;
+        while m != 0 {
+            let start = m.trailing_zeros() as u64;
+            let run = (m >> start).trailing_ones() as u64;
+            let r = base + start..base + start + run;
+            match out.last_mut() {
+                Some(last) if last.end == r.start => last.end = r.end,
+                _ => out.push(r),
+            }
+            m = if start + run >= 64 {
+                0
+            } else {
+                m & !(((1u64 << run) - 1) << start)
+            };
+        }
+    }
+    out
 }
 
 /// Length in bytes of chunk `index` of a disk of `virtual_size` bytes.
