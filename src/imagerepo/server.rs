@@ -14,8 +14,10 @@ use super::chunks::{ChunkStore, LocalChunks};
 use super::chunks_s3::S3Chunks;
 use super::config::ChunksConfig;
 use super::config::RepoConfig;
+use super::download::{serve as serve_downloads, ImageSource, LinkSigner};
 use super::identity::RepoPolicy;
-use super::service::{Repo, RepoService};
+use super::service::{Links, Repo, RepoService};
+use super::source::RepoSource;
 use crate::api::auth::{tls, Trust};
 use crate::api::server::{bind_unix, notify_systemd, StopSignals};
 use crate::error::{Error, ErrorKind, Result};
@@ -65,6 +67,7 @@ pub fn open(cfg: &RepoConfig) -> Result<Arc<Repo>> {
         policy: RepoPolicy::new(cfg.policy.clone()),
         gate: Arc::new(RwLock::new(())),
         gc: cfg.gc.clone(),
+        links: std::sync::OnceLock::new(),
     }))
 }
 
@@ -192,6 +195,46 @@ pub async fn serve(cfg: &RepoConfig, stop: StopSignals) -> Result<()> {
         (None, _) => None,
     };
     let gc_task = tokio::spawn(periodic_gc(repo.clone(), stop_rx.clone()));
+    let download_task = if cfg.download.download_listen.is_empty() {
+        None
+    } else {
+        let l = tokio::net::TcpListener::bind(&cfg.download.download_listen)
+            .await
+            .map_err(|e| {
+                Error::io(
+                    format!(
+                        "binding download.download_listen {}",
+                        cfg.download.download_listen
+                    ),
+                    e,
+                )
+            })?;
+        let addr = l
+            .local_addr()
+            .map_err(|e| Error::io("reading the address of the download listener", e))?;
+        let signer = Arc::new(LinkSigner::load_or_create(&cfg.download_key_path())?);
+        let base_url = if cfg.download.public_base_url.is_empty() {
+            format!("http://{addr}")
+        } else {
+            cfg.download
+                .public_base_url
+                .trim_end_matches('/')
+                .to_string()
+        };
+        tracing::info!(%addr, base_url = %base_url, "download links enabled");
+        let _ = repo.links.set(Links {
+            signer: signer.clone(),
+            base_url,
+        });
+        let source: Arc<dyn ImageSource> =
+            Arc::new(RepoSource::new(repo.catalog.clone(), repo.chunks.clone()));
+        Some(tokio::spawn(serve_downloads(
+            l,
+            signer,
+            source,
+            stopped(stop_rx.clone()),
+        )))
+    };
 
     tracing::info!(
         socket = %cfg.server.socket.display(),
@@ -212,6 +255,11 @@ pub async fn serve(cfg: &RepoConfig, stop: StopSignals) -> Result<()> {
     }
     if let Some(t) = tcp_task {
         let _ = t.await;
+    }
+    if let Some(t) = download_task {
+        if let Ok(Err(e)) = t.await {
+            tracing::warn!(error = %e.chain(), "download link server ended with an error");
+        }
     }
     let _ = std::fs::remove_file(&cfg.server.socket);
     tracing::info!("imagerepo stopped");

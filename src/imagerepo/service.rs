@@ -37,7 +37,21 @@ pub struct Repo {
     /// collector removes chunks.
     pub gate: Arc<RwLock<()>>,
     pub gc: GcConfig,
+    /// Download links: the signer and the URL base, set once their listener is bound (unset:
+    /// `[download] download_listen` is empty, links are refused).
+    pub links: std::sync::OnceLock<Links>,
 }
+
+/// What making a download link needs.
+pub struct Links {
+    pub signer: Arc<super::download::LinkSigner>,
+    /// `http://host:port` (or the configured public URL), without a trailing `/`.
+    pub base_url: String,
+}
+
+/// Download links live 24 hours unless the request says otherwise, 7 days at most.
+const LINK_TTL_DEFAULT: u64 = 24 * 3600;
+const LINK_TTL_MAX: u64 = 7 * 24 * 3600;
 
 /// Both services over one [`Repo`].
 #[derive(Clone)]
@@ -868,16 +882,65 @@ impl pb::image_catalog_server::ImageCatalog for RepoService {
         &self,
         req: Request<pb::CreateDownloadLinkRequest>,
     ) -> std::result::Result<Response<pb::DownloadLink>, Status> {
+        use super::download::{try_image_len, LinkClaim, LinkFormat, DOWNLOAD_PATH};
         let r = req.get_ref().clone();
-        // The caller must be able to use the image (refusals as everywhere); the link itself
-        // is made by the download module (signer, HTTP listener), joined at merge: until then
-        // UNIMPLEMENTED with reason DOWNLOAD_NOT_WIRED.
-        self.call(&req, "CreateDownloadLink", move |repo, who| {
-            let i = ImageRef::parse(&r.name, "name")?;
-            repo.catalog.manifest(&who, &i).map(|_| ())
-        })
-        .await?;
-        Err(not_wired())
+        let link = self
+            .call(&req, "CreateDownloadLink", move |repo, who| {
+                let i = ImageRef::parse(&r.name, "name")?;
+                let format = match pb::ImageFormat::try_from(r.format) {
+                    Ok(pb::ImageFormat::Unspecified | pb::ImageFormat::Raw) => LinkFormat::Raw,
+                    Ok(pb::ImageFormat::Qcow2) => LinkFormat::Qcow2,
+                    Err(_) => {
+                        return Err(invalid(format!("format: {} is not a format", r.format))
+                            .with_field("format"))
+                    }
+                };
+                let ttl = match &r.ttl {
+                    None => LINK_TTL_DEFAULT,
+                    Some(d)
+                        if d.seconds >= 60 && d.seconds <= LINK_TTL_MAX as i64 && d.nanos >= 0 =>
+                    {
+                        d.seconds as u64
+                    }
+                    Some(d) => {
+                        return Err(invalid(format!(
+                            "ttl: {} s is outside 60 s to {} s (7 days)",
+                            d.seconds, LINK_TTL_MAX
+                        ))
+                        .with_field("ttl"))
+                    }
+                };
+                let Some(links) = repo.links.get() else {
+                    return Err(precondition(
+                        "this repository serves no download links: set [download] \
+                         download_listen in its config",
+                    )
+                    .with_reason("DOWNLOADS_DISABLED"));
+                };
+                // Refusals as everywhere: the caller must be able to use the image.
+                let (v, entries) = repo.catalog.manifest(&who, &i)?;
+                let size = try_image_len(v.image.virtual_size, &entries, format)?;
+                let expires = crate::util::now_unix().max(0) as u64 + ttl;
+                let token = links.signer.sign(&LinkClaim {
+                    image: v.image.name(),
+                    content_digest: v.image.content_digest.clone(),
+                    format,
+                    expires_unix: expires,
+                });
+                tracing::info!(image = %v.image.name(), format = format.as_str(), ttl_secs = ttl,
+                    "download link made");
+                Ok(pb::DownloadLink {
+                    url: format!("{}{DOWNLOAD_PATH}{token}", links.base_url),
+                    expire_time: ts(expires as i64),
+                    size_bytes: size,
+                    format: match format {
+                        LinkFormat::Raw => pb::ImageFormat::Raw,
+                        LinkFormat::Qcow2 => pb::ImageFormat::Qcow2,
+                    } as i32,
+                })
+            })
+            .await?;
+        Ok(Response::new(link))
     }
 
     async fn run_garbage_collection(
@@ -907,21 +970,6 @@ impl pb::image_catalog_server::ImageCatalog for RepoService {
             orphan_files_removed: r.orphan_files_removed,
         }))
     }
-}
-
-/// UNIMPLEMENTED (reason DOWNLOAD_NOT_WIRED) for download links, until the download module
-/// is joined.
-fn not_wired() -> Status {
-    use tonic_types::{ErrorDetails, StatusExt};
-    Status::with_error_details(
-        tonic::Code::Unimplemented,
-        "download links are not served by this build of imagerepo yet",
-        ErrorDetails::with_error_info(
-            "DOWNLOAD_NOT_WIRED",
-            ERROR_DOMAIN,
-            std::collections::HashMap::new(),
-        ),
-    )
 }
 
 /// The project of `projects/{p}/quota`.
@@ -957,18 +1005,6 @@ mod tests {
             "alpha"
         );
         assert!(quota_project("projects/alpha", "name").is_err());
-    }
-
-    #[test]
-    fn the_download_refusal_carries_the_repository_domain() {
-        use tonic_types::StatusExt;
-        let st = not_wired();
-        assert_eq!(st.code(), tonic::Code::Unimplemented);
-        let info = st.get_error_details().error_info().cloned().unwrap();
-        assert_eq!(
-            (info.reason.as_str(), info.domain.as_str()),
-            ("DOWNLOAD_NOT_WIRED", "imagerepo")
-        );
     }
 
     #[test]

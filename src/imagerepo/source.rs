@@ -2,14 +2,14 @@
 //! image and the content digest of the version it was made for, so a recapture after the link
 //! was made ends it (NOT_FOUND) instead of serving other bytes under the same URL.
 //!
-//! The HTTP side (`download::serve`, the signer, `download::ImageSource`) is its own module,
-//! written beside this one; [`RepoSource`] has that trait's two methods, and the
-//! `impl download::ImageSource for RepoSource` is joined when both are merged.
+//! The HTTP side (`download::serve`, the signer) is its own module; [`RepoSource`] is what it
+//! reads from, as a [`download::ImageSource`].
 
 use std::sync::Arc;
 
 use super::catalog::{Catalog, ImageRef};
 use super::chunks::ChunkStore;
+use super::download;
 use crate::error::Result;
 use crate::repo::{DataChunk, Digest};
 
@@ -25,16 +25,18 @@ impl RepoSource {
     pub fn new(catalog: Arc<Catalog>, chunks: Arc<dyn ChunkStore>) -> RepoSource {
         RepoSource { catalog, chunks }
     }
+}
 
+impl download::ImageSource for RepoSource {
     /// The virtual size and data chunks of `image` (`projects/p/images/id`), if its current
     /// version still has `content_digest`.
-    pub fn manifest(&self, image: &str, content_digest: &str) -> Result<(u64, Vec<DataChunk>)> {
+    fn manifest(&self, image: &str, content_digest: &str) -> Result<(u64, Vec<DataChunk>)> {
         let r = ImageRef::parse(image, "image")?;
         self.catalog.manifest_of_version(&r, content_digest)
     }
 
     /// One chunk's bytes.
-    pub fn read_chunk(&self, digest: &Digest, buf: &mut Vec<u8>) -> Result<()> {
+    fn read_chunk(&self, digest: &Digest, buf: &mut Vec<u8>) -> Result<()> {
         self.chunks.read(digest, buf)
     }
 }
