@@ -479,7 +479,9 @@ async fn capture_checks_the_domain_disk_name_target_and_lock() {
     let p = CaptureParams {
         target: TargetSpec::Remote {
             name: "glance".into(),
-            format: Format::Qcow2,
+            format: Some(Format::Qcow2),
+            project: None,
+            tag: None,
         },
         ..capture("vm", Mode::Cold)
     };
