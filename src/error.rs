@@ -219,6 +219,16 @@ pub const ERROR_DOMAIN: &str = "imaged";
 /// subject as metadata), a `BadRequest` violation when a field is named, a
 /// `PreconditionFailure` for a wrong state of a named object.
 pub fn rich_status(kind: ErrorKind, message: &str, facts: &Facts) -> tonic::Status {
+    rich_status_in(ERROR_DOMAIN, kind, message, facts)
+}
+
+/// [`rich_status`] with another `ErrorInfo` domain (the repository server sends "imagerepo").
+pub fn rich_status_in(
+    domain: &str,
+    kind: ErrorKind,
+    message: &str,
+    facts: &Facts,
+) -> tonic::Status {
     use tonic_types::{ErrorDetails, StatusExt};
     let reason = if facts.reason.is_empty() {
         kind.code_name()
@@ -229,7 +239,7 @@ pub fn rich_status(kind: ErrorKind, message: &str, facts: &Facts) -> tonic::Stat
     if !facts.subject.is_empty() {
         meta.insert("resource".to_string(), facts.subject.clone());
     }
-    let mut d = ErrorDetails::with_error_info(reason, ERROR_DOMAIN, meta);
+    let mut d = ErrorDetails::with_error_info(reason, domain, meta);
     if !facts.field.is_empty() {
         d.add_bad_request_violation(facts.field.clone(), message.to_string());
     }
@@ -237,6 +247,14 @@ pub fn rich_status(kind: ErrorKind, message: &str, facts: &Facts) -> tonic::Stat
         d.add_precondition_failure_violation(reason, facts.subject.clone(), message.to_string());
     }
     tonic::Status::with_error_details(kind.grpc_code(), message.to_string(), d)
+}
+
+impl Error {
+    /// The gRPC status of this error with `domain` in its `ErrorInfo` (`From<Error>` uses
+    /// imaged's [`ERROR_DOMAIN`]).
+    pub fn into_status_in(self, domain: &str) -> tonic::Status {
+        rich_status_in(domain, self.kind, &self.chain(), &self.facts)
+    }
 }
 
 impl From<Error> for tonic::Status {

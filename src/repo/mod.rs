@@ -636,7 +636,7 @@ impl ChunkSink {
 
 /// Flushes the filesystem holding `path` (all chunk writes become durable at once, far cheaper
 /// than one fsync per chunk).
-fn syncfs(path: &Path) -> Result<()> {
+pub fn syncfs(path: &Path) -> Result<()> {
     let f = std::fs::File::open(path)
         .map_err(|e| Error::io(format!("opening {}", path.display()), e))?;
     // SAFETY: syncfs only reads the descriptor, which `f` keeps open for the call.

@@ -230,6 +230,15 @@ impl Trust {
         }))
     }
 
+    /// A trust with the default (empty) policy and `tls` as the server config: for servers
+    /// that judge callers by a policy of their own (`imagerepo`) and only need [`tls::incoming`].
+    pub fn with_tls(tls: Option<Arc<tokio_rustls::rustls::ServerConfig>>) -> Arc<Trust> {
+        Arc::new(Trust {
+            policy: RwLock::new(Arc::new(Policy::default())),
+            tls: RwLock::new(tls),
+        })
+    }
+
     #[allow(clippy::type_complexity)]
     fn build(cfg: &Config) -> Result<(Policy, Option<Arc<tokio_rustls::rustls::ServerConfig>>)> {
         let policy = Policy::from_config(cfg)?;

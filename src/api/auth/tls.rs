@@ -192,22 +192,28 @@ fn certificates(path: &Path, key: &str) -> Result<Vec<CertificateDer<'static>>> 
 /// The rustls server config of `[tls]`: the server's chain and key, client certificates
 /// required and verified against the client CA, HTTP/2 by ALPN, ring as the crypto provider.
 pub fn server_config(t: &TlsConfig) -> Result<Arc<ServerConfig>> {
+    server_config_from(&t.cert, &t.key, &t.client_ca)
+}
+
+/// [`server_config`] from the three files themselves (for servers with their own config
+/// type, such as `imagerepo`); messages name them as `tls.cert`, `tls.key`, `tls.client_ca`.
+pub fn server_config_from(cert: &Path, key: &Path, client_ca: &Path) -> Result<Arc<ServerConfig>> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let chain = certificates(&t.cert, "tls.cert")?;
-    let key_pem = read_file(&t.key, "tls.key", true)?;
-    let key = PrivateKeyDer::from_pem_slice(&key_pem).map_err(|e| {
+    let chain = certificates(cert, "tls.cert")?;
+    let key_pem = read_file(key, "tls.key", true)?;
+    let private = PrivateKeyDer::from_pem_slice(&key_pem).map_err(|e| {
         invalid(format!(
             "tls.key: {} holds no private key in PEM (PKCS#8, PKCS#1 or SEC1)",
-            t.key.display()
+            key.display()
         ))
         .with_source(e)
     })?;
     let mut roots = RootCertStore::empty();
-    for c in certificates(&t.client_ca, "tls.client_ca")? {
+    for c in certificates(client_ca, "tls.client_ca")? {
         roots.add(c).map_err(|e| {
             invalid(format!(
                 "tls.client_ca: {} holds a certificate that is not a usable CA",
-                t.client_ca.display()
+                client_ca.display()
             ))
             .with_source(e)
         })?;
@@ -217,7 +223,7 @@ pub fn server_config(t: &TlsConfig) -> Result<Arc<ServerConfig>> {
         .map_err(|e| {
             invalid(format!(
                 "tls.client_ca: {} cannot verify client certificates",
-                t.client_ca.display()
+                client_ca.display()
             ))
             .with_source(e)
         })?;
@@ -225,12 +231,12 @@ pub fn server_config(t: &TlsConfig) -> Result<Arc<ServerConfig>> {
         .with_safe_default_protocol_versions()
         .map_err(|e| Error::new(ErrorKind::Internal, "choosing TLS versions").with_source(e))?
         .with_client_cert_verifier(verifier)
-        .with_single_cert(chain, key)
+        .with_single_cert(chain, private)
         .map_err(|e| {
             invalid(format!(
                 "tls.cert {} and tls.key {} do not make a usable pair",
-                t.cert.display(),
-                t.key.display()
+                cert.display(),
+                key.display()
             ))
             .with_source(e)
         })?;

@@ -1,0 +1,198 @@
+//! Running the repository: opens the catalog and the chunk store, serves both services on the
+//! unix socket (and on TCP with mutual TLS when `server.tcp_listen` is set, through the agent's
+//! TLS listener [`crate::api::auth::tls::incoming`]), with gRPC health and reflection; runs
+//! the collector periodically; tells systemd it is ready; stops cleanly on SIGTERM or SIGINT.
+
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use tokio_stream::wrappers::UnixListenerStream;
+use tonic::transport::Server;
+
+use super::catalog::{Catalog, Settings};
+use super::chunks::LocalChunks;
+use super::config::RepoConfig;
+use super::identity::RepoPolicy;
+use super::service::{Repo, RepoService};
+use crate::api::auth::{tls, Trust};
+use crate::api::server::{bind_unix, notify_systemd, StopSignals};
+use crate::error::{Error, ErrorKind, Result};
+use crate::proto;
+use crate::proto::imagerepo::v1 as pb;
+
+/// HTTP/2 streams one connection may have open at once.
+const MAX_STREAMS_PER_CONNECTION: u32 = 1024;
+/// Largest message accepted: a PutChunks piece (1 MiB) or 8192 manifest entries, with room.
+const MAX_REQUEST_BYTES: usize = 4 << 20;
+
+/// Opens what the server serves (catalog, chunks), checking the data directory.
+pub fn open(cfg: &RepoConfig) -> Result<Arc<Repo>> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&cfg.server.data_dir)
+        .map_err(|e| {
+            Error::io(
+                format!("creating server.data_dir {}", cfg.server.data_dir.display()),
+                e,
+            )
+        })?;
+    let catalog = Catalog::open(
+        &cfg.catalog_path(),
+        Settings {
+            default_image_quota: cfg.catalog.default_image_quota,
+            recycle_bin_days: cfg.catalog.recycle_bin_days,
+        },
+    )?;
+    let chunks = LocalChunks::open(&cfg.chunks_dir())?;
+    Ok(Arc::new(Repo {
+        catalog: Arc::new(catalog),
+        chunks: Arc::new(chunks),
+        policy: RepoPolicy::new(cfg.policy.clone()),
+        gate: Arc::new(RwLock::new(())),
+        gc: cfg.gc.clone(),
+    }))
+}
+
+/// Runs the collector every `gc.interval_secs` until `stop`.
+async fn periodic_gc(repo: Arc<Repo>, mut stop: tokio::sync::watch::Receiver<bool>) {
+    let every = Duration::from_secs(repo.gc.interval_secs);
+    if every.is_zero() {
+        return;
+    }
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.tick().await;
+    loop {
+        tokio::select! {
+            _ = stop.wait_for(|s| *s) => return,
+            _ = tick.tick() => {}
+        }
+        let r = repo.clone();
+        let res = tokio::task::spawn_blocking(move || {
+            super::gc::collect(
+                &r.catalog,
+                r.chunks.as_ref(),
+                &r.gate,
+                &r.gc,
+                crate::util::now_unix(),
+            )
+        })
+        .await;
+        match res {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => tracing::error!(error = %e.chain(), "garbage collection failed"),
+            Err(e) => tracing::error!(error = %e, "garbage collection panicked"),
+        }
+    }
+}
+
+/// Serves until SIGTERM or SIGINT (`stop`, installed before anything else).
+pub async fn serve(cfg: &RepoConfig, stop: StopSignals) -> Result<()> {
+    let repo = open(cfg)?;
+    let uds = bind_unix(&cfg.server.socket, cfg.socket_mode()?, "").await?;
+    let tcp = if cfg.server.tcp_listen.is_empty() {
+        None
+    } else {
+        let l = tokio::net::TcpListener::bind(&cfg.server.tcp_listen)
+            .await
+            .map_err(|e| {
+                Error::io(
+                    format!("binding server.tcp_listen {}", cfg.server.tcp_listen),
+                    e,
+                )
+            })?;
+        Some(l)
+    };
+    let tcp_addr = tcp
+        .as_ref()
+        .and_then(|l| l.local_addr().ok())
+        .map(|a| a.to_string())
+        .unwrap_or_default();
+
+    let (health_reporter, health) = tonic_health::server::health_reporter();
+    health_reporter
+        .set_serving::<pb::chunk_service_server::ChunkServiceServer<RepoService>>()
+        .await;
+    health_reporter
+        .set_serving::<pb::image_catalog_server::ImageCatalogServer<RepoService>>()
+        .await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .map_err(|e| {
+            Error::new(ErrorKind::Internal, "building the reflection service").with_source(e)
+        })?;
+
+    let svc = RepoService::new(repo.clone());
+    let router = || {
+        Server::builder()
+            .max_concurrent_streams(MAX_STREAMS_PER_CONNECTION)
+            .add_service(health.clone())
+            .add_service(reflection.clone())
+            .add_service(
+                pb::chunk_service_server::ChunkServiceServer::new(svc.clone())
+                    .max_decoding_message_size(MAX_REQUEST_BYTES),
+            )
+            .add_service(
+                pb::image_catalog_server::ImageCatalogServer::new(svc.clone())
+                    .max_decoding_message_size(MAX_REQUEST_BYTES),
+            )
+    };
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+    let uds_task = tokio::spawn(
+        router()
+            .serve_with_incoming_shutdown(UnixListenerStream::new(uds), stopped(stop_rx.clone())),
+    );
+    let tcp_task = match (tcp, &cfg.tls) {
+        (Some(l), Some(t)) => {
+            let trust = Trust::with_tls(Some(tls::server_config_from(
+                &t.cert,
+                &t.key,
+                &t.client_ca,
+            )?));
+            let incoming = tls::incoming(l, trust, t.handshake_timeout());
+            Some(tokio::spawn(router().serve_with_incoming_shutdown(
+                incoming,
+                stopped(stop_rx.clone()),
+            )))
+        }
+        (Some(_), None) => {
+            return Err(Error::new(
+                ErrorKind::InvalidArgument,
+                "server.tcp_listen needs a [tls] section: TCP is served only with mutual TLS",
+            ))
+        }
+        (None, _) => None,
+    };
+    let gc_task = tokio::spawn(periodic_gc(repo.clone(), stop_rx.clone()));
+
+    tracing::info!(
+        socket = %cfg.server.socket.display(),
+        tcp = %tcp_addr,
+        data = %cfg.server.data_dir.display(),
+        policy = %if cfg.policy.is_empty() { "default (uid 0 is admin)".to_string() } else { format!("{} entries", cfg.policy.len()) },
+        "imagerepo ready"
+    );
+    notify_systemd("READY=1\nSTATUS=serving");
+
+    stop.wait().await;
+    tracing::info!("stop requested");
+    notify_systemd("STOPPING=1\nSTATUS=stopping");
+    let _ = stop_tx.send(true);
+    let _ = gc_task.await;
+    if let Ok(Err(e)) = uds_task.await {
+        tracing::warn!(error = %e, "unix socket server ended with an error");
+    }
+    if let Some(t) = tcp_task {
+        let _ = t.await;
+    }
+    let _ = std::fs::remove_file(&cfg.server.socket);
+    tracing::info!("imagerepo stopped");
+    Ok(())
+}
