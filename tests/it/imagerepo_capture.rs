@@ -31,6 +31,24 @@ const PROJECT: &str = "p1";
 const AGENT_CN: &str = "imaged-agent-1";
 const CHUNK: u64 = 4 << 20;
 
+/// `text` without the terminal colour sequences (`ESC [ ... m`) a log may carry.
+fn strip_ansi(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut it = text.chars();
+    while let Some(c) = it.next() {
+        if c == '\u{1b}' {
+            for c in it.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
 /// A running `imagerepo` server, killed on drop.
 struct RepoServer {
     child: Child,
@@ -78,7 +96,7 @@ impl RepoServer {
             .expect("spawning imagerepo");
         let t0 = Instant::now();
         let url = loop {
-            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            let text = strip_ansi(&std::fs::read_to_string(&log).unwrap_or_default());
             if let Some(at) = text.find("tcp=127.0.0.1:") {
                 let rest = &text[at + "tcp=".len()..];
                 let addr: String = rest.chars().take_while(|c| !c.is_whitespace()).collect();
@@ -245,7 +263,7 @@ async fn capture(d: &Daemon, repo: &RepoServer, guest: &Guest, image: &str, tag:
         "the operation names the repository image: {op:?}"
     );
     // The upload the daemon logged for this operation, as the server counts it.
-    let log = d.log_text();
+    let log = strip_ansi(&d.log_text());
     let line = log
         .lines()
         .rev()
