@@ -61,6 +61,58 @@ struct RepoServer {
 }
 
 impl RepoServer {
+    /// Starts the server again (after [`RepoServer::kill`]) on the same port, with the same
+    /// catalog and chunks.
+    fn restart(&mut self) {
+        let config = self.dir.path().join("imagerepo.toml");
+        let text = std::fs::read_to_string(&config).unwrap();
+        let addr = self.url.trim_start_matches("https://");
+        std::fs::write(
+            &config,
+            text.replace(
+                "tcp_listen = \"127.0.0.1:0\"",
+                &format!("tcp_listen = \"{addr}\""),
+            ),
+        )
+        .unwrap();
+        let _ = std::fs::remove_file(&self.socket);
+        let before = strip_ansi(&self.log_text())
+            .matches("imagerepo ready")
+            .count();
+        self.child = Command::new(env!("CARGO_BIN_EXE_imagerepo"))
+            .arg("--config")
+            .arg(&config)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(
+                std::fs::OpenOptions::new()
+                    .append(true)
+                    .open(&self.log)
+                    .unwrap(),
+            )
+            .spawn()
+            .expect("spawning imagerepo again");
+        let t0 = Instant::now();
+        while strip_ansi(&self.log_text())
+            .matches("imagerepo ready")
+            .count()
+            == before
+        {
+            assert!(
+                t0.elapsed() < Duration::from_secs(60),
+                "imagerepo did not restart within 60 s:\n{}",
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Kills the server (SIGKILL): connections break mid-call.
+    fn kill(&mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+
     /// Starts the server on a free port; `AGENT_CN` is a service, uid 0 on the socket admin.
     fn start() -> RepoServer {
         let dir = tempfile::Builder::new()
@@ -402,8 +454,7 @@ async fn an_unreachable_repository_refuses_the_capture_at_once() {
     let mut repo = RepoServer::start();
     let url = repo.url.clone();
     let toml = repo.target_toml("connect_timeout_secs = 3\n");
-    repo.child.kill().unwrap();
-    repo.child.wait().unwrap();
+    repo.kill();
     let d = Daemon::start_with(DaemonOptions {
         extra_toml: toml,
         ..Default::default()
@@ -427,4 +478,67 @@ async fn an_unreachable_repository_refuses_the_capture_at_once() {
     }
     let e = images.capture(r).await.expect_err("refused");
     assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_capture_resumes_after_the_repository_restarts_within_the_bandwidth_cap() {
+    const CAP: u64 = 32 << 20;
+    let lab = Lab::get();
+    let mut repo = RepoServer::start();
+    let d = Daemon::start_with(DaemonOptions {
+        extra_toml: repo.target_toml(&format!("bandwidth_limit = {CAP}\nretry_secs = 120\n")),
+        ..Default::default()
+    });
+    let guest = lab.guest("irepo-cut").create();
+    let mut images = d.images().await;
+    let t0 = Instant::now();
+    let op = images
+        .capture(to_central(guest.name(), "cut", ""))
+        .await
+        .expect("capture to central")
+        .into_inner();
+    // Cut the repository off once a good part is sent, for a few seconds.
+    let mut ops = d.ops().await;
+    loop {
+        let now = crate::support::daemon::get_op(&mut ops, &op.id).await;
+        assert!(!now.done, "the capture ended before the cut: {now:?}");
+        if now.progress.is_some_and(|p| p.new_bytes >= 96 << 20) {
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(300),
+            "no progress: {now:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    repo.kill();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    repo.restart();
+    let done = d.wait_op(&op.id).await;
+    d.assert_active(&done);
+    let took = t0.elapsed();
+    let p = done.progress.expect("progress");
+    let log = strip_ansi(&d.log_text());
+    assert!(
+        log.contains("failed; retrying"),
+        "the daemon logged no retry:\n{log}"
+    );
+    // The cap held: at most CAP bytes a second went out, over the whole capture (the bucket
+    // starts full: one second's worth more).
+    let floor = p.new_bytes as f64 / CAP as f64 - 1.0;
+    assert!(
+        took.as_secs_f64() >= floor,
+        "{} B sent in {:.1} s, above the cap of {CAP} B/s",
+        p.new_bytes,
+        took.as_secs_f64()
+    );
+    let raw = d.dir.path().join("cut.raw");
+    let (header, digest) = repo.export_raw(&done.location, &raw).await;
+    assert_identical(&raw, "raw", guest.disk_path(), "qcow2");
+    assert_eq!(header.content_digest, digest);
+    eprintln!(
+        "resumed capture: new {} B in {:.1} s (cap {CAP} B/s)",
+        p.new_bytes,
+        took.as_secs_f64()
+    );
 }
