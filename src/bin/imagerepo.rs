@@ -87,9 +87,16 @@ fn main() -> std::process::ExitCode {
         return std::process::ExitCode::SUCCESS;
     }
     let level = cfg.log_level().unwrap_or(tracing::Level::INFO);
+    // AuthorityHint: grpc-core clients (Python grpcio) over the unix socket get a log hint.
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
     tracing_subscriber::fmt()
         .with_max_level(level)
+        .with_target(false)
+        .with_ansi(false)
         .with_writer(std::io::stderr)
+        .finish()
+        .with(imaged::api::authority_hint::AuthorityHint)
         .init();
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()

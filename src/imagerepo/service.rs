@@ -19,7 +19,7 @@ use super::config::GcConfig;
 use super::identity::{Principal, RepoPolicy, PROJECT_HEADER};
 use super::ERROR_DOMAIN;
 use crate::api::auth::Peer;
-use crate::error::{denied, invalid, Error, ErrorKind, Result};
+use crate::error::{denied, invalid, precondition, Error, ErrorKind, Result};
 use crate::proto::imagerepo::v1 as pb;
 use crate::repo::{DataChunk, CHUNK_SIZE};
 
@@ -427,8 +427,25 @@ impl pb::chunk_service_server::ChunkService for RepoService {
                     return Err(invalid("content_digest is required").with_field("content_digest"));
                 }
                 let store = repo.chunks.clone();
+                let catalog = repo.catalog.clone();
                 repo.catalog
-                    .commit(&who, &u, &r.content_digest, move || store.sync())
+                    .commit(&who, &u, &r.content_digest, move |entries| {
+                        // The catalog's record of a chunk is not trusted blindly: a file lost
+                        // (a power cut before it reached the disk) is asked for again.
+                        for e in entries {
+                            if !store.has(&e.digest)? {
+                                catalog.forget_chunk(&e.digest)?;
+                                return Err(precondition(format!(
+                                    "chunk {} is recorded but its file is gone: send it again and \
+                                 commit again",
+                                    hex::encode(e.digest)
+                                ))
+                                .with_reason("CHUNK_MISSING")
+                                .with_subject(format!("chunks/{}", hex::encode(e.digest))));
+                            }
+                        }
+                        store.sync()
+                    })
             })
             .await?;
         Ok(Response::new(image_pb(&v)))
@@ -852,26 +869,15 @@ impl pb::image_catalog_server::ImageCatalog for RepoService {
         req: Request<pb::CreateDownloadLinkRequest>,
     ) -> std::result::Result<Response<pb::DownloadLink>, Status> {
         let r = req.get_ref().clone();
-        // The caller must be able to use the image; the link itself is made by the download
-        // module (HMAC signer and HTTP listener), joined at merge.
+        // The caller must be able to use the image (refusals as everywhere); the link itself
+        // is made by the download module (signer, HTTP listener), joined at merge: until then
+        // UNIMPLEMENTED with reason DOWNLOAD_NOT_WIRED.
         self.call(&req, "CreateDownloadLink", move |repo, who| {
             let i = ImageRef::parse(&r.name, "name")?;
-            repo.catalog.manifest(&who, &i)?;
-            Err(Error::new(
-                ErrorKind::Unavailable,
-                "download links are not served by this build of imagerepo yet",
-            )
-            .with_reason("DOWNLOAD_NOT_WIRED"))
+            repo.catalog.manifest(&who, &i).map(|_| ())
         })
-        .await
-        .map(Response::new)
-        .map_err(|s| {
-            if s.code() == tonic::Code::Unavailable {
-                Status::unimplemented(s.message())
-            } else {
-                s
-            }
-        })
+        .await?;
+        Err(not_wired())
     }
 
     async fn run_garbage_collection(
@@ -901,6 +907,21 @@ impl pb::image_catalog_server::ImageCatalog for RepoService {
             orphan_files_removed: r.orphan_files_removed,
         }))
     }
+}
+
+/// UNIMPLEMENTED (reason DOWNLOAD_NOT_WIRED) for download links, until the download module
+/// is joined.
+fn not_wired() -> Status {
+    use tonic_types::{ErrorDetails, StatusExt};
+    Status::with_error_details(
+        tonic::Code::Unimplemented,
+        "download links are not served by this build of imagerepo yet",
+        ErrorDetails::with_error_info(
+            "DOWNLOAD_NOT_WIRED",
+            ERROR_DOMAIN,
+            std::collections::HashMap::new(),
+        ),
+    )
 }
 
 /// The project of `projects/{p}/quota`.

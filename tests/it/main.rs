@@ -18,6 +18,7 @@ mod capture_e2e;
 mod daemon;
 mod guest_prep;
 mod imagectl_tables;
+mod imagerepo;
 mod imagerepo_capture;
 mod imports;
 mod lab_smoke;

@@ -1020,6 +1020,16 @@ impl Catalog {
         })
     }
 
+    /// Drops the record of a chunk whose file is gone, so FindMissingChunks asks for it again.
+    pub fn forget_chunk(&self, digest: &Digest) -> Result<()> {
+        tracing::warn!(chunk = %hexd(digest), "a recorded chunk's file is gone: it will be asked for again");
+        self.tx(|tx| {
+            tx.execute("DELETE FROM chunks WHERE digest = ?1", [hexd(digest)])
+                .map_err(db)?;
+            Ok(())
+        })
+    }
+
     /// True when the catalog knows the chunk (stored and recorded).
     pub fn chunk_known(&self, digest: &Digest) -> Result<bool> {
         self.tx(|tx| {
@@ -1144,14 +1154,15 @@ impl Catalog {
     }
 
     /// Ends upload `u`: every entry's chunk must be stored with the right size and
-    /// `content_digest` must match; then `sync` makes the chunks durable and the image turns
+    /// `content_digest` must match; then `sync` (given the entries) checks the chunk files and
+    /// makes them durable, and the image turns
     /// ACTIVE with the new version. Committing a committed upload returns the image again.
     pub fn commit(
         &self,
         who: &Principal,
         u: &UploadRef,
         want_digest: &str,
-        sync: impl FnOnce() -> Result<()>,
+        sync: impl FnOnce(&[DataChunk]) -> Result<()>,
     ) -> Result<ImageView> {
         let checked = self.tx(|tx| {
             let up = Self::upload_for(tx, who, u)?;
@@ -1208,18 +1219,17 @@ impl Catalog {
                 .with_field("content_digest"));
             }
             let stored: u64 = entries.iter().filter_map(|(_, s)| *s).sum();
-            Ok(Some((up, got, stored, entries.len() as u64)))
+            Ok(Some((up, got, stored, chunks)))
         })?;
-        if let Some((up, _, _, _)) = &checked {
+        if let Some((up, _, _, chunks)) = &checked {
             // The chunks reach the disk before any record names them as ACTIVE.
-            sync().map_err(|e| {
+            sync(chunks).inspect_err(|e| {
                 tracing::error!(upload = %up.name(), error = %e.chain(), "syncing chunks before a commit failed");
-                e
             })?;
         }
         self.tx(|tx| {
             let up = Self::upload_for(tx, who, u)?;
-            if let Some((_, digest, stored, count)) = &checked {
+            if let Some((_, digest, stored, chunks)) = &checked {
                 if up.state != UploadState::Open {
                     return Err(precondition(format!(
                         "upload {} ended while it was being committed",
@@ -1248,7 +1258,7 @@ impl Catalog {
                         up.version_id,
                         m.virtual_size as i64,
                         *stored as i64,
-                        *count as i64,
+                        chunks.len() as i64,
                         digest,
                         m.source_format,
                         m.consistency,
