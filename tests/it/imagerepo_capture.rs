@@ -337,9 +337,23 @@ async fn capture(d: &Daemon, repo: &RepoServer, guest: &Guest, image: &str, tag:
         "content digest of {image}:{tag}"
     );
     std::fs::remove_file(&raw).unwrap();
+    let field = |k: &str| -> String {
+        line.split_whitespace()
+            .find_map(|w| w.strip_prefix(&format!("{k}=")))
+            .unwrap_or("?")
+            .to_string()
+    };
     eprintln!(
-        "capture {image}:{tag}: new {} B, existing {} B, zero {} B; the server received {} B in {} chunks",
-        p.new_bytes, p.existing_bytes, p.zero_bytes, up.bytes_received, up.chunks_received
+        "capture {image}:{tag}: new {} B, existing {} B, zero {} B; the server received {} B in {} chunks; \
+         FindMissingChunks: {} calls for {} digests; {} s",
+        p.new_bytes,
+        p.existing_bytes,
+        p.zero_bytes,
+        up.bytes_received,
+        up.chunks_received,
+        field("find_calls"),
+        field("digests_asked"),
+        field("seconds"),
     );
     Captured {
         image: op.location,
