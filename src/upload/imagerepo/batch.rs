@@ -11,6 +11,13 @@
 //! calls falls to one per round trip whatever the number of workers, and a slow repository
 //! gets bigger batches instead of more calls. The counters ([`Stats`]) show what happened:
 //! the capture logs calls and digests asked.
+//!
+//! Measured (`tests/it/imagerepo_capture.rs`, 2 readers, the repository on the same host over
+//! TCP + mutual TLS, TCG guests beside it): a call answers well within the time a reader takes
+//! to read and hash the next 4 MiB, so calls never overlapped and every batch held one digest
+//! (104 calls for 104 chunks, 416 MiB in 8 s; the recapture: 107 calls, 2 s). That is the
+//! per-chunk behaviour at no cost; a timer would only have added its delay. Batches grow by
+//! themselves when the round trip outgrows the read (a distant or loaded repository).
 
 use std::collections::VecDeque;
 use std::future::Future;
