@@ -22,7 +22,9 @@ const ALLOWED: &[(&str, &[&str])] = &[
     // The data road.
     ("capture", &["hypervisor", "guest", "repo", "nbd", "format", "progress", "error", "util"]),
     ("export", &["repo", "format", "progress", "hostfile", "error", "util"]),
-    ("upload", &["format", "progress", "hostfile", "error", "util"]),
+    // Remote targets. `repo` and `proto`: the imagerepo target is a chunk store of the
+    // pipeline (the `repo::ChunkStore` seam) and speaks imagerepo.v1 through its client.
+    ("upload", &["repo", "format", "progress", "hostfile", "proto", "error", "util"]),
     // The hypervisor seam over the guest agent.
     ("hypervisor", &["guest", "error", "util"]),
     ("guest", &["error", "util"]),

@@ -167,8 +167,16 @@ fn target_spec(t: Option<proto::Target>) -> Result<TargetSpec> {
                 .with_field("target.remote.name"));
             }
             limit("target.remote.name", &r.name, 128)?;
+            limit("target.remote.project", &r.project, 63)?;
+            limit("target.remote.tag", &r.tag, 128)?;
+            // Whether the format, project and tag suit the target's kind is checked where
+            // the config is known (the capture's sink).
             TargetSpec::Remote {
-                format: format_of(r.format, "target.remote.format")?,
+                format: (r.format != proto::ImageFormat::Unspecified as i32)
+                    .then(|| format_of(r.format, "target.remote.format"))
+                    .transpose()?,
+                project: (!r.project.is_empty()).then_some(r.project),
+                tag: (!r.tag.is_empty()).then_some(r.tag),
                 name: r.name,
             }
         }

@@ -14,7 +14,9 @@
 //!    and the store run on the blocking pool, so one worker reads while another hashes. Memory
 //!    is `readers × 4 MiB` plus the data chunk list, whatever the virtual size.
 //! 3. Each data chunk's index, sha256 and 64 KiB-cluster allocation mask go into the manifest
-//!    (chunks that read as all zeros are left out); the sink stores chunks it does not have.
+//!    (chunks that read as all zeros are left out); the chunk store ([`ChunkStore`]: the local
+//!    repository, or an upload to a central `imagerepo`) keeps the chunks it does not have.
+//!    The pipeline ends with the store's flush: every chunk it accepted is stored by then.
 //!
 //! Cancellation is checked before every chunk, so a cancel stops the read within one chunk.
 
@@ -32,7 +34,7 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::nbd::{Extent, NbdClient};
 use crate::progress::{CancelToken, Progress};
 use crate::repo::manifest::{chunk_len, cluster_mask, DataChunk, Digest, CHUNK_SIZE};
-use crate::repo::{ChunkSink, PutOutcome};
+use crate::repo::{ChunkStore, PutOutcome};
 use source::{BlockSource, BASE_ALLOCATION};
 
 /// What the pipeline produced: the data chunks of the image, ascending by index.
@@ -91,7 +93,7 @@ pub async fn run(
     export: &dyn BlockSource,
     readers: usize,
     max_virtual_size: u64,
-    sink: ChunkSink,
+    sink: Arc<dyn ChunkStore>,
     progress: Arc<Progress>,
     cancel: CancelToken,
 ) -> Result<Captured> {
@@ -152,6 +154,7 @@ pub async fn run(
         return Err(e);
     }
     cancel.check()?;
+    sink.flush().await?;
     let mut chunks = std::mem::take(&mut *results.lock().unwrap_or_else(|p| p.into_inner()));
     chunks.sort_unstable_by_key(|c| c.index);
     let data_bytes = chunks.iter().map(|c| chunk_len(size, c.index)).sum();
@@ -230,7 +233,7 @@ struct Worker {
     extents: Arc<Vec<Extent>>,
     next: Arc<Cursor>,
     results: Arc<Mutex<Vec<DataChunk>>>,
-    sink: ChunkSink,
+    sink: Arc<dyn ChunkStore>,
     progress: Arc<Progress>,
     cancel: CancelToken,
     describe: String,
@@ -240,9 +243,9 @@ struct Worker {
 type Hashed = (Vec<u8>, Result<Option<(Digest, u64, PutOutcome)>>);
 
 impl Worker {
-    /// Reads chunk after chunk; while one chunk is hashed and stored on the blocking pool,
-    /// the next one is already being read (two buffers per worker), so the NBD server and
-    /// the CPU both stay busy.
+    /// Reads chunk after chunk; while one chunk is hashed (on the blocking pool) and handed
+    /// to the store, the next one is already being read (two buffers per worker), so the NBD
+    /// server, the CPU and the store all stay busy.
     async fn run(mut self) -> Result<()> {
         let mut pending = None;
         let res = self.work(&mut pending).await;
@@ -276,15 +279,27 @@ impl Worker {
             let Some((i, len, _)) = next else { break };
             let sink = self.sink.clone();
             let owned = std::mem::replace(&mut free, spare.take().unwrap_or_default());
-            let handle = tokio::task::spawn_blocking(move || {
-                let data = &owned[..len as usize];
-                let mask = cluster_mask(data);
-                if mask == 0 {
+            let handle = tokio::spawn(async move {
+                let hashed = tokio::task::spawn_blocking(move || {
+                    let data = &owned[..len as usize];
+                    let mask = cluster_mask(data);
+                    let digest = (mask != 0).then(|| -> Digest { Sha256::digest(data).into() });
+                    (owned, digest.map(|d| (d, mask)))
+                })
+                .await;
+                let (owned, hashed) = match hashed {
+                    Ok(h) => h,
+                    Err(e) => {
+                        let e =
+                            Error::new(ErrorKind::Internal, "hashing task failed").with_source(e);
+                        return (vec![0u8; CHUNK_SIZE as usize], Err(e));
+                    }
+                };
+                let Some((digest, mask)) = hashed else {
                     return (owned, Ok(None));
-                }
-                let digest: Digest = Sha256::digest(data).into();
-                let res = sink.put(&digest, data).map(|o| Some((digest, mask, o)));
-                (owned, res)
+                };
+                let (buf, res) = sink.put(digest, owned, len as usize).await;
+                (buf, res.map(|o| Some((digest, mask, o))))
             });
             *pending = Some((i, len, handle));
         }

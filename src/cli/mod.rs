@@ -141,12 +141,19 @@ enum Cmd {
         #[arg(long, default_value_t = 120)]
         shutdown_timeout: u32,
         /// Where the image goes: `repo` (the local repository, default), `file` (with -o), or
-        /// the NAME of a [targets.NAME] of the daemon's config (Glance or S3).
+        /// the NAME of a [targets.NAME] of the daemon's config (Glance, S3 or imagerepo).
         #[arg(long, default_value = "repo", value_name = "repo|file|NAME")]
         to: String,
-        /// Format of the stream for file and remote targets.
-        #[arg(long, default_value = "qcow2")]
-        format: FormatArg,
+        /// Format of the stream for file, Glance and S3 targets (default qcow2); an imagerepo
+        /// target takes none.
+        #[arg(long)]
+        format: Option<FormatArg>,
+        /// imagerepo targets: the repository project (default: the target's `project`).
+        #[arg(long)]
+        project: Option<String>,
+        /// imagerepo targets: the tag of the new version (default "latest").
+        #[arg(long)]
+        tag: Option<String>,
         /// The file to write with --to file.
         #[arg(short, long)]
         output: Option<PathBuf>,
@@ -416,13 +423,15 @@ async fn dispatch(cli: &Cli) -> Result<u8, tonic::Status> {
             shutdown_timeout,
             to,
             format,
+            project,
+            tag,
             output: out,
             overwrite,
             description,
             request_id,
             no_wait,
         } => {
-            let fmt = format_enum(*format);
+            let fmt = format_enum(format.unwrap_or(FormatArg::Qcow2));
             use proto::target::Kind;
             let kind = match (to.as_str(), out) {
                 ("repo", None) => Kind::Repository(proto::RepositoryTarget {}),
@@ -441,7 +450,10 @@ async fn dispatch(cli: &Cli) -> Result<u8, tonic::Status> {
                 }
                 (name, None) => Kind::Remote(proto::RemoteTarget {
                     name: name.to_string(),
-                    format: fmt,
+                    // Unset: the daemon picks by the target's kind (qcow2, or none).
+                    format: format.map(format_enum).unwrap_or_default(),
+                    project: project.clone().unwrap_or_default(),
+                    tag: tag.clone().unwrap_or_default(),
                 }),
             };
             let prep_steps = prep_enums(prep)?;

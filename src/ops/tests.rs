@@ -28,6 +28,11 @@ struct World {
 
 impl World {
     fn new(domains: Vec<FakeDomain>) -> World {
+        World::with_config(domains, |_| {})
+    }
+
+    /// A world whose config `edit` changes first.
+    fn with_config(domains: Vec<FakeDomain>, edit: impl FnOnce(&mut Config)) -> World {
         let dir = tempfile::tempdir().unwrap();
         let mut cfg = Config::default();
         cfg.daemon.max_running_operations = 0;
@@ -37,6 +42,7 @@ impl World {
         let real = std::fs::canonicalize(dir.path()).unwrap();
         cfg.paths.import_dirs = vec![real.clone()];
         cfg.paths.export_dirs = vec![real];
+        edit(&mut cfg);
         let repo = Repository::open(&dir.path().join("repo")).unwrap();
         let hv = FakeHypervisor::new(domains);
         let ctl = Controller::open(cfg, Arc::new(hv.clone()), repo).unwrap();
@@ -479,7 +485,9 @@ async fn capture_checks_the_domain_disk_name_target_and_lock() {
     let p = CaptureParams {
         target: TargetSpec::Remote {
             name: "glance".into(),
-            format: Format::Qcow2,
+            format: Some(Format::Qcow2),
+            project: None,
+            tag: None,
         },
         ..capture("vm", Mode::Cold)
     };
@@ -534,6 +542,80 @@ async fn capture_checks_the_domain_disk_name_target_and_lock() {
 }
 
 // ------------------------------------------------------------------------------- prep
+
+#[tokio::test]
+async fn remote_target_fields_must_suit_the_targets_kind() {
+    use ErrorKind::*;
+    let sock = std::env::temp_dir().join(format!("imaged-no-repo-{}.sock", std::process::id()));
+    let targets = format!(
+        "[targets.gl]\nkind = \"glance\"\nendpoint = \"http://127.0.0.1:1\"\n\
+         [targets.gl.auth.headers]\nX-Identity-Status = \"Confirmed\"\n\
+         [targets.central]\nkind = \"imagerepo\"\naddress = \"unix:{}\"\nconnect_timeout_secs = 1\n",
+        sock.display()
+    );
+    let parsed = Config::parse(&targets).unwrap();
+    let w = World::with_config(vec![], |cfg| cfg.targets = parsed.targets);
+    w.hv.add(w.domain("vm", DomainState::ShutOff));
+    let to = |name: &str, format: Option<Format>, project: Option<&str>, tag: Option<&str>| {
+        CaptureParams {
+            target: TargetSpec::Remote {
+                name: name.into(),
+                format,
+                project: project.map(Into::into),
+                tag: tag.map(Into::into),
+            },
+            ..capture("vm", Mode::Cold)
+        }
+    };
+    // Glance and S3 take a format, never a project or a tag.
+    for p in [
+        to("gl", Some(Format::Qcow2), Some("p1"), None),
+        to("gl", None, None, Some("v1")),
+    ] {
+        let e = w.ctl.capture(p).await.unwrap_err();
+        assert_eq!(e.kind(), InvalidArgument, "{e}");
+        assert!(e.to_string().contains("glance target"), "{e}");
+    }
+    // An imagerepo takes a project and a tag, never a format.
+    let e = w
+        .ctl
+        .capture(to("central", Some(Format::Raw), Some("p1"), None))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        (e.kind(), e.facts().field.as_str()),
+        (InvalidArgument, "target.remote.format")
+    );
+    // No project anywhere: named.
+    let e = w
+        .ctl
+        .capture(to("central", None, None, None))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        (e.kind(), e.facts().field.as_str()),
+        (InvalidArgument, "target.remote.project")
+    );
+    let e = w
+        .ctl
+        .capture(to("central", None, Some("p1"), Some("-bad")))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        (e.kind(), e.facts().field.as_str()),
+        (InvalidArgument, "target.remote.tag")
+    );
+    // Nothing listens at the address: UNAVAILABLE before the operation exists, naming both.
+    let e = w
+        .ctl
+        .capture(to("central", None, Some("p1"), Some("v1")))
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind(), Unavailable, "{e}");
+    assert!(e.to_string().contains("target central"), "{e}");
+    assert!(e.to_string().contains(&sock.display().to_string()), "{e}");
+    assert!(w.ctl.operations().unwrap().is_empty());
+}
 
 #[tokio::test]
 async fn plan_prep_needs_steps_a_running_domain_and_its_agent() {

@@ -25,6 +25,7 @@
 //!   chunk a running capture has found already stored and is about to reference.
 
 pub mod manifest;
+mod store;
 
 use std::collections::{HashMap, HashSet};
 use std::io::Write;
@@ -37,6 +38,7 @@ use sha2::{Digest as _, Sha256};
 use crate::error::{Error, ErrorKind, Result};
 use crate::util;
 pub use manifest::{DataChunk, Digest, ImageRecord, CHUNK_SIZE, CLUSTER_SIZE};
+pub use store::ChunkStore;
 
 /// The repository. Cheap to clone (shared state behind an `Arc`).
 #[derive(Clone)]

@@ -28,7 +28,9 @@
 //! presigned URL is itself a credential.
 //!
 //! Targets: [`glance`] (OpenStack Glance v2) and [`s3`] (S3 multipart upload); a
-//! [`TargetConfig`] from a config file builds either.
+//! [`TargetConfig`] from a config file builds either. The one remote target that is not a byte
+//! stream is [`imagerepo`]: a central repository that is sent only the chunks it lacks (it is
+//! a chunk store of the capture pipeline, see its module).
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -40,6 +42,7 @@ mod defaults;
 pub mod file;
 pub mod glance;
 mod http;
+pub mod imagerepo;
 pub mod s3;
 
 pub use crate::format::ByteStream;
@@ -126,22 +129,50 @@ impl<R: Remote> StreamTarget for R {
     }
 }
 
-/// The settings of one remote target, as written in a config file: `kind = "glance"` or
-/// `kind = "s3"` beside that target's keys ([`glance::GlanceConfig`], [`s3::S3Config`]).
+/// The settings of one remote target, as written in a config file: `kind = "glance"`,
+/// `kind = "s3"` or `kind = "imagerepo"` beside that target's keys ([`glance::GlanceConfig`],
+/// [`s3::S3Config`], [`imagerepo::ImagerepoConfig`]).
 #[derive(Debug, Clone, serde::Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum TargetConfig {
     Glance(glance::GlanceConfig),
     S3(s3::S3Config),
+    Imagerepo(imagerepo::ImagerepoConfig),
+}
+
+/// A built remote target: a byte-stream destination, or a chunk repository.
+pub enum Target {
+    Stream(Box<dyn StreamTarget>),
+    Chunks(imagerepo::ImageRepo),
+}
+
+impl Target {
+    /// See [`StreamTarget::describe`].
+    pub fn describe(&self) -> String {
+        match self {
+            Target::Stream(t) => t.describe(),
+            Target::Chunks(r) => r.describe(),
+        }
+    }
 }
 
 impl TargetConfig {
-    /// Checks the settings and makes the target (nothing is contacted yet: see
-    /// [`StreamTarget::check`]).
-    pub fn build(self) -> Result<Box<dyn StreamTarget>, Error> {
+    /// The `kind` as written in the config.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            TargetConfig::Glance(_) => "glance",
+            TargetConfig::S3(_) => "s3",
+            TargetConfig::Imagerepo(_) => "imagerepo",
+        }
+    }
+
+    /// Checks the settings (and reads the files they name) and makes the target (nothing is
+    /// contacted yet: see [`StreamTarget::check`], [`imagerepo::ImageRepo::check`]).
+    pub fn build(self) -> Result<Target, Error> {
         Ok(match self {
-            TargetConfig::Glance(c) => Box::new(glance::Glance::new(c)?),
-            TargetConfig::S3(c) => Box::new(s3::S3::new(c)?),
+            TargetConfig::Glance(c) => Target::Stream(Box::new(glance::Glance::new(c)?)),
+            TargetConfig::S3(c) => Target::Stream(Box::new(s3::S3::new(c)?)),
+            TargetConfig::Imagerepo(c) => Target::Chunks(imagerepo::ImageRepo::new(c)?),
         })
     }
 }

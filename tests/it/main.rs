@@ -19,6 +19,7 @@ mod daemon;
 mod guest_prep;
 mod imagectl_tables;
 mod imagerepo;
+mod imagerepo_capture;
 mod imagerepo_cli;
 mod imagerepo_s3;
 mod imports;

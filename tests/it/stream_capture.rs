@@ -52,6 +52,7 @@ fn remote(name: &str, format: proto::ImageFormat) -> proto::target::Kind {
     proto::target::Kind::Remote(proto::RemoteTarget {
         name: name.into(),
         format: format as i32,
+        ..Default::default()
     })
 }
 

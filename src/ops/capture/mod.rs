@@ -74,8 +74,17 @@ pub enum TargetSpec {
         format: Format,
         overwrite: bool,
     },
-    /// A `[targets.NAME]` of the config (Glance, S3).
-    Remote { name: String, format: Format },
+    /// A `[targets.NAME]` of the config: Glance or S3 (a byte stream in `format`), or an
+    /// imagerepo (chunks; no format, a project and a tag instead).
+    Remote {
+        name: String,
+        /// Glance and S3 only: the format of the stream.
+        format: Option<Format>,
+        /// imagerepo only: the project (default: the target's `project`).
+        project: Option<String>,
+        /// imagerepo only: the tag (default: the repository's, "latest").
+        tag: Option<String>,
+    },
 }
 
 impl Default for CaptureParams {

@@ -1,7 +1,7 @@
 //! Where a capture's bytes go: the sink is opened (and checked) before anything is read,
-//! then the disk is delivered into it: the chunk pipeline into the local repository, or one
-//! qcow2/raw byte stream into a file, Glance or S3, with the image properties a Nova-style
-//! consumer expects.
+//! then the disk is delivered into it: the chunk pipeline into the local repository or into a
+//! central imagerepo (which is sent only the chunks it lacks), or one qcow2/raw byte stream
+//! into a file, Glance or S3, with the image properties a Nova-style consumer expects.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -12,13 +12,14 @@ use super::{CaptureParams, Plan, TargetSpec};
 use crate::capture::source::BlockSource;
 use crate::capture::stream::{self, StreamPlan};
 use crate::capture::{self as pipeline};
-use crate::error::{Error, Result};
+use crate::error::{invalid, Error, ErrorKind, Result};
 use crate::format::Format;
 use crate::ops::mode::consistency_of;
 use crate::repo::manifest::{content_digest, FORMAT_VERSION};
 use crate::repo::{ImageRecord, ImageWriter, CHUNK_SIZE};
 use crate::upload::file::FileTarget;
-use crate::upload::{StreamTarget, UploadMeta};
+use crate::upload::imagerepo::{ImageRepo, UploadSpec};
+use crate::upload::{StreamTarget, Target, UploadMeta};
 use crate::util::now_unix;
 
 /// Where the task sends the bytes.
@@ -27,6 +28,12 @@ pub(super) enum Sink {
     Stream {
         target: Box<dyn StreamTarget>,
         format: Format,
+    },
+    /// A central imagerepo: the chunk pipeline, sending only what it lacks.
+    Central {
+        repo: ImageRepo,
+        project: String,
+        tag: String,
     },
 }
 
@@ -91,7 +98,12 @@ impl Controller {
                 ),
                 *format,
             ),
-            TargetSpec::Remote { name, format } => {
+            TargetSpec::Remote {
+                name,
+                format,
+                project,
+                tag,
+            } => {
                 let cfg = self.inner.cfg.targets.get(name).cloned().ok_or_else(|| {
                     let known: Vec<&str> = self.inner.cfg.targets.keys().map(String::as_str).collect();
                     crate::error::not_found(format!(
@@ -99,7 +111,41 @@ impl Controller {
                         if known.is_empty() { "none".to_string() } else { known.join(", ") }
                     ))
                 })?;
-                (cfg.build()?, *format)
+                let kind = cfg.kind();
+                match cfg.build()? {
+                    Target::Chunks(repo) => {
+                        if format.is_some() {
+                            return Err(invalid(format!(
+                                "target {name} is an imagerepo, which stores chunks and makes formats at download: \
+                                 leave target.remote.format unset"
+                            ))
+                            .with_field("target.remote.format"));
+                        }
+                        let repo = repo.named(name);
+                        let project = repo.project(project.as_deref())?;
+                        if let Some(t) = tag {
+                            validate_tag(t)?;
+                        }
+                        repo.check(&project).await?;
+                        return Ok(Sink::Central {
+                            repo,
+                            project,
+                            tag: tag.clone().unwrap_or_default(),
+                        });
+                    }
+                    Target::Stream(target) => {
+                        for (field, v) in [("project", project), ("tag", tag)] {
+                            if v.is_some() {
+                                return Err(invalid(format!(
+                                    "target.remote.{field} is for imagerepo targets; target {name} is a {kind} target"
+                                ))
+                                .with_field(&format!("target.remote.{field}")));
+                            }
+                        }
+                        // A stream's format: qcow2 unless asked.
+                        (target, format.unwrap_or(Format::Qcow2))
+                    }
+                }
             }
         };
         target.check().await.map_err(|e| {
@@ -128,7 +174,103 @@ impl Controller {
                 self.stream_out(op, target.as_ref(), format, source, from)
                     .await
             }
+            Sink::Central { repo, project, tag } => {
+                self.to_imagerepo(op, &repo, project, tag, source.as_ref(), from)
+                    .await
+            }
         }
+    }
+
+    /// The chunk pipeline into a central imagerepo: begin the upload (an idempotency key made
+    /// from the operation), send only the chunks it lacks, then add the manifest and commit;
+    /// on any failure or cancel the upload is aborted with the reason.
+    async fn to_imagerepo(
+        &self,
+        op: &OpEntry,
+        repo: &ImageRepo,
+        project: String,
+        tag: String,
+        source: &dyn BlockSource,
+        from: &Provenance,
+    ) -> Result<()> {
+        op.set_state(OpState::Saving);
+        let started = Instant::now();
+        let max = self.inner.cfg.repository.max_virtual_size;
+        // The virtual size goes into BeginUpload, before the pipeline reads anything.
+        let virtual_size = {
+            let c = source.connect().await?;
+            let size = c.size();
+            let _ = c.disconnect().await;
+            pipeline::check_virtual_size(size, max, source.describe())?;
+            size
+        };
+        let op_key = if op.request_id.is_empty() {
+            &op.id
+        } else {
+            &op.request_id
+        };
+        let spec = UploadSpec {
+            request_id: UploadSpec::request_id(
+                &self.inner.host,
+                op_key,
+                &project,
+                &op.image_name,
+                &tag,
+            ),
+            project,
+            image_name: op.image_name.clone(),
+            tag,
+            virtual_size,
+            source_format: from.format.clone(),
+            consistency: from.consistency.clone(),
+            description: from.description.clone(),
+            source_domain: from.domain.clone(),
+            source_host: self.inner.host.clone(),
+            os_type: from.os_type.clone().unwrap_or_default(),
+            os_version: from.os_distro.clone().unwrap_or_default(),
+            architecture: std::env::consts::ARCH.into(),
+        };
+        let upload = repo.begin(spec, op.cancel.clone()).await?;
+        let res = async {
+            let captured = pipeline::run(
+                source,
+                self.inner.cfg.capture.readers,
+                max,
+                Arc::new(upload.clone()),
+                op.progress.clone(),
+                op.cancel.clone(),
+            )
+            .await?;
+            op.cancel.check()?;
+            let digest = content_digest(captured.virtual_size, &captured.chunks);
+            upload.finish(&captured.chunks, &digest).await
+        }
+        .await;
+        let image = match res {
+            Ok(image) => image,
+            Err(e) => {
+                let reason = if e.kind() == ErrorKind::Cancelled {
+                    format!("capture operation {} was cancelled", op.id)
+                } else {
+                    format!("capture operation {} failed: {}", op.id, e.chain())
+                };
+                upload.abort(&reason).await;
+                return Err(e);
+            }
+        };
+        op.set_location(&image);
+        let st = upload.stats();
+        let p = &op.progress;
+        tracing::info!(
+            op = %op.id, image = %image, target = %repo.describe(), upload = %upload.name(),
+            bytes_new = p.bytes_new.load(std::sync::atomic::Ordering::Relaxed),
+            bytes_existing = p.bytes_existing.load(std::sync::atomic::Ordering::Relaxed),
+            bytes_sent = st.bytes_sent, chunks_sent = st.chunks_sent,
+            find_calls = st.find_calls, digests_asked = st.digests_asked, retries = st.retries,
+            seconds = format!("{:.2}", started.elapsed().as_secs_f64()),
+            "image uploaded to the central repository"
+        );
+        Ok(())
     }
 
     /// One byte stream (qcow2 or raw) into a stream target; nothing is stored on this host.
@@ -215,7 +357,7 @@ impl Controller {
             source,
             readers,
             self.inner.cfg.repository.max_virtual_size,
-            writer.chunk_sink(),
+            Arc::new(writer.chunk_sink()),
             op.progress.clone(),
             op.cancel.clone(),
         )
@@ -258,5 +400,22 @@ impl Controller {
         op.set_location(&op.image_name);
         tracing::info!(op = %op.id, image = %op.image_name, seconds = format!("{secs:.2}"), "image committed");
         Ok(())
+    }
+}
+
+/// A repository tag: 1 to 128 letters, digits, '.', '_' or '-', not starting with '.' or '-'.
+fn validate_tag(tag: &str) -> Result<()> {
+    let ok = (1..=128).contains(&tag.len())
+        && tag
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+        && !tag.starts_with(['.', '-']);
+    if ok {
+        Ok(())
+    } else {
+        Err(invalid(format!(
+            "target.remote.tag {tag:?} must be 1 to 128 letters, digits, '.', '_' or '-', not starting with '.' or '-'"
+        ))
+        .with_field("target.remote.tag"))
     }
 }
