@@ -137,8 +137,9 @@ pub struct S3Chunks {
 }
 
 impl S3Chunks {
-    /// Checks the settings and makes the client; `rt` runs the requests. Nothing is sent: the
-    /// first call says whether the bucket answers ([`S3Chunks::check`] asks at once).
+    /// Checks the settings and makes the client; `rt` runs the requests and must be a
+    /// multi-thread runtime (its workers drive them while a blocking thread waits). Nothing is
+    /// sent: the first call says whether the bucket answers ([`S3Chunks::check`] asks at once).
     pub fn new(cfg: &S3ChunksConfig, rt: tokio::runtime::Handle) -> Result<S3Chunks> {
         let bucket = cfg.bucket()?;
         let http = reqwest::Client::builder()
@@ -531,7 +532,10 @@ mod tests {
 
     #[test]
     fn an_unreachable_store_is_unavailable_naming_the_bucket() {
-        let rt = tokio::runtime::Builder::new_current_thread()
+        // A multi-thread runtime, as the server's: its workers drive the requests the store
+        // waits for (a current-thread runtime is driven only by its own `block_on`).
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
             .enable_all()
             .build()
             .unwrap();

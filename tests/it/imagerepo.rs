@@ -962,3 +962,119 @@ async fn the_collector_aborts_idle_uploads_and_their_records_fail() {
     let again = begin(&mut c, "alpha", "web", "", "", CHUNK).await.unwrap();
     assert_eq!(again.image, up.image);
 }
+
+/// The bytes of `disk(seed)` as a raw image.
+fn raw_of(size: u64, chunks: &[TestChunk]) -> Vec<u8> {
+    let mut raw = vec![0u8; size as usize];
+    for c in chunks {
+        let at = (c.index * CHUNK) as usize;
+        raw[at..at + c.data.len()].copy_from_slice(&c.data);
+    }
+    raw
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_download_link_serves_raw_and_qcow2_with_ranges_until_a_recapture_ends_it() {
+    let srv = RepoServer::start("", "");
+    let mut c = srv.service("alpha").await;
+    let (size, chunks) = disk(41);
+    let img = capture(&mut c, "alpha", "web", "", size, &chunks)
+        .await
+        .unwrap();
+    let raw = raw_of(size, &chunks);
+    let link = |c: &mut Caller, format: pb::ImageFormat| {
+        let mut c = c.clone();
+        let name = img.name.clone();
+        async move {
+            c.catalog
+                .create_download_link(c.req(pb::CreateDownloadLinkRequest {
+                    name,
+                    format: format as i32,
+                    ttl: None,
+                }))
+                .await
+                .map(|r| r.into_inner())
+        }
+    };
+    let l = link(&mut c, pb::ImageFormat::Raw).await.unwrap();
+    assert_eq!(l.size_bytes, size);
+    let ttl = l.expire_time.unwrap().seconds - imaged::util::now_unix();
+    assert!((24 * 3600 - 60..=24 * 3600).contains(&ttl), "ttl {ttl} s");
+    let http = reqwest::Client::new();
+    let got = http.get(&l.url).send().await.unwrap();
+    assert_eq!(got.status(), 200);
+    assert!(
+        got.bytes().await.unwrap() == raw,
+        "the raw download differs"
+    );
+    // A range across the hole, as a resumed download asks.
+    let (a, b) = (CHUNK - 100, 2 * CHUNK + 10);
+    let part = http
+        .get(&l.url)
+        .header("Range", format!("bytes={a}-{b}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(part.status(), 206);
+    assert!(part.bytes().await.unwrap() == raw[a as usize..=b as usize]);
+    // A tampered token is refused.
+    let mut bad = l.url.clone();
+    let last = bad.pop().unwrap();
+    bad.push(if last == 'A' { 'B' } else { 'A' });
+    assert_eq!(http.get(&bad).send().await.unwrap().status(), 403);
+
+    // qcow2, made from the manifest while it is served, judged by qemu-img.
+    let q = link(&mut c, pb::ImageFormat::Qcow2).await.unwrap();
+    let body = http
+        .get(&q.url)
+        .send()
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    assert_eq!(body.len() as u64, q.size_bytes);
+    let dir = tempfile::tempdir().unwrap();
+    let (qf, rf) = (dir.path().join("d.qcow2"), dir.path().join("d.raw"));
+    std::fs::write(&qf, &body).unwrap();
+    std::fs::write(&rf, &raw).unwrap();
+    let out = std::process::Command::new("qemu-img")
+        .args(["compare", "-f", "qcow2", "-F", "raw"])
+        .args([&qf, &rf])
+        .output()
+        .expect("qemu-img runs");
+    assert!(
+        out.status.success(),
+        "qemu-img compare: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+
+    // Another project cannot make a link to it.
+    let mut other = srv.service("beta").await;
+    let st = link(&mut other, pb::ImageFormat::Raw).await.unwrap_err();
+    assert!(
+        matches!(st.code(), Code::PermissionDenied | Code::NotFound),
+        "{st:?}"
+    );
+    // A TTL out of range is refused naming the field.
+    let st = c
+        .catalog
+        .create_download_link(c.req(pb::CreateDownloadLinkRequest {
+            name: img.name.clone(),
+            format: 0,
+            ttl: Some(prost_types::Duration {
+                seconds: 8 * 24 * 3600,
+                nanos: 0,
+            }),
+        }))
+        .await
+        .unwrap_err();
+    assert_eq!(st.code(), Code::InvalidArgument, "{st:?}");
+
+    // Recapturing the tag makes a new version: the old link ends (410), never other bytes.
+    let (_, changed) = disk(42);
+    capture(&mut c, "alpha", "web", "", size, &changed)
+        .await
+        .unwrap();
+    assert_eq!(http.get(&l.url).send().await.unwrap().status(), 410);
+}

@@ -74,6 +74,7 @@ impl RepoServer {
             format!(
                 "[server]\ndata_dir = {data:?}\nsocket = {socket:?}\ntcp_listen = \"127.0.0.1:0\"\n\
                  log_level = \"debug\"\n{tls}\n[catalog]\n{catalog_toml}\n[gc]\ninterval_secs = 0\n{gc_toml}\n\
+                 [download]\ndownload_listen = \"127.0.0.1:0\"\n\
                  [[policy]]\nrole = \"service\"\nunix_uids = [0]\n\
                  [[policy]]\nrole = \"admin\"\ntls_subjects = [\"repo-admin\"]\n\
                  [[policy]]\nrole = \"project\"\nproject = \"alpha\"\ntls_subjects = [\"alpha-ui\"]\n",
