@@ -703,4 +703,76 @@ mod tests {
         std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
         RepoConfig::load(&p, true).unwrap();
     }
+
+    #[test]
+    fn catalog_backend_is_sqlite_by_default_or_postgres_with_its_keys_checked() {
+        let c = RepoConfig::parse("").unwrap();
+        assert!(!c.catalog.is_postgres());
+        let pg =
+            "[catalog]\nbackend = \"postgres\"\nurl = \"postgresql://repo@127.0.0.1:5432/cat\"\n";
+        let c = RepoConfig::parse(pg).unwrap();
+        assert!(c.catalog.is_postgres());
+        assert!(!c.catalog.url_has_password());
+        let cfg = c.catalog.postgres_config().unwrap();
+        assert_eq!(cfg.get_dbname(), Some("cat"));
+        for (text, key) in [
+            (
+                "[catalog]\nbackend = \"mysql\"\n".to_string(),
+                "catalog.backend",
+            ),
+            (
+                "[catalog]\nbackend = \"postgres\"\n".to_string(),
+                "catalog.url",
+            ),
+            (
+                "[catalog]\nbackend = \"postgres\"\nurl = \"mysql://a@b/c\"\n".to_string(),
+                "catalog.url",
+            ),
+            (
+                "[catalog]\nbackend = \"postgres\"\nurl = \"postgresql://127.0.0.1/c\"\n"
+                    .to_string(),
+                "catalog.url",
+            ),
+            (
+                "[catalog]\nurl = \"postgresql://a@b/c\"\n".to_string(),
+                "catalog.url",
+            ),
+            (
+                format!("{pg}password_file = \"relative\"\n"),
+                "catalog.password_file",
+            ),
+            (
+                pg.replace("repo@", "repo:pw@") + "password_file = \"/x\"\n",
+                "catalog.password_file",
+            ),
+        ] {
+            let e = RepoConfig::parse(&text).unwrap_err();
+            assert!(e.to_string().contains(key), "{key}: {e}");
+            assert!(!e.to_string().contains(":pw@"), "password shown: {e}");
+        }
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        // The password in the url: the config file must be owner-only.
+        let p = dir.path().join("imagerepo.toml");
+        std::fs::write(&p, pg.replace("repo@", "repo:pw@")).unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let e = RepoConfig::load(&p, true).unwrap_err();
+        assert!(e.to_string().contains("chmod 600"), "{e}");
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
+        assert!(RepoConfig::load(&p, true)
+            .unwrap()
+            .catalog
+            .url_has_password());
+        // The password in a file: that file must be owner-only and not empty.
+        let pw = dir.path().join("pw");
+        std::fs::write(&pw, "secret\n").unwrap();
+        std::fs::set_permissions(&pw, std::fs::Permissions::from_mode(0o640)).unwrap();
+        let c = RepoConfig::parse(&format!("{pg}password_file = {pw:?}\n")).unwrap();
+        let e = c.catalog.postgres_config().unwrap_err();
+        assert!(e.to_string().contains("catalog.password_file"), "{e}");
+        assert!(e.to_string().contains("chmod 600"), "{e}");
+        std::fs::set_permissions(&pw, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let cfg = c.catalog.postgres_config().unwrap();
+        assert_eq!(cfg.get_password(), Some(&b"secret"[..]));
+    }
 }
