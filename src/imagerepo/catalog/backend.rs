@@ -278,15 +278,33 @@ pub fn pg_sql(sql: &str) -> String {
 
 /// A PostgreSQL connection and its prepared statements (by the SQL the rules wrote).
 pub struct PgConn {
-    pub client: postgres::Client,
+    /// Always `Some` until dropped.
+    client: Option<postgres::Client>,
     statements: HashMap<String, postgres::Statement>,
 }
 
 impl PgConn {
     pub fn new(client: postgres::Client) -> PgConn {
         PgConn {
-            client,
+            client: Some(client),
             statements: HashMap::new(),
+        }
+    }
+
+    fn client(&mut self) -> DbResult<&mut postgres::Client> {
+        self.client
+            .as_mut()
+            .ok_or_else(|| DbError::Type("the PostgreSQL connection is closed".into()))
+    }
+}
+
+impl Drop for PgConn {
+    /// `postgres::Client` closes its connection by blocking on its own runtime, which panics
+    /// on a thread that drives async tasks (the server drops its catalog in `main`'s
+    /// runtime): close it on a thread of its own.
+    fn drop(&mut self) {
+        if let Some(client) = self.client.take() {
+            let _ = std::thread::spawn(move || drop(client)).join();
         }
     }
 }
@@ -305,6 +323,9 @@ impl Conn {
                 Tx::Sqlite(c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?)
             }
             Conn::Postgres(PgConn { client, statements }) => {
+                let client = client
+                    .as_mut()
+                    .ok_or_else(|| DbError::Type("the PostgreSQL connection is closed".into()))?;
                 let tx = client
                     .build_transaction()
                     .isolation_level(postgres::IsolationLevel::Serializable)
@@ -318,7 +339,7 @@ impl Conn {
     pub fn batch(&mut self, sql: &str) -> DbResult<()> {
         match self {
             Conn::Sqlite(c) => c.execute_batch(sql)?,
-            Conn::Postgres(p) => p.client.batch_execute(sql)?,
+            Conn::Postgres(p) => p.client()?.batch_execute(sql)?,
         }
         Ok(())
     }
@@ -327,7 +348,7 @@ impl Conn {
     pub fn is_closed(&self) -> bool {
         match self {
             Conn::Sqlite(_) => false,
-            Conn::Postgres(p) => p.client.is_closed(),
+            Conn::Postgres(p) => p.client.as_ref().is_none_or(|c| c.is_closed()),
         }
     }
 }
