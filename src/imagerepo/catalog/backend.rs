@@ -312,7 +312,7 @@ impl Drop for PgConn {
 /// A connection of either backend.
 pub enum Conn {
     Sqlite(rusqlite::Connection),
-    Postgres(PgConn),
+    Postgres(Box<PgConn>),
 }
 
 impl Conn {
@@ -322,7 +322,8 @@ impl Conn {
             Conn::Sqlite(c) => {
                 Tx::Sqlite(c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?)
             }
-            Conn::Postgres(PgConn { client, statements }) => {
+            Conn::Postgres(pg) => {
+                let PgConn { client, statements } = &mut **pg;
                 let client = client
                     .as_mut()
                     .ok_or_else(|| DbError::Type("the PostgreSQL connection is closed".into()))?;

@@ -531,7 +531,7 @@ impl Catalog {
             )
             .with_reason("CATALOG_UNAVAILABLE")
         })?;
-        Ok(Conn::Postgres(backend::PgConn::new(client)))
+        Ok(Conn::Postgres(Box::new(backend::PgConn::new(client))))
     }
 
     fn with_conn(
@@ -1176,8 +1176,6 @@ impl Catalog {
                     }
                 }
             }
-            drop(get);
-            drop(put);
             Self::touch(tx, &up)?;
             let n: i64 = tx
                 .query_row(
