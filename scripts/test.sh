@@ -28,7 +28,7 @@ scripts/install-deps.sh
 scripts/install-python-deps.sh
 # Real servers for the Glance and S3 target tests (tests/it/targets.rs): apt glance-api,
 # python3-glance, python3-keystone, curl (no service started through init); cargo s3s-fs.
-for s in glance keystone s3; do bash tests/servers/$s.sh install; done
+for s in glance keystone s3 postgres; do bash tests/servers/$s.sh install; done
 tests/lab/start-libvirt.sh
 tests/lab/build-guest.sh >/dev/null
 tests/lab/pick-accel.sh >/dev/null

@@ -21,6 +21,10 @@
 //! [catalog]
 //! default_image_quota = 10             # private images per project
 //! recycle_bin_days = 7
+//! backend = "sqlite"                   # or "postgres": several servers share one catalog
+//! # url = "postgresql://imagerepo@db.example.org:5432/imagerepo"   # backend = "postgres"
+//! # password_file = "/etc/imagerepo/catalog.password"   # owner-only; or the password in
+//! #                                     # the url, and then this file must be owner-only
 //!
 //! [gc]
 //! gc_grace_secs = 3600                 # an unreferenced chunk younger than this is kept
@@ -133,6 +137,12 @@ pub struct CatalogConfig {
     pub default_image_quota: u32,
     /// Days a deleted image stays in the recycle bin before it is purged.
     pub recycle_bin_days: u32,
+    /// `sqlite` (a file in `server.data_dir`) or `postgres` (`url`).
+    pub backend: String,
+    /// `postgresql://user[:password]@host[:port]/database` (backend `postgres`).
+    pub url: String,
+    /// A file holding the database password (owner-only), instead of a password in `url`.
+    pub password_file: PathBuf,
 }
 
 impl Default for CatalogConfig {
@@ -140,8 +150,177 @@ impl Default for CatalogConfig {
         CatalogConfig {
             default_image_quota: 10,
             recycle_bin_days: 7,
+            backend: "sqlite".into(),
+            url: String::new(),
+            password_file: PathBuf::new(),
         }
     }
+}
+
+impl CatalogConfig {
+    /// True for `backend = "postgres"`.
+    pub fn is_postgres(&self) -> bool {
+        self.backend == "postgres"
+    }
+
+    /// The backend's settings, checked (no file read, no connection).
+    fn validate(&self) -> Result<()> {
+        match self.backend.as_str() {
+            "sqlite" => {
+                for (k, set) in [
+                    ("catalog.url", !self.url.is_empty()),
+                    (
+                        "catalog.password_file",
+                        !self.password_file.as_os_str().is_empty(),
+                    ),
+                ] {
+                    if set {
+                        return Err(invalid(format!(
+                            "{k} is set but catalog.backend is \"sqlite\": set backend = \
+                             \"postgres\" or remove {k}"
+                        ))
+                        .with_field(k));
+                    }
+                }
+                Ok(())
+            }
+            "postgres" => {
+                let cfg = self.parsed_url()?;
+                if cfg.get_password().is_some() && !self.password_file.as_os_str().is_empty() {
+                    return Err(invalid(
+                        "catalog.url holds a password and catalog.password_file is set too: \
+                         keep one",
+                    )
+                    .with_field("catalog.password_file"));
+                }
+                if !self.password_file.as_os_str().is_empty() && !self.password_file.is_absolute() {
+                    return Err(invalid(format!(
+                        "catalog.password_file must be an absolute path, got {:?}",
+                        self.password_file
+                    ))
+                    .with_field("catalog.password_file"));
+                }
+                Ok(())
+            }
+            other => Err(invalid(format!(
+                "catalog.backend must be \"sqlite\" or \"postgres\", got {other:?}"
+            ))
+            .with_field("catalog.backend")),
+        }
+    }
+
+    /// `url`, parsed.
+    fn parsed_url(&self) -> Result<postgres::Config> {
+        if self.url.is_empty() {
+            return Err(invalid(
+                "catalog.url is missing: backend = \"postgres\" needs \
+                 url = \"postgresql://user@host:port/database\"",
+            )
+            .with_field("catalog.url"));
+        }
+        if !self.url.starts_with("postgresql://") && !self.url.starts_with("postgres://") {
+            return Err(invalid(format!(
+                "catalog.url must start with postgresql://, got {:?}",
+                redact(&self.url)
+            ))
+            .with_field("catalog.url"));
+        }
+        let cfg: postgres::Config = self.url.parse().map_err(|e| {
+            invalid(format!("catalog.url {:?}: {e}", redact(&self.url))).with_field("catalog.url")
+        })?;
+        if cfg.get_hosts().is_empty() {
+            return Err(
+                invalid(format!("catalog.url {:?} names no host", redact(&self.url)))
+                    .with_field("catalog.url"),
+            );
+        }
+        if cfg.get_dbname().is_none() || cfg.get_user().is_none() {
+            return Err(invalid(format!(
+                "catalog.url {:?} must name a user and a database: \
+                 postgresql://user@host:port/database",
+                redact(&self.url)
+            ))
+            .with_field("catalog.url"));
+        }
+        Ok(cfg)
+    }
+
+    /// True when `url` carries the password (the config file must then be owner-only).
+    pub fn url_has_password(&self) -> bool {
+        self.is_postgres()
+            && self
+                .parsed_url()
+                .map(|c| c.get_password().is_some())
+                .unwrap_or(false)
+    }
+
+    /// The PostgreSQL connection settings: `url`, with the password read from
+    /// `password_file` (which must be owner-only).
+    pub fn postgres_config(&self) -> Result<postgres::Config> {
+        let mut cfg = self.parsed_url()?;
+        if !self.password_file.as_os_str().is_empty() {
+            let p = &self.password_file;
+            let what = format!("reading catalog.password_file {}", p.display());
+            owner_only(
+                p,
+                "catalog.password_file",
+                "the catalog database's password",
+            )?;
+            let text = std::fs::read_to_string(p).map_err(|e| Error::io(&what, e))?;
+            let pw = text.trim_end_matches(['\n', '\r']);
+            if pw.is_empty() {
+                return Err(
+                    invalid(format!("catalog.password_file {} is empty", p.display()))
+                        .with_field("catalog.password_file"),
+                );
+            }
+            cfg.password(pw);
+        }
+        cfg.application_name("imagerepo");
+        if cfg.get_connect_timeout().is_none() {
+            cfg.connect_timeout(std::time::Duration::from_secs(10));
+        }
+        Ok(cfg)
+    }
+}
+
+/// A url with its password (if any) hidden, for messages.
+fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(s), Some(at)) if at > s => {
+            let userinfo = &url[s + 3..at];
+            match userinfo.find(':') {
+                Some(c) => format!("{}{}:***{}", &url[..s + 3], &userinfo[..c], &url[at..]),
+                None => url.to_string(),
+            }
+        }
+        _ => url.to_string(),
+    }
+}
+
+/// PERMISSION_DENIED unless only the owner may read `path`, which holds `secret` (`key`
+/// names the setting or the config file).
+fn owner_only(path: &Path, key: &str, secret: &str) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(path)
+        .map_err(|e| Error::io(format!("reading {key} {}", path.display()), e))?
+        .permissions()
+        .mode()
+        & 0o777;
+    if mode & 0o044 != 0 {
+        return Err(Error::new(
+            ErrorKind::PermissionDenied,
+            format!(
+                "{key} {} holds {secret} but its mode {mode:04o} lets group or others read it: \
+                 chmod 600 {}",
+                path.display(),
+                path.display()
+            ),
+        )
+        .with_reason("SECRET_READABLE")
+        .with_field(key));
+    }
+    Ok(())
 }
 
 /// `[gc]`.
@@ -253,23 +432,18 @@ impl RepoConfig {
         let cfg = RepoConfig::parse(&text)
             .map_err(|e| invalid(format!("config file {}: {e}", path.display())))?;
         if matches!(cfg.chunks, ChunksConfig::S3(_)) {
-            use std::os::unix::fs::PermissionsExt;
-            let mode = std::fs::metadata(path)
-                .map_err(|e| Error::io(format!("reading config file {}", path.display()), e))?
-                .permissions()
-                .mode()
-                & 0o777;
-            if mode & 0o044 != 0 {
-                return Err(Error::new(
-                    ErrorKind::PermissionDenied,
-                    format!(
-                        "config file {} holds the object store's secret key ([chunks]) but its \
-                         mode {mode:04o} lets group or others read it: chmod 600 {}",
-                        path.display(),
-                        path.display()
-                    ),
-                ));
-            }
+            owner_only(
+                path,
+                "config file",
+                "the object store's secret key ([chunks])",
+            )?;
+        }
+        if cfg.catalog.url_has_password() {
+            owner_only(
+                path,
+                "config file",
+                "the catalog database's password (catalog.url)",
+            )?;
         }
         Ok(cfg)
     }
@@ -326,6 +500,7 @@ impl RepoConfig {
                 )));
             }
         }
+        self.catalog.validate()?;
         if self.catalog.recycle_bin_days == 0 {
             return Err(invalid(
                 "catalog.recycle_bin_days must be at least 1 (purge an image to remove it at once)",
@@ -527,5 +702,77 @@ mod tests {
         assert!(e.to_string().contains("chmod 600"), "{e}");
         std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
         RepoConfig::load(&p, true).unwrap();
+    }
+
+    #[test]
+    fn catalog_backend_is_sqlite_by_default_or_postgres_with_its_keys_checked() {
+        let c = RepoConfig::parse("").unwrap();
+        assert!(!c.catalog.is_postgres());
+        let pg =
+            "[catalog]\nbackend = \"postgres\"\nurl = \"postgresql://repo@127.0.0.1:5432/cat\"\n";
+        let c = RepoConfig::parse(pg).unwrap();
+        assert!(c.catalog.is_postgres());
+        assert!(!c.catalog.url_has_password());
+        let cfg = c.catalog.postgres_config().unwrap();
+        assert_eq!(cfg.get_dbname(), Some("cat"));
+        for (text, key) in [
+            (
+                "[catalog]\nbackend = \"mysql\"\n".to_string(),
+                "catalog.backend",
+            ),
+            (
+                "[catalog]\nbackend = \"postgres\"\n".to_string(),
+                "catalog.url",
+            ),
+            (
+                "[catalog]\nbackend = \"postgres\"\nurl = \"mysql://a@b/c\"\n".to_string(),
+                "catalog.url",
+            ),
+            (
+                "[catalog]\nbackend = \"postgres\"\nurl = \"postgresql://127.0.0.1/c\"\n"
+                    .to_string(),
+                "catalog.url",
+            ),
+            (
+                "[catalog]\nurl = \"postgresql://a@b/c\"\n".to_string(),
+                "catalog.url",
+            ),
+            (
+                format!("{pg}password_file = \"relative\"\n"),
+                "catalog.password_file",
+            ),
+            (
+                pg.replace("repo@", "repo:pw@") + "password_file = \"/x\"\n",
+                "catalog.password_file",
+            ),
+        ] {
+            let e = RepoConfig::parse(&text).unwrap_err();
+            assert!(e.to_string().contains(key), "{key}: {e}");
+            assert!(!e.to_string().contains(":pw@"), "password shown: {e}");
+        }
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        // The password in the url: the config file must be owner-only.
+        let p = dir.path().join("imagerepo.toml");
+        std::fs::write(&p, pg.replace("repo@", "repo:pw@")).unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let e = RepoConfig::load(&p, true).unwrap_err();
+        assert!(e.to_string().contains("chmod 600"), "{e}");
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
+        assert!(RepoConfig::load(&p, true)
+            .unwrap()
+            .catalog
+            .url_has_password());
+        // The password in a file: that file must be owner-only and not empty.
+        let pw = dir.path().join("pw");
+        std::fs::write(&pw, "secret\n").unwrap();
+        std::fs::set_permissions(&pw, std::fs::Permissions::from_mode(0o640)).unwrap();
+        let c = RepoConfig::parse(&format!("{pg}password_file = {pw:?}\n")).unwrap();
+        let e = c.catalog.postgres_config().unwrap_err();
+        assert!(e.to_string().contains("catalog.password_file"), "{e}");
+        assert!(e.to_string().contains("chmod 600"), "{e}");
+        std::fs::set_permissions(&pw, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let cfg = c.catalog.postgres_config().unwrap();
+        assert_eq!(cfg.get_password(), Some(&b"secret"[..]));
     }
 }

@@ -42,13 +42,18 @@ pub fn open(cfg: &RepoConfig) -> Result<Arc<Repo>> {
                 e,
             )
         })?;
-    let catalog = Catalog::open(
-        &cfg.catalog_path(),
-        Settings {
-            default_image_quota: cfg.catalog.default_image_quota,
-            recycle_bin_days: cfg.catalog.recycle_bin_days,
-        },
-    )?;
+    let settings = Settings {
+        default_image_quota: cfg.catalog.default_image_quota,
+        recycle_bin_days: cfg.catalog.recycle_bin_days,
+    };
+    let catalog = if cfg.catalog.is_postgres() {
+        let pg = cfg.catalog.postgres_config()?;
+        let catalog = Catalog::open_postgres(pg, settings)?;
+        tracing::info!("the catalog is in PostgreSQL");
+        catalog
+    } else {
+        Catalog::open(&cfg.catalog_path(), settings)?
+    };
     let chunks: Arc<dyn ChunkStore> = match &cfg.chunks {
         ChunksConfig::Local => Arc::new(LocalChunks::open(&cfg.chunks_dir())?),
         ChunksConfig::S3(s3) => {

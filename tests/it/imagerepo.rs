@@ -2,6 +2,11 @@
 //! protocol end to end, every refusal of the catalog that belongs to the server, identities
 //! from the unix socket and from client certificates, resumed uploads, the collector racing an
 //! upload, and a server killed in the middle of an upload.
+//!
+//! Every server test runs on both catalog backends (see `on_both_backends!` at the end):
+//! `NAME::sqlite` and `NAME::postgres`, the latter on the tests' own PostgreSQL cluster
+//! (tests/servers/postgres.sh), which must be there: a missing one fails the test, naming
+//! what is missing.
 
 use std::time::{Duration, Instant};
 
@@ -9,8 +14,8 @@ use imaged::proto::imagerepo::v1 as pb;
 use tonic::Code;
 
 use crate::support::repo_server::{
-    begin, capture, content_digest, finish, pieces, read_chunk, reason, Caller, RepoServer,
-    TestChunk,
+    begin, capture, content_digest, finish, pieces, read_chunk, reason, Backend, Caller,
+    RepoServer, TestChunk,
 };
 
 const MIB: usize = 1 << 20;
@@ -92,9 +97,8 @@ fn runs_with_embedded_defaults_and_refuses_unknown_keys() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn uploads_end_to_end_send_only_missing_chunks_and_read_back() {
-    let srv = RepoServer::start("", "");
+async fn uploads_end_to_end_send_only_missing_chunks_and_read_back(backend: Backend) {
+    let srv = RepoServer::start_on(backend, "", "");
     let mut c = srv.service("alpha").await;
     let (size, chunks) = disk(1);
     let up = begin(&mut c, "alpha", "web", "", "", size).await.unwrap();
@@ -192,9 +196,8 @@ async fn uploads_end_to_end_send_only_missing_chunks_and_read_back() {
     assert_eq!(again.name, img2.name);
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn a_chunk_whose_bytes_do_not_match_its_digest_is_refused_naming_it() {
-    let srv = RepoServer::start("", "");
+async fn a_chunk_whose_bytes_do_not_match_its_digest_is_refused_naming_it(backend: Backend) {
+    let srv = RepoServer::start_on(backend, "", "");
     let mut c = srv.service("alpha").await;
     let up = begin(&mut c, "alpha", "web", "", "", CHUNK).await.unwrap();
     let good = TestChunk::new(0, 5, 3 * MIB);
@@ -257,9 +260,8 @@ async fn a_chunk_whose_bytes_do_not_match_its_digest_is_refused_naming_it() {
         .is_empty());
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn over_quota_is_resource_exhausted_with_the_limit() {
-    let srv = RepoServer::start("default_image_quota = 2", "");
+async fn over_quota_is_resource_exhausted_with_the_limit(backend: Backend) {
+    let srv = RepoServer::start_on(backend, "default_image_quota = 2", "");
     let mut c = srv.service("alpha").await;
     let (size, chunks) = disk(2);
     capture(&mut c, "alpha", "a", "", size, &chunks)
@@ -304,9 +306,8 @@ async fn over_quota_is_resource_exhausted_with_the_limit() {
         .unwrap();
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn sharing_refusals_and_the_members_view() {
-    let srv = RepoServer::start("", "");
+async fn sharing_refusals_and_the_members_view(backend: Backend) {
+    let srv = RepoServer::start_on(backend, "", "");
     let mut alpha = srv.service("alpha").await;
     let mut beta = srv.service("beta").await;
     let (size, chunks) = disk(3);
@@ -458,9 +459,8 @@ async fn sharing_refusals_and_the_members_view() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn deleting_an_image_in_use_names_the_user_and_the_bin_restores_and_purges() {
-    let srv = RepoServer::start("", "");
+async fn deleting_an_image_in_use_names_the_user_and_the_bin_restores_and_purges(backend: Backend) {
+    let srv = RepoServer::start_on(backend, "", "");
     let mut c = srv.service("alpha").await;
     let (size, chunks) = disk(4);
     let a = capture(&mut c, "alpha", "a", "", size, &chunks)
@@ -557,9 +557,8 @@ async fn deleting_an_image_in_use_names_the_user_and_the_bin_restores_and_purges
     );
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn recapturing_a_tag_replaces_the_version_and_keeps_the_id() {
-    let srv = RepoServer::start("", "gc_grace_secs = 0");
+async fn recapturing_a_tag_replaces_the_version_and_keeps_the_id(backend: Backend) {
+    let srv = RepoServer::start_on(backend, "", "gc_grace_secs = 0");
     let mut c = srv.service("alpha").await;
     let (size, first) = disk(10);
     let v1 = capture(&mut c, "alpha", "web", "nightly", size, &first)
@@ -606,9 +605,8 @@ async fn recapturing_a_tag_replaces_the_version_and_keeps_the_id() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn a_resumed_upload_is_asked_only_for_missing_chunks() {
-    let srv = RepoServer::start("", "");
+async fn a_resumed_upload_is_asked_only_for_missing_chunks(backend: Backend) {
+    let srv = RepoServer::start_on(backend, "", "");
     let size = 4 * CHUNK;
     let chunks: Vec<TestChunk> = (0..4)
         .map(|i| TestChunk::new(i, 100 + i, CHUNK as usize))
@@ -644,10 +642,9 @@ async fn a_resumed_upload_is_asked_only_for_missing_chunks() {
     assert_eq!(reason(&st), "REQUEST_ID_REUSED");
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn the_collector_keeps_the_chunks_an_open_upload_holds() {
+async fn the_collector_keeps_the_chunks_an_open_upload_holds(backend: Backend) {
     // No grace period: only the holds protect the upload's chunks.
-    let srv = RepoServer::start("", "gc_grace_secs = 0");
+    let srv = RepoServer::start_on(backend, "", "gc_grace_secs = 0");
     let mut c = srv.service("alpha").await;
     let mut admin = srv.tls("repo-admin").await;
     let gc = |a: &mut Caller| {
@@ -725,9 +722,8 @@ async fn the_collector_keeps_the_chunks_an_open_upload_holds() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn identities_come_from_the_socket_and_client_certificates() {
-    let srv = RepoServer::start("", "");
+async fn identities_come_from_the_socket_and_client_certificates(backend: Backend) {
+    let srv = RepoServer::start_on(backend, "", "");
     let (size, chunks) = disk(20);
     // A project certificate acts for its project whatever the header says.
     let mut ui = srv.tls("alpha-ui").await;
@@ -775,9 +771,8 @@ async fn identities_come_from_the_socket_and_client_certificates() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn a_repository_killed_mid_upload_resumes_and_lists_no_half_image() {
-    let mut srv = RepoServer::start("", "");
+async fn a_repository_killed_mid_upload_resumes_and_lists_no_half_image(backend: Backend) {
+    let mut srv = RepoServer::start_on(backend, "", "");
     let size = 4 * CHUNK;
     let chunks: Vec<TestChunk> = (0..4)
         .map(|i| TestChunk::new(i, 300 + i, CHUNK as usize))
@@ -847,9 +842,8 @@ async fn a_repository_killed_mid_upload_resumes_and_lists_no_half_image() {
     assert!(srv.stop().success(), "{}", srv.log_text());
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn a_recorded_chunk_whose_file_is_lost_is_asked_for_again_before_commit() {
-    let srv = RepoServer::start("", "");
+async fn a_recorded_chunk_whose_file_is_lost_is_asked_for_again_before_commit(backend: Backend) {
+    let srv = RepoServer::start_on(backend, "", "");
     let mut c = srv.service("alpha").await;
     let (size, chunks) = disk(40);
     let up = begin(&mut c, "alpha", "web", "", "", size).await.unwrap();
@@ -925,9 +919,8 @@ async fn a_recorded_chunk_whose_file_is_lost_is_asked_for_again_before_commit() 
     assert_eq!(st.code(), Code::PermissionDenied);
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn the_collector_aborts_idle_uploads_and_their_records_fail() {
-    let srv = RepoServer::start("", "upload_idle_secs = 1");
+async fn the_collector_aborts_idle_uploads_and_their_records_fail(backend: Backend) {
+    let srv = RepoServer::start_on(backend, "", "upload_idle_secs = 1");
     let mut c = srv.service("alpha").await;
     let mut admin = srv.tls("repo-admin").await;
     let up = begin(&mut c, "alpha", "web", "", "", CHUNK).await.unwrap();
@@ -973,9 +966,10 @@ fn raw_of(size: u64, chunks: &[TestChunk]) -> Vec<u8> {
     raw
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn a_download_link_serves_raw_and_qcow2_with_ranges_until_a_recapture_ends_it() {
-    let srv = RepoServer::start("", "");
+async fn a_download_link_serves_raw_and_qcow2_with_ranges_until_a_recapture_ends_it(
+    backend: Backend,
+) {
+    let srv = RepoServer::start_on(backend, "", "");
     let mut c = srv.service("alpha").await;
     let (size, chunks) = disk(41);
     let img = capture(&mut c, "alpha", "web", "", size, &chunks)
@@ -1078,3 +1072,41 @@ async fn a_download_link_serves_raw_and_qcow2_with_ranges_until_a_recapture_ends
         .unwrap();
     assert_eq!(http.get(&l.url).send().await.unwrap().status(), 410);
 }
+
+/// Each test above twice: on SQLite (`…::sqlite`) and on PostgreSQL (`…::postgres`, a fresh
+/// database of the tests' own cluster per server).
+macro_rules! on_both_backends {
+    ($($name:ident),* $(,)?) => {
+        $(
+            mod $name {
+                use super::Backend;
+
+                #[tokio::test(flavor = "multi_thread")]
+                async fn sqlite() {
+                    super::$name(Backend::Sqlite).await
+                }
+
+                #[tokio::test(flavor = "multi_thread")]
+                async fn postgres() {
+                    super::$name(Backend::Postgres).await
+                }
+            }
+        )*
+    };
+}
+
+on_both_backends!(
+    uploads_end_to_end_send_only_missing_chunks_and_read_back,
+    a_chunk_whose_bytes_do_not_match_its_digest_is_refused_naming_it,
+    over_quota_is_resource_exhausted_with_the_limit,
+    sharing_refusals_and_the_members_view,
+    deleting_an_image_in_use_names_the_user_and_the_bin_restores_and_purges,
+    recapturing_a_tag_replaces_the_version_and_keeps_the_id,
+    a_resumed_upload_is_asked_only_for_missing_chunks,
+    the_collector_keeps_the_chunks_an_open_upload_holds,
+    identities_come_from_the_socket_and_client_certificates,
+    a_repository_killed_mid_upload_resumes_and_lists_no_half_image,
+    a_recorded_chunk_whose_file_is_lost_is_asked_for_again_before_commit,
+    the_collector_aborts_idle_uploads_and_their_records_fail,
+    a_download_link_serves_raw_and_qcow2_with_ranges_until_a_recapture_ends_it,
+);

@@ -15,14 +15,14 @@
 //! States: QUEUED (begun) → SAVING or IMPORTING (data arriving) → ACTIVE (committed); FAILED
 //! with a reason; DELETED (recycle bin; `deleted_from` remembers the state to restore).
 
+pub mod backend;
 pub mod filter;
 pub mod schema;
 
 use std::path::Path;
 use std::sync::Mutex;
 
-use rusqlite::types::Value;
-use rusqlite::{params, Connection, OptionalExtension, Row, Transaction};
+use backend::{params, Conn, DbError, DbResult, OptionalExtension, Row, Tx, Value};
 use serde::{Deserialize, Serialize};
 
 use super::identity::Principal;
@@ -38,9 +38,24 @@ pub const MAX_ENTRIES_PER_CALL: usize = 8192;
 /// Most digests one FindMissingChunks call may carry.
 pub const MAX_DIGESTS_PER_CALL: usize = 4096;
 
-/// An sqlite error as an internal error.
-pub(crate) fn db(e: rusqlite::Error) -> Error {
-    Error::new(ErrorKind::Internal, "catalog database").with_source(e)
+/// The reason of a transaction that lost a race with another server's (PostgreSQL) and runs
+/// again; callers never see it unless the retries run out.
+const CONFLICT: &str = "CATALOG_CONFLICT";
+
+/// A database error as an internal error (a lost race marked to be retried).
+pub(crate) fn db(e: impl Into<DbError>) -> Error {
+    let e = e.into();
+    let err = Error::new(ErrorKind::Internal, "catalog database");
+    if e.retryable() {
+        Error::new(
+            ErrorKind::Aborted,
+            "catalog database: a concurrent transaction changed what this one read",
+        )
+        .with_reason(CONFLICT)
+        .with_source(e)
+    } else {
+        err.with_source(e)
+    }
 }
 
 /// An image's state.
@@ -281,7 +296,7 @@ const IMAGE_COLS: &str = "id, seq, project, image_name, tag, display_name, descr
     purge_time";
 
 impl ImageRow {
-    fn from_row(r: &Row<'_>) -> rusqlite::Result<ImageRow> {
+    fn from_row(r: &Row) -> DbResult<ImageRow> {
         let state: String = r.get(7)?;
         let deleted_from: String = r.get(9)?;
         Ok(ImageRow {
@@ -302,12 +317,12 @@ impl ImageRow {
             architecture: r.get(14)?,
             source_format: r.get(15)?,
             consistency: r.get(16)?,
-            licensed: r.get::<_, i64>(17)? != 0,
+            licensed: r.get::<i64>(17)? != 0,
             in_use_by: r.get(18)?,
             version_id: r.get(19)?,
-            virtual_size: r.get::<_, i64>(20)? as u64,
-            stored_size: r.get::<_, i64>(21)? as u64,
-            data_chunk_count: r.get::<_, i64>(22)? as u64,
+            virtual_size: r.get::<i64>(20)? as u64,
+            stored_size: r.get::<i64>(21)? as u64,
+            data_chunk_count: r.get::<i64>(22)? as u64,
             content_digest: r.get(23)?,
             create_time: r.get(24)?,
             update_time: r.get(25)?,
@@ -423,11 +438,17 @@ pub struct Settings {
     pub recycle_bin_days: u32,
 }
 
-/// The catalog: one SQLite connection behind a mutex (every method is a short transaction).
+/// The catalog: one connection (SQLite or PostgreSQL, see [`backend`]) behind a mutex (every
+/// method is a short transaction).
 pub struct Catalog {
-    conn: Mutex<Connection>,
+    conn: Mutex<Conn>,
+    /// How to connect again after a PostgreSQL connection is lost.
+    reconnect: Option<postgres::Config>,
     settings: Settings,
 }
+
+/// How many times a transaction that lost a race (PostgreSQL serialization failure) runs.
+const ATTEMPTS: u32 = 30;
 
 fn now() -> i64 {
     util::now_unix()
@@ -450,13 +471,13 @@ fn quota_exceeded(project: &str, count: u32, limit: u32) -> Error {
 }
 
 impl Catalog {
-    /// Opens (creating and migrating) the catalog at `path`.
+    /// Opens (creating and migrating) the SQLite catalog at `path`.
     pub fn open(path: &Path, settings: Settings) -> Result<Catalog> {
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir)
                 .map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
         }
-        let mut conn = Connection::open(path).map_err(|e| {
+        let conn = rusqlite::Connection::open(path).map_err(|e| {
             Error::new(
                 ErrorKind::Unavailable,
                 format!("opening catalog {}", path.display()),
@@ -470,32 +491,92 @@ impl Catalog {
         conn.pragma_update(None, "foreign_keys", "ON").map_err(db)?;
         conn.busy_timeout(std::time::Duration::from_secs(10))
             .map_err(db)?;
-        schema::migrate(&mut conn)?;
-        Ok(Catalog {
-            conn: Mutex::new(conn),
-            settings,
-        })
+        Self::with_conn(Conn::Sqlite(conn), None, settings)
     }
 
-    /// An in-memory catalog (tests).
+    /// An in-memory SQLite catalog (tests).
     pub fn in_memory(settings: Settings) -> Result<Catalog> {
-        let mut conn = Connection::open_in_memory().map_err(db)?;
+        let conn = rusqlite::Connection::open_in_memory().map_err(db)?;
+        Self::with_conn(Conn::Sqlite(conn), None, settings)
+    }
+
+    /// Opens (migrating) the PostgreSQL catalog `config` names (see
+    /// [`postgres_config`](super::config::CatalogConfig)); UNAVAILABLE naming the host when
+    /// the server does not answer.
+    pub fn open_postgres(config: postgres::Config, settings: Settings) -> Result<Catalog> {
+        let conn = Self::connect(&config)?;
+        Self::with_conn(conn, Some(config), settings)
+    }
+
+    fn connect(config: &postgres::Config) -> Result<Conn> {
+        let client = config.connect(postgres::NoTls).map_err(|e| {
+            let hosts: Vec<String> = config
+                .get_hosts()
+                .iter()
+                .map(|h| match h {
+                    postgres::config::Host::Tcp(h) => h.clone(),
+                    postgres::config::Host::Unix(p) => p.display().to_string(),
+                })
+                .collect();
+            let ports = config.get_ports();
+            Error::new(
+                ErrorKind::Unavailable,
+                format!(
+                    "connecting to the PostgreSQL catalog at {}{} (database {}): {}",
+                    hosts.join(","),
+                    ports.first().map(|p| format!(":{p}")).unwrap_or_default(),
+                    config.get_dbname().unwrap_or("(default)"),
+                    DbError::Postgres(e)
+                ),
+            )
+            .with_reason("CATALOG_UNAVAILABLE")
+        })?;
+        Ok(Conn::Postgres(Box::new(backend::PgConn::new(client))))
+    }
+
+    fn with_conn(
+        mut conn: Conn,
+        reconnect: Option<postgres::Config>,
+        settings: Settings,
+    ) -> Result<Catalog> {
         schema::migrate(&mut conn)?;
         Ok(Catalog {
             conn: Mutex::new(conn),
+            reconnect,
             settings,
         })
     }
 
-    /// Runs `f` in one transaction, committed when it returns Ok.
-    fn tx<T>(&self, f: impl FnOnce(&Transaction<'_>) -> Result<T>) -> Result<T> {
+    /// Runs `f` in one transaction, committed when it returns Ok. On PostgreSQL a transaction
+    /// that lost a race with another server's (serialization failure) runs again, up to
+    /// [`ATTEMPTS`] times, after a short randomised pause.
+    fn tx<T>(&self, mut f: impl FnMut(&Tx<'_>) -> Result<T>) -> Result<T> {
         let mut c = self.conn.lock().unwrap_or_else(|p| p.into_inner());
-        let tx = c
-            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
-            .map_err(db)?;
-        let out = f(&tx)?;
-        tx.commit().map_err(db)?;
-        Ok(out)
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            if c.is_closed() {
+                if let Some(config) = &self.reconnect {
+                    *c = Self::connect(config)?;
+                }
+            }
+            let out = c.transaction().map_err(db).and_then(|tx| {
+                let out = f(&tx)?;
+                tx.commit().map_err(db)?;
+                Ok(out)
+            });
+            match out {
+                Err(e) if e.facts().reason == CONFLICT && attempt < ATTEMPTS => {
+                    let jitter = std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map(|d| u64::from(d.subsec_nanos() % 20))
+                        .unwrap_or(7);
+                    let pause = 1 + jitter * u64::from(attempt.min(5));
+                    std::thread::sleep(std::time::Duration::from_millis(pause));
+                }
+                out => return out,
+            }
+        }
     }
 
     // ----- access -----------------------------------------------------------------------
@@ -513,7 +594,7 @@ impl Catalog {
         }
     }
 
-    fn image_row(tx: &Transaction<'_>, r: &ImageRef) -> Result<Option<ImageRow>> {
+    fn image_row(tx: &Tx<'_>, r: &ImageRef) -> Result<Option<ImageRow>> {
         tx.query_row(
             &format!("SELECT {IMAGE_COLS} FROM images WHERE id = ?1 AND project = ?2"),
             params![r.id, r.project],
@@ -523,11 +604,7 @@ impl Catalog {
         .map_err(db)
     }
 
-    fn membership(
-        tx: &Transaction<'_>,
-        image_id: &str,
-        project: &str,
-    ) -> Result<Option<MemberState>> {
+    fn membership(tx: &Tx<'_>, image_id: &str, project: &str) -> Result<Option<MemberState>> {
         let s: Option<String> = tx
             .query_row(
                 "SELECT state FROM members WHERE image_id = ?1 AND member_project = ?2",
@@ -541,12 +618,7 @@ impl Catalog {
 
     /// The image `r` if `who` may `need` it; PERMISSION_DENIED (without saying whether an
     /// image of another project exists) or NOT_FOUND otherwise.
-    fn access(
-        tx: &Transaction<'_>,
-        who: &Principal,
-        r: &ImageRef,
-        need: Need,
-    ) -> Result<ImageView> {
+    fn access(tx: &Tx<'_>, who: &Principal, r: &ImageRef, need: Need) -> Result<ImageView> {
         let me = match who {
             Principal::Admin => None,
             Principal::Project(p) => Some(p.as_str()),
@@ -613,13 +685,13 @@ impl Catalog {
         }
     }
 
-    fn view(tx: &Transaction<'_>, who: &Principal, r: &ImageRef) -> Result<ImageView> {
+    fn view(tx: &Tx<'_>, who: &Principal, r: &ImageRef) -> Result<ImageView> {
         Self::access(tx, who, r, Need::See)
     }
 
     // ----- quotas -------------------------------------------------------------------------
 
-    fn limit_of(&self, tx: &Transaction<'_>, project: &str) -> Result<u32> {
+    fn limit_of(&self, tx: &Tx<'_>, project: &str) -> Result<u32> {
         let l: Option<i64> = tx
             .query_row(
                 "SELECT image_limit FROM projects WHERE name = ?1",
@@ -632,7 +704,7 @@ impl Catalog {
             .unwrap_or(self.settings.default_image_quota))
     }
 
-    fn count_of(tx: &Transaction<'_>, project: &str) -> Result<u32> {
+    fn count_of(tx: &Tx<'_>, project: &str) -> Result<u32> {
         let n: i64 = tx
             .query_row(
                 "SELECT COUNT(*) FROM images WHERE project = ?1 AND state <> 'DELETED'",
@@ -643,7 +715,7 @@ impl Catalog {
         Ok(n as u32)
     }
 
-    fn check_quota(&self, tx: &Transaction<'_>, project: &str) -> Result<()> {
+    fn check_quota(&self, tx: &Tx<'_>, project: &str) -> Result<()> {
         let limit = self.limit_of(tx, project)?;
         let count = Self::count_of(tx, project)?;
         if count >= limit {
@@ -684,7 +756,7 @@ impl Catalog {
 
     // ----- uploads ------------------------------------------------------------------------
 
-    fn upload_row(tx: &Transaction<'_>, project: &str, id: &str) -> Result<Option<UploadRow>> {
+    fn upload_row(tx: &Tx<'_>, project: &str, id: &str) -> Result<Option<UploadRow>> {
         let row = tx
             .query_row(
                 "SELECT id, project, request_id, image_id, version_id, state, created_image, meta, \
@@ -693,18 +765,18 @@ impl Catalog {
                 params![id, project],
                 |r| {
                     Ok((
-                        r.get::<_, String>(0)?,
-                        r.get::<_, String>(1)?,
-                        r.get::<_, String>(2)?,
-                        r.get::<_, String>(3)?,
-                        r.get::<_, String>(4)?,
-                        r.get::<_, String>(5)?,
-                        r.get::<_, i64>(6)?,
-                        r.get::<_, String>(7)?,
-                        r.get::<_, i64>(8)?,
-                        r.get::<_, i64>(9)?,
-                        r.get::<_, i64>(10)?,
-                        r.get::<_, i64>(11)?,
+                        r.get::<String>(0)?,
+                        r.get::<String>(1)?,
+                        r.get::<String>(2)?,
+                        r.get::<String>(3)?,
+                        r.get::<String>(4)?,
+                        r.get::<String>(5)?,
+                        r.get::<i64>(6)?,
+                        r.get::<String>(7)?,
+                        r.get::<i64>(8)?,
+                        r.get::<i64>(9)?,
+                        r.get::<i64>(10)?,
+                        r.get::<i64>(11)?,
                     ))
                 },
             )
@@ -739,7 +811,7 @@ impl Catalog {
     }
 
     /// The upload `u` for `who`.
-    fn upload_for(tx: &Transaction<'_>, who: &Principal, u: &UploadRef) -> Result<UploadRow> {
+    fn upload_for(tx: &Tx<'_>, who: &Principal, u: &UploadRef) -> Result<UploadRow> {
         Self::own_project(who, &u.project, "use uploads")?;
         Self::upload_row(tx, &u.project, &u.id)?.ok_or_else(|| {
             not_found(format!("upload {} does not exist", u.name()))
@@ -748,7 +820,7 @@ impl Catalog {
         })
     }
 
-    fn open_upload_for(tx: &Transaction<'_>, who: &Principal, u: &UploadRef) -> Result<UploadRow> {
+    fn open_upload_for(tx: &Tx<'_>, who: &Principal, u: &UploadRef) -> Result<UploadRow> {
         let up = Self::upload_for(tx, who, u)?;
         if up.state != UploadState::Open {
             return Err(precondition(format!(
@@ -763,7 +835,7 @@ impl Catalog {
     }
 
     /// Notes activity on an open upload: its time, and QUEUED → SAVING/IMPORTING.
-    fn touch(tx: &Transaction<'_>, up: &UploadRow) -> Result<()> {
+    fn touch(tx: &Tx<'_>, up: &UploadRow) -> Result<()> {
         let t = now();
         tx.execute(
             "UPDATE uploads SET update_time = ?1 WHERE id = ?2",
@@ -882,7 +954,7 @@ impl Catalog {
                     self.check_quota(tx, project)?;
                     let id = uuid_like();
                     let seq: i64 = tx
-                        .query_row("SELECT COALESCE(MAX(seq), 0) + 1 FROM images", [], |r| {
+                        .query_row("SELECT COALESCE(MAX(seq), 0) + 1 FROM images", params![], |r| {
                             r.get(0)
                         })
                         .map_err(db)?;
@@ -1104,8 +1176,6 @@ impl Catalog {
                     }
                 }
             }
-            drop(get);
-            drop(put);
             Self::touch(tx, &up)?;
             let n: i64 = tx
                 .query_row(
@@ -1118,7 +1188,7 @@ impl Catalog {
         })
     }
 
-    fn entries_of(tx: &Transaction<'_>, version: &str) -> Result<Vec<(DataChunk, Option<u64>)>> {
+    fn entries_of(tx: &Tx<'_>, version: &str) -> Result<Vec<(DataChunk, Option<u64>)>> {
         let mut st = tx
             .prepare_cached(
                 "SELECT e.idx, e.digest, e.cluster_mask, c.size FROM manifest_entries e \
@@ -1128,10 +1198,10 @@ impl Catalog {
         let rows = st
             .query_map([version], |r| {
                 Ok((
-                    r.get::<_, i64>(0)?,
-                    r.get::<_, String>(1)?,
-                    r.get::<_, i64>(2)?,
-                    r.get::<_, Option<i64>>(3)?,
+                    r.get::<i64>(0)?,
+                    r.get::<String>(1)?,
+                    r.get::<i64>(2)?,
+                    r.get::<Option<i64>>(3)?,
                 ))
             })
             .map_err(db)?;
@@ -1297,7 +1367,7 @@ impl Catalog {
         })
     }
 
-    fn end_upload(tx: &Transaction<'_>, up: &UploadRow, reason: &str) -> Result<()> {
+    fn end_upload(tx: &Tx<'_>, up: &UploadRow, reason: &str) -> Result<()> {
         let t = now();
         tx.execute(
             "UPDATE uploads SET state = 'ABORTED', update_time = ?1 WHERE id = ?2",
@@ -1377,7 +1447,7 @@ impl Catalog {
                 let rows = st
                     .query_map([cutoff], |r| Ok((r.get(0)?, r.get(1)?)))
                     .map_err(db)?;
-                rows.collect::<rusqlite::Result<_>>().map_err(db)?
+                rows.collect::<DbResult<_>>().map_err(db)?
             };
             for (p, id) in &ids {
                 if let Some(up) = Self::upload_row(tx, p, id)? {
@@ -1490,9 +1560,9 @@ impl Catalog {
             let mut rows: Vec<ImageRow> = {
                 let mut st = tx.prepare(&sql).map_err(db)?;
                 let it = st
-                    .query_map(rusqlite::params_from_iter(args.iter()), ImageRow::from_row)
+                    .query_map(args.as_slice(), ImageRow::from_row)
                     .map_err(db)?;
-                it.collect::<rusqlite::Result<_>>().map_err(db)?
+                it.collect::<DbResult<_>>().map_err(db)?
             };
             let next = if rows.len() > size {
                 rows.truncate(size);
@@ -1685,7 +1755,7 @@ impl Catalog {
         })
     }
 
-    fn purge_row(tx: &Transaction<'_>, img: &ImageRow) -> Result<()> {
+    fn purge_row(tx: &Tx<'_>, img: &ImageRow) -> Result<()> {
         tx.execute(
             "DELETE FROM manifest_entries WHERE version_id = ?1",
             [&img.version_id],
@@ -1721,13 +1791,12 @@ impl Catalog {
     pub fn purge_expired(&self, now: i64) -> Result<u64> {
         self.tx(|tx| {
             let rows: Vec<ImageRow> = {
-                let mut st = tx
-                    .prepare(&format!(
-                        "SELECT {IMAGE_COLS} FROM images WHERE state = 'DELETED' AND purge_time <= ?1"
-                    ))
-                    .map_err(db)?;
+                let sql = format!(
+                    "SELECT {IMAGE_COLS} FROM images WHERE state = 'DELETED' AND purge_time <= ?1"
+                );
+                let mut st = tx.prepare(&sql).map_err(db)?;
                 let it = st.query_map([now], ImageRow::from_row).map_err(db)?;
-                it.collect::<rusqlite::Result<_>>().map_err(db)?
+                it.collect::<DbResult<_>>().map_err(db)?
             };
             for img in &rows {
                 tracing::info!(image = %img.name(), "recycle bin: purged after its retention");
@@ -1849,7 +1918,7 @@ impl Catalog {
 
     // ----- sharing ------------------------------------------------------------------------
 
-    fn member_count(tx: &Transaction<'_>, image_id: &str) -> Result<u64> {
+    fn member_count(tx: &Tx<'_>, image_id: &str) -> Result<u64> {
         let n: i64 = tx
             .query_row(
                 "SELECT COUNT(*) FROM members WHERE image_id = ?1",
@@ -1860,7 +1929,7 @@ impl Catalog {
         Ok(n as u64)
     }
 
-    fn member_row(tx: &Transaction<'_>, r: &ImageRef, member: &str) -> Result<Option<MemberRow>> {
+    fn member_row(tx: &Tx<'_>, r: &ImageRef, member: &str) -> Result<Option<MemberRow>> {
         tx.query_row(
             "SELECT state, create_time, update_time FROM members WHERE image_id = ?1 AND \
              member_project = ?2",
@@ -1869,7 +1938,7 @@ impl Catalog {
                 Ok(MemberRow {
                     image: r.clone(),
                     member_project: member.to_string(),
-                    state: MemberState::parse(&x.get::<_, String>(0)?),
+                    state: MemberState::parse(&x.get::<String>(0)?),
                     create_time: x.get(1)?,
                     update_time: x.get(2)?,
                 })
@@ -1978,13 +2047,13 @@ impl Catalog {
                     Ok(MemberRow {
                         image: r.clone(),
                         member_project: x.get(0)?,
-                        state: MemberState::parse(&x.get::<_, String>(1)?),
+                        state: MemberState::parse(&x.get::<String>(1)?),
                         create_time: x.get(2)?,
                         update_time: x.get(3)?,
                     })
                 })
                 .map_err(db)?
-                .collect::<rusqlite::Result<_>>()
+                .collect::<DbResult<_>>()
                 .map_err(db)?;
             let start = (after + 1) as usize;
             let page: Vec<MemberRow> = all.iter().skip(start).take(size).cloned().collect();
@@ -2062,7 +2131,7 @@ impl Catalog {
                 let it = st
                     .query_map(params![cutoff, limit as i64], |r| Ok((r.get(0)?, r.get(1)?)))
                     .map_err(db)?;
-                it.collect::<rusqlite::Result<_>>().map_err(db)?
+                it.collect::<DbResult<_>>().map_err(db)?
             };
             let mut out = Vec::with_capacity(rows.len());
             for (d, size) in rows {
@@ -2081,7 +2150,9 @@ impl Catalog {
     pub fn chunk_digests(&self) -> Result<Vec<Digest>> {
         self.tx(|tx| {
             let mut st = tx.prepare("SELECT digest FROM chunks").map_err(db)?;
-            let it = st.query_map([], |r| r.get::<_, String>(0)).map_err(db)?;
+            let it = st
+                .query_map(params![], |r| r.get::<String>(0))
+                .map_err(db)?;
             let mut out = Vec::new();
             for d in it {
                 let d = d.map_err(db)?;
@@ -2104,7 +2175,7 @@ impl Catalog {
                  (SELECT COUNT(*) FROM manifest_entries WHERE digest = ?1) + \
                  (SELECT COUNT(*) FROM upload_holds WHERE digest = ?1)",
                 [&h],
-                |r| r.get::<_, i64>(0),
+                |r| r.get::<i64>(0),
             )
             .map(|n| n > 0)
             .map_err(db)

@@ -4,8 +4,7 @@
 //! partial unique indexes, `ON CONFLICT DO NOTHING`), so a PostgreSQL backend can run the same
 //! steps.
 
-use rusqlite::{Connection, OptionalExtension};
-
+use super::backend::{params, Conn, OptionalExtension};
 use super::db;
 use crate::error::{internal, Result};
 
@@ -103,18 +102,38 @@ pub fn latest() -> i64 {
 }
 
 /// Brings `conn` to the latest version, one transaction per step. A database newer than this
-/// program is refused.
-pub fn migrate(conn: &mut Connection) -> Result<i64> {
-    conn.execute_batch("CREATE TABLE IF NOT EXISTS schema_version (version BIGINT NOT NULL);")
+/// program is refused. On PostgreSQL, servers starting together migrate one at a time (an
+/// advisory lock held for the migration; a step's transaction is serializable too).
+pub fn migrate(conn: &mut Conn) -> Result<i64> {
+    let pg = matches!(conn, Conn::Postgres(_));
+    if pg {
+        conn.batch("SELECT pg_advisory_lock(7263001)").map_err(db)?;
+    }
+    let out = steps(conn);
+    if pg {
+        let unlock = conn.batch("SELECT pg_advisory_unlock(7263001)").map_err(db);
+        out.and_then(|v| unlock.map(|_| v))
+    } else {
+        out
+    }
+}
+
+fn steps(conn: &mut Conn) -> Result<i64> {
+    conn.batch("CREATE TABLE IF NOT EXISTS schema_version (version BIGINT NOT NULL);")
         .map_err(db)?;
-    let current: i64 = conn
-        .query_row("SELECT MAX(version) FROM schema_version", [], |r| {
-            r.get::<_, Option<i64>>(0)
-        })
-        .optional()
-        .map_err(db)?
-        .flatten()
-        .unwrap_or(0);
+    let current: i64 = {
+        let tx = conn.transaction().map_err(db)?;
+        let v = tx
+            .query_row("SELECT MAX(version) FROM schema_version", params![], |r| {
+                r.get::<Option<i64>>(0)
+            })
+            .optional()
+            .map_err(db)?
+            .flatten()
+            .unwrap_or(0);
+        tx.commit().map_err(db)?;
+        v
+    };
     if current > latest() {
         return Err(internal(format!(
             "the catalog is at schema version {current}, newer than this imagerepo knows ({}): \
@@ -124,8 +143,11 @@ pub fn migrate(conn: &mut Connection) -> Result<i64> {
     }
     for (version, sql) in MIGRATIONS.iter().filter(|m| m.0 > current) {
         let tx = conn.transaction().map_err(db)?;
-        tx.execute_batch(sql).map_err(db)?;
-        tx.execute("DELETE FROM schema_version", []).map_err(db)?;
+        for stmt in sql.split(';').map(str::trim).filter(|s| !s.is_empty()) {
+            tx.execute(stmt, params![]).map_err(db)?;
+        }
+        tx.execute("DELETE FROM schema_version", params![])
+            .map_err(db)?;
         tx.execute(
             "INSERT INTO schema_version (version) VALUES (?1)",
             [version],

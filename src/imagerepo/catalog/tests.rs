@@ -776,7 +776,7 @@ fn the_schema_is_versioned_and_reopening_migrates_nothing() {
     };
     let c = Catalog::open(&p, s).unwrap();
     assert_eq!(c.get_image(&alpha(), &iref(&v)).unwrap().image, v.image);
-    let conn = Connection::open(&p).unwrap();
+    let conn = rusqlite::Connection::open(&p).unwrap();
     let n: i64 = conn
         .query_row("SELECT version FROM schema_version", [], |r| r.get(0))
         .unwrap();

@@ -17,6 +17,17 @@ use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity
 use tonic::Request;
 
 use super::pki::Pki;
+use super::servers::{PgDatabase, Postgres};
+
+/// The catalog backend a test server runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    /// `catalog.db` in the data directory (the default).
+    Sqlite,
+    /// A fresh database of the tests' PostgreSQL ([`Postgres::database`]), the password in an
+    /// owner-only `password_file`.
+    Postgres,
+}
 
 /// A running repository server.
 pub struct RepoServer {
@@ -30,6 +41,8 @@ pub struct RepoServer {
     pub pki: Pki,
     /// `https://127.0.0.1:PORT` of the TLS listener (a new port after each restart).
     pub url: String,
+    /// The PostgreSQL database of the catalog (backend Postgres), dropped after the server.
+    _database: Option<PgDatabase>,
 }
 
 /// A caller: a catalog and a chunk client on one channel, and the project named in every
@@ -54,9 +67,14 @@ impl Caller {
 }
 
 impl RepoServer {
-    /// A server whose config has `extra` appended to its `[catalog]` table and `gc` as its
-    /// `[gc]` table body.
+    /// A server on SQLite whose config has `catalog_toml` appended to its `[catalog]` table
+    /// and `gc_toml` as its `[gc]` table body.
     pub fn start(catalog_toml: &str, gc_toml: &str) -> RepoServer {
+        Self::start_on(Backend::Sqlite, catalog_toml, gc_toml)
+    }
+
+    /// The same on `backend`.
+    pub fn start_on(backend: Backend, catalog_toml: &str, gc_toml: &str) -> RepoServer {
         let dir = tempfile::Builder::new()
             .prefix("imagerepo-test-")
             .tempdir()
@@ -69,6 +87,21 @@ impl RepoServer {
         let data = dir.path().join("data");
         let log = dir.path().join("imagerepo.log");
         let config = dir.path().join("imagerepo.toml");
+        let (database, backend_toml) = match backend {
+            Backend::Sqlite => (None, String::new()),
+            Backend::Postgres => {
+                let db = Postgres::get().database();
+                let (url, password) = db.url_and_password();
+                let pw_file = dir.path().join("catalog.password");
+                std::fs::write(&pw_file, format!("{password}\n")).unwrap();
+                use std::os::unix::fs::PermissionsExt;
+                std::fs::set_permissions(&pw_file, std::fs::Permissions::from_mode(0o600)).unwrap();
+                let toml =
+                    format!("backend = \"postgres\"\nurl = {url:?}\npassword_file = {pw_file:?}\n");
+                (Some(db), toml)
+            }
+        };
+        let catalog_toml = format!("{backend_toml}{catalog_toml}");
         std::fs::write(
             &config,
             format!(
@@ -97,6 +130,7 @@ impl RepoServer {
             config,
             pki,
             url: String::new(),
+            _database: database,
         };
         s.spawn();
         s

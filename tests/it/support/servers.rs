@@ -1,7 +1,7 @@
 //! Real remote servers for the stream-target tests, and a TCP proxy that breaks connections.
 //!
-//! [`Glance::get`], [`Keystone::get`] and [`S3::get`] (once per test binary) run
-//! `tests/servers/{glance,keystone,s3}.sh start`, which install the server on first use
+//! [`Glance::get`], [`Keystone::get`], [`S3::get`] and [`Postgres::get`] (once per test
+//! binary) run `tests/servers/{glance,keystone,s3,postgres}.sh start`, which install the server on first use
 //! (Debian's glance-api by apt, about 2–3.5 minutes; python3-keystone by apt, seconds after
 //! that; s3s-fs by `cargo install`, about 4–5 minutes), start it on 127.0.0.1 and print its
 //! endpoint. `Keystone` comes with a second Glance that validates Keystone tokens and is listed
@@ -156,6 +156,92 @@ impl Keystone {
                 "real Keystone unavailable (needs root, apt access for python3-keystone \
                  glance-api, curl): {e}"
             ),
+        }
+    }
+}
+
+/// A PostgreSQL cluster of the tests' own (see tests/servers/postgres.sh): Debian's
+/// `postgresql` package, 127.0.0.1:15432, a role that may create databases.
+#[derive(Debug)]
+pub struct Postgres {
+    /// `postgresql://USER:PASSWORD@127.0.0.1:15432/DB`, the role's own database.
+    pub url: String,
+}
+
+static POSTGRES: OnceLock<Result<Postgres, String>> = OnceLock::new();
+static PG_DATABASES: AtomicUsize = AtomicUsize::new(0);
+
+impl Postgres {
+    /// The server, started (and installed) on first use in this test binary.
+    pub fn get() -> &'static Postgres {
+        let s =
+            POSTGRES.get_or_init(|| run_script("postgres.sh", "start").map(|url| Postgres { url }));
+        match s {
+            Ok(s) => s,
+            Err(e) => panic!(
+                "real PostgreSQL server unavailable (needs Debian's postgresql package, root to \
+                 install it and to run pg_ctl as the postgres user): {e}"
+            ),
+        }
+    }
+
+    /// A new, empty database of the test role (one per test server, so tests run in
+    /// parallel), dropped when the handle drops.
+    pub fn database(&self) -> PgDatabase {
+        let n = PG_DATABASES.fetch_add(1, Ordering::SeqCst);
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .subsec_nanos();
+        let name = format!("imaged_t_{}_{n}_{nanos}", std::process::id());
+        self.psql(&format!("CREATE DATABASE {name}"))
+            .unwrap_or_else(|e| panic!("creating test database {name}: {e}"));
+        let (base, _) = self.url.rsplit_once('/').expect("url ends in /DB");
+        PgDatabase {
+            url: format!("{base}/{name}"),
+            name,
+        }
+    }
+
+    /// Runs `sql` with psql as the test role.
+    fn psql(&self, sql: &str) -> Result<(), String> {
+        let out = Command::new("psql")
+            .args(["-X", "-q", "-v", "ON_ERROR_STOP=1", &self.url, "-c", sql])
+            .stdin(Stdio::null())
+            .output()
+            .map_err(|e| format!("cannot run psql (Debian package postgresql-client): {e}"))?;
+        if !out.status.success() {
+            return Err(String::from_utf8_lossy(&out.stderr).into_owned());
+        }
+        Ok(())
+    }
+}
+
+/// A test database ([`Postgres::database`]).
+#[derive(Debug)]
+pub struct PgDatabase {
+    pub name: String,
+    /// Its URL, with the password.
+    pub url: String,
+}
+
+impl PgDatabase {
+    /// The URL without the password, and the password.
+    pub fn url_and_password(&self) -> (String, String) {
+        let (scheme, rest) = self.url.split_once("://").expect("url");
+        let (userinfo, host) = rest.split_once('@').expect("url with user");
+        let (user, pw) = userinfo.split_once(':').expect("url with password");
+        (format!("{scheme}://{user}@{host}"), pw.to_string())
+    }
+}
+
+impl Drop for PgDatabase {
+    fn drop(&mut self) {
+        if let Err(e) = Postgres::get().psql(&format!(
+            "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+            self.name
+        )) {
+            eprintln!("dropping test database {}: {e}", self.name);
         }
     }
 }
