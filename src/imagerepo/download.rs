@@ -372,14 +372,19 @@ pub trait ImageSource: Send + Sync {
 /// Bytes a link of `format` serves for an image of `virtual_size` with data chunks `chunks`;
 /// 0 when it cannot be served in that format (see [`try_image_len`] for why).
 pub fn image_len(virtual_size: u64, chunks: &[DataChunk], format: LinkFormat) -> u64 {
-    try_image_len(virtual_size, chunks, format).unwrap_or(0)
+    try_image_len("image", virtual_size, chunks, format).unwrap_or(0)
 }
 
 /// Bytes a link of `format` serves, or why it cannot: a manifest entry beyond the virtual
 /// size or listed twice, or (qcow2) a virtual size that is not whole 512-byte sectors. The
 /// server calls this when it makes a link, so a link it hands out can be served.
-pub fn try_image_len(virtual_size: u64, chunks: &[DataChunk], format: LinkFormat) -> Result<u64> {
-    Ok(Body::new("image", virtual_size, chunks.to_vec(), format)?.len())
+pub fn try_image_len(
+    image: &str,
+    virtual_size: u64,
+    chunks: &[DataChunk],
+    format: LinkFormat,
+) -> Result<u64> {
+    Ok(Body::new(image, virtual_size, chunks.to_vec(), format)?.len())
 }
 
 /// The generator of one image version's bytes in one format.
@@ -1510,7 +1515,7 @@ mod tests {
 
     #[test]
     fn qcow2_needs_whole_sectors() {
-        let e = try_image_len(1000, &[], LinkFormat::Qcow2).unwrap_err();
+        let e = try_image_len("i", 1000, &[], LinkFormat::Qcow2).unwrap_err();
         assert_eq!(reason(&e), "QCOW2_UNSUPPORTED");
         assert_eq!(image_len(1000, &[], LinkFormat::Qcow2), 0);
         assert_eq!(image_len(1000, &[], LinkFormat::Raw), 1000);
@@ -1519,6 +1524,6 @@ mod tests {
             digest: [0; 32],
             mask: 1,
         };
-        assert!(try_image_len(CHUNK_SIZE, &[bad], LinkFormat::Raw).is_err());
+        assert!(try_image_len("i", CHUNK_SIZE, &[bad], LinkFormat::Raw).is_err());
     }
 }

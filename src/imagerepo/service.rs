@@ -919,7 +919,7 @@ impl pb::image_catalog_server::ImageCatalog for RepoService {
                 };
                 // Refusals as everywhere: the caller must be able to use the image.
                 let (v, entries) = repo.catalog.manifest(&who, &i)?;
-                let size = try_image_len(v.image.virtual_size, &entries, format)?;
+                let size = try_image_len(&v.image.name(), v.image.virtual_size, &entries, format)?;
                 let expires = crate::util::now_unix().max(0) as u64 + ttl;
                 let token = links.signer.sign(&LinkClaim {
                     image: v.image.name(),

@@ -893,20 +893,7 @@ async fn a_recorded_chunk_whose_file_is_lost_is_asked_for_again_before_commit(ba
             .unwrap(),
         chunks[1].data
     );
-    // Download links: the caller's right to the image is checked; the link itself is not
-    // served by this build yet (UNIMPLEMENTED, reason DOWNLOAD_NOT_WIRED).
-    let st = c
-        .catalog
-        .create_download_link(c.req(pb::CreateDownloadLinkRequest {
-            name: img.name.clone(),
-            ..Default::default()
-        }))
-        .await
-        .unwrap_err();
-    assert_eq!(
-        (st.code(), reason(&st)),
-        (Code::Unimplemented, "DOWNLOAD_NOT_WIRED".into())
-    );
+    // A download link checks the caller's right to the image.
     let mut beta = srv.service("beta").await;
     let st = beta
         .catalog
@@ -971,7 +958,27 @@ async fn a_download_link_serves_raw_and_qcow2_with_ranges_until_a_recapture_ends
 ) {
     let srv = RepoServer::start_on(backend, "", "");
     let mut c = srv.service("alpha").await;
-    let (size, chunks) = disk(41);
+    // qcow2 counts whole 512-byte sectors: a disk of another size is refused for qcow2 links.
+    let (odd_size, odd) = disk(40);
+    let odd_img = capture(&mut c, "alpha", "odd", "", odd_size, &odd)
+        .await
+        .unwrap();
+    let st = c
+        .catalog
+        .create_download_link(c.req(pb::CreateDownloadLinkRequest {
+            name: odd_img.name.clone(),
+            format: pb::ImageFormat::Qcow2 as i32,
+            ttl: None,
+        }))
+        .await
+        .unwrap_err();
+    assert_eq!(st.code(), Code::FailedPrecondition, "{st:?}");
+    assert!(st.message().contains(&odd_img.name), "{st:?}");
+    let size = 2 * CHUNK + 4096;
+    let chunks = vec![
+        TestChunk::new(0, 41, CHUNK as usize),
+        TestChunk::new(2, 42, 4096),
+    ];
     let img = capture(&mut c, "alpha", "web", "", size, &chunks)
         .await
         .unwrap();
@@ -1066,7 +1073,7 @@ async fn a_download_link_serves_raw_and_qcow2_with_ranges_until_a_recapture_ends
     assert_eq!(st.code(), Code::InvalidArgument, "{st:?}");
 
     // Recapturing the tag makes a new version: the old link ends (410), never other bytes.
-    let (_, changed) = disk(42);
+    let changed = vec![TestChunk::new(1, 43, CHUNK as usize)];
     capture(&mut c, "alpha", "web", "", size, &changed)
         .await
         .unwrap();
