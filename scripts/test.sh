@@ -27,7 +27,8 @@ scripts/install-deps.sh
 # grpcio, grpcio-tools, grpcio-reflection (pip) for the Python client test (tests/it/python_client.rs).
 scripts/install-python-deps.sh
 # Real servers for the Glance and S3 target tests (tests/it/targets.rs): apt glance-api,
-# python3-glance, python3-keystone, curl (no service started through init); cargo s3s-fs.
+# python3-glance, python3-keystone, curl (no service started through init); cargo s3s-fs (also
+# imagerepo's S3 chunks); apt postgresql (imagerepo's second catalog, a cluster of its own).
 for s in glance keystone s3 postgres; do bash tests/servers/$s.sh install; done
 tests/lab/start-libvirt.sh
 tests/lab/build-guest.sh >/dev/null
