@@ -90,8 +90,11 @@ start() {
   fi
   # The bucket is a directory of the root; creating it here needs no signed CreateBucket call.
   mkdir -p "$DATA/$BUCKET"
-  RUST_LOG="${RUST_LOG:-info}" setsid "$bin" --host 127.0.0.1 --port "$PORT" \
-    --access-key "$ACCESS_KEY" --secret-key "$SECRET_KEY" "$DATA" >>"$LOG" 2>&1 </dev/null &
+  # Started in its own directory: s3s-fs resolves object paths against its working directory,
+  # and a caller's directory can be removed while the server lives on (it then answers every
+  # listing with 500 InternalError, seen after a test run's worktree was deleted).
+  (cd "$BASE" && RUST_LOG="${RUST_LOG:-info}" exec setsid "$bin" --host 127.0.0.1 --port "$PORT" \
+    --access-key "$ACCESS_KEY" --secret-key "$SECRET_KEY" "$DATA" >>"$LOG" 2>&1 </dev/null) &
   echo $! >"$PIDFILE"
   for i in $(seq 1 100); do
     if answers; then
