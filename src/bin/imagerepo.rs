@@ -35,6 +35,7 @@ struct Args {
 }
 
 fn main() -> std::process::ExitCode {
+    imaged::util::limit_malloc_arenas();
     let args = Args::parse();
     let (path, required) = match &args.config {
         Some(p) => (p.clone(), true),
