@@ -168,8 +168,9 @@ start() {
       die "glance-manage db_sync failed: see $LOG"
     echo "$version" >"$BASE/db-synced"
   fi
-  # Own session so that `stop` can end the server and its worker by one process-group id.
-  setsid glance-api --config-file "$CONF" >>"$LOG" 2>&1 </dev/null &
+  # Own session so that `stop` can end the server and its worker by one process-group id; in
+  # its own directory, not the caller's, which may be removed while the server lives on.
+  (cd "$BASE" && exec setsid glance-api --config-file "$CONF" >>"$LOG" 2>&1 </dev/null) &
   echo $! >"$PIDFILE"
   local i
   for i in $(seq 1 240); do

@@ -200,8 +200,9 @@ start() {
     fi
     healthy && die "something else answers on $ENDPOINT: not ours (no live pid in $PIDFILE)"
     setup_keystone
-    setsid keystone-wsgi-public --host 127.0.0.1 --port "$PORT" -- --config-file "$CONF" \
-      >>"$LOG" 2>&1 </dev/null &
+    # In its own directory, not the caller's, which may be removed while the server lives on.
+    (cd "$BASE" && exec setsid keystone-wsgi-public --host 127.0.0.1 --port "$PORT" -- \
+      --config-file "$CONF" >>"$LOG" 2>&1 </dev/null) &
     echo $! >"$PIDFILE"
     for i in $(seq 1 240); do
       healthy && break
