@@ -22,6 +22,7 @@ mod imagerepo;
 mod imagerepo_capture;
 mod imagerepo_cli;
 mod imagerepo_s3;
+mod imagerepo_settings;
 mod imports;
 mod lab_smoke;
 mod live_capture;

@@ -75,6 +75,16 @@ impl RepoServer {
 
     /// The same on `backend`.
     pub fn start_on(backend: Backend, catalog_toml: &str, gc_toml: &str) -> RepoServer {
+        Self::start_full(backend, catalog_toml, gc_toml, true)
+    }
+
+    /// The same, serving download links (on a free port) only when `downloads`.
+    pub fn start_full(
+        backend: Backend,
+        catalog_toml: &str,
+        gc_toml: &str,
+        downloads: bool,
+    ) -> RepoServer {
         let dir = tempfile::Builder::new()
             .prefix("imagerepo-test-")
             .tempdir()
@@ -107,11 +117,16 @@ impl RepoServer {
             format!(
                 "[server]\ndata_dir = {data:?}\nsocket = {socket:?}\ntcp_listen = \"127.0.0.1:0\"\n\
                  log_level = \"debug\"\n{tls}\n[catalog]\n{catalog_toml}\n[gc]\ninterval_secs = 0\n{gc_toml}\n\
-                 [download]\ndownload_listen = \"127.0.0.1:0\"\n\
+                 [download]\n{download}\
                  [[policy]]\nrole = \"service\"\nunix_uids = [0]\n\
                  [[policy]]\nrole = \"admin\"\ntls_subjects = [\"repo-admin\"]\n\
                  [[policy]]\nrole = \"project\"\nproject = \"alpha\"\ntls_subjects = [\"alpha-ui\"]\n",
-                tls = pki.tls_toml()
+                tls = pki.tls_toml(),
+                download = if downloads {
+                    "download_listen = \"127.0.0.1:0\"\n"
+                } else {
+                    ""
+                },
             ),
         )
         .unwrap();
