@@ -26,9 +26,12 @@ use crate::support::api::proto;
 use crate::support::daemon::{assert_identical, Daemon, DaemonOptions};
 use crate::support::lab::{Guest, Lab};
 use crate::support::pki::Pki;
+use crate::support::servers::{PgDatabase, Postgres, S3, S3_LOCK};
 
 const PROJECT: &str = "p1";
 const AGENT_CN: &str = "imaged-agent-1";
+/// A second hypervisor's agent, also a service of the repository.
+const AGENT2_CN: &str = "imaged-agent-2";
 const CHUNK: u64 = 4 << 20;
 
 /// `text` without the terminal colour sequences (`ESC [ ... m`) a log may carry.
@@ -49,9 +52,20 @@ fn strip_ansi(text: &str) -> String {
     out
 }
 
+/// Where the repository keeps its catalog and its chunks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Storage {
+    /// The embedded defaults: SQLite and a chunk directory, both in the data directory.
+    Local,
+    /// A fresh database of the tests' PostgreSQL and a fresh prefix of the tests' S3 bucket.
+    PostgresS3,
+}
+
 /// A running `imagerepo` server, killed on drop.
 struct RepoServer {
     child: Child,
+    /// The catalog's PostgreSQL database ([`Storage::PostgresS3`]), dropped after the server.
+    _database: Option<PgDatabase>,
     dir: tempfile::TempDir,
     socket: PathBuf,
     log: PathBuf,
@@ -113,23 +127,47 @@ impl RepoServer {
         self.child.wait().unwrap();
     }
 
-    /// Starts the server on a free port; `AGENT_CN` is a service, uid 0 on the socket admin.
-    fn start() -> RepoServer {
+    /// Starts the server on a free port, its catalog and chunks on `storage`; `AGENT_CN` and
+    /// `AGENT2_CN` are services, uid 0 on the socket admin.
+    fn start(storage: Storage) -> RepoServer {
         let dir = tempfile::Builder::new()
             .prefix("imagerepo-test-")
             .tempdir()
             .unwrap();
         let pki = Pki::new(&dir.path().join("pki"));
         pki.client(AGENT_CN, None, false);
+        pki.client(AGENT2_CN, None, false);
         let socket = dir.path().join("imagerepo.sock");
         let log = dir.path().join("imagerepo.log");
         let config = dir.path().join("imagerepo.toml");
+        let (database, storage_toml) = match storage {
+            Storage::Local => (None, String::new()),
+            Storage::PostgresS3 => {
+                let db = Postgres::get().database();
+                let (url, password) = db.url_and_password();
+                let pw_file = dir.path().join("catalog.password");
+                std::fs::write(&pw_file, format!("{password}\n")).unwrap();
+                let s3 = S3::get();
+                let prefix = format!(
+                    "imagerepo-capture-{}-{}/",
+                    std::process::id(),
+                    dir.path().file_name().unwrap().to_string_lossy()
+                );
+                let toml = format!(
+                    "[catalog]\nbackend = \"postgres\"\nurl = {url:?}\npassword_file = {pw_file:?}\n\
+                     [chunks]\nbackend = \"s3\"\nendpoint = {:?}\nbucket = {:?}\naccess_key = {:?}\n\
+                     secret_key = {:?}\nprefix = {prefix:?}\n",
+                    s3.endpoint, s3.bucket, s3.access_key, s3.secret_key
+                );
+                (Some(db), toml)
+            }
+        };
         std::fs::write(
             &config,
             format!(
                 "[server]\ndata_dir = {:?}\nsocket = {socket:?}\ntcp_listen = \"127.0.0.1:0\"\nlog_level = \"info\"\n\
-                 [tls]\ncert = {:?}\nkey = {:?}\nclient_ca = {:?}\n\
-                 [[policy]]\nrole = \"service\"\ntls_subjects = [\"{AGENT_CN}\"]\n\
+                 [tls]\ncert = {:?}\nkey = {:?}\nclient_ca = {:?}\n{storage_toml}\
+                 [[policy]]\nrole = \"service\"\ntls_subjects = [\"{AGENT_CN}\", \"{AGENT2_CN}\"]\n\
                  [[policy]]\nrole = \"admin\"\nunix_uids = [0]\n",
                 dir.path().join("data"),
                 pki.dir.join("server.pem"),
@@ -138,6 +176,14 @@ impl RepoServer {
             ),
         )
         .unwrap();
+        // Owner-only: the config and the password file hold secrets, and the server refuses
+        // them when others may read them.
+        for f in [config.clone(), dir.path().join("catalog.password")] {
+            use std::os::unix::fs::PermissionsExt;
+            if f.exists() {
+                std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o600)).unwrap();
+            }
+        }
         let child = Command::new(env!("CARGO_BIN_EXE_imagerepo"))
             .arg("--config")
             .arg(&config)
@@ -162,6 +208,7 @@ impl RepoServer {
         };
         RepoServer {
             child,
+            _database: database,
             dir,
             socket,
             log,
@@ -174,14 +221,19 @@ impl RepoServer {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
-    /// The `[targets.central]` table of a daemon that sends to this server.
+    /// The `[targets.central]` table of a daemon that sends to this server as `AGENT_CN`.
     fn target_toml(&self, extra: &str) -> String {
+        self.target_toml_as(AGENT_CN, extra)
+    }
+
+    /// The same as the agent whose certificate names `cn`.
+    fn target_toml_as(&self, cn: &str, extra: &str) -> String {
         format!(
             "[targets.central]\nkind = \"imagerepo\"\naddress = \"{}\"\nca = {:?}\ncert = {:?}\nkey = {:?}\nproject = \"{PROJECT}\"\n{extra}\n",
             self.url,
             self.pki.dir.join("server-ca.pem"),
-            self.pki.dir.join(format!("{AGENT_CN}.pem")),
-            self.pki.dir.join(format!("{AGENT_CN}.key")),
+            self.pki.dir.join(format!("{cn}.pem")),
+            self.pki.dir.join(format!("{cn}.key")),
         )
     }
 
@@ -381,15 +433,16 @@ fn write_in_guest(guest: &Guest, path: &str, len: usize, seed: u8) {
     guest.shutdown(Duration::from_secs(240));
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_second_capture_of_a_guest_sends_only_what_changed() {
+/// Two captures of one guest, with a file written in between: the second sends a small
+/// fraction of the first's bytes, and both read back identical to the disk.
+async fn second_capture_sends_only_what_changed(storage: Storage, guest_name: &str) {
     let lab = Lab::get();
-    let repo = RepoServer::start();
+    let repo = RepoServer::start(storage);
     let d = Daemon::start_with(DaemonOptions {
         extra_toml: repo.target_toml(""),
         ..Default::default()
     });
-    let guest = lab.guest("irepo").create();
+    let guest = lab.guest(guest_name).create();
     write_in_guest(&guest, "/root/first.bin", 3 << 20, 1);
 
     let first = capture(&d, &repo, &guest, "web", "v1").await;
@@ -422,7 +475,7 @@ async fn a_second_capture_of_a_guest_sends_only_what_changed() {
     );
     assert_eq!(second.received_bytes, second.new_bytes);
     eprintln!(
-        "sent: first capture {} B, second capture {} B ({:.1}%)",
+        "{storage:?}: sent: first capture {} B, second capture {} B ({:.1}%)",
         first.received_bytes,
         second.received_bytes,
         100.0 * second.received_bytes as f64 / first.received_bytes as f64
@@ -430,21 +483,37 @@ async fn a_second_capture_of_a_guest_sends_only_what_changed() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_guest_from_the_same_base_sends_only_what_differs() {
+async fn a_second_capture_of_a_guest_sends_only_what_changed() {
+    second_capture_sends_only_what_changed(Storage::Local, "irepo").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_capture_sends_only_what_changed_on_postgres_and_s3() {
+    let _l = S3_LOCK.read().await;
+    second_capture_sends_only_what_changed(Storage::PostgresS3, "irepo-pg").await;
+}
+
+/// Two agents (two daemons, each with its own certificate, as on two hypervisors) capture two
+/// guests made from the same base image: the second sends only what differs.
+async fn a_sibling_on_another_agent_sends_only_what_differs(storage: Storage, prefix: &str) {
     let lab = Lab::get();
-    let repo = RepoServer::start();
-    let d = Daemon::start_with(DaemonOptions {
+    let repo = RepoServer::start(storage);
+    let agent1 = Daemon::start_with(DaemonOptions {
         extra_toml: repo.target_toml("chunks_in_flight = 2\n"),
         ..Default::default()
     });
+    let agent2 = Daemon::start_with(DaemonOptions {
+        extra_toml: repo.target_toml_as(AGENT2_CN, ""),
+        ..Default::default()
+    });
     // Both system disks are qcow2 overlays over the lab's one base image.
-    let a = lab.guest("irepo-a").create();
-    let b = lab.guest("irepo-b").create();
-    let first = capture(&d, &repo, &a, "base-a", "").await;
+    let a = lab.guest(&format!("{prefix}-a")).create();
+    let b = lab.guest(&format!("{prefix}-b")).create();
+    let first = capture(&agent1, &repo, &a, "base-a", "").await;
     assert!(first.new_bytes > 64 << 20, "{}", first.new_bytes);
 
     write_in_guest(&b, "/root/b.bin", 6 << 20, 3);
-    let second = capture(&d, &repo, &b, "guest-b", "").await;
+    let second = capture(&agent2, &repo, &b, "guest-b", "").await;
     assert_ne!(second.image, first.image);
     assert!(second.new_bytes >= 6 << 20, "{}", second.new_bytes);
     assert!(
@@ -454,7 +523,7 @@ async fn a_guest_from_the_same_base_sends_only_what_differs() {
         first.received_bytes
     );
     eprintln!(
-        "sent: first guest {} B, sibling {} B ({:.1}%)",
+        "{storage:?}: sent: first guest {} B (agent 1), sibling {} B (agent 2) ({:.1}%)",
         first.received_bytes,
         second.received_bytes,
         100.0 * second.received_bytes as f64 / first.received_bytes as f64
@@ -462,10 +531,21 @@ async fn a_guest_from_the_same_base_sends_only_what_differs() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_guest_from_the_same_base_sends_only_what_differs() {
+    a_sibling_on_another_agent_sends_only_what_differs(Storage::Local, "irepo").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_guest_from_the_same_base_sends_only_what_differs_on_postgres_and_s3() {
+    let _l = S3_LOCK.read().await;
+    a_sibling_on_another_agent_sends_only_what_differs(Storage::PostgresS3, "irepo-pg").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unreachable_repository_refuses_the_capture_at_once() {
     let lab = Lab::get();
     // The server's port, with nothing listening on it any more: the repository is down.
-    let mut repo = RepoServer::start();
+    let mut repo = RepoServer::start(Storage::Local);
     let url = repo.url.clone();
     let toml = repo.target_toml("connect_timeout_secs = 3\n");
     repo.kill();
@@ -498,7 +578,7 @@ async fn an_unreachable_repository_refuses_the_capture_at_once() {
 async fn a_capture_resumes_after_the_repository_restarts_within_the_bandwidth_cap() {
     const CAP: u64 = 32 << 20;
     let lab = Lab::get();
-    let mut repo = RepoServer::start();
+    let mut repo = RepoServer::start(Storage::Local);
     let d = Daemon::start_with(DaemonOptions {
         extra_toml: repo.target_toml(&format!("bandwidth_limit = {CAP}\nretry_secs = 120\n")),
         ..Default::default()
