@@ -142,6 +142,28 @@ pub fn is_zero(buf: &[u8]) -> bool {
         && blocks.remainder().iter().all(|&b| b == 0)
 }
 
+/// How many glibc malloc arenas a daemon keeps unless `MALLOC_ARENA_MAX` says otherwise.
+pub const DAEMON_MALLOC_ARENAS: i32 = 2;
+
+/// Caps glibc's malloc arenas for a long-running daemon, before it starts any thread.
+///
+/// The data path allocates multi-MiB buffers on many runtime and blocking threads; by default
+/// glibc gives each thread that contends an arena of its own (up to 8 per core) and keeps the
+/// freed memory of each, so resident memory creeps up with every new thread that ever ran a
+/// capture. Two arenas keep it flat at no measurable cost to throughput. Done in the process
+/// rather than only in the systemd unit, so a daemon started by hand or by the tests behaves the
+/// same. An admin's `MALLOC_ARENA_MAX` in the environment wins (glibc reads it itself).
+pub fn limit_malloc_arenas() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    if std::env::var_os("MALLOC_ARENA_MAX").is_none() {
+        // SAFETY: mallopt only sets an allocator tunable; it is called from `main` before any
+        // other thread exists, and M_ARENA_MAX takes any positive int.
+        unsafe {
+            libc::mallopt(libc::M_ARENA_MAX, DAEMON_MALLOC_ARENAS);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -186,27 +208,5 @@ mod tests {
         write_atomic(&p, b"two").unwrap();
         assert_eq!(std::fs::read(&p).unwrap(), b"two");
         assert_eq!(std::fs::read_dir(d.path()).unwrap().count(), 1);
-    }
-}
-
-/// How many glibc malloc arenas a daemon keeps unless `MALLOC_ARENA_MAX` says otherwise.
-pub const DAEMON_MALLOC_ARENAS: i32 = 2;
-
-/// Caps glibc's malloc arenas for a long-running daemon, before it starts any thread.
-///
-/// The data path allocates multi-MiB buffers on many runtime and blocking threads; by default
-/// glibc gives each thread that contends an arena of its own (up to 8 per core) and keeps the
-/// freed memory of each, so resident memory creeps up with every new thread that ever ran a
-/// capture. Two arenas keep it flat at no measurable cost to throughput. Done in the process
-/// rather than only in the systemd unit, so a daemon started by hand or by the tests behaves the
-/// same. An admin's `MALLOC_ARENA_MAX` in the environment wins (glibc reads it itself).
-pub fn limit_malloc_arenas() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    if std::env::var_os("MALLOC_ARENA_MAX").is_none() {
-        // SAFETY: mallopt only sets an allocator tunable; it is called from `main` before any
-        // other thread exists, and M_ARENA_MAX takes any positive int.
-        unsafe {
-            libc::mallopt(libc::M_ARENA_MAX, DAEMON_MALLOC_ARENAS);
-        }
     }
 }
