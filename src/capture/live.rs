@@ -19,11 +19,10 @@ use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::source::{connect_unix, BlockSource};
+use super::source::{connect_unix, BlockSource, DiskReader, NbdReader};
 use crate::error::{Error, ErrorKind, Result};
 use crate::guest::agent::FreezeStatus;
 use crate::hypervisor::{BackupHandle, Hypervisor};
-use crate::nbd::NbdClient;
 
 /// Time allowed for one guest agent command while making sure a guest is thawed.
 const AGENT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -213,8 +212,9 @@ pub fn job_gone(res: &Result<()>) -> bool {
 
 #[tonic::async_trait]
 impl BlockSource for BackupExport {
-    async fn connect(&self) -> Result<NbdClient> {
-        connect_unix(&self.backup.socket, &self.backup.export, &self.describe).await
+    async fn reader(&self) -> Result<Box<dyn DiskReader>> {
+        let c = connect_unix(&self.backup.socket, &self.backup.export, &self.describe).await?;
+        Ok(Box::new(NbdReader::new(c, &self.describe)))
     }
 
     fn describe(&self) -> &str {

@@ -1,7 +1,7 @@
 //! The capture pipeline: one road for every byte.
 //!
 //! ```text
-//! block source (NBD: extent map + reads) ──► chunker (4 MiB, zero detection, sha256) ──► sink
+//! block source (extent map + reads) ──► chunker (4 MiB, zero detection, sha256) ──► sink
 //! ```
 //!
 //! 0. The virtual size is checked against the configured maximum before anything is read.
@@ -20,6 +20,7 @@
 //!
 //! Cancellation is checked before every chunk, so a cancel stops the read within one chunk.
 
+pub mod file;
 pub mod inspect;
 pub mod live;
 pub mod source;
@@ -31,11 +32,11 @@ use std::sync::{Arc, Mutex};
 use sha2::{Digest as _, Sha256};
 
 use crate::error::{Error, ErrorKind, Result};
-use crate::nbd::{Extent, NbdClient};
+use crate::nbd::Extent;
 use crate::progress::{CancelToken, Progress};
 use crate::repo::manifest::{chunk_len, cluster_mask, DataChunk, Digest, CHUNK_SIZE};
 use crate::repo::{ChunkStore, PutOutcome};
-use source::{BlockSource, BASE_ALLOCATION};
+use source::{BlockSource, DiskReader};
 
 /// What the pipeline produced: the data chunks of the image, ascending by index.
 #[derive(Debug)]
@@ -45,29 +46,25 @@ pub struct Captured {
     pub data_bytes: u64,
 }
 
-/// Connects to `export`, refuses it when larger than `max_virtual_size`, and reads its
-/// allocation map: the connection, the virtual size and the `base:allocation` extents.
+/// Opens a reader of `export`, refuses the disk when larger than `max_virtual_size`, and reads
+/// its allocation map: the reader, the virtual size and the extents.
 pub(crate) async fn open_mapped(
     export: &dyn BlockSource,
     max_virtual_size: u64,
-) -> Result<(NbdClient, u64, Vec<Extent>)> {
-    let mut c = export.connect().await?;
-    let size = c.size();
+) -> Result<(Box<dyn DiskReader>, u64, Vec<Extent>)> {
+    let mut r = export.reader().await?;
+    let size = r.size();
     if let Err(e) = check_virtual_size(size, max_virtual_size, export.describe()) {
-        let _ = c.disconnect().await;
+        r.close().await;
         return Err(e);
     }
-    let extents = c
-        .allocation_map(BASE_ALLOCATION, 0, size)
-        .await
-        .map_err(|e| {
-            Error::new(
-                ErrorKind::Internal,
-                format!("reading the allocation map of {}", export.describe()),
-            )
-            .with_source(e)
-        })?;
-    Ok((c, size, extents))
+    match r.allocation_map().await {
+        Ok(extents) => Ok((r, size, extents)),
+        Err(e) => {
+            r.close().await;
+            Err(e)
+        }
+    }
 }
 
 /// Refuses a disk larger than `max` bytes (the `[repository] max_virtual_size` setting)
@@ -116,12 +113,20 @@ pub async fn run(
     let next = Arc::new(Cursor::new(runs));
     let mut clients = vec![first];
     for _ in 1..readers.max(1) {
-        clients.push(export.connect().await?);
+        match export.reader().await {
+            Ok(r) => clients.push(r),
+            Err(e) => {
+                for c in clients {
+                    c.close().await;
+                }
+                return Err(e);
+            }
+        }
     }
     let mut tasks = tokio::task::JoinSet::new();
     for client in clients {
         let w = Worker {
-            client,
+            client: Some(client),
             size,
             extents: extents.clone(),
             next: next.clone(),
@@ -129,7 +134,6 @@ pub async fn run(
             sink: sink.clone(),
             progress: progress.clone(),
             cancel: cancel.clone(),
-            describe: export.describe().to_string(),
         };
         tasks.spawn(w.run());
     }
@@ -228,7 +232,7 @@ impl Cursor {
 }
 
 struct Worker {
-    client: NbdClient,
+    client: Option<Box<dyn DiskReader>>,
     size: u64,
     extents: Arc<Vec<Extent>>,
     next: Arc<Cursor>,
@@ -236,7 +240,6 @@ struct Worker {
     sink: Arc<dyn ChunkStore>,
     progress: Arc<Progress>,
     cancel: CancelToken,
-    describe: String,
 }
 
 /// What hashing and storing one chunk gave: its buffer back, and the entry (None: all zeros).
@@ -253,7 +256,9 @@ impl Worker {
         if let Some((_, _, handle)) = pending.take() {
             let _ = handle.await;
         }
-        let _ = self.client.disconnect().await;
+        if let Some(c) = self.client.take() {
+            c.close().await;
+        }
         res
     }
 
@@ -267,7 +272,9 @@ impl Worker {
             self.cancel.check()?;
             let next = self.next_data_chunk();
             if let Some((i, len, ref ranges)) = next {
-                self.read_chunk(i, len, ranges, &mut free).await?;
+                free = self
+                    .read_chunk(i, len, ranges, std::mem::take(&mut free))
+                    .await?;
             }
             if let Some((pi, plen, handle)) = pending.take() {
                 let (buf, outcome) = handle.await.map_err(|e| {
@@ -321,40 +328,31 @@ impl Worker {
         }
     }
 
-    /// Reads the data ranges of chunk `i` into `buf`, zeroing the rest.
+    /// Reads the data ranges of chunk `i` into `buf`, zeroing the rest; returns the buffer.
     async fn read_chunk(
         &mut self,
         i: usize,
         len: u64,
         ranges: &[std::ops::Range<u64>],
-        buf: &mut [u8],
-    ) -> Result<()> {
+        mut buf: Vec<u8>,
+    ) -> Result<Vec<u8>> {
         let start = i as u64 * CHUNK_SIZE;
-        let chunk = &mut buf[..len as usize];
-        chunk.fill(0);
+        buf[..len as usize].fill(0);
+        let client = self
+            .client
+            .as_mut()
+            .ok_or_else(|| Error::new(ErrorKind::Internal, "capture worker without a reader"))?;
         let mut read = 0;
         for r in ranges {
             let lo = (r.start - start) as usize;
             let hi = (r.end - start) as usize;
-            self.client
-                .read(r.start, &mut chunk[lo..hi])
-                .await
-                .map_err(|e| {
-                    Error::new(
-                        ErrorKind::Internal,
-                        format!(
-                            "reading {} bytes at offset {} of {}",
-                            hi - lo,
-                            r.start,
-                            self.describe
-                        ),
-                    )
-                    .with_source(e)
-                })?;
+            let (back, res) = client.read(r.start, buf, lo..hi).await;
+            buf = back;
+            res?;
             read += r.end - r.start;
         }
         self.progress.bytes_read.fetch_add(read, Ordering::Relaxed);
-        Ok(())
+        Ok(buf)
     }
 
     /// Counts a hashed chunk and puts its entry in the manifest.

@@ -25,18 +25,100 @@ use tokio::io::AsyncReadExt;
 use tokio::process::{Child, Command};
 
 use crate::error::{Error, ErrorKind, Result};
-use crate::nbd::{ConnectOptions, NbdClient};
+use crate::nbd::{ConnectOptions, Extent, NbdClient};
 
 /// The NBD meta context that reports holes and zeros.
 pub const BASE_ALLOCATION: &str = "base:allocation";
 
-/// Something the data path can open NBD connections to.
+/// Something the data path reads a disk from: it opens one [`DiskReader`] per worker.
 #[tonic::async_trait]
 pub trait BlockSource: Send + Sync {
-    /// Opens one more client connection with `base:allocation` negotiated.
-    async fn connect(&self) -> Result<NbdClient>;
+    /// Opens one more reader (an NBD connection with `base:allocation` negotiated, or the
+    /// disk file read in process).
+    async fn reader(&self) -> Result<Box<dyn DiskReader>>;
     /// What is read, for messages ("/var/lib/x.qcow2 (qcow2)", "domain web1 disk vda").
     fn describe(&self) -> &str;
+}
+
+/// One reader of a block source, owned by one worker at a time.
+#[tonic::async_trait]
+pub trait DiskReader: Send {
+    /// The disk's virtual size in bytes.
+    fn size(&self) -> u64;
+    /// The whole disk's extents, in order and covering it: data, or known zeros
+    /// ([`crate::nbd::NBD_STATE_ZERO`]).
+    async fn allocation_map(&mut self) -> Result<Vec<Extent>>;
+    /// Reads `at.len()` bytes of the disk at `offset` into `buf[at]`. The buffer goes by value
+    /// so that a reader may fill it on another thread; it always comes back, with the outcome.
+    async fn read(
+        &mut self,
+        offset: u64,
+        buf: Vec<u8>,
+        at: std::ops::Range<usize>,
+    ) -> (Vec<u8>, Result<()>);
+    /// Ends the reader (an NBD connection says goodbye to its server).
+    async fn close(self: Box<Self>);
+}
+
+/// An NBD connection as a [`DiskReader`], naming what it reads in its errors.
+pub struct NbdReader {
+    client: NbdClient,
+    describe: String,
+}
+
+impl NbdReader {
+    /// `client`, reading what `describe` names.
+    pub fn new(client: NbdClient, describe: &str) -> NbdReader {
+        NbdReader {
+            client,
+            describe: describe.to_string(),
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl DiskReader for NbdReader {
+    fn size(&self) -> u64 {
+        self.client.size()
+    }
+
+    async fn allocation_map(&mut self) -> Result<Vec<Extent>> {
+        let size = self.client.size();
+        self.client
+            .allocation_map(BASE_ALLOCATION, 0, size)
+            .await
+            .map_err(|e| {
+                Error::new(
+                    ErrorKind::Internal,
+                    format!("reading the allocation map of {}", self.describe),
+                )
+                .with_source(e)
+            })
+    }
+
+    async fn read(
+        &mut self,
+        offset: u64,
+        mut buf: Vec<u8>,
+        at: std::ops::Range<usize>,
+    ) -> (Vec<u8>, Result<()>) {
+        let len = at.len();
+        let res = self.client.read(offset, &mut buf[at]).await.map_err(|e| {
+            Error::new(
+                ErrorKind::Internal,
+                format!(
+                    "reading {len} bytes at offset {offset} of {}",
+                    self.describe
+                ),
+            )
+            .with_source(e)
+        });
+        (buf, res)
+    }
+
+    async fn close(self: Box<Self>) {
+        let _ = self.client.disconnect().await;
+    }
 }
 
 /// Connects to the NBD server on `socket` (export `export`) with `base:allocation`.
@@ -208,8 +290,9 @@ impl NbdExport {
 
 #[tonic::async_trait]
 impl BlockSource for NbdExport {
-    async fn connect(&self) -> Result<NbdClient> {
-        connect_unix(&self.socket, "", &self.describe).await
+    async fn reader(&self) -> Result<Box<dyn DiskReader>> {
+        let c = connect_unix(&self.socket, "", &self.describe).await?;
+        Ok(Box::new(NbdReader::new(c, &self.describe)))
     }
 
     fn describe(&self) -> &str {

@@ -15,16 +15,16 @@ use std::ops::Range;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use futures_util::stream::{FuturesOrdered, StreamExt};
 use tokio::sync::{mpsc, Mutex};
 
-use super::source::BlockSource;
+use super::source::{BlockSource, DiskReader};
 use super::{CancelToken, Progress};
 use crate::error::{Error, ErrorKind, Result};
 use crate::format::qcow2::{clusters_covering, Qcow2Layout};
 use crate::format::Format;
-use crate::nbd::{Extent, NbdClient, NBD_STATE_ZERO};
+use crate::nbd::{Extent, NBD_STATE_ZERO};
 
 pub use crate::format::ByteStream;
 
@@ -59,7 +59,7 @@ impl StreamPlan {
         max_virtual_size: u64,
     ) -> Result<StreamPlan> {
         let (c, virtual_size, extents) = super::open_mapped(export, max_virtual_size).await?;
-        let _ = c.disconnect().await;
+        c.close().await;
         Self::from_extents(virtual_size, extents, format)
     }
 
@@ -182,20 +182,19 @@ async fn produce(
     progress
         .bytes_total
         .store(plan.virtual_size, Ordering::Relaxed);
-    let (pool_tx, pool_rx) = mpsc::channel::<NbdClient>(readers);
+    let (pool_tx, pool_rx) = mpsc::channel::<Box<dyn DiskReader>>(readers);
     for _ in 0..readers {
-        let c = export.connect().await?;
+        let c = export.reader().await?;
         let _ = pool_tx.send(c).await;
     }
     let pool = Arc::new((pool_tx, Mutex::new(pool_rx)));
-    let describe = Arc::new(export.describe().to_string());
     let mut inflight = FuturesOrdered::new();
     let mut segments = plan.segments();
     let mut done = false;
     loop {
         while !done && inflight.len() < readers {
             match segments.next() {
-                Some(seg) => inflight.push_back(fetch(seg, pool.clone(), describe.clone())),
+                Some(seg) => inflight.push_back(fetch(seg, pool.clone())),
                 None => done = true,
             }
         }
@@ -225,15 +224,18 @@ async fn produce(
     }
     let mut rx = pool.1.lock().await;
     while let Ok(c) = rx.try_recv() {
-        let _ = c.disconnect().await;
+        c.close().await;
     }
     Ok(())
 }
 
-type Pool = Arc<(mpsc::Sender<NbdClient>, Mutex<mpsc::Receiver<NbdClient>>)>;
+type Pool = Arc<(
+    mpsc::Sender<Box<dyn DiskReader>>,
+    Mutex<mpsc::Receiver<Box<dyn DiskReader>>>,
+)>;
 
 /// One segment's bytes, plus the guest bytes it covers and whether they were read.
-async fn fetch(seg: Segment, pool: Pool, describe: Arc<String>) -> Result<(Bytes, u64, bool)> {
+async fn fetch(seg: Segment, pool: Pool) -> Result<(Bytes, u64, bool)> {
     match seg {
         Segment::Bytes(b) => Ok((b, 0, false)),
         Segment::Zeros(n) => Ok((Bytes::from_static(&ZEROS[..n as usize]), n, false)),
@@ -244,17 +246,11 @@ async fn fetch(seg: Segment, pool: Pool, describe: Arc<String>) -> Result<(Bytes
                     .await
                     .ok_or_else(|| Error::new(ErrorKind::Internal, "NBD connection pool closed"))?
             };
-            let mut buf = BytesMut::zeroed((len + pad) as usize);
-            let res = client.read(offset, &mut buf[..len as usize]).await;
+            let buf = vec![0u8; (len + pad) as usize];
+            let (buf, res) = client.read(offset, buf, 0..len as usize).await;
             let _ = pool.0.send(client).await;
-            res.map_err(|e| {
-                Error::new(
-                    ErrorKind::Internal,
-                    format!("reading {len} bytes at offset {offset} of {describe}"),
-                )
-                .with_source(e)
-            })?;
-            Ok((buf.freeze(), len, true))
+            res?;
+            Ok((Bytes::from(buf), len, true))
         }
     }
 }

@@ -48,6 +48,14 @@ pub mod mode;
 pub mod operation;
 pub mod prep;
 pub mod store;
+/// What an import reads its file through.
+enum ImportSource {
+    /// A raw file, read in process.
+    Raw(RawFile),
+    /// qcow2, served by qemu-nbd.
+    Nbd(NbdExport),
+}
+
 #[cfg(test)]
 mod tests;
 
@@ -58,6 +66,7 @@ use std::time::Duration;
 
 use tokio::sync::Semaphore;
 
+use crate::capture::file::RawFile;
 use crate::capture::inspect::SourceFile;
 use crate::capture::source::NbdExport;
 use crate::config::Config;
@@ -619,9 +628,23 @@ impl Controller {
         let _permit = self.slot(op).await?;
         op.set_state(OpState::Preparing);
         let cfg = &self.inner.cfg.capture;
-        let export =
-            NbdExport::start_file(&cfg.qemu_nbd, &source, &cfg.run_dir, &op.id, cfg.readers)
-                .await?;
+        // A raw file is read in process through the inspected descriptor; qcow2 by qemu-nbd,
+        // which inherits that descriptor.
+        let export = if source.format() == "raw" {
+            let file = source.file().try_clone().map_err(|e| {
+                Error::io(
+                    format!("duplicating the descriptor of {}", source.path().display()),
+                    e,
+                )
+            })?;
+            let describe = format!("{} (raw)", source.path().display());
+            ImportSource::Raw(RawFile::from_file(file, describe)?)
+        } else {
+            ImportSource::Nbd(
+                NbdExport::start_file(&cfg.qemu_nbd, &source, &cfg.run_dir, &op.id, cfg.readers)
+                    .await?,
+            )
+        };
         let from = capture::Provenance {
             consistency: "imported".into(),
             domain: String::new(),
@@ -636,9 +659,14 @@ impl Controller {
         // commit, before the manifest is written (the chunks are released on failure).
         let mut writer = writer;
         writer.check_before_commit(Box::new(move || source.check_unchanged()));
-        let res = self.store(op, writer, &export, &from).await;
-        export.stop().await;
-        res
+        match export {
+            ImportSource::Raw(raw) => self.store(op, writer, &raw, &from).await,
+            ImportSource::Nbd(nbd) => {
+                let res = self.store(op, writer, &nbd, &from).await;
+                nbd.stop().await;
+                res
+            }
+        }
     }
 
     async fn run_export(&self, op: &OpEntry, rec: ImageRecord, p: ExportParams) -> Result<()> {

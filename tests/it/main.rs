@@ -27,6 +27,7 @@ mod imports;
 mod lab_smoke;
 mod live_capture;
 mod load;
+mod native_reader;
 mod nbd_client;
 mod prep_capture;
 mod python_client;

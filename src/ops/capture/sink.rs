@@ -198,9 +198,9 @@ impl Controller {
         let max = self.inner.cfg.repository.max_virtual_size;
         // The virtual size goes into BeginUpload, before the pipeline reads anything.
         let virtual_size = {
-            let c = source.connect().await?;
+            let c = source.reader().await?;
             let size = c.size();
-            let _ = c.disconnect().await;
+            c.close().await;
             pipeline::check_virtual_size(size, max, source.describe())?;
             size
         };
