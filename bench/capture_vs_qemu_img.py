@@ -15,7 +15,10 @@ With --targets it also compares, on the same disk, Nova's way of getting an imag
 Glance or S3 (qemu-img convert to a temp file, then upload the file) with imaged's capture
 streamed straight into the target (no temp file), using the test servers of tests/servers/.
 
-Usage: bench/capture_vs_qemu_img.py [--work DIR] [--sizes 20:2,80:2] [--targets]
+`--input-format raw` makes the input a sparse raw file instead: imaged then reads it in process
+(no qemu-nbd), and qemu-img converts it from raw.
+
+Usage: bench/capture_vs_qemu_img.py [--work DIR] [--sizes 20:2,80:2] [--targets] [--input-format raw]
 """
 import argparse
 import json
@@ -45,8 +48,8 @@ def drop_caches():
         return False
 
 
-def make_input(work, virtual_gib, data_gib):
-    path = os.path.join(work, f"src-{virtual_gib}g-{data_gib}g.qcow2")
+def make_input(work, virtual_gib, data_gib, fmt="qcow2"):
+    path = os.path.join(work, f"src-{virtual_gib}g-{data_gib}g.{fmt}")
     if os.path.exists(path):
         return path
     raw = path + ".raw"
@@ -62,6 +65,9 @@ def make_input(work, virtual_gib, data_gib):
                 n = min(left, 8 << 20)
                 f.write(rnd.read(n))
                 left -= n
+    if fmt == "raw":
+        os.rename(raw, path)
+        return path
     sh("qemu-img", "convert", "-f", "raw", "-O", "qcow2", raw, path + ".tmp")
     os.rename(path + ".tmp", path)
     os.unlink(raw)
@@ -106,11 +112,11 @@ GLANCE_HEADERS = {"X-Identity-Status": "Confirmed", "X-Project-Id": "bench", "X-
 S3_BUCKET, S3_KEY, S3_SECRET = "imaged-test", "imaged-test", "imaged-test-secret"
 
 
-def define_domain(src):
+def define_domain(src, fmt="qcow2"):
     """A shut-off domain whose disk is the bench input (never started)."""
     name = f"imaged-bench-{os.getpid()}"
     xml = (f"<domain type='qemu'><name>{name}</name><memory unit='MiB'>256</memory><os><type arch='x86_64'>hvm</type></os>"
-           f"<devices><disk type='file' device='disk'><driver name='qemu' type='qcow2'/><source file='{src}'/>"
+           f"<devices><disk type='file' device='disk'><driver name='qemu' type='{fmt}'/><source file='{src}'/>"
            f"<target dev='vda' bus='virtio'/></disk></devices></domain>")
     path = f"/tmp/{name}.xml"
     with open(path, "w") as f:
@@ -124,16 +130,16 @@ def s3_delete(s3, key):
        "-H", "x-amz-content-sha256: UNSIGNED-PAYLOAD", f"{s3}/{S3_BUCKET}/{key}")
 
 
-def compare_targets(ctl, src, run, label, glance, s3, v):
+def compare_targets(ctl, src, run, label, glance, s3, v, fmt="qcow2"):
     """Nova's way (convert to a temp file, upload it) against imaged's streamed capture."""
     rows = []
-    dom = define_domain(src)
+    dom = define_domain(src, fmt)
     try:
         tmp = os.path.join(run, "nova-temp.qcow2")
         for target in ("glance", "s3"):
             drop_caches()
             t0 = time.monotonic()
-            sh("qemu-img", "convert", "-f", "qcow2", "-O", "qcow2", src, tmp)
+            sh("qemu-img", "convert", "-f", fmt, "-O", "qcow2", src, tmp)
             temp_peak = os.path.getsize(tmp)
             if target == "glance":
                 hdr = sum((["-H", f"{k}: {v2}"] for k, v2 in GLANCE_HEADERS.items()), [])
@@ -167,8 +173,8 @@ def compare_targets(ctl, src, run, label, glance, s3, v):
                 key = loc.split(f"{S3_BUCKET}/", 1)[1]
                 for k in (key, key + ".sha256"):
                     s3_delete(s3, k)
-            print(f"{label:<22} {'Nova way: convert+upload to ' + target:<34} {nova_t:8.2f} {'temp ' + str(temp_peak >> 20) + ' MiB':>9}")
-            print(f"{label:<22} {'imaged capture streamed to ' + target:<34} {t:8.2f} {'temp 0':>9} {t / nova_t:11.2f}x of Nova")
+            print(f"{label:<28} {'Nova way: convert+upload to ' + target:<34} {nova_t:8.2f} {'temp ' + str(temp_peak >> 20) + ' MiB':>9}")
+            print(f"{label:<28} {'imaged capture streamed to ' + target:<34} {t:8.2f} {'temp 0':>9} {t / nova_t:11.2f}x of Nova")
             rows.append({"step": f"nova to {target}", "seconds": round(nova_t, 3), "temp_bytes": temp_peak})
             rows.append({"step": f"imaged to {target}", "seconds": round(t, 3), "temp_bytes": 0, "ratio_to_nova": round(t / nova_t, 2)})
     finally:
@@ -182,6 +188,8 @@ def main():
     ap.add_argument("--sizes", default="20:2,80:2", help="VIRTUAL:DATA GiB pairs")
     ap.add_argument("--readers", type=int, default=2)
     ap.add_argument("--targets", action="store_true", help="also compare uploads to Glance and S3")
+    ap.add_argument("--input-format", choices=("qcow2", "raw"), default="qcow2",
+                    help="the source disk's format: qcow2 is read through qemu-nbd, raw in process")
     a = ap.parse_args()
     os.makedirs(a.work, exist_ok=True)
     sh("cargo", "build", "--release", "--quiet", "--bins", cwd=ROOT)
@@ -224,13 +232,14 @@ def main():
     cached = drop_caches()
     print(f"imaged capture vs qemu-img convert (page cache {'dropped' if cached else 'NOT dropped'} before each run, "
           f"{os.cpu_count()} CPUs, readers={a.readers})")
-    print(f"{'input':<22} {'step':<34} {'seconds':>8} {'peak MiB':>9} {'vs qemu-img':>12}")
+    print(f"{'input':<28} {'step':<34} {'seconds':>8} {'peak MiB':>9} {'vs qemu-img':>12}")
     results = []
     try:
         for pair in a.sizes.split(","):
             v, d = (int(x) for x in pair.split(":"))
-            src = make_input(a.work, v, d)
-            label = f"{v} GiB virt, {d} GiB data"
+            fmt = a.input_format
+            src = make_input(a.work, v, d, fmt)
+            label = f"{v} GiB virt, {d} GiB data, {fmt}"
             # A fresh daemon per input: its peak memory is that of this size alone.
             if daemon is not None:
                 daemon.send_signal(signal.SIGTERM)
@@ -238,19 +247,19 @@ def main():
             daemon = start_daemon()
             dst = os.path.join(run, "qemu-img-out.qcow2")
             drop_caches()
-            base_t, base_m, _ = timed(["qemu-img", "convert", "-f", "qcow2", "-O", "qcow2", src, dst])
+            base_t, base_m, _ = timed(["qemu-img", "convert", "-f", fmt, "-O", "qcow2", src, dst])
             os.unlink(dst)
-            print(f"{label:<22} {'qemu-img convert -O qcow2':<34} {base_t:8.2f} {base_m:9.0f} {1.0:11.2f}x")
+            print(f"{label:<28} {'qemu-img convert -O qcow2':<34} {base_t:8.2f} {base_m:9.0f} {1.0:11.2f}x")
             # imaged makes its chunks durable (syncfs) before it reports success; qemu-img does
             # not sync: this row is the like-for-like baseline.
             drop_caches()
-            sync_t, _, _ = timed(["sh", "-c", f"qemu-img convert -f qcow2 -O qcow2 {src} {dst} && sync"])
+            sync_t, _, _ = timed(["sh", "-c", f"qemu-img convert -f {fmt} -O qcow2 {src} {dst} && sync"])
             os.unlink(dst)
-            print(f"{label:<22} {'qemu-img convert -O qcow2 + sync':<34} {sync_t:8.2f} {'':>9} {sync_t / base_t:11.2f}x")
+            print(f"{label:<28} {'qemu-img convert -O qcow2 + sync':<34} {sync_t:8.2f} {'':>9} {sync_t / base_t:11.2f}x")
             rows = []
             for step, args in [
-                ("imaged capture (new chunks)", ctl + ["import", src, "--format", "qcow2", "--name", f"b{v}"]),
-                ("imaged capture again (dedup)", ctl + ["import", src, "--format", "qcow2", "--name", f"b{v}-2"]),
+                ("imaged capture (new chunks)", ctl + ["import", src, "--format", fmt, "--name", f"b{v}"]),
+                ("imaged capture again (dedup)", ctl + ["import", src, "--format", fmt, "--name", f"b{v}-2"]),
                 ("imaged export -> qcow2", ctl + ["export", f"b{v}", "--format", "qcow2", "-o", os.path.join(run, "exp.qcow2")]),
             ]:
                 drop_caches()
@@ -260,14 +269,14 @@ def main():
                 if op.get("state") != "active":
                     sys.exit(f"{step} failed: {op}")
                 m = hwm_mib(daemon.pid)
-                print(f"{label:<22} {step:<34} {t:8.2f} {m:9.0f} {t / base_t:11.2f}x ({t / sync_t:.2f}x of convert+sync)")
+                print(f"{label:<28} {step:<34} {t:8.2f} {m:9.0f} {t / base_t:11.2f}x ({t / sync_t:.2f}x of convert+sync)")
                 rows.append({"step": step, "seconds": round(t, 3), "peak_rss_mib": round(m), "ratio": round(t / base_t, 2)})
-            sh("qemu-img", "compare", "-f", "qcow2", "-F", "qcow2", src, os.path.join(run, "exp.qcow2"), stdout=subprocess.DEVNULL)
+            sh("qemu-img", "compare", "-f", "qcow2", "-F", fmt, src, os.path.join(run, "exp.qcow2"), stdout=subprocess.DEVNULL)
             os.unlink(os.path.join(run, "exp.qcow2"))
             for name in (f"b{v}", f"b{v}-2"):
                 subprocess.run(ctl + ["rm", name], stdout=subprocess.DEVNULL, check=True)
             if a.targets:
-                rows += compare_targets(ctl, src, run, label, glance, s3, v)
+                rows += compare_targets(ctl, src, run, label, glance, s3, v, fmt)
             results.append({"input": label, "qemu_img_seconds": round(base_t, 3), "qemu_img_peak_rss_mib": round(base_m), "imaged": rows})
     finally:
         if daemon is not None:
