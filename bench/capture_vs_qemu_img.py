@@ -271,7 +271,7 @@ def main():
                 m = hwm_mib(daemon.pid)
                 print(f"{label:<28} {step:<34} {t:8.2f} {m:9.0f} {t / base_t:11.2f}x ({t / sync_t:.2f}x of convert+sync)")
                 rows.append({"step": step, "seconds": round(t, 3), "peak_rss_mib": round(m), "ratio": round(t / base_t, 2)})
-            sh("qemu-img", "compare", "-f", "qcow2", "-F", fmt, src, os.path.join(run, "exp.qcow2"), stdout=subprocess.DEVNULL)
+            sh("qemu-img", "compare", "-f", fmt, "-F", "qcow2", src, os.path.join(run, "exp.qcow2"), stdout=subprocess.DEVNULL)
             os.unlink(os.path.join(run, "exp.qcow2"))
             for name in (f"b{v}", f"b{v}-2"):
                 subprocess.run(ctl + ["rm", name], stdout=subprocess.DEVNULL, check=True)
