@@ -286,6 +286,11 @@ pub struct CaptureConfig {
     /// How long a shutdown capture with `restart` and `restore_source` waits, after starting
     /// the guest again, for its agent to answer before the prep is undone (seconds, 1 to 3600).
     pub agent_wait_secs: u64,
+    /// Read disk files on this host (cold captures, imports) in process: raw files directly,
+    /// qcow2 chains through imago. `false` reads every file through qemu-nbd, as a way out
+    /// should the native reader misread an image (qemu-nbd is also used for what the native
+    /// reader does not take: a block device, a dirty or zstd qcow2, a protocol backing file).
+    pub native_reader: bool,
 }
 
 impl Default for CaptureConfig {
@@ -296,6 +301,7 @@ impl Default for CaptureConfig {
             run_dir: PathBuf::from("/run/imaged/nbd"),
             max_freeze_ms: 10_000,
             agent_wait_secs: 300,
+            native_reader: true,
         }
     }
 }

@@ -214,7 +214,7 @@ impl Qcow2Layout {
         if virtual_size == 0 {
             return Err(Qcow2Error::ZeroVirtualSize);
         }
-        if virtual_size % SECTOR != 0 {
+        if !virtual_size.is_multiple_of(SECTOR) {
             return Err(Qcow2Error::UnalignedVirtualSize(virtual_size));
         }
         if virtual_size > Self::MAX_VIRTUAL_SIZE {

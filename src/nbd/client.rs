@@ -316,7 +316,7 @@ impl NbdClient {
             ))
         })?;
         let min = u64::from(self.block_size.minimum);
-        if offset % min != 0 || (end % min != 0 && end != self.size) {
+        if !offset.is_multiple_of(min) || (!end.is_multiple_of(min) && end != self.size) {
             return Err(NbdError::InvalidRequest(format!(
                 "{what} of {length} bytes at offset {offset} is not aligned to the server's minimum block size {min}"
             )));

@@ -370,7 +370,7 @@ fn check_block_size(
         && preferred.is_power_of_two()
         && preferred >= minimum
         && maximum >= minimum
-        && (maximum == u32::MAX || maximum % minimum == 0);
+        && (maximum == u32::MAX || maximum.is_multiple_of(minimum));
     if !ok {
         return Err(protocol(format!(
             "invalid block size constraints: minimum {minimum}, preferred {preferred}, maximum {maximum}"

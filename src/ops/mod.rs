@@ -48,13 +48,6 @@ pub mod mode;
 pub mod operation;
 pub mod prep;
 pub mod store;
-/// What an import reads its file through.
-enum ImportSource {
-    /// A raw file, read in process.
-    Raw(RawFile),
-    /// qcow2, served by qemu-nbd.
-    Nbd(NbdExport),
-}
 
 #[cfg(test)]
 mod tests;
@@ -66,8 +59,9 @@ use std::time::Duration;
 
 use tokio::sync::Semaphore;
 
-use crate::capture::file::RawFile;
+use crate::capture::file::{self, Native};
 use crate::capture::inspect::SourceFile;
+use crate::capture::source::BlockSource;
 use crate::capture::source::NbdExport;
 use crate::config::Config;
 use crate::error::{internal, invalid, not_found, precondition, Error, ErrorKind, Result};
@@ -628,22 +622,35 @@ impl Controller {
         let _permit = self.slot(op).await?;
         op.set_state(OpState::Preparing);
         let cfg = &self.inner.cfg.capture;
-        // A raw file is read in process through the inspected descriptor; qcow2 by qemu-nbd,
-        // which inherits that descriptor.
-        let export = if source.format() == "raw" {
+        // Read in process through the inspected descriptor, or by a qemu-nbd that inherits it.
+        let native = if cfg.native_reader {
             let file = source.file().try_clone().map_err(|e| {
                 Error::io(
                     format!("duplicating the descriptor of {}", source.path().display()),
                     e,
                 )
             })?;
-            let describe = format!("{} (raw)", source.path().display());
-            ImportSource::Raw(RawFile::from_file(file, describe)?)
+            let (path, format) = (source.path().to_path_buf(), source.format().to_string());
+            tokio::task::spawn_blocking(move || file::open_file(file, &path, &format))
+                .await
+                .map_err(|e| internal("opening the import file").with_source(e))??
         } else {
-            ImportSource::Nbd(
-                NbdExport::start_file(&cfg.qemu_nbd, &source, &cfg.run_dir, &op.id, cfg.readers)
-                    .await?,
-            )
+            Native::NotNative("capture.native_reader is off".into())
+        };
+        let export = match native {
+            Native::Reader(r) => ImportSource::Native(r),
+            Native::NotNative(why) => {
+                tracing::info!(op = %op.id, file = %source.path().display(), reason = %why, "reading the import through qemu-nbd");
+                let nbd = NbdExport::start_file(
+                    &cfg.qemu_nbd,
+                    &source,
+                    &cfg.run_dir,
+                    &op.id,
+                    cfg.readers,
+                )
+                .await?;
+                ImportSource::Nbd(Box::new(nbd))
+            }
         };
         let from = capture::Provenance {
             consistency: "imported".into(),
@@ -660,9 +667,9 @@ impl Controller {
         let mut writer = writer;
         writer.check_before_commit(Box::new(move || source.check_unchanged()));
         match export {
-            ImportSource::Raw(raw) => self.store(op, writer, &raw, &from).await,
+            ImportSource::Native(r) => self.store(op, writer, r.as_ref(), &from).await,
             ImportSource::Nbd(nbd) => {
-                let res = self.store(op, writer, &nbd, &from).await;
+                let res = self.store(op, writer, nbd.as_ref(), &from).await;
                 nbd.stop().await;
                 res
             }
@@ -724,4 +731,12 @@ fn op_not_found(id: &str) -> Error {
     not_found(format!("operation {id} not found"))
         .with_reason("OPERATION_NOT_FOUND")
         .with_subject(format!("operations/{id}"))
+}
+
+/// What an import reads its file through.
+enum ImportSource {
+    /// In process ([`file::open_file`]).
+    Native(Arc<dyn BlockSource>),
+    /// A qemu-nbd that inherited the inspected descriptor.
+    Nbd(Box<NbdExport>),
 }

@@ -1,10 +1,13 @@
-//! Issue 10, the native reader: a raw disk file read in process ([`RawFile`]) gives the same
-//! image as the same file served by the real `qemu-nbd`, and holds QEMU's image lock the way
-//! qemu-nbd does, so a real libvirt domain cannot start on a disk being read.
+//! Issue 10, the native readers: a disk file read in process (raw: [`RawFile`]; qcow2 and its
+//! backing chain through imago: [`Qcow2File`]) gives the same image as the same file served by
+//! the real `qemu-nbd`, over a corpus of images made by the real `qemu-img`/`qemu-io`
+//! (compressed clusters, 512 B to 2 MiB clusters, zero clusters, discarded ranges, v2 headers,
+//! a raw ← qcow2 ← qcow2 chain with a relative backing name); images the native reader does
+//! not take are handed to qemu-nbd with the reason; and both readers hold QEMU's image lock the
+//! way qemu-nbd does, so a real libvirt domain cannot start on a disk being read.
 //!
-//! Real parts: `qemu-nbd` (format raw, read-only) on the same file, the capture pipeline
-//! (`imaged::capture::run`) over both roads, and a lab domain under libvirt whose system disk
-//! is a raw file. The pipeline's chunk store here is an in-memory map (the stores are tested
+//! Real parts: `qemu-nbd` (read-only, format named) on the same files, the capture pipeline
+//! (`imaged::capture::run`) over both roads, and lab domains under libvirt. The pipeline's chunk store here is an in-memory map (the stores are tested
 //! on their own elsewhere): what is compared is every chunk's index, digest and cluster mask.
 
 use std::collections::HashMap;
@@ -12,7 +15,7 @@ use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
-use imaged::capture::file::RawFile;
+use imaged::capture::file::{self, Native, RawFile};
 use imaged::capture::source::{BlockSource, NbdExport};
 use imaged::progress::{CancelToken, Progress};
 use imaged::repo::{ChunkStore, DataChunk, Digest, PutOutcome, CHUNK_SIZE};
@@ -176,6 +179,305 @@ async fn a_domain_cannot_start_while_its_raw_disk_is_read_in_process() {
     let e = RawFile::open(guest.disk_path())
         .err()
         .expect("a disk QEMU writes is refused");
+    assert!(e.to_string().contains("VM"), "{e}");
+    guest.destroy();
+}
+
+/// Runs `qemu-img` or `qemu-io`, failing the test with its output.
+fn run(cmd: &str, args: &[&str]) {
+    let out = std::process::Command::new(cmd)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd} {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Fills a qcow2 with data in a pattern per offset, zero clusters and discarded ranges.
+fn fill(path: &Path) {
+    let p = path.to_str().unwrap();
+    run(
+        "qemu-io",
+        &[
+            "-f",
+            "qcow2",
+            "-c",
+            "write -P 0x11 0 1536",
+            "-c",
+            "write -P 0x22 4190208 65536",
+            "-c",
+            "write -P 0x33 20M 3M",
+            "-c",
+            "write -z 21M 512k",
+            "-c",
+            "discard 22M 64k",
+            "-c",
+            "write -P 0x44 40M 4k",
+            p,
+        ],
+    );
+}
+
+/// Captures `disk` (format `fmt`) on both roads and compares the chunks.
+async fn both_roads(disk: &Path, fmt: &str, run_dir: &Path) -> usize {
+    let native = match file::open_path(disk, fmt).expect("opening") {
+        Native::Reader(r) => r,
+        Native::NotNative(why) => panic!("{}: not read natively: {why}", disk.display()),
+    };
+    let (a, size_a, _) = capture(native.as_ref(), 2).await;
+    drop(native);
+    let export = NbdExport::start(Path::new("qemu-nbd"), disk, fmt, run_dir, "corpus", 2)
+        .await
+        .expect("qemu-nbd");
+    let (b, size_b, _) = capture(&export, 2).await;
+    export.stop().await;
+    assert_eq!(size_a, size_b, "{}: virtual sizes differ", disk.display());
+    assert_eq!(
+        a,
+        b,
+        "{}: the two roads give different chunks",
+        disk.display()
+    );
+    a.len()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qcow2_images_read_in_process_give_the_images_qemu_nbd_gives() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let mut checked = Vec::new();
+    // Cluster sizes from 512 B to 2 MiB; v2 and v3 headers.
+    for (name, opts) in [
+        ("c512.qcow2", "cluster_size=512"),
+        ("c64k.qcow2", "cluster_size=65536"),
+        ("c2m.qcow2", "cluster_size=2097152"),
+        ("v2.qcow2", "compat=0.10"),
+    ] {
+        let p = d.join(name);
+        run(
+            "qemu-img",
+            &[
+                "create",
+                "-q",
+                "-f",
+                "qcow2",
+                "-o",
+                opts,
+                p.to_str().unwrap(),
+                "64M",
+            ],
+        );
+        fill(&p);
+        checked.push((p, "qcow2"));
+    }
+    // Compressed clusters (qemu-img convert -c), from one of the above.
+    let comp = d.join("compressed.qcow2");
+    run(
+        "qemu-img",
+        &[
+            "convert",
+            "-q",
+            "-c",
+            "-f",
+            "qcow2",
+            "-O",
+            "qcow2",
+            d.join("c64k.qcow2").to_str().unwrap(),
+            comp.to_str().unwrap(),
+        ],
+    );
+    checked.push((comp, "qcow2"));
+    // A chain: sparse raw base <- qcow2 (in a subdirectory, relative name) <- qcow2 top,
+    // the top larger than its backing.
+    let base = d.join("base.raw");
+    make_disk(&base);
+    std::fs::create_dir(d.join("sub")).unwrap();
+    let mid = d.join("sub/mid.qcow2");
+    run(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "cluster_size=512",
+            "-b",
+            "../base.raw",
+            "-F",
+            "raw",
+            mid.to_str().unwrap(),
+        ],
+    );
+    run(
+        "qemu-io",
+        &[
+            "-f",
+            "qcow2",
+            "-c",
+            "write -P 0x55 8M 1M",
+            "-c",
+            "write -z 0 4096",
+            mid.to_str().unwrap(),
+        ],
+    );
+    let top = d.join("top.qcow2");
+    run(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            "sub/mid.qcow2",
+            "-F",
+            "qcow2",
+            top.to_str().unwrap(),
+            "128M",
+        ],
+    );
+    run(
+        "qemu-io",
+        &[
+            "-f",
+            "qcow2",
+            "-c",
+            "write -P 0x66 9M 64k",
+            "-c",
+            "write -P 0x77 100M 1M",
+            top.to_str().unwrap(),
+        ],
+    );
+    checked.push((top, "qcow2"));
+    for (p, fmt) in &checked {
+        let n = both_roads(p, fmt, d).await;
+        assert!(n > 0, "{}: no data chunks", p.display());
+        eprintln!("{}: {n} data chunks, the same on both roads", p.display());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn images_the_native_reader_does_not_take_go_to_qemu_nbd_with_the_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let mk = |name: &str, opts: &str| -> std::path::PathBuf {
+        let p = d.join(name);
+        run(
+            "qemu-img",
+            &[
+                "create",
+                "-q",
+                "-f",
+                "qcow2",
+                "-o",
+                opts,
+                p.to_str().unwrap(),
+                "16M",
+            ],
+        );
+        run(
+            "qemu-io",
+            &[
+                "-f",
+                "qcow2",
+                "-c",
+                "write -P 0x5a 1M 1M",
+                p.to_str().unwrap(),
+            ],
+        );
+        p
+    };
+    let zstd = mk("zstd.qcow2", "compression_type=zstd");
+    let subclusters = mk("el2.qcow2", "extended_l2=on");
+    let external = mk(
+        "ext.qcow2",
+        &format!("data_file={}", d.join("ext.data").display()),
+    );
+    // Marked dirty (incompatible feature bit 0), as a lazy-refcounts image after a crash.
+    let dirty = mk("dirty.qcow2", "lazy_refcounts=on");
+    {
+        let f = std::fs::File::options()
+            .read(true)
+            .write(true)
+            .open(&dirty)
+            .unwrap();
+        let mut b = [0u8; 1];
+        f.read_exact_at(&mut b, 79).unwrap();
+        f.write_all_at(&[b[0] | 1], 79).unwrap();
+    }
+    // A backing file named by protocol (QEMU's business, not a path).
+    let protocol = d.join("proto.qcow2");
+    run(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-u",
+            "-b",
+            "nbd://127.0.0.1:1/x",
+            "-F",
+            "raw",
+            protocol.to_str().unwrap(),
+            "16M",
+        ],
+    );
+    for (p, want) in [
+        (&zstd, ""),
+        (&subclusters, ""),
+        (&external, "external"),
+        (&dirty, ""),
+        (&protocol, "protocol"),
+    ] {
+        match file::open_path(p, "qcow2").expect("a refusal is not an error") {
+            Native::Reader(_) => panic!("{} was read natively", p.display()),
+            Native::NotNative(why) => {
+                assert!(why.to_lowercase().contains(want), "{}: {why}", p.display());
+                eprintln!("{}: to qemu-nbd: {why}", p.display());
+            }
+        }
+    }
+    // qemu-nbd reads them (the fallback works): the dirty one, for instance.
+    let export = NbdExport::start(Path::new("qemu-nbd"), &dirty, "qcow2", d, "dirty", 1)
+        .await
+        .expect("qemu-nbd on a dirty image");
+    let (chunks, _, _) = capture(&export, 1).await;
+    export.stop().await;
+    assert_eq!(chunks.len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_domain_cannot_start_while_its_qcow2_chain_is_read_in_process() {
+    let lab = Lab::get();
+    let guest = lab.guest("locked-q2").create();
+    // A sibling on the same base image: the base stays usable by others.
+    let sibling = lab.guest("locked-q2-sib").create();
+    let reader = match file::open_path(guest.disk_path(), "qcow2").expect("opening the overlay") {
+        Native::Reader(r) => r,
+        Native::NotNative(why) => panic!("the lab's overlay is not read natively: {why}"),
+    };
+    let started = crate::support::lab::virsh(&["start", guest.name()]);
+    let msg = started.expect_err("the domain started while its disk was read");
+    assert!(
+        msg.contains("lock"),
+        "expected QEMU's image lock to refuse the start: {msg}"
+    );
+    assert_eq!(guest.state(), "shut off");
+    crate::support::lab::virsh(&["start", sibling.name()])
+        .expect("a sibling on the same base starts while the base is read");
+    sibling.destroy();
+    drop(reader);
+    crate::support::lab::virsh(&["start", guest.name()])
+        .expect("the domain starts once the reader is gone");
+    let e = match file::open_path(guest.disk_path(), "qcow2") {
+        Err(e) => e,
+        Ok(_) => panic!("a disk QEMU writes was opened"),
+    };
     assert!(e.to_string().contains("VM"), "{e}");
     guest.destroy();
 }

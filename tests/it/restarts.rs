@@ -1676,7 +1676,7 @@ async fn wait_journaled(d: &Daemon, ops: &mut Ops, op: &str, key: &str) {
             return;
         }
         n += 1;
-        if n % 100 == 0 {
+        if n.is_multiple_of(100) {
             let o = get_op(ops, op).await;
             assert!(
                 !terminal(state(&o)) && t0.elapsed() < Duration::from_secs(120),
@@ -2073,7 +2073,7 @@ async fn a_daemon_killed_at_each_stage_of_a_capture_loses_nothing() {
     let mut n = 0u32;
     while !manifest.exists() {
         n += 1;
-        if n % 100 == 0 {
+        if n.is_multiple_of(100) {
             let o = get_op(&mut ops, &op.id).await;
             assert!(
                 !terminal(state(&o)) && t.elapsed() < Duration::from_secs(120),
@@ -2167,7 +2167,7 @@ enum Step {
 /// The 5 steps of soak cycle `n`: two captures and an import that succeed, one cancelled
 /// operation and one that fails on purpose.
 fn cycle(n: usize) -> [Step; 5] {
-    let even = n % 2 == 0;
+    let even = n.is_multiple_of(2);
     [
         Step::CrashConsistent,
         Step::Quiesce,

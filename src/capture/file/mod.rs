@@ -1,10 +1,12 @@
-//! A raw disk file read in this process: the cold road's native reader.
+//! Disk files of this host read in this process: the native readers of cold captures and
+//! imports. Raw files here ([`RawFile`]); qcow2 chains in [`qcow2`] (through imago).
 //!
 //! A raw image needs no format driver: its bytes are the guest's bytes. Reading it through
 //! `qemu-nbd` costs a process, a socket and two more copies of every byte; here the workers
 //! `pread` straight into their chunk buffers (on the blocking pool), and the allocation map
-//! comes from the file system (`SEEK_DATA`/`SEEK_HOLE`): holes are never read. qcow2 files
-//! still go through `qemu-nbd` ([`super::source::NbdExport`]), which follows backing chains.
+//! comes from the file system (`SEEK_DATA`/`SEEK_HOLE`): holes are never read. [`open_path`]
+//! picks the reader for a format, or says why a file goes through `qemu-nbd`
+//! ([`super::source::NbdExport`]) instead.
 //!
 //! **Locks.** While a [`RawFile`] is open it holds QEMU's image locks the way a read-only
 //! QEMU user does (QEMU's `file-posix` protocol: open-file-description byte-range locks,
@@ -26,6 +28,10 @@ use super::source::{BlockSource, DiskReader};
 use crate::error::{Error, ErrorKind, Result};
 use crate::nbd::{Extent, NBD_STATE_HOLE, NBD_STATE_ZERO};
 
+pub mod qcow2;
+
+pub use qcow2::Qcow2File;
+
 /// QEMU's lock byte of "this open file uses permission n" is `PERM_BASE + n`.
 const PERM_BASE: i64 = 100;
 /// QEMU's lock byte of "this open file lets nobody else have permission n" is `SHARED_BASE + n`.
@@ -34,6 +40,55 @@ const SHARED_BASE: i64 = 200;
 const PERM_CONSISTENT_READ: i64 = 0;
 const PERM_WRITE: i64 = 1;
 const PERM_RESIZE: i64 = 3;
+
+/// What a disk file of this host is read through.
+pub enum Native {
+    /// In process.
+    Reader(Arc<dyn BlockSource>),
+    /// Not here, for this reason: through qemu-nbd.
+    NotNative(String),
+}
+
+impl From<qcow2::Qcow2Open> for Native {
+    fn from(o: qcow2::Qcow2Open) -> Native {
+        match o {
+            qcow2::Qcow2Open::Native(q) => Native::Reader(Arc::new(q)),
+            qcow2::Qcow2Open::NotNative(why) => Native::NotNative(why),
+        }
+    }
+}
+
+/// Opens the disk file `path` of `format` ("raw" or "qcow2") to be read in process, taking
+/// QEMU's image locks; errors are refusals (a VM writes the disk, the file cannot be opened).
+/// Blocks: call it on the blocking pool.
+pub fn open_path(path: &Path, format: &str) -> Result<Native> {
+    match format {
+        "raw" => {
+            if !std::fs::metadata(path).is_ok_and(|m| m.file_type().is_file()) {
+                return Ok(Native::NotNative(format!(
+                    "{} is not a regular file",
+                    path.display()
+                )));
+            }
+            Ok(Native::Reader(Arc::new(RawFile::open(path)?)))
+        }
+        "qcow2" => Ok(Qcow2File::open(path)?.into()),
+        other => Ok(Native::NotNative(format!("format {other}"))),
+    }
+}
+
+/// The same for a file already open (an import's inspected descriptor, duplicated); `path`
+/// only names it. A qcow2 backing file is not followed.
+pub fn open_file(file: File, path: &Path, format: &str) -> Result<Native> {
+    let describe = format!("{} ({format})", path.display());
+    match format {
+        "raw" => Ok(Native::Reader(Arc::new(RawFile::from_file(
+            file, describe,
+        )?))),
+        "qcow2" => Ok(Qcow2File::from_file(file, path, describe)?.into()),
+        other => Ok(Native::NotNative(format!("format {other}"))),
+    }
+}
 
 /// A raw disk file opened read-only, with QEMU's read locks held until it drops.
 pub struct RawFile {
@@ -106,7 +161,7 @@ fn ofd_lock(file: &File, cmd: libc::c_int, kind: libc::c_int, at: i64) -> std::i
 
 /// Takes QEMU's locks of a read-only user that shares neither writing nor resizing, and
 /// checks that nobody writes or resizes the file already.
-fn lock_shared_read(file: &File, describe: &str) -> Result<()> {
+pub(super) fn lock_shared_read(file: &File, describe: &str) -> Result<()> {
     let locked = |e: std::io::Error| {
         Error::new(
             ErrorKind::FailedPrecondition,
@@ -142,10 +197,14 @@ fn lock_shared_read(file: &File, describe: &str) -> Result<()> {
     Ok(())
 }
 
-/// The data and hole extents of `file` up to `len` bytes and of the sector tail up to
-/// `size`, from `SEEK_DATA`/`SEEK_HOLE`. A file system without them reports all data.
-fn extents(file: &File, len: u64, size: u64) -> std::io::Result<Vec<Extent>> {
-    const HOLE: u32 = NBD_STATE_HOLE | NBD_STATE_ZERO;
+/// The data and hole runs of `[start, end)` of `file`, in order and covering the range:
+/// `(offset, length, is_data)`, from `SEEK_DATA`/`SEEK_HOLE`. A file system without them
+/// reports all data. Bytes past the end of the file count as hole.
+pub(super) fn data_runs(
+    file: &File,
+    start: u64,
+    end: u64,
+) -> std::io::Result<Vec<(u64, u64, bool)>> {
     let fd = file.as_raw_fd();
     let seek = |off: u64, whence: libc::c_int| -> std::io::Result<Option<u64>> {
         // SAFETY: lseek on a descriptor we hold open; it only moves this description's offset,
@@ -161,35 +220,46 @@ fn extents(file: &File, len: u64, size: u64) -> std::io::Result<Vec<Extent>> {
             Err(e)
         }
     };
-    let mut out = Vec::new();
-    let mut push = |offset: u64, end: u64, flags: u32| {
-        if end > offset {
-            out.push(Extent::new(offset, end - offset, flags));
+    let mut out: Vec<(u64, u64, bool)> = Vec::new();
+    let mut push = |offset: u64, to: u64, data: bool| {
+        if to > offset {
+            out.push((offset, to - offset, data));
         }
     };
-    let mut at = 0u64;
-    while at < len {
+    let mut at = start;
+    while at < end {
         let data = match seek(at, libc::SEEK_DATA) {
-            Ok(Some(d)) => d.min(len),
-            Ok(None) => len,
+            Ok(Some(d)) => d.min(end),
+            Ok(None) => end,
             Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
                 // No SEEK_DATA here: everything from `at` on is data.
-                push(at, len, 0);
-                at = len;
+                push(at, end, true);
                 break;
             }
             Err(e) => return Err(e),
         };
-        push(at, data, HOLE);
-        if data >= len {
-            at = len;
+        push(at, data, false);
+        if data >= end {
             break;
         }
-        let hole = seek(data, libc::SEEK_HOLE)?.unwrap_or(len).min(len);
-        push(data, hole, 0);
+        let hole = seek(data, libc::SEEK_HOLE)?.unwrap_or(end).min(end);
+        push(data, hole, true);
         at = hole;
     }
-    push(at, size, HOLE);
+    Ok(out)
+}
+
+/// The extents of a raw file of `len` bytes presented as `size` bytes (the sector tail past
+/// the end of the file is a hole).
+fn extents(file: &File, len: u64, size: u64) -> std::io::Result<Vec<Extent>> {
+    const HOLE: u32 = NBD_STATE_HOLE | NBD_STATE_ZERO;
+    let mut out: Vec<Extent> = data_runs(file, 0, len)?
+        .into_iter()
+        .map(|(o, l, data)| Extent::new(o, l, if data { 0 } else { HOLE }))
+        .collect();
+    if size > len {
+        out.push(Extent::new(len, size - len, HOLE));
+    }
     Ok(out)
 }
 
