@@ -427,7 +427,38 @@ async fn images_the_native_reader_does_not_take_go_to_qemu_nbd_with_the_reason()
             "16M",
         ],
     );
+    // A header whose L1 table names 100 L2 tables of 2 MiB clusters (a hostile one, or a
+    // 50 TiB disk with data everywhere): imago would cache 200 MiB of them.
+    let tables = d.join("tables.qcow2");
+    run(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "cluster_size=2M",
+            tables.to_str().unwrap(),
+            "60T",
+        ],
+    );
+    {
+        let f = std::fs::File::options()
+            .read(true)
+            .write(true)
+            .open(&tables)
+            .unwrap();
+        let mut h = [0u8; 8];
+        f.read_exact_at(&mut h, 40).unwrap();
+        let l1 = u64::from_be_bytes(h);
+        for i in 0..100u64 {
+            let entry = ((i + 8) << 21) | (1 << 63);
+            f.write_all_at(&entry.to_be_bytes(), l1 + i * 8).unwrap();
+        }
+    }
     for (p, want) in [
+        (&tables, "memory"),
         (&zstd, ""),
         (&subclusters, ""),
         (&external, "external"),

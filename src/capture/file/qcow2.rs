@@ -11,6 +11,9 @@
 //! - **Locks:** every file of the chain is held with QEMU's read-only image locks
 //!   ([`super::lock_shared_read`]), so the domain cannot start on the disk mid-read, as
 //!   against `qemu-nbd`; a base shared by other guests stays usable by them.
+//! - **Memory:** imago loads each L1 table whole and caches up to 128 L2 tables a file; the
+//!   header and L1 table are read first, and a chain whose tables could take more than
+//!   [`MAX_TABLE_MEMORY`] (large clusters with many tables, or a hostile header) is not read here.
 //! - **Holes of raw backing files** (imago maps a raw file as all data) are found with
 //!   `SEEK_DATA`/`SEEK_HOLE`, so they are not read.
 //!
@@ -34,6 +37,15 @@ use crate::nbd::{Extent, NBD_STATE_HOLE, NBD_STATE_ZERO};
 
 /// The deepest backing chain read here (the top image counts as one).
 pub const MAX_DEPTH: usize = 16;
+
+/// The most memory a chain's qcow2 tables may take in imago (its L1 tables, loaded whole, and
+/// its cache of up to 128 L2 tables a file): a chain that may need more (large clusters with
+/// many L2 tables, or a hostile header) goes to qemu-nbd, so memory stays bounded whatever
+/// the image says.
+pub const MAX_TABLE_MEMORY: u64 = 96 << 20;
+
+/// L2 tables imago caches per qcow2 file.
+const L2_CACHE_TABLES: u64 = 128;
 
 /// What opening a qcow2 file gave.
 pub enum Qcow2Open {
@@ -86,7 +98,16 @@ impl Qcow2File {
     fn walk(file: std::fs::File, path: &Path, describe: String, chain: bool) -> Result<Qcow2Open> {
         let mut layers = Vec::new();
         let mut seen = Vec::new();
-        let img = match open_layer(file, path, "qcow2", chain, &mut seen, &mut layers)? {
+        let mut budget = MAX_TABLE_MEMORY;
+        let img = match open_layer(
+            file,
+            path,
+            "qcow2",
+            chain,
+            &mut seen,
+            &mut budget,
+            &mut layers,
+        )? {
             Ok(img) => img,
             Err(why) => return Ok(Qcow2Open::NotNative(why)),
         };
@@ -118,6 +139,7 @@ fn open_layer(
     format: &str,
     chain: bool,
     seen: &mut Vec<(u64, u64)>,
+    budget: &mut u64,
     layers: &mut Vec<Layer>,
 ) -> Walk<FormatAccess<ImagoFile>> {
     use std::os::unix::fs::MetadataExt;
@@ -138,6 +160,20 @@ fn open_layer(
         )));
     }
     lock_shared_read(&file, &describe)?;
+    if format == "qcow2" {
+        let need = match table_memory(&file) {
+            Ok(n) => n,
+            Err(e) => return Ok(Err(format!("{describe}: reading its tables: {e}"))),
+        };
+        if need > *budget {
+            return Ok(Err(format!(
+                "{describe}: its tables would take {} MiB of memory here (the chain may use {} MiB)",
+                need >> 20,
+                MAX_TABLE_MEMORY >> 20
+            )));
+        }
+        *budget -= need;
+    }
     let ours = file
         .try_clone()
         .map_err(|e| Error::io(format!("duplicating the descriptor of {describe}"), e))?;
@@ -197,7 +233,7 @@ fn open_layer(
                     )))
                 }
             };
-            match open_layer(f, &next, &fmt, chain, seen, layers)? {
+            match open_layer(f, &next, &fmt, chain, seen, budget, layers)? {
                 Ok(b) => Some(b),
                 Err(why) => return Ok(Err(why)),
             }
@@ -205,6 +241,40 @@ fn open_layer(
     };
     q.set_backing(backing);
     Ok(Ok(FormatAccess::new(q)))
+}
+
+/// The memory imago's tables of the qcow2 `file` may take: its L1 table, and one cluster for
+/// each distinct L2 table the L1 names, up to the cache's 128 (read from the header and the L1
+/// table; a file that is not a plausible qcow2 costs nothing here, imago refuses it).
+fn table_memory(file: &std::fs::File) -> std::io::Result<u64> {
+    use std::os::unix::fs::FileExt;
+    let mut h = [0u8; 48];
+    file.read_exact_at(&mut h, 0)?;
+    let be32 = |at: usize| u32::from_be_bytes(h[at..at + 4].try_into().unwrap_or_default());
+    if &h[..4] != b"QFI\xfb" {
+        return Ok(0);
+    }
+    let cluster_bits = be32(20);
+    if !(9..=21).contains(&cluster_bits) {
+        return Ok(0);
+    }
+    let cluster = 1u64 << cluster_bits;
+    let l1_bytes = u64::from(be32(36)) * 8;
+    if l1_bytes > MAX_TABLE_MEMORY {
+        return Ok(l1_bytes);
+    }
+    let l1_offset = u64::from_be_bytes(h[40..48].try_into().unwrap_or_default());
+    let mut l1 = vec![0u8; l1_bytes as usize];
+    file.read_exact_at(&mut l1, l1_offset)?;
+    // Bits 9 to 55 of an L1 entry are its L2 table's offset; 0 is no table.
+    let mut l2: Vec<u64> = l1
+        .chunks_exact(8)
+        .map(|e| u64::from_be_bytes(e.try_into().unwrap_or_default()) & 0x00ff_ffff_ffff_fe00)
+        .filter(|o| *o != 0)
+        .collect();
+    l2.sort_unstable();
+    l2.dedup();
+    Ok(l1_bytes + (l2.len() as u64).min(L2_CACHE_TABLES) * cluster)
 }
 
 /// The whole disk's extents from the chain's own tables, holes of raw layers split out.
