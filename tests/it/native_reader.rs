@@ -459,10 +459,10 @@ async fn images_the_native_reader_does_not_take_go_to_qemu_nbd_with_the_reason()
     }
     for (p, want) in [
         (&tables, "memory"),
-        (&zstd, ""),
-        (&subclusters, ""),
+        (&zstd, "compression"),
+        (&subclusters, "extended"),
         (&external, "external"),
-        (&dirty, ""),
+        (&dirty, "dirty"),
         (&protocol, "protocol"),
     ] {
         match file::open_path(p, "qcow2").expect("a refusal is not an error") {
