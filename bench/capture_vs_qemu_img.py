@@ -30,22 +30,7 @@ import subprocess
 import sys
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-EXTENTS = 64
-
-
-def sh(*args, **kw):
-    return subprocess.run(args, check=True, **kw)
-
-
-def drop_caches():
-    os.sync()
-    try:
-        with open("/proc/sys/vm/drop_caches", "w") as f:
-            f.write("3\n")
-        return True
-    except OSError:
-        return False
+from benchlib import EXTENTS, GLANCE_HEADERS, ROOT, define_domain, drop_caches, sh
 
 
 def make_input(work, virtual_gib, data_gib, fmt="qcow2"):
@@ -107,22 +92,7 @@ def reset_hwm(pid):
         pass
 
 
-GLANCE_HEADERS = {"X-Identity-Status": "Confirmed", "X-Project-Id": "bench", "X-User-Id": "bench-user",
-                  "X-Roles": "member,reader"}
 S3_BUCKET, S3_KEY, S3_SECRET = "imaged-test", "imaged-test", "imaged-test-secret"
-
-
-def define_domain(src, fmt="qcow2"):
-    """A shut-off domain whose disk is the bench input (never started)."""
-    name = f"imaged-bench-{os.getpid()}"
-    xml = (f"<domain type='qemu'><name>{name}</name><memory unit='MiB'>256</memory><os><type arch='x86_64'>hvm</type></os>"
-           f"<devices><disk type='file' device='disk'><driver name='qemu' type='{fmt}'/><source file='{src}'/>"
-           f"<target dev='vda' bus='virtio'/></disk></devices></domain>")
-    path = f"/tmp/{name}.xml"
-    with open(path, "w") as f:
-        f.write(xml)
-    sh("virsh", "-q", "define", path, stdout=subprocess.DEVNULL)
-    return name
 
 
 def s3_delete(s3, key):

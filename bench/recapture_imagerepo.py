@@ -33,24 +33,7 @@ import subprocess
 import sys
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-EXTENTS = 64
-GLANCE_HEADERS = {"X-Identity-Status": "Confirmed", "X-Project-Id": "bench", "X-User-Id": "bench-user",
-                  "X-Roles": "member,reader"}
-
-
-def sh(*args, **kw):
-    return subprocess.run(args, check=True, **kw)
-
-
-def drop_caches():
-    os.sync()
-    try:
-        with open("/proc/sys/vm/drop_caches", "w") as f:
-            f.write("3\n")
-        return True
-    except OSError:
-        return False
+from benchlib import EXTENTS, GLANCE_HEADERS, ROOT, define_domain, drop_caches, sh
 
 
 def data_extents(virtual_gib, data_gib):
@@ -99,18 +82,6 @@ def change(src, virtual_gib, data_gib, percent, piece, seed):
         f.flush()
         os.fsync(f.fileno())
     return len(chosen) * piece
-
-
-def define_domain(src):
-    name = f"imaged-bench-{os.getpid()}"
-    xml = (f"<domain type='qemu'><name>{name}</name><memory unit='MiB'>256</memory><os><type arch='x86_64'>hvm</type></os>"
-           f"<devices><disk type='file' device='disk'><driver name='qemu' type='raw'/><source file='{src}'/>"
-           f"<target dev='vda' bus='virtio'/></disk></devices></domain>")
-    path = f"/tmp/{name}.xml"
-    with open(path, "w") as f:
-        f.write(xml)
-    sh("virsh", "-q", "define", path, stdout=subprocess.DEVNULL)
-    return name
 
 
 def nova_way(src, run, glance, label):
@@ -188,7 +159,7 @@ def main():
     src = make_input(a.work, a.virtual, a.data)
     work_src = os.path.join(run, "disk.raw")
     sh("cp", "--sparse=always", src, work_src)
-    dom = define_domain(work_src)
+    dom = define_domain(work_src, "raw")
     label = f"{a.virtual} GiB virt, {a.data} GiB data"
     rows = []
     cached = drop_caches()

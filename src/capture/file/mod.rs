@@ -263,6 +263,60 @@ fn extents(file: &File, len: u64, size: u64) -> std::io::Result<Vec<Extent>> {
     Ok(out)
 }
 
+/// Runs `map` (a blocking walk of a file's allocation) on the blocking pool; names the disk
+/// (`describe`) in its error.
+pub(super) async fn map_blocking<F>(describe: &str, map: F) -> Result<Vec<Extent>>
+where
+    F: FnOnce() -> std::io::Result<Vec<Extent>> + Send + 'static,
+{
+    match tokio::task::spawn_blocking(map).await {
+        Ok(Ok(ex)) => Ok(ex),
+        Ok(Err(e)) => Err(Error::io(
+            format!("reading the allocation map of {describe}"),
+            e,
+        )),
+        Err(e) => Err(Error::new(ErrorKind::Internal, "allocation map task failed").with_source(e)),
+    }
+}
+
+/// Runs `read` (a blocking read of `at.len()` bytes at disk offset `offset` into the slice it
+/// is given, `buf[at]`) on the blocking pool, the buffer travelling with it; names the disk in
+/// its error. The buffer always comes back (a fresh one if the task itself failed).
+pub(super) async fn read_blocking<F>(
+    describe: &str,
+    offset: u64,
+    buf: Vec<u8>,
+    at: std::ops::Range<usize>,
+    read: F,
+) -> (Vec<u8>, Result<()>)
+where
+    F: FnOnce(&mut [u8]) -> std::io::Result<()> + Send + 'static,
+{
+    let len = at.len();
+    let cap = buf.len();
+    let res = tokio::task::spawn_blocking(move || {
+        let mut buf = buf;
+        let r = read(&mut buf[at]);
+        (buf, r)
+    })
+    .await;
+    match res {
+        Ok((buf, r)) => {
+            let r = r.map_err(|e| {
+                Error::io(
+                    format!("reading {len} bytes at offset {offset} of {describe}"),
+                    e,
+                )
+            });
+            (buf, r)
+        }
+        Err(e) => (
+            vec![0u8; cap],
+            Err(Error::new(ErrorKind::Internal, "read task failed").with_source(e)),
+        ),
+    }
+}
+
 #[tonic::async_trait]
 impl BlockSource for RawFile {
     async fn reader(&self) -> Result<Box<dyn DiskReader>> {
@@ -293,21 +347,11 @@ impl DiskReader for RawReader {
 
     async fn allocation_map(&mut self) -> Result<Vec<Extent>> {
         let (file, size) = (self.file.clone(), self.size);
-        let res = tokio::task::spawn_blocking(move || {
+        map_blocking(&self.describe, move || {
             let len = file.metadata()?.len().min(size);
             extents(&file, len, size)
         })
-        .await;
-        match res {
-            Ok(Ok(ex)) => Ok(ex),
-            Ok(Err(e)) => Err(Error::io(
-                format!("reading the allocation map of {}", self.describe),
-                e,
-            )),
-            Err(e) => {
-                Err(Error::new(ErrorKind::Internal, "allocation map task failed").with_source(e))
-            }
-        }
+        .await
     }
 
     async fn read(
@@ -317,31 +361,10 @@ impl DiskReader for RawReader {
         at: std::ops::Range<usize>,
     ) -> (Vec<u8>, Result<()>) {
         let file = self.file.clone();
-        let len = at.len();
-        let res = tokio::task::spawn_blocking(move || {
-            let mut buf = buf;
-            let r = file.read_exact_at(&mut buf[at], offset);
-            (buf, r)
+        read_blocking(&self.describe, offset, buf, at, move |b| {
+            file.read_exact_at(b, offset)
         })
-        .await;
-        match res {
-            Ok((buf, r)) => {
-                let r = r.map_err(|e| {
-                    Error::io(
-                        format!(
-                            "reading {len} bytes at offset {offset} of {}",
-                            self.describe
-                        ),
-                        e,
-                    )
-                });
-                (buf, r)
-            }
-            Err(e) => (
-                Vec::new(),
-                Err(Error::new(ErrorKind::Internal, "read task failed").with_source(e)),
-            ),
-        }
+        .await
     }
 
     async fn close(self: Box<Self>) {}

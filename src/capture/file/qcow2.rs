@@ -31,7 +31,7 @@ use imago::raw::Raw;
 use imago::{FormatAccess, Mapping, Storage, StorageOpenOptions};
 
 use super::super::source::{BlockSource, DiskReader};
-use super::{data_runs, lock_shared_read};
+use super::{data_runs, lock_shared_read, map_blocking, read_blocking};
 use crate::error::{Error, ErrorKind, Result};
 use crate::nbd::{Extent, NBD_STATE_HOLE, NBD_STATE_ZERO};
 
@@ -365,16 +365,7 @@ impl DiskReader for Qcow2Reader {
 
     async fn allocation_map(&mut self) -> Result<Vec<Extent>> {
         let (img, layers, size) = (self.img.clone(), self.layers.clone(), self.size);
-        match tokio::task::spawn_blocking(move || extent_map(&img, &layers, size)).await {
-            Ok(Ok(ex)) => Ok(ex),
-            Ok(Err(e)) => Err(Error::io(
-                format!("reading the allocation map of {}", self.describe),
-                e,
-            )),
-            Err(e) => {
-                Err(Error::new(ErrorKind::Internal, "allocation map task failed").with_source(e))
-            }
-        }
+        map_blocking(&self.describe, move || extent_map(&img, &layers, size)).await
     }
 
     async fn read(
@@ -384,31 +375,10 @@ impl DiskReader for Qcow2Reader {
         at: std::ops::Range<usize>,
     ) -> (Vec<u8>, Result<()>) {
         let img = self.img.clone();
-        let len = at.len();
-        let res = tokio::task::spawn_blocking(move || {
-            let mut buf = buf;
-            let r = img.read(&mut buf[at], offset);
-            (buf, r)
+        read_blocking(&self.describe, offset, buf, at, move |b| {
+            img.read(b, offset)
         })
-        .await;
-        match res {
-            Ok((buf, r)) => {
-                let r = r.map_err(|e| {
-                    Error::io(
-                        format!(
-                            "reading {len} bytes at offset {offset} of {}",
-                            self.describe
-                        ),
-                        e,
-                    )
-                });
-                (buf, r)
-            }
-            Err(e) => (
-                Vec::new(),
-                Err(Error::new(ErrorKind::Internal, "read task failed").with_source(e)),
-            ),
-        }
+        .await
     }
 
     async fn close(self: Box<Self>) {}
