@@ -15,8 +15,9 @@ With --targets it also compares, on the same disk, Nova's way of getting an imag
 Glance or S3 (qemu-img convert to a temp file, then upload the file) with imaged's capture
 streamed straight into the target (no temp file), using the test servers of tests/servers/.
 
-`--input-format raw` makes the input a sparse raw file instead: imaged then reads it in process
-(no qemu-nbd), and qemu-img converts it from raw.
+`--input-format raw` makes the input a sparse raw file instead (qemu-img converts it from raw).
+imaged reads either in process (raw directly, qcow2 through imago); `--qemu-nbd` makes it read
+through qemu-nbd as before the native readers, to compare the two roads.
 
 Usage: bench/capture_vs_qemu_img.py [--work DIR] [--sizes 20:2,80:2] [--targets] [--input-format raw]
 """
@@ -159,7 +160,9 @@ def main():
     ap.add_argument("--readers", type=int, default=2)
     ap.add_argument("--targets", action="store_true", help="also compare uploads to Glance and S3")
     ap.add_argument("--input-format", choices=("qcow2", "raw"), default="qcow2",
-                    help="the source disk's format: qcow2 is read through qemu-nbd, raw in process")
+                    help="the source disk's format")
+    ap.add_argument("--qemu-nbd", action="store_true",
+                    help="read the disk through qemu-nbd ([capture] native_reader = false), not in process")
     a = ap.parse_args()
     os.makedirs(a.work, exist_ok=True)
     sh("cargo", "build", "--release", "--quiet", "--bins", cwd=ROOT)
@@ -185,7 +188,7 @@ def main():
     with open(os.open(cfg, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
         f.write(f'[daemon]\nsocket = "{sock}"\nlog_level = "warn"\nstate_dir = "{run}/state"\n'
                 f'[repository]\npath = "{repo}"\n'
-                f'[capture]\nrun_dir = "{run}/nbd"\nreaders = {a.readers}\n'
+                f'[capture]\nrun_dir = "{run}/nbd"\nreaders = {a.readers}\nnative_reader = {"false" if a.qemu_nbd else "true"}\n'
                 f'[paths]\nimport_dirs = ["{os.path.realpath(a.work)}"]\nexport_dirs = ["{os.path.realpath(run)}"]\n'
                 f'{targets}')
     os.chmod(cfg, 0o600)
