@@ -1018,6 +1018,38 @@ async fn a_download_link_serves_raw_and_qcow2_with_ranges_until_a_recapture_ends
         .unwrap();
     assert_eq!(part.status(), 206);
     assert!(part.bytes().await.unwrap() == raw[a as usize..=b as usize]);
+    // A download cut off part way (the client drops the connection after some MiB), then
+    // resumed from the byte it got to with `Range: bytes=N-`: the two parts are the image.
+    let mut first = http.get(&l.url).send().await.unwrap();
+    assert_eq!(first.status(), 200);
+    let mut got = Vec::new();
+    while got.len() < (CHUNK + CHUNK / 2) as usize {
+        match first.chunk().await.unwrap() {
+            Some(piece) => got.extend_from_slice(&piece),
+            None => break,
+        }
+    }
+    drop(first);
+    assert!(
+        (got.len() as u64) < size,
+        "the cut came after the whole image"
+    );
+    let rest = http
+        .get(&l.url)
+        .header("Range", format!("bytes={}-", got.len()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(rest.status(), 206);
+    let cr = rest
+        .headers()
+        .get("content-range")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_string();
+    assert_eq!(cr, format!("bytes {}-{}/{size}", got.len(), size - 1));
+    got.extend_from_slice(&rest.bytes().await.unwrap());
+    assert!(got == raw, "the resumed download differs from the image");
     // A tampered token is refused.
     let mut bad = l.url.clone();
     let last = bad.pop().unwrap();
