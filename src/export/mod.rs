@@ -7,7 +7,9 @@
 //!   follow in guest order; the writer never seeks.
 //!
 //! Every chunk's digest is checked as it is read: a corrupt chunk fails the export instead of
-//! landing in the file.
+//! landing in the file. Reading and checking run ahead of the writer on [`READERS`] threads
+//! (each at most [`AHEAD`] chunks ahead, buffers handed back for reuse), so the chunk files'
+//! reads, their sha256 and the writes overlap; memory stays `READERS × (AHEAD + 2)` chunks.
 
 use std::io::Write;
 use std::os::unix::fs::FileExt;
@@ -111,8 +113,15 @@ pub fn write_file(
     Ok(())
 }
 
+/// Threads that read and check chunks ahead of the writer.
+pub const READERS: usize = 2;
+/// How many checked chunks each of them may hold ready.
+pub const AHEAD: usize = 2;
+
 /// Calls `f(index, bytes, mask)` for each data chunk in guest order (the manifest lists data
 /// chunks only, so holes cost nothing), counting progress and checking `cancel` between chunks.
+/// The chunks are read and checked by [`READERS`] threads, reader `r` taking the chunks
+/// `r, r + READERS, ...`, so taking them back round-robin keeps the order.
 fn for_each_data_chunk(
     repo: &Repository,
     rec: &ImageRecord,
@@ -120,29 +129,67 @@ fn for_each_data_chunk(
     cancel: &CancelToken,
     mut f: impl FnMut(u64, &[u8], u64) -> Result<()>,
 ) -> Result<()> {
+    use std::sync::atomic::AtomicBool;
+    use std::sync::mpsc;
     // Zero chunks are never visited: their bytes are counted up front.
     let data_len: u64 = rec.chunks.iter().map(|c| rec.chunk_len(c.index)).sum();
     let zero_len = rec.virtual_size - data_len;
     progress.bytes_zero.fetch_add(zero_len, Ordering::Relaxed);
     progress.bytes_done.fetch_add(zero_len, Ordering::Relaxed);
-    let mut buf = Vec::with_capacity(CHUNK_SIZE as usize);
-    for c in &rec.chunks {
-        cancel.check()?;
-        let (i, len) = (c.index, rec.chunk_len(c.index));
-        repo.read_chunk(&c.digest, &mut buf)?;
-        if buf.len() as u64 != len {
-            return Err(Error::new(
-                ErrorKind::Internal,
-                format!(
-                    "image {}: chunk {i} holds {} bytes, expected {len}",
-                    rec.name,
-                    buf.len()
-                ),
-            ));
+    let stop = AtomicBool::new(false);
+    std::thread::scope(|s| {
+        let mut ready = Vec::with_capacity(READERS);
+        let mut spent = Vec::with_capacity(READERS);
+        for r in 0..READERS {
+            let (tx, rx) = mpsc::sync_channel::<Result<Vec<u8>>>(AHEAD);
+            let (back, reuse) = mpsc::channel::<Vec<u8>>();
+            ready.push(rx);
+            spent.push(back);
+            let stop = &stop;
+            s.spawn(move || {
+                for c in rec.chunks.iter().skip(r).step_by(READERS) {
+                    if stop.load(Ordering::Relaxed) {
+                        break;
+                    }
+                    let mut buf = reuse
+                        .try_recv()
+                        .unwrap_or_else(|_| Vec::with_capacity(CHUNK_SIZE as usize));
+                    let res = repo.read_chunk(&c.digest, &mut buf).map(|()| buf);
+                    let failed = res.is_err();
+                    if tx.send(res).is_err() || failed {
+                        break;
+                    }
+                }
+            });
         }
-        f(i, &buf, c.mask)?;
-        progress.bytes_read.fetch_add(len, Ordering::Relaxed);
-        progress.bytes_done.fetch_add(len, Ordering::Relaxed);
-    }
-    Ok(())
+        let res = (|| {
+            for (n, c) in rec.chunks.iter().enumerate() {
+                cancel.check()?;
+                let (i, len) = (c.index, rec.chunk_len(c.index));
+                let buf = ready[n % READERS].recv().map_err(|_| {
+                    Error::new(ErrorKind::Internal, "an export reader stopped early")
+                })??;
+                if buf.len() as u64 != len {
+                    return Err(Error::new(
+                        ErrorKind::Internal,
+                        format!(
+                            "image {}: chunk {i} holds {} bytes, expected {len}",
+                            rec.name,
+                            buf.len()
+                        ),
+                    ));
+                }
+                f(i, &buf, c.mask)?;
+                let _ = spent[n % READERS].send(buf);
+                progress.bytes_read.fetch_add(len, Ordering::Relaxed);
+                progress.bytes_done.fetch_add(len, Ordering::Relaxed);
+            }
+            Ok(())
+        })();
+        // On an error or a cancel the readers stop at their next chunk; dropping the
+        // receivers frees one blocked on a full channel.
+        stop.store(true, Ordering::Relaxed);
+        drop(ready);
+        res
+    })
 }
