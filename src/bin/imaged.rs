@@ -92,7 +92,7 @@ fn lock_dir(
 }
 
 fn main() -> std::process::ExitCode {
-    imaged::util::limit_malloc_arenas();
+    imaged::util::tune_malloc_for_daemon();
     hold_stop_signals(true);
     let args = Args::parse();
     let (path, required) = match &args.config {

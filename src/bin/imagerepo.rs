@@ -35,7 +35,7 @@ struct Args {
 }
 
 fn main() -> std::process::ExitCode {
-    imaged::util::limit_malloc_arenas();
+    imaged::util::tune_malloc_for_daemon();
     let args = Args::parse();
     let (path, required) = match &args.config {
         Some(p) => (p.clone(), true),
