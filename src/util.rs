@@ -144,9 +144,11 @@ pub fn is_zero(buf: &[u8]) -> bool {
 
 /// How many glibc malloc arenas a daemon keeps unless `MALLOC_ARENA_MAX` says otherwise.
 pub const DAEMON_MALLOC_ARENAS: i32 = 2;
-/// Allocations from this size up get their own mapping, returned to the kernel when freed,
-/// unless `MALLOC_MMAP_THRESHOLD_` says otherwise.
-pub const DAEMON_MMAP_THRESHOLD: i32 = 1 << 20;
+/// Allocations from this size up (the 4 MiB chunk buffers) get their own mapping, returned to
+/// the kernel when freed, unless `MALLOC_MMAP_THRESHOLD_` says otherwise. Smaller ones (1 MiB
+/// upload pieces, many per chunk) stay in the heap: mapping those cost a capture into imagerepo
+/// three times its system time.
+pub const DAEMON_MMAP_THRESHOLD: i32 = 4 << 20;
 
 /// Makes glibc's malloc keep a long-running daemon's memory flat; call it from `main` before
 /// any thread starts.
@@ -155,8 +157,8 @@ pub const DAEMON_MMAP_THRESHOLD: i32 = 1 << 20;
 /// threads. By default glibc gives each thread that contends an arena of its own (up to 8 per
 /// core) and, once such a buffer is freed, raises its mmap threshold so that later buffers come
 /// from those arenas, whose freed memory mostly stays resident: resident memory then creeps up
-/// with every capture's pattern of threads. Two arenas, and a fixed threshold of 1 MiB (buffers
-/// are mapped and unmapped: a few per capture, so it costs nothing measurable), keep it flat.
+/// with every capture's pattern of threads. Two arenas, and a fixed threshold of 4 MiB (chunk
+/// buffers are mapped and unmapped: a few per capture), keep it flat.
 /// Done in the process rather than only in the systemd unit, so a daemon started by hand or by
 /// the tests behaves the same. An admin's `MALLOC_ARENA_MAX` / `MALLOC_MMAP_THRESHOLD_` in the
 /// environment win (glibc reads them itself).

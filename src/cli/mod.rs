@@ -3,6 +3,27 @@
 //! People get tables and a progress bar on a terminal; scripts get `--json` (one JSON document
 //! on stdout) and exit codes that say what happened (see [`exit`]).
 
+/// `println!` for imagectl's output: a reader that went away (`imagectl images | head`) ends
+/// imagectl quietly with status 141, as SIGPIPE ends a Unix tool, instead of a panic.
+macro_rules! outln {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        if let Err(e) = writeln!(std::io::stdout(), $($arg)*) {
+            $crate::cli::stdout_failed(e);
+        }
+    }};
+}
+
+/// `print!` likewise.
+macro_rules! out {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        if let Err(e) = write!(std::io::stdout(), $($arg)*) {
+            $crate::cli::stdout_failed(e);
+        }
+    }};
+}
+
 pub mod connect;
 mod output;
 pub mod repo;
@@ -21,6 +42,16 @@ use crate::proto::domain_service_client::DomainServiceClient;
 use crate::proto::image_service_client::ImageServiceClient;
 use crate::proto::operation_service_client::OperationServiceClient;
 use view::OpView;
+
+/// Standard output could not be written: a closed pipe ends imagectl quietly (status 141, as
+/// SIGPIPE would); anything else is said on stderr (status 1).
+pub fn stdout_failed(e: std::io::Error) -> ! {
+    if e.kind() == std::io::ErrorKind::BrokenPipe {
+        std::process::exit(141);
+    }
+    eprintln!("imagectl: writing to standard output: {e}");
+    std::process::exit(1);
+}
 
 /// Exit codes.
 pub mod exit {
@@ -264,7 +295,7 @@ async fn run(cli: Cli) -> u8 {
         Ok(code) => code,
         Err(status) => {
             if cli.json {
-                println!("{}", output::status_json(&status));
+                outln!("{}", output::status_json(&status));
             }
             eprintln!("imagectl: {}", output::escape_controls(status.message()));
             exit_for(status.code())
@@ -662,9 +693,9 @@ async fn dispatch(cli: &Cli) -> Result<u8, tonic::Status> {
                 .into_inner();
             let o = OpView::from_lro(&o);
             if json {
-                println!("{}", output::operation_json(&o));
+                outln!("{}", output::operation_json(&o));
             } else {
-                println!("cancel requested for {} ({})", o.id, o.image_name());
+                outln!("cancel requested for {} ({})", o.id, o.image_name());
             }
         }
         Cmd::Repo(_) => unreachable!("handled above"),
@@ -672,9 +703,9 @@ async fn dispatch(cli: &Cli) -> Result<u8, tonic::Status> {
             ops.delete_operation(proto::DeleteOperationRequest { name: op_name(id) })
                 .await?;
             if json {
-                println!("{}", serde_json::json!({ "forgotten": id }));
+                outln!("{}", serde_json::json!({ "forgotten": id }));
             } else {
-                println!("forgot operation {id}");
+                outln!("forgot operation {id}");
             }
         }
     }
@@ -727,9 +758,9 @@ async fn follow(
 ) -> Result<u8, tonic::Status> {
     if no_wait {
         if json {
-            println!("{}", output::operation_json(&op));
+            outln!("{}", output::operation_json(&op));
         } else {
-            println!("{}", op.id);
+            outln!("{}", op.id);
         }
         return Ok(exit::OK);
     }

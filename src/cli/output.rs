@@ -199,10 +199,10 @@ fn domain_json(d: &proto::Domain) -> Value {
 /// Prints domains.
 pub fn domains(ds: &[proto::Domain], json: bool) {
     if json {
-        println!("{}", Value::Array(ds.iter().map(domain_json).collect()));
+        outln!("{}", Value::Array(ds.iter().map(domain_json).collect()));
         return;
     }
-    print!("{}", domains_table(ds));
+    out!("{}", domains_table(ds));
 }
 
 /// The domains table: one row per disk (the domain's name, state and agent on its first), a
@@ -268,10 +268,10 @@ pub fn image_json(i: &proto::Image) -> Value {
 /// Prints images.
 pub fn images(is: &[proto::Image], json: bool) {
     if json {
-        println!("{}", Value::Array(is.iter().map(image_json).collect()));
+        outln!("{}", Value::Array(is.iter().map(image_json).collect()));
         return;
     }
-    print!("{}", images_table(is));
+    out!("{}", images_table(is));
 }
 
 fn images_table(is: &[proto::Image]) -> String {
@@ -304,52 +304,52 @@ fn images_table(is: &[proto::Image]) -> String {
 /// Prints one image in full.
 pub fn image_detail(i: &proto::Image, json: bool) {
     if json {
-        println!("{}", image_json(i));
+        outln!("{}", image_json(i));
         return;
     }
-    println!("name:           {}", id(&i.name));
-    println!("display name:   {}", escape_line(&i.display_name));
+    outln!("name:           {}", id(&i.name));
+    outln!("display name:   {}", escape_line(&i.display_name));
     if !i.description.is_empty() {
-        println!("description:    {}", escape_line(&i.description));
+        outln!("description:    {}", escape_line(&i.description));
     }
-    println!("id:             {}", i.uid);
-    println!("state:          active");
-    println!(
+    outln!("id:             {}", i.uid);
+    outln!("state:          active");
+    outln!(
         "stored:         {} in {} data chunks ({} bytes)",
         human_bytes(i.size_bytes),
         i.chunk_count - i.zero_chunk_count,
         i.size_bytes
     );
-    println!(
+    outln!(
         "virtual size:   {} ({} bytes)",
         human_bytes(i.virtual_size_bytes),
         i.virtual_size_bytes
     );
-    println!("source format:  {}", format_name(i.source_format));
-    println!("consistency:    {}", consistency(i.consistency));
-    println!(
+    outln!("source format:  {}", format_name(i.source_format));
+    outln!("consistency:    {}", consistency(i.consistency));
+    outln!(
         "source:         domain {:?} disk {:?} on host {:?}",
         id(&i.source_domain),
         i.source_disk,
         i.source_host
     );
-    println!("content digest: sha256-tree:{}", i.content_digest);
-    println!(
+    outln!("content digest: sha256-tree:{}", i.content_digest);
+    outln!(
         "chunks:         {} of {} ({} zero)",
         i.chunk_count,
         human_bytes(u64::from(i.chunk_size_bytes)),
         i.zero_chunk_count
     );
-    println!("created:        {}", rfc3339(secs(&i.create_time)));
-    println!("updated:        {}", rfc3339(secs(&i.update_time)));
+    outln!("created:        {}", rfc3339(secs(&i.create_time)));
+    outln!("updated:        {}", rfc3339(secs(&i.update_time)));
 }
 
 /// Prints that an image was deleted.
 pub fn deleted(name: &str, json: bool) {
     if json {
-        println!("{}", json!({ "deleted": name }));
+        outln!("{}", json!({ "deleted": name }));
     } else {
-        println!("deleted {name}");
+        outln!("deleted {name}");
     }
 }
 
@@ -381,10 +381,10 @@ pub fn operation_json(o: &OpView) -> Value {
 /// Prints operations.
 pub fn operations(os: &[OpView], json: bool) {
     if json {
-        println!("{}", Value::Array(os.iter().map(operation_json).collect()));
+        outln!("{}", Value::Array(os.iter().map(operation_json).collect()));
         return;
     }
-    print!("{}", operations_table(os));
+    out!("{}", operations_table(os));
 }
 
 fn operations_table(os: &[OpView]) -> String {
@@ -413,25 +413,25 @@ fn operations_table(os: &[OpView]) -> String {
 /// Prints one operation in full.
 pub fn operation_detail(o: &OpView, json: bool) {
     if json {
-        println!("{}", operation_json(o));
+        outln!("{}", operation_json(o));
         return;
     }
     let m = &o.meta;
-    println!("operation: {} ({})", o.id, op_kind(m.kind));
-    println!("state:     {}", op_state(m.state));
+    outln!("operation: {} ({})", o.id, op_kind(m.kind));
+    outln!("state:     {}", op_state(m.state));
     if !m.domain.is_empty() {
-        println!("domain:    {}", id(&m.domain));
+        outln!("domain:    {}", id(&m.domain));
     }
-    println!("image:     {}", o.image_name());
+    outln!("image:     {}", o.image_name());
     if !m.path.is_empty() {
-        println!("path:      {}", m.path);
+        outln!("path:      {}", m.path);
     }
     if !m.requester.is_empty() {
-        println!("requester: {}", m.requester);
+        outln!("requester: {}", m.requester);
     }
-    println!("progress:  {}", summary(&o.progress()));
+    outln!("progress:  {}", summary(&o.progress()));
     if let Some(e) = &o.error {
-        println!(
+        outln!(
             "error:     {} ({}): {}",
             e.code,
             e.reason,
@@ -495,10 +495,10 @@ fn prep_json(r: &proto::PrepStepReport) -> Value {
 /// Prints prep step plans or outcomes.
 pub fn prep_reports(rs: &[proto::PrepStepReport], json: bool) {
     if json {
-        println!("{}", Value::Array(rs.iter().map(prep_json).collect()));
+        outln!("{}", Value::Array(rs.iter().map(prep_json).collect()));
         return;
     }
-    print!("{}", prep_text(rs));
+    out!("{}", prep_text(rs));
 }
 
 /// Prep plans or outcomes for people: each step, its changes and their diffs, indented. Every
@@ -597,13 +597,13 @@ impl ProgressView {
             b.finish_and_clear();
         }
         if self.json {
-            println!("{}", operation_json(o));
+            outln!("{}", operation_json(o));
             return;
         }
         let p = o.progress();
         let (kind, state) = (op_kind(o.meta.kind), op_state(o.meta.state));
         if o.error.is_none() && o.meta.kind == proto::OperationKind::Export as i32 {
-            println!(
+            outln!(
                 "export {} -> {}: {state} ({} of data written, {} of zeros left as holes)",
                 o.image_name(),
                 o.meta.path,
@@ -620,7 +620,7 @@ impl ProgressView {
                 e.reason,
                 escape_controls(&e.message)
             ),
-            None => println!("{kind} {}: {state} ({})", o.image_name(), summary(&p)),
+            None => outln!("{kind} {}: {state} ({})", o.image_name(), summary(&p)),
         }
     }
 }

@@ -391,7 +391,7 @@ pub(super) async fn run(args: &RepoArgs, conn: &ConnectOpts, json: bool) -> Resu
             .await
             .map_err(naming(format!("listing the images of {parent}")))?;
             let format = if json { ListFormat::Json } else { *format };
-            print!("{}", images_out(&all, format));
+            out!("{}", images_out(&all, format));
         }
         RepoCmd::Get { image } => {
             let name = r.image(image)?;
@@ -400,7 +400,7 @@ pub(super) async fn run(args: &RepoArgs, conn: &ConnectOpts, json: bool) -> Resu
                     .await
                     .map_err(naming(format!("image {name}")))?
                     .into_inner();
-            print!("{}", image_detail(&i, json));
+            out!("{}", image_detail(&i, json));
         }
         RepoCmd::Update {
             image,
@@ -433,7 +433,7 @@ pub(super) async fn run(args: &RepoArgs, conn: &ConnectOpts, json: bool) -> Resu
                 .await
                 .map_err(naming(format!("image {name}")))?
                 .into_inner();
-            print!("{}", image_detail(&i, json));
+            out!("{}", image_detail(&i, json));
         }
         RepoCmd::Delete { images } => {
             let names = images
@@ -451,7 +451,7 @@ pub(super) async fn run(args: &RepoArgs, conn: &ConnectOpts, json: bool) -> Resu
                     .into_inner();
                 outcomes.extend(resp.outcomes);
             }
-            print!("{}", outcomes_out(&outcomes, json));
+            out!("{}", outcomes_out(&outcomes, json));
             return Ok(batch_exit(&outcomes));
         }
         RepoCmd::Undelete { image } => {
@@ -461,7 +461,7 @@ pub(super) async fn run(args: &RepoArgs, conn: &ConnectOpts, json: bool) -> Resu
                     .await
                     .map_err(naming(format!("image {name}")))?
                     .into_inner();
-            print!("{}", image_detail(&i, json));
+            out!("{}", image_detail(&i, json));
         }
         RepoCmd::Purge { image } => {
             let name = r.image(image)?;
@@ -530,7 +530,7 @@ pub(super) async fn run(args: &RepoArgs, conn: &ConnectOpts, json: bool) -> Resu
             })
             .await
             .map_err(naming(format!("members of image {name}")))?;
-            print!("{}", members_out(&all, json));
+            out!("{}", members_out(&all, json));
         }
         RepoCmd::Accept { image } | RepoCmd::Reject { image } => {
             let accept = matches!(args.cmd, RepoCmd::Accept { .. });
@@ -616,7 +616,7 @@ pub(super) async fn run(args: &RepoArgs, conn: &ConnectOpts, json: bool) -> Resu
                 }
             }
             .into_inner();
-            print!("{}", image_detail(&i, json));
+            out!("{}", image_detail(&i, json));
         }
         RepoCmd::Link { image, format, ttl } => {
             let name = r.image(image)?;
@@ -658,9 +658,9 @@ pub(super) async fn run(args: &RepoArgs, conn: &ConnectOpts, json: bool) -> Resu
 /// Prints `value` (JSON) or `line` (people).
 fn done(json: bool, value: Value, line: String) {
     if json {
-        println!("{value}");
+        outln!("{value}");
     } else {
-        println!("{}", escape_line(&line).replace("\\x0a", "\n"));
+        outln!("{}", escape_line(&line).replace("\\x0a", "\n"));
     }
 }
 

@@ -538,6 +538,20 @@ async fn bad_requests_get_clear_errors_and_change_nothing() {
     // Only the one good image exists.
     let list = d.imagectl_json(&["images"]);
     assert_eq!(list.as_array().unwrap().len(), 1, "{list}");
+
+    // A reader that went away (`imagectl images | head -0`): imagectl ends quietly with 141,
+    // as a Unix tool ended by SIGPIPE does, not with a panic.
+    let mut child = Command::new(env!("CARGO_BIN_EXE_imagectl"))
+        .args(["--socket", d.socket.to_str().unwrap(), "images"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(141), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
