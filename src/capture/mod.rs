@@ -126,7 +126,7 @@ pub async fn run(
     let mut tasks = tokio::task::JoinSet::new();
     for client in clients {
         let w = Worker {
-            client: Some(client),
+            client,
             size,
             extents: extents.clone(),
             next: next.clone(),
@@ -232,7 +232,7 @@ impl Cursor {
 }
 
 struct Worker {
-    client: Option<Box<dyn DiskReader>>,
+    client: Box<dyn DiskReader>,
     size: u64,
     extents: Arc<Vec<Extent>>,
     next: Arc<Cursor>,
@@ -256,9 +256,7 @@ impl Worker {
         if let Some((_, _, handle)) = pending.take() {
             let _ = handle.await;
         }
-        if let Some(c) = self.client.take() {
-            c.close().await;
-        }
+        self.client.close().await;
         res
     }
 
@@ -338,15 +336,11 @@ impl Worker {
     ) -> Result<Vec<u8>> {
         let start = i as u64 * CHUNK_SIZE;
         buf[..len as usize].fill(0);
-        let client = self
-            .client
-            .as_mut()
-            .ok_or_else(|| Error::new(ErrorKind::Internal, "capture worker without a reader"))?;
         let mut read = 0;
         for r in ranges {
             let lo = (r.start - start) as usize;
             let hi = (r.end - start) as usize;
-            let (back, res) = client.read(r.start, buf, lo..hi).await;
+            let (back, res) = self.client.read(r.start, buf, lo..hi).await;
             buf = back;
             res?;
             read += r.end - r.start;

@@ -64,13 +64,20 @@ impl From<qcow2::Qcow2Open> for Native {
 pub fn open_path(path: &Path, format: &str) -> Result<Native> {
     match format {
         "raw" => {
-            if !std::fs::metadata(path).is_ok_and(|m| m.file_type().is_file()) {
-                return Ok(Native::NotNative(format!(
-                    "{} is not a regular file",
-                    path.display()
-                )));
-            }
-            Ok(Native::Reader(Arc::new(RawFile::open(path)?)))
+            // Opened once: the descriptor checked is the one read.
+            let file = match File::open(path) {
+                Ok(f) if f.metadata().is_ok_and(|m| m.is_file()) => f,
+                _ => {
+                    return Ok(Native::NotNative(format!(
+                        "{} is not a regular file",
+                        path.display()
+                    )))
+                }
+            };
+            let describe = format!("{} (raw)", path.display());
+            Ok(Native::Reader(Arc::new(RawFile::from_file(
+                file, describe,
+            )?)))
         }
         "qcow2" => Ok(Qcow2File::open(path)?.into()),
         other => Ok(Native::NotNative(format!("format {other}"))),
