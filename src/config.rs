@@ -291,6 +291,10 @@ pub struct CaptureConfig {
     /// should the native reader misread an image (qemu-nbd is also used for what the native
     /// reader does not take: a block device, a dirty or zstd qcow2, a protocol backing file).
     pub native_reader: bool,
+    /// Live captures into a repository (local or imagerepo) make a checkpoint (a dirty bitmap
+    /// in the disk's qcow2 image), and the next live capture of that disk reads only what was
+    /// written since. `false`: every live capture reads the whole disk and makes none.
+    pub incremental: bool,
 }
 
 impl Default for CaptureConfig {
@@ -302,6 +306,7 @@ impl Default for CaptureConfig {
             max_freeze_ms: 10_000,
             agent_wait_secs: 300,
             native_reader: true,
+            incremental: true,
         }
     }
 }

@@ -193,6 +193,13 @@ pub fn metadata(o: &Operation) -> proto::OperationMetadata {
         location: o.location.clone(),
         cancel_requested: o.cancel_requested,
         requester: o.requester.clone(),
+        read: o.read.as_ref().map(|r| proto::ReadReport {
+            incremental: r.incremental,
+            since_checkpoint: r.since_checkpoint.clone(),
+            changed_bytes: r.changed_bytes,
+            checkpoint: r.checkpoint.clone(),
+            note: r.note.clone(),
+        }),
     }
 }
 

@@ -22,7 +22,8 @@ use std::time::{Duration, Instant};
 use super::source::{connect_unix, BlockSource, DiskReader, NbdReader};
 use crate::error::{Error, ErrorKind, Result};
 use crate::guest::agent::FreezeStatus;
-use crate::hypervisor::{BackupHandle, Hypervisor};
+use crate::hypervisor::{BackupBegun, BackupHandle, CheckpointPlan, Hypervisor};
+use crate::nbd::{ConnectOptions, Extent, NbdClient};
 
 /// Time allowed for one guest agent command while making sure a guest is thawed.
 const AGENT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -34,6 +35,8 @@ pub struct BackupExport {
     backup: BackupHandle,
     describe: String,
     ended: AtomicBool,
+    /// An incremental job: the NBD meta context of its dirty bitmap.
+    dirty_context: Option<String>,
 }
 
 /// What happened at the consistency point.
@@ -77,14 +80,16 @@ pub async fn begin(
     tag: &str,
     quiesce: bool,
     max_freeze: Duration,
-) -> Result<(BackupExport, ConsistencyPoint)> {
+    checkpoints: CheckpointPlan,
+) -> Result<(BackupExport, ConsistencyPoint, BackupBegun)> {
     let backup = hv.prepare_pull_backup(&run_dir.join(format!("backup-{tag}")), disk)?;
-    let export = BackupExport {
+    let mut export = BackupExport {
         hv: hv.clone(),
         domain: domain.to_string(),
         backup: backup.clone(),
         describe: format!("domain {domain} disk {disk} (live backup)"),
         ended: AtomicBool::new(true),
+        dirty_context: None,
     };
     let mut point = ConsistencyPoint::default();
     let mut guard = None;
@@ -113,7 +118,7 @@ pub async fn begin(
     let begun = hv_call(
         Duration::from_secs(60),
         format!("beginning the backup of domain {domain}"),
-        move || h.begin_pull_backup(&d, &backup, &disks),
+        move || h.begin_pull_backup(&d, &backup, &disks, &checkpoints),
     )
     .await;
     let mut in_time = true;
@@ -121,8 +126,11 @@ pub async fn begin(
         in_time = g.release().await;
         point.freeze_window_ms = t0.elapsed().as_millis() as u64;
     }
-    begun?;
+    let begun = begun?;
     export.ended.store(false, Ordering::SeqCst);
+    if begun.since.is_some() {
+        export.dirty_context = Some(BackupBegun::dirty_context(disk));
+    }
     if !in_time {
         // The guard thawed the guest before the job began: the point in time the export shows
         // is not the frozen one. Never label such an image quiesced.
@@ -150,7 +158,7 @@ pub async fn begin(
     while !export.backup.socket.exists() && t.elapsed() < Duration::from_secs(10) {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    Ok((export, point))
+    Ok((export, point, begun))
 }
 
 impl BackupExport {
@@ -219,6 +227,25 @@ impl BlockSource for BackupExport {
 
     fn describe(&self) -> &str {
         &self.describe
+    }
+
+    async fn changed_map(&self) -> Result<Option<Vec<Extent>>> {
+        let Some(context) = &self.dirty_context else {
+            return Ok(None);
+        };
+        let opts = ConnectOptions {
+            export_name: self.backup.export.clone(),
+            meta_contexts: vec![context.clone()],
+        };
+        let what = || format!("reading the changed blocks of {}", self.describe);
+        let mut c = NbdClient::connect_unix(&self.backup.socket, &opts)
+            .await
+            .map_err(|e| Error::new(ErrorKind::Unavailable, what()).with_source(e))?;
+        let size = c.size();
+        let map = c.allocation_map(context, 0, size).await;
+        let _ = c.disconnect().await;
+        map.map(Some)
+            .map_err(|e| Error::new(ErrorKind::Internal, what()).with_source(e))
     }
 }
 

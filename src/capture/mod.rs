@@ -19,6 +19,15 @@
 //!    The pipeline ends with the store's flush: every chunk it accepted is stored by then.
 //!
 //! Cancellation is checked before every chunk, so a cancel stops the read within one chunk.
+//!
+//! **Incremental reads.** Given a [`Base`] (the previous image of the same disk, captured at
+//! the checkpoint a live backup job counts its changes from) and a source that has a map of
+//! the blocks written since ([`BlockSource::changed_map`], QEMU's dirty bitmap), only the
+//! chunks touched by a written block are read. Every other data chunk is the base's: the store
+//! is asked to keep it ([`ChunkStore::reuse`]); one the store no longer has is read like a
+//! changed one (the backup export shows the whole disk, so any chunk can be read). Whatever
+//! stops an incremental read (another virtual size, no map) makes it a full read, and
+//! [`Captured::full_reason`] says why.
 
 pub mod file;
 pub mod inspect;
@@ -44,6 +53,28 @@ pub struct Captured {
     pub virtual_size: u64,
     pub chunks: Vec<DataChunk>,
     pub data_bytes: u64,
+    /// An incremental read: the guest bytes the changed map marked written.
+    pub changed_bytes: Option<u64>,
+    /// A [`Base`] was given but the whole disk was read: why.
+    pub full_reason: Option<String>,
+}
+
+/// What an incremental read builds on: the previous image of the same disk, as it was at the
+/// checkpoint the source's changed map counts from.
+#[derive(Debug, Clone)]
+pub struct Base {
+    pub virtual_size: u64,
+    /// Its data chunks, ascending by index.
+    pub chunks: Vec<DataChunk>,
+}
+
+/// The plan of an incremental read.
+struct Incremental {
+    /// Chunk runs to read: changed data chunks, and base chunks the store lacks.
+    to_read: Vec<std::ops::Range<u64>>,
+    /// Base chunks taken as they are (the store keeps them for this image).
+    reused: Vec<DataChunk>,
+    changed_bytes: u64,
 }
 
 /// Opens a reader of `export`, refuses the disk when larger than `max_virtual_size`, and reads
@@ -84,8 +115,10 @@ pub fn check_virtual_size(size: u64, max: u64, what: &str) -> Result<()> {
     Ok(())
 }
 
-/// Reads every data byte of `export` once into `sink`, `readers` connections in parallel.
+/// Reads every data byte of `export` once into `sink`, `readers` connections in parallel;
+/// with a `base`, only what changed since it (see the module doc).
 /// A disk larger than `max_virtual_size` is refused before anything is read.
+#[allow(clippy::too_many_arguments)]
 pub async fn run(
     export: &dyn BlockSource,
     readers: usize,
@@ -93,23 +126,38 @@ pub async fn run(
     sink: Arc<dyn ChunkStore>,
     progress: Arc<Progress>,
     cancel: CancelToken,
+    base: Option<&Base>,
 ) -> Result<Captured> {
     let (first, size, extents) = open_mapped(export, max_virtual_size).await?;
     progress.bytes_total.store(size, Ordering::Relaxed);
-    let runs = data_chunk_runs(&extents);
-    // Every chunk outside the runs is zero: count it done now, without visiting it.
-    let visited: u64 = runs
-        .iter()
-        .map(|r| (r.end - r.start - 1) * CHUNK_SIZE + chunk_len(size, r.end - 1))
-        .sum();
+    let mut runs = data_chunk_runs(&extents);
+    let mut reused = Vec::new();
+    let (mut changed_bytes, mut full_reason) = (None, None);
+    if let Some(base) = base {
+        match incremental(export, size, &runs, base, sink.as_ref()).await {
+            Ok(plan) => {
+                runs = plan.to_read;
+                reused = plan.reused;
+                changed_bytes = Some(plan.changed_bytes);
+            }
+            Err(reason) => full_reason = Some(reason),
+        }
+    }
+    let span =
+        |r: &std::ops::Range<u64>| (r.end - r.start - 1) * CHUNK_SIZE + chunk_len(size, r.end - 1);
+    let visited: u64 = runs.iter().map(span).sum();
+    let kept: u64 = reused.iter().map(|c| chunk_len(size, c.index)).sum();
+    // Every chunk outside the runs is zero or kept from the base: count it done now, without
+    // visiting it.
+    progress.bytes_existing.fetch_add(kept, Ordering::Relaxed);
     progress
         .bytes_zero
-        .fetch_add(size - visited, Ordering::Relaxed);
+        .fetch_add(size - visited - kept, Ordering::Relaxed);
     progress
         .bytes_done
         .fetch_add(size - visited, Ordering::Relaxed);
     let extents: Arc<Vec<Extent>> = Arc::new(extents);
-    let results: Arc<Mutex<Vec<DataChunk>>> = Arc::new(Mutex::new(Vec::new()));
+    let results: Arc<Mutex<Vec<DataChunk>>> = Arc::new(Mutex::new(reused));
     let next = Arc::new(Cursor::new(runs));
     let mut clients = vec![first];
     for _ in 1..readers.max(1) {
@@ -166,15 +214,126 @@ pub async fn run(
         virtual_size: size,
         chunks,
         data_bytes,
+        changed_bytes,
+        full_reason,
     })
+}
+
+/// Plans an incremental read of `export` (`size` bytes, data in chunk `runs`) on `base`; the
+/// reason when it cannot be one.
+async fn incremental(
+    export: &dyn BlockSource,
+    size: u64,
+    runs: &[std::ops::Range<u64>],
+    base: &Base,
+    sink: &dyn ChunkStore,
+) -> std::result::Result<Incremental, String> {
+    if base.virtual_size != size {
+        return Err(format!(
+            "the disk's virtual size changed from {} to {} bytes since the previous capture",
+            base.virtual_size, size
+        ));
+    }
+    let changed = match export.changed_map().await {
+        Ok(Some(m)) => m,
+        Ok(None) => return Err("the source has no map of changed blocks".into()),
+        Err(e) => {
+            return Err(format!(
+                "the map of changed blocks could not be read: {}",
+                e.chain()
+            ))
+        }
+    };
+    let written: Vec<Extent> = changed
+        .into_iter()
+        .filter(|e| e.flags & crate::nbd::NBD_STATE_DIRTY != 0 && e.length > 0)
+        .collect();
+    let changed_bytes = written.iter().map(|e| e.length).sum();
+    let dirty = chunk_runs(&written);
+    let (mut keep, mut lost): (Vec<&DataChunk>, Vec<&DataChunk>) = (Vec::new(), Vec::new());
+    let clean: Vec<&DataChunk> = base
+        .chunks
+        .iter()
+        .filter(|c| !in_runs(&dirty, c.index))
+        .collect();
+    let asked = clean
+        .iter()
+        .map(|c| (c.digest, chunk_len(size, c.index) as usize))
+        .collect();
+    let have = sink.reuse(asked).await.map_err(|e| {
+        format!(
+            "{} could not tell which chunks it has: {}",
+            sink.describe(),
+            e.chain()
+        )
+    })?;
+    for (c, have) in clean.into_iter().zip(have) {
+        if have {
+            keep.push(c);
+        } else {
+            lost.push(c);
+        }
+    }
+    let mut to_read = intersect_runs(runs, &dirty);
+    to_read.extend(lost.iter().map(|c| c.index..c.index + 1));
+    to_read.sort_by_key(|r| r.start);
+    let mut merged: Vec<std::ops::Range<u64>> = Vec::with_capacity(to_read.len());
+    for r in to_read {
+        match merged.last_mut() {
+            Some(last) if last.end >= r.start => last.end = last.end.max(r.end),
+            _ => merged.push(r),
+        }
+    }
+    Ok(Incremental {
+        to_read: merged,
+        reused: keep.into_iter().cloned().collect(),
+        changed_bytes,
+    })
+}
+
+/// Whether chunk `i` lies in one of the sorted, disjoint `runs`.
+fn in_runs(runs: &[std::ops::Range<u64>], i: u64) -> bool {
+    let k = runs.partition_point(|r| r.end <= i);
+    runs.get(k).is_some_and(|r| r.start <= i)
+}
+
+/// The chunk runs in both sorted, disjoint lists `a` and `b`.
+fn intersect_runs(
+    a: &[std::ops::Range<u64>],
+    b: &[std::ops::Range<u64>],
+) -> Vec<std::ops::Range<u64>> {
+    let (mut i, mut j, mut out) = (0, 0, Vec::new());
+    while i < a.len() && j < b.len() {
+        let lo = a[i].start.max(b[j].start);
+        let hi = a[i].end.min(b[j].end);
+        if lo < hi {
+            out.push(lo..hi);
+        }
+        if a[i].end < b[j].end {
+            i += 1;
+        } else {
+            j += 1;
+        }
+    }
+    out
 }
 
 /// Runs of chunk indices `[start, end)` that touch a data extent (not known zero), sorted and
 /// coalesced: O(extents) entries, whatever the virtual size.
 pub fn data_chunk_runs(extents: &[Extent]) -> Vec<std::ops::Range<u64>> {
+    let data: Vec<Extent> = extents
+        .iter()
+        .filter(|e| e.flags & crate::nbd::NBD_STATE_ZERO == 0)
+        .copied()
+        .collect();
+    chunk_runs(&data)
+}
+
+/// Runs of chunk indices `[start, end)` that `extents` (sorted) touch, coalesced.
+fn chunk_runs(extents: &[Extent]) -> Vec<std::ops::Range<u64>> {
     let mut out: Vec<std::ops::Range<u64>> = Vec::new();
     for e in extents {
-        if e.flags & crate::nbd::NBD_STATE_ZERO != 0 || e.length == 0 {
+        if e.length == 0 {
             continue;
         }
         let r = e.offset / CHUNK_SIZE..(e.offset + e.length).div_ceil(CHUNK_SIZE);

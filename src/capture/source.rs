@@ -38,6 +38,12 @@ pub trait BlockSource: Send + Sync {
     async fn reader(&self) -> Result<Box<dyn DiskReader>>;
     /// What is read, for messages ("/var/lib/x.qcow2 (qcow2)", "domain web1 disk vda").
     fn describe(&self) -> &str;
+    /// The disk's extents with [`crate::nbd::NBD_STATE_DIRTY`] set where a block was written
+    /// since the checkpoint an incremental backup job counts from; None when the source has
+    /// no such map (a file, a full backup job).
+    async fn changed_map(&self) -> Result<Option<Vec<Extent>>> {
+        Ok(None)
+    }
 }
 
 /// One reader of a block source, owned by one worker at a time.

@@ -374,8 +374,29 @@ pub fn operation_json(o: &OpView) -> Value {
         "consistency": consistency(m.consistency), "freeze_window_ms": freeze_ms,
         "location": m.location,
         "prep": m.prep_steps.iter().map(prep_json).collect::<Vec<_>>(),
+        "read": m.read.as_ref().map(|r| json!({
+            "incremental": r.incremental, "since_checkpoint": r.since_checkpoint,
+            "changed_bytes": r.changed_bytes, "checkpoint": r.checkpoint, "note": r.note,
+        })),
         "image": o.image.as_ref().map(image_json),
     })
+}
+
+/// How a live capture read its disk, in a line.
+fn read_summary(r: &proto::ReadReport) -> String {
+    let mut s = if r.incremental {
+        format!(
+            "incremental: {} changed since checkpoint {}",
+            human_bytes(r.changed_bytes),
+            r.since_checkpoint
+        )
+    } else {
+        "whole disk".to_string()
+    };
+    if !r.note.is_empty() {
+        s.push_str(&format!(" ({})", escape_controls(&r.note)));
+    }
+    s
 }
 
 /// Prints operations.
@@ -430,6 +451,9 @@ pub fn operation_detail(o: &OpView, json: bool) {
         outln!("requester: {}", m.requester);
     }
     outln!("progress:  {}", summary(&o.progress()));
+    if let Some(r) = &m.read {
+        outln!("read:      {}", read_summary(r));
+    }
     if let Some(e) = &o.error {
         outln!(
             "error:     {} ({}): {}",

@@ -12,7 +12,10 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use super::{BackupHandle, DiskInfo, DomainInfo, DomainState, Hypervisor, ShutdownHow};
+use super::{
+    BackupBegun, BackupHandle, CheckpointPlan, DiskInfo, DomainInfo, DomainState, Hypervisor,
+    ShutdownHow,
+};
 use crate::error::{internal, not_found, precondition, Result};
 use crate::guest::agent::{ExecOutput, FreezeStatus, GuestAgent, NetInterface, OsInfo};
 
@@ -118,6 +121,10 @@ struct State {
     failing_times: BTreeMap<Step, (u32, crate::error::ErrorKind)>,
     /// [`Hypervisor::probe`] fails (see [`FakeHypervisor::set_reachable`]).
     unreachable: bool,
+    /// Domain -> the checkpoints libvirt has a record of.
+    checkpoints: BTreeMap<String, BTreeSet<String>>,
+    /// Domain -> the checkpoint bitmaps in its disk image.
+    bitmaps: BTreeMap<String, BTreeSet<String>>,
 }
 
 impl State {
@@ -355,7 +362,8 @@ impl Hypervisor for FakeHypervisor {
         name: &str,
         backup: &BackupHandle,
         _disks: &[String],
-    ) -> Result<()> {
+        plan: &CheckpointPlan,
+    ) -> Result<BackupBegun> {
         let mut s = self.lock();
         s.check(Step::BackupBegin)?;
         s.running(name, "back up")?;
@@ -364,10 +372,73 @@ impl Hypervisor for FakeHypervisor {
                 "domain {name} already runs a backup job"
             )));
         }
+        let mut out = BackupBegun::default();
+        if let Some(saved) = &plan.since {
+            if s.bitmaps.get(name).is_some_and(|b| b.contains(&saved.name)) {
+                s.checkpoints
+                    .entry(name.into())
+                    .or_default()
+                    .insert(saved.name.clone());
+                out.since = Some(saved.name.clone());
+            } else {
+                out.notes.push(format!(
+                    "the changes since checkpoint {} cannot be told (no bitmap), so the whole disk is read",
+                    saved.name
+                ));
+            }
+        }
+        if let Some(c) = &plan.create {
+            s.checkpoints
+                .entry(name.into())
+                .or_default()
+                .insert(c.clone());
+            s.bitmaps.entry(name.into()).or_default().insert(c.clone());
+            out.checkpoint = Some(c.clone());
+        }
         s.jobs.insert(name.into(), backup.socket.clone());
         s.calls
             .push(Call::BackupBegin(name.into(), backup.export.clone()));
+        Ok(out)
+    }
+
+    fn checkpoint_xml(&self, name: &str, checkpoint: &str) -> Result<String> {
+        let s = self.lock();
+        s.dom(name)?;
+        if !s
+            .checkpoints
+            .get(name)
+            .is_some_and(|c| c.contains(checkpoint))
+        {
+            return Err(not_found(format!(
+                "domain {name} has no checkpoint {checkpoint}"
+            )));
+        }
+        Ok(format!(
+            "<domaincheckpoint><name>{checkpoint}</name></domaincheckpoint>"
+        ))
+    }
+
+    fn delete_checkpoint(&self, name: &str, checkpoint: &str, keep_bitmap: bool) -> Result<()> {
+        let mut s = self.lock();
+        let running = s.dom(name)?.info.state == DomainState::Running;
+        if let Some(c) = s.checkpoints.get_mut(name) {
+            c.remove(checkpoint);
+        }
+        if !keep_bitmap && running {
+            if let Some(b) = s.bitmaps.get_mut(name) {
+                b.remove(checkpoint);
+            }
+        }
         Ok(())
+    }
+
+    fn checkpoints(&self, name: &str) -> Result<Vec<String>> {
+        let s = self.lock();
+        s.dom(name)?;
+        Ok(s.checkpoints
+            .get(name)
+            .map(|c| c.iter().cloned().collect())
+            .unwrap_or_default())
     }
 
     fn end_backup(&self, name: &str, backup: &BackupHandle) -> Result<()> {

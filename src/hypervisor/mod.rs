@@ -138,7 +138,26 @@ pub trait Hypervisor: Send + Sync + 'static {
     fn prepare_pull_backup(&self, dir: &Path, disk: &str) -> Result<BackupHandle>;
     /// Begins the pull-mode backup job of `backup` on running domain `name` (the consistency
     /// point); `disks` are the domain's disks, all but the exported one left out of the job.
-    fn begin_pull_backup(&self, name: &str, backup: &BackupHandle, disks: &[String]) -> Result<()>;
+    /// `checkpoints` asks for a checkpoint made with the job and for an export of only what
+    /// changed since an earlier one; what could be had is in the answer, with the reasons for
+    /// what could not (never an error: a full, checkpoint-less job is always the fallback).
+    fn begin_pull_backup(
+        &self,
+        name: &str,
+        backup: &BackupHandle,
+        disks: &[String],
+        checkpoints: &CheckpointPlan,
+    ) -> Result<BackupBegun>;
+    /// The XML of checkpoint `checkpoint` of domain `name`, as [`SavedCheckpoint::xml`] keeps it
+    /// to define it again later.
+    fn checkpoint_xml(&self, name: &str, checkpoint: &str) -> Result<String>;
+    /// Deletes checkpoint `checkpoint` of domain `name`: only libvirt's record of it with
+    /// `keep_bitmap` (its dirty bitmap stays in the disk image, so the checkpoint can be
+    /// defined again from its saved XML), else the bitmap too (the domain must run; a shut-off
+    /// domain only loses the record). Ok when there is no such checkpoint.
+    fn delete_checkpoint(&self, name: &str, checkpoint: &str, keep_bitmap: bool) -> Result<()>;
+    /// The names of domain `name`'s checkpoints that libvirt has a record of.
+    fn checkpoints(&self, name: &str) -> Result<Vec<String>>;
     /// Ends the domain's pull-mode backup job if it is ours (the one exporting on
     /// `backup.socket`); Ok when no backup job runs. A backup job with another export was not
     /// started by us: FAILED_PRECONDITION naming it, and it is left running.
@@ -169,6 +188,49 @@ impl BackupHandle {
             socket: dir.join("nbd.sock"),
             export: export.to_string(),
         }
+    }
+}
+
+/// Checkpoints asked of a pull-mode backup job (see [`Hypervisor::begin_pull_backup`]).
+///
+/// A checkpoint is a point in a disk's history: libvirt's record of it plus a persistent dirty
+/// bitmap in the disk's qcow2 image that marks every block written since. imaged keeps the
+/// record only while a capture runs and saves its XML instead (see
+/// `crate::ops::capture::incremental`), so a domain at rest has no checkpoint metadata and
+/// `virsh undefine` works as before.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CheckpointPlan {
+    /// A checkpoint to create with the job (the job's point in time), on the exported disk.
+    pub create: Option<String>,
+    /// Export only what changed since this earlier checkpoint (defined again from its XML).
+    pub since: Option<SavedCheckpoint>,
+}
+
+/// A checkpoint as saved between captures: its name and the XML to define it again.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SavedCheckpoint {
+    pub name: String,
+    pub xml: String,
+}
+
+/// What a begun pull-mode backup job has of what its [`CheckpointPlan`] asked.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct BackupBegun {
+    /// The checkpoint created with the job.
+    pub checkpoint: Option<String>,
+    /// The checkpoint the job's changes are counted from: its export offers the dirty bitmap
+    /// [`BackupBegun::dirty_context`] of the blocks written since.
+    pub since: Option<String>,
+    /// Why something asked was not had (a checkpoint that could not be made, an earlier one
+    /// that is gone or broken), in words for the operation's report.
+    pub notes: Vec<String>,
+}
+
+impl BackupBegun {
+    /// The NBD meta context of the dirty bitmap of an incremental job on `disk`: QEMU names it
+    /// after the bitmap libvirt exports, `backup-<disk>`.
+    pub fn dirty_context(disk: &str) -> String {
+        format!("qemu:dirty-bitmap:backup-{disk}")
     }
 }
 

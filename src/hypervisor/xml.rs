@@ -9,6 +9,13 @@ use crate::error::{internal, Result};
 /// Name of the virtio serial channel the QEMU guest agent listens on.
 pub const AGENT_CHANNEL: &str = "org.qemu.guest_agent.0";
 
+/// `s` made safe inside XML text or a single-quoted attribute.
+pub fn escape(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('\'', "&apos;")
+        .replace('<', "&lt;")
+}
+
 /// Disks and agent-channel presence from a domain's XML. The system disk is the disk device
 /// with `<boot order='1'/>`, else the lowest boot order, else the first disk device.
 pub fn parse_domain_xml(xml: &str) -> Result<(Vec<DiskInfo>, bool)> {

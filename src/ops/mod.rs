@@ -667,9 +667,15 @@ impl Controller {
         let mut writer = writer;
         writer.check_before_commit(Box::new(move || source.check_unchanged()));
         match export {
-            ImportSource::Native(r) => self.store(op, writer, r.as_ref(), &from).await,
+            ImportSource::Native(r) => self
+                .store(op, writer, r.as_ref(), &from, None)
+                .await
+                .map(drop),
             ImportSource::Nbd(nbd) => {
-                let res = self.store(op, writer, nbd.as_ref(), &from).await;
+                let res = self
+                    .store(op, writer, nbd.as_ref(), &from, None)
+                    .await
+                    .map(drop);
                 nbd.stop().await;
                 res
             }

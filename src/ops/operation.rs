@@ -117,6 +117,24 @@ pub struct ProgressSnapshot {
     pub rate_bytes_per_sec: u64,
 }
 
+/// How a live capture read its disk: all of it, or only what changed since the checkpoint of
+/// the previous capture.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
+pub struct ReadReport {
+    /// Only the blocks the dirty bitmap marked were read.
+    pub incremental: bool,
+    /// Incremental: the checkpoint the changes were counted from.
+    pub since_checkpoint: String,
+    /// Incremental: guest bytes the dirty bitmap marked as written since.
+    pub changed_bytes: u64,
+    /// The checkpoint made with this capture, for the next one ("" when none could be).
+    pub checkpoint: String,
+    /// Why the whole disk was read or no checkpoint was made, when either was possible in
+    /// principle ("" otherwise).
+    pub note: String,
+}
+
 /// A consistent snapshot of an operation, as the API shows it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Operation {
@@ -139,6 +157,8 @@ pub struct Operation {
     pub prep: Vec<PrepReport>,
     /// Cancellation was asked for.
     pub cancel_requested: bool,
+    /// Live captures: how the disk was read.
+    pub read: Option<ReadReport>,
 }
 
 /// A prep step's plan or outcome, as reported on an operation.
@@ -169,6 +189,7 @@ struct Facts {
     location: String,
     prep: Vec<PrepReport>,
     requester: String,
+    read: Option<ReadReport>,
 }
 
 /// Called with an operation after each change of its state but the end.
@@ -266,6 +287,7 @@ impl OpEntry {
                 location: op.location,
                 prep: op.prep,
                 requester: op.requester,
+                read: op.read,
             }),
             on_change: OnceLock::new(),
         })
@@ -289,6 +311,11 @@ impl OpEntry {
     /// Records the consistency level the capture gives.
     pub fn set_consistency(&self, c: &str) {
         self.facts().consistency = c.to_string();
+    }
+
+    /// Records how a live capture read its disk.
+    pub fn set_read(&self, read: ReadReport) {
+        self.facts().read = Some(read);
     }
 
     /// Records how long the guest was frozen.
@@ -427,6 +454,7 @@ impl OpEntry {
             freeze_window_ms: facts.freeze_window_ms,
             location: facts.location,
             prep: facts.prep,
+            read: facts.read,
             cancel_requested: self.cancel.is_cancelled() && !st.state.is_terminal(),
         }
     }

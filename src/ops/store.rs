@@ -44,7 +44,7 @@ use std::sync::{Mutex, MutexGuard};
 use rusqlite::{params, Connection, ErrorCode, OptionalExtension, Row};
 use sha2::{Digest, Sha256};
 
-use super::operation::{OpError, OpKind, OpState, Operation};
+use super::operation::{OpError, OpKind, OpState, Operation, ProgressSnapshot, ReadReport};
 use crate::error::{Error, ErrorKind, Result};
 
 /// The schema version this build writes and reads.
@@ -274,7 +274,7 @@ impl Store {
                 op.consistency,
                 op.freeze_window_ms as i64,
                 op.location,
-                json(&op.progress),
+                json(&StoredProgress::of(op)),
                 json(&op.prep),
                 std::process::id(),
             ],
@@ -317,7 +317,7 @@ impl Store {
                     op.consistency,
                     op.freeze_window_ms as i64,
                     op.location,
-                    json(&op.progress),
+                    json(&StoredProgress::of(op)),
                     json(&op.prep),
                     op.error.as_ref().map(|e| json(&e.facts)),
                 ],
@@ -478,6 +478,9 @@ fn read_op(r: &Row<'_>) -> rusqlite::Result<Operation> {
     let from_json = |i: usize| -> rusqlite::Result<String> { text(i) };
     let progress = from_json(15)?;
     let prep = from_json(16)?;
+    let stored: StoredProgress = serde_json::from_str(&progress).map_err(|e| {
+        rusqlite::Error::FromSqlConversionFailure(15, rusqlite::types::Type::Text, e.into())
+    })?;
     Ok(Operation {
         id: text(0)?,
         kind: OpKind::parse(&kind).ok_or_else(|| bad(1, "kind", &kind))?,
@@ -501,13 +504,30 @@ fn read_op(r: &Row<'_>) -> rusqlite::Result<Operation> {
         consistency: text(12)?,
         freeze_window_ms: r.get::<_, i64>(13)?.max(0) as u64,
         location: text(14)?,
-        progress: serde_json::from_str(&progress).map_err(|e| {
-            rusqlite::Error::FromSqlConversionFailure(15, rusqlite::types::Type::Text, e.into())
-        })?,
+        progress: stored.progress,
+        read: stored.read,
         prep: serde_json::from_str(&prep).map_err(|e| {
             rusqlite::Error::FromSqlConversionFailure(16, rusqlite::types::Type::Text, e.into())
         })?,
     })
+}
+
+/// The `progress` column: the counters, and how a live capture read its disk.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct StoredProgress {
+    #[serde(flatten)]
+    progress: ProgressSnapshot,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    read: Option<ReadReport>,
+}
+
+impl StoredProgress {
+    fn of(op: &Operation) -> StoredProgress {
+        StoredProgress {
+            progress: op.progress,
+            read: op.read.clone(),
+        }
+    }
 }
 
 /// An SQLite failure while `what` the database at `path`, as an [`Error`] naming the file.
@@ -548,7 +568,7 @@ fn db_error(path: &Path, what: &str, e: rusqlite::Error) -> Error {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ops::operation::{PrepReport, ProgressSnapshot, ReportedChange};
+    use crate::ops::operation::{PrepReport, ReportedChange};
 
     fn op(id: &str, request_id: &str, created_at: i64) -> Operation {
         Operation {
@@ -569,6 +589,7 @@ mod tests {
             location: String::new(),
             prep: Vec::new(),
             cancel_requested: false,
+            read: None,
         }
     }
 
@@ -605,6 +626,13 @@ mod tests {
             },
         });
         o.freeze_window_ms = 842;
+        o.read = Some(ReadReport {
+            incremental: true,
+            since_checkpoint: "imaged-vda-op-0".into(),
+            changed_bytes: 96 << 20,
+            checkpoint: "imaged-vda-op-1".into(),
+            note: String::new(),
+        });
         o.location = "img-op-1".into();
         o.prep = vec![PrepReport {
             step: "dhcp".into(),

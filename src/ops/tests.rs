@@ -1059,7 +1059,7 @@ async fn a_quiesced_backup_freezes_begins_thaws_and_ends_only_its_job() {
     std::fs::write(run.join("backup-op1/nbd.sock"), b"").unwrap();
     let hv: Arc<dyn Hypervisor> = Arc::new(w.hv.clone());
     let disks = vec!["vda".to_string()];
-    let (export, point) = live::begin(
+    let (export, point, _) = live::begin(
         hv.clone(),
         "vm",
         "vda",
@@ -1068,6 +1068,7 @@ async fn a_quiesced_backup_freezes_begins_thaws_and_ends_only_its_job() {
         "op1",
         true,
         Duration::from_secs(5),
+        Default::default(),
     )
     .await
     .unwrap();
@@ -1101,6 +1102,7 @@ async fn a_quiesced_backup_freezes_begins_thaws_and_ends_only_its_job() {
         "op2",
         true,
         Duration::from_secs(5),
+        Default::default(),
     )
     .await
     .err()
@@ -1124,7 +1126,8 @@ async fn recovery_thaws_ends_our_job_leaves_a_foreign_one_and_restarts() {
     w.hv.fs_freeze("a").unwrap();
     let ours = crate::hypervisor::BackupHandle::in_dir(&run.join("backup-op-a"), "vda");
     w.hv.foreign_backup("b", Path::new("/var/lib/other-tool/nbd.sock"));
-    w.hv.begin_pull_backup("a", &ours, &[]).unwrap();
+    w.hv.begin_pull_backup("a", &ours, &[], &Default::default())
+        .unwrap();
     let journal = Journal::new(&run);
     let mut a = Entry::new("op-a", "a");
     a.frozen = true;
@@ -1175,7 +1178,8 @@ async fn a_janitor_ends_the_job_an_ended_capture_left_and_frees_the_domain() {
     let job =
         crate::hypervisor::BackupHandle::in_dir(&run.join(format!("backup-{}", op.id)), "vda");
     std::fs::create_dir_all(&job.dir).unwrap();
-    w.hv.begin_pull_backup("vm", &job, &[]).unwrap();
+    w.hv.begin_pull_backup("vm", &job, &[], &Default::default())
+        .unwrap();
     let journal = Journal::new(&run);
     let mut e = Entry::new(&op.id, "vm");
     e.backup_dir = job.dir.clone();
@@ -1236,7 +1240,8 @@ async fn our_own_leftover_job_is_ended_first_and_a_foreign_one_refused() {
     let run = w.dir.path().join("run");
     let old = crate::hypervisor::BackupHandle::in_dir(&run.join("backup-op-old"), "vda");
     std::fs::create_dir_all(&old.dir).unwrap();
-    w.hv.begin_pull_backup("vm", &old, &[]).unwrap();
+    w.hv.begin_pull_backup("vm", &old, &[], &Default::default())
+        .unwrap();
     let op = OpEntry::new(OpKind::Capture, "vm", "img", "", "/disk");
     w.ctl.end_own_leftover_job(&op, "vm").await.unwrap();
     assert_eq!(w.hv.backup_job("vm"), None, "our leftover job ended");
@@ -1333,7 +1338,8 @@ async fn a_job_of_ours_without_a_journal_entry_is_ended_at_start() {
     let run = w.dir.path().join("run");
     let ours = crate::hypervisor::BackupHandle::in_dir(&run.join("backup-op-lost"), "vda");
     std::fs::create_dir_all(&ours.dir).unwrap();
-    w.hv.begin_pull_backup("a", &ours, &[]).unwrap();
+    w.hv.begin_pull_backup("a", &ours, &[], &Default::default())
+        .unwrap();
     let theirs = Path::new("/var/lib/other-tool/nbd.sock");
     w.hv.foreign_backup("b", theirs);
     let journal = Journal::new(&run);

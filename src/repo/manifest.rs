@@ -117,7 +117,8 @@ pub struct ImageRecord {
     pub chunks: Vec<DataChunk>,
 }
 
-mod chunk_list {
+/// Serde of a chunk list as compact entries (`#[serde(with = ...)]`).
+pub(crate) mod chunk_list {
     use super::{decode_entry, DataChunk, Entry};
     use serde::de::{Error as _, SeqAccess, Visitor};
     use serde::{Deserializer, Serializer};

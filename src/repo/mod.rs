@@ -607,6 +607,24 @@ impl ChunkSink {
     /// True when the chunk file at `path` exists and holds `len` bytes hashing to `digest`.
     /// The digest is checked once per daemon run (then remembered); the length every time.
     /// A bad file is reported and left to be replaced by the caller's fresh copy.
+    /// Keeps chunk `digest` of an earlier image for this one without its bytes (pinned, as a
+    /// put that found it): true when its file is there with length `len`. Its digest is not
+    /// checked again: the chunks of a committed image were made durable before its manifest
+    /// was written, and reading them back would cost what the incremental read saves.
+    /// Blocking.
+    pub fn reuse(&self, digest: &Digest, len: u64) -> bool {
+        let present = std::fs::metadata(self.repo.chunk_path(digest)).is_ok_and(|m| m.len() == len);
+        if present {
+            *self.repo.lock().pins.entry(*digest).or_default() += 1;
+            self.log
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .pinned
+                .push(*digest);
+        }
+        present
+    }
+
     fn existing_is_good(&self, digest: &Digest, path: &Path, len: u64) -> bool {
         let Ok(md) = std::fs::metadata(path) else {
             return false;

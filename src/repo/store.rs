@@ -26,6 +26,12 @@ pub trait ChunkStore: Send + Sync {
     /// `Existing`: the store had it, nothing was written or sent.
     async fn put(&self, digest: Digest, buf: Vec<u8>, len: usize) -> (Vec<u8>, Result<PutOutcome>);
 
+    /// Takes chunks of an earlier image into this one without their bytes (an incremental
+    /// capture's unchanged chunks): for each `(digest, length)`, whether the store has it; those
+    /// it has are kept for this image as if put (pinned, or known to the upload), the others
+    /// must be read and put.
+    async fn reuse(&self, chunks: Vec<(Digest, usize)>) -> Result<Vec<bool>>;
+
     /// Waits until every chunk a put accepted is stored; the first failure otherwise.
     async fn flush(&self) -> Result<()>;
 
@@ -50,6 +56,18 @@ impl ChunkStore for ChunkSink {
                 Err(Error::new(ErrorKind::Internal, "storing a chunk failed").with_source(e)),
             ),
         }
+    }
+
+    async fn reuse(&self, chunks: Vec<(Digest, usize)>) -> Result<Vec<bool>> {
+        let sink = self.clone();
+        tokio::task::spawn_blocking(move || {
+            chunks
+                .iter()
+                .map(|(d, len)| sink.reuse(d, *len as u64))
+                .collect()
+        })
+        .await
+        .map_err(|e| Error::new(ErrorKind::Internal, "reusing chunks failed").with_source(e))
     }
 
     async fn flush(&self) -> Result<()> {

@@ -24,6 +24,7 @@ mod imagerepo_cli;
 mod imagerepo_s3;
 mod imagerepo_settings;
 mod imports;
+mod incremental;
 mod lab_smoke;
 mod live_capture;
 mod load;

@@ -45,6 +45,11 @@ impl ChunkStore for MemStore {
         (buf, Ok(outcome))
     }
 
+    async fn reuse(&self, chunks: Vec<(Digest, usize)>) -> imaged::error::Result<Vec<bool>> {
+        let m = self.0.lock().unwrap();
+        Ok(chunks.iter().map(|(d, _)| m.contains_key(d)).collect())
+    }
+
     async fn flush(&self) -> imaged::error::Result<()> {
         Ok(())
     }
@@ -65,6 +70,7 @@ async fn capture(source: &dyn BlockSource, readers: usize) -> (Vec<DataChunk>, u
         store.clone(),
         progress.clone(),
         CancelToken::default(),
+        None,
     )
     .await
     .unwrap_or_else(|e| panic!("capturing {}: {e}", source.describe()));

@@ -18,24 +18,24 @@ use virt::domain::Domain;
 use virt::enumutil::Enum;
 use virt::error::ErrorNumber;
 
-use super::libvirt_err;
+use super::{checkpoint, libvirt_err};
 use crate::error::{Error, ErrorKind, Result};
-use crate::hypervisor::{xml, BackupHandle};
+use crate::hypervisor::{xml, BackupBegun, BackupHandle, CheckpointPlan};
 
 /// libvirt's QEMU driver configuration, where the user QEMU runs as is set.
 const QEMU_CONF: &str = "/etc/libvirt/qemu.conf";
 /// The users libvirt runs QEMU as when `qemu.conf` names none: Debian's, then RHEL's and SUSE's.
 const DEFAULT_QEMU_USERS: [&str; 2] = ["libvirt-qemu", "qemu"];
 
-/// Backup and checkpoint XML for a pull-mode backup of `disk` (others excluded).
-pub fn backup_xml(dir: &Path, disk: &str, other_disks: &[String]) -> String {
-    let esc = |s: &str| {
-        s.replace('&', "&amp;")
-            .replace('\'', "&apos;")
-            .replace('<', "&lt;")
-    };
+/// Backup XML for a pull-mode backup of `disk` (others excluded), of the changes since
+/// checkpoint `since` when given.
+pub fn backup_xml(dir: &Path, disk: &str, other_disks: &[String], since: Option<&str>) -> String {
+    let esc = xml::escape;
+    let incremental = since
+        .map(|c| format!("  <incremental>{}</incremental>\n", esc(c)))
+        .unwrap_or_default();
     let mut x = format!(
-        "<domainbackup mode='pull'>\n  <server transport='unix' socket='{}'/>\n  <disks>\n    \
+        "<domainbackup mode='pull'>\n{incremental}  <server transport='unix' socket='{}'/>\n  <disks>\n    \
          <disk name='{}' backup='yes' type='file'><scratch file='{}'/></disk>\n",
         esc(&dir.join("nbd.sock").to_string_lossy()),
         esc(disk),
@@ -165,25 +165,104 @@ pub fn qemu_ids(conf: &str, passwd: &str, group: &str) -> Result<(u32, u32)> {
 }
 
 /// Begins the pull-mode backup job of `backup` on `dom` (named `name`); the domain's other
-/// disks (`disks`) are left out of it.
+/// disks (`disks`) are left out of it. The checkpoints of `plan` are had when they can be:
+/// an earlier checkpoint is defined again from its saved XML for an incremental job; when
+/// libvirt says it is gone or its bitmap broken, the job is begun full; when no checkpoint can
+/// be made on the disk (not qcow2, a qcow2 v2 image, an old QEMU), it is begun without one.
+/// Each such fallback leaves a note in the answer.
 pub(super) fn begin(
     dom: &Domain,
     name: &str,
     backup: &BackupHandle,
     disks: &[String],
-) -> Result<()> {
-    let backup_xml = backup_xml(&backup.dir, &backup.export, disks);
-    let bx = CString::new(backup_xml)
-        .map_err(|_| crate::error::invalid("backup XML holds a NUL byte"))?;
-    // SAFETY: `dom` is live; the string is NUL-terminated and outlives the call; a null
+    plan: &CheckpointPlan,
+) -> Result<BackupBegun> {
+    let disk = backup.export.as_str();
+    let mut out = BackupBegun::default();
+    let mut since = None;
+    if let Some(saved) = &plan.since {
+        // A record left by a capture that died is replaced by the saved one.
+        checkpoint::delete(dom, name, &saved.name, true)?;
+        match checkpoint::redefine(dom, &saved.xml) {
+            Ok(()) => since = Some(saved.name.clone()),
+            Err(e) => out.notes.push(format!(
+                "checkpoint {} of disk {disk} could not be defined again ({}), so the whole disk is read",
+                saved.name,
+                e.message()
+            )),
+        }
+    }
+    let mut create = plan.create.clone();
+    loop {
+        let bx = backup_xml(&backup.dir, disk, disks, since.as_deref());
+        let cx = create.as_deref().map(|c| checkpoint::create_xml(c, disk));
+        match begin_job(dom, &bx, cx.as_deref()) {
+            Ok(()) => {
+                out.checkpoint = create;
+                out.since = since;
+                return Ok(out);
+            }
+            Err(e) => {
+                let code = e.code();
+                let gone = matches!(
+                    code,
+                    Enum::Known(ErrorNumber::NoDomainCheckpoint)
+                        | Enum::Known(ErrorNumber::CheckpointInconsistent)
+                );
+                if let (Some(old), true) = (since.take(), gone) {
+                    out.notes.push(format!(
+                        "the changes since checkpoint {old} of disk {disk} cannot be told ({}), so the whole disk is read",
+                        e.message()
+                    ));
+                    // Its record (defined just now) goes; so does its bitmap, broken anyway.
+                    if let Err(e) = checkpoint::delete(dom, name, &old, false) {
+                        tracing::warn!(domain = name, checkpoint = %old, error = %e.chain(), "could not delete a broken checkpoint");
+                    }
+                    continue;
+                }
+                if let Some(new) = create.take() {
+                    // Some checkpoint could not be made (a raw disk, a qcow2 v2 image, a QEMU
+                    // without persistent bitmaps): the job without one. An error that was not
+                    // about checkpoints comes back from that attempt too.
+                    out.notes.push(format!(
+                        "no checkpoint could be made on disk {disk} ({}), so later captures read the whole disk too",
+                        e.message()
+                    ));
+                    if let Some(old) = since.take() {
+                        let _ = checkpoint::delete(dom, name, &old, true);
+                    }
+                    let _ = checkpoint::delete(dom, name, &new, false);
+                    continue;
+                }
+                if let Some(old) = since.take() {
+                    let _ = checkpoint::delete(dom, name, &old, true);
+                }
+                return Err(libvirt_err(
+                    format!("beginning a backup job on domain {name}"),
+                    e,
+                ));
+            }
+        }
+    }
+}
+
+/// One `virDomainBackupBegin` call; libvirt's error as is.
+fn begin_job(
+    dom: &Domain,
+    backup_xml: &str,
+    checkpoint_xml: Option<&str>,
+) -> std::result::Result<(), virt::error::Error> {
+    let bx = CString::new(backup_xml).map_err(|_| virt::error::Error::last_error())?;
+    let cx = match checkpoint_xml {
+        Some(c) => Some(CString::new(c).map_err(|_| virt::error::Error::last_error())?),
+        None => None,
+    };
+    let cp = cx.as_ref().map_or(std::ptr::null(), |c| c.as_ptr());
+    // SAFETY: `dom` is live; both strings are NUL-terminated and outlive the call; a null
     // checkpoint pointer means "no checkpoint", as libvirt documents.
-    let rc =
-        unsafe { virt::sys::virDomainBackupBegin(dom.as_ptr(), bx.as_ptr(), std::ptr::null(), 0) };
+    let rc = unsafe { virt::sys::virDomainBackupBegin(dom.as_ptr(), bx.as_ptr(), cp, 0) };
     if rc < 0 {
-        return Err(libvirt_err(
-            format!("beginning a backup job on domain {name}"),
-            virt::error::Error::last_error(),
-        ));
+        return Err(virt::error::Error::last_error());
     }
     Ok(())
 }
@@ -281,11 +360,20 @@ mod tests {
             Path::new("/run/imaged/nbd/backup-op1"),
             "vda",
             &["vda".into(), "vdb".into()],
+            None,
         );
         assert!(x.contains("<domainbackup mode='pull'>"));
         assert!(x.contains("socket='/run/imaged/nbd/backup-op1/nbd.sock'"));
         assert!(x.contains("<disk name='vda' backup='yes' type='file'><scratch file='/run/imaged/nbd/backup-op1/scratch.qcow2'/>"));
         assert!(x.contains("<disk name='vdb' backup='no'/>"));
+        assert!(!x.contains("incremental"), "{x}");
+        let x = backup_xml(Path::new("/run/b"), "vda", &[], Some("imaged-vda-op0"));
+        assert!(
+            x.starts_with(
+                "<domainbackup mode='pull'>\n  <incremental>imaged-vda-op0</incremental>\n"
+            ),
+            "{x}"
+        );
     }
 
     const PASSWD: &str = "root:x:0:0:root:/root:/bin/bash\nlibvirt-qemu:x:64055:108:Libvirt Qemu:/var/lib/libvirt:/usr/sbin/nologin\nqemu:x:107:107:qemu user:/:/sbin/nologin\n";

@@ -15,6 +15,7 @@
 
 pub mod agent;
 pub mod backup;
+pub mod checkpoint;
 pub mod reconnect;
 
 use virt::connect::Connect;
@@ -26,7 +27,10 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::{xml, BackupHandle, DiskInfo, DomainInfo, DomainState, Hypervisor, ShutdownHow};
+use super::{
+    xml, BackupBegun, BackupHandle, CheckpointPlan, DiskInfo, DomainInfo, DomainState, Hypervisor,
+    ShutdownHow,
+};
 use crate::error::{Error, ErrorKind, Result};
 use crate::guest::agent::GuestAgent;
 pub use agent::{LibvirtAgent, LibvirtChannel};
@@ -294,11 +298,37 @@ impl Hypervisor for Libvirt {
         Ok(BackupHandle::in_dir(dir, disk))
     }
 
-    fn begin_pull_backup(&self, name: &str, backup: &BackupHandle, disks: &[String]) -> Result<()> {
+    fn begin_pull_backup(
+        &self,
+        name: &str,
+        backup: &BackupHandle,
+        disks: &[String],
+        checkpoints: &CheckpointPlan,
+    ) -> Result<BackupBegun> {
         let what = format!("beginning a backup job on domain {name}");
         self.on_domain(name, &what, Retry::ConnectOnly, |dom| {
-            backup::begin(dom, name, backup, disks)
+            backup::begin(dom, name, backup, disks, checkpoints)
         })
+    }
+
+    fn checkpoint_xml(&self, name: &str, cp: &str) -> Result<String> {
+        let what = format!("reading checkpoint {cp} of domain {name}");
+        self.on_domain(name, &what, Retry::Safe, |dom| {
+            checkpoint::xml(dom, name, cp)
+        })
+    }
+
+    fn delete_checkpoint(&self, name: &str, cp: &str, keep_bitmap: bool) -> Result<()> {
+        let what = format!("deleting checkpoint {cp} of domain {name}");
+        // Deleting twice is fine: the second time finds none.
+        self.on_domain(name, &what, Retry::Safe, |dom| {
+            checkpoint::delete(dom, name, cp, keep_bitmap)
+        })
+    }
+
+    fn checkpoints(&self, name: &str) -> Result<Vec<String>> {
+        let what = format!("listing the checkpoints of domain {name}");
+        self.on_domain(name, &what, Retry::Safe, |dom| checkpoint::list(dom, name))
     }
 
     fn end_backup(&self, name: &str, backup: &BackupHandle) -> Result<()> {

@@ -53,6 +53,8 @@ impl Controller {
                 state.as_str()
             )));
         }
-        self.deliver(op, writer, export, &plan.provenance()).await
+        self.deliver(op, writer, export, &plan.provenance(), None)
+            .await
+            .map(drop)
     }
 }

@@ -14,6 +14,7 @@ use std::time::Duration;
 
 use super::super::journal::{Entry, Journal};
 use super::super::{Controller, OpEntry};
+use super::incremental;
 use super::sink::Sink;
 use super::Plan;
 use crate::capture::live;
@@ -68,6 +69,8 @@ impl Controller {
             .map(|d| d.target.clone())
             .collect();
         self.end_own_leftover_job(op, &plan.info.name).await?;
+        let chunked = matches!(writer, Sink::Repository(_) | Sink::Central { .. });
+        let prepared = self.prepare_checkpoints(op, plan, chunked).await;
         entry.backup_dir = cfg.run_dir.join(format!("backup-{}", op.id));
         entry.frozen = quiesce;
         journal.write(entry)?;
@@ -81,6 +84,7 @@ impl Controller {
             &op.id,
             quiesce,
             max_freeze,
+            prepared.checkpoints.clone(),
         )
         .await;
         // The journal keeps the freeze until the thaw is confirmed (a failed thaw leaves a
@@ -96,7 +100,7 @@ impl Controller {
             entry.frozen = false;
             journal.update(entry);
         }
-        let (export, point) = match begun {
+        let (export, point, begun) = match begun {
             Ok(x) => x,
             Err(e) => {
                 // `begin` ended what it started; a job begun late (after its call timed
@@ -125,15 +129,36 @@ impl Controller {
         if quiesce {
             tracing::info!(op = %op.id, domain = %plan.info.name, filesystems = point.frozen_filesystems, freeze_window_ms = point.freeze_window_ms, "guest thawed");
         }
+        if chunked {
+            op.set_read(incremental::report(&prepared.note, &begun, None));
+        }
+        for n in &begun.notes {
+            tracing::info!(op = %op.id, domain = %plan.info.name, disk = %plan.target, "{n}");
+        }
         let export = Arc::new(export);
         let res = self
-            .deliver(op, writer, export.clone(), &plan.provenance())
+            .deliver(
+                op,
+                writer,
+                export.clone(),
+                &plan.provenance(),
+                prepared.base.as_ref().filter(|_| begun.since.is_some()),
+            )
             .await;
         let ended = export.end().await;
         if live::job_gone(&ended) {
             entry.backup_dir = Default::default();
             journal.update(entry);
         }
+        let captured = res.as_ref().ok().and_then(|c| c.as_ref());
+        if chunked {
+            let read = incremental::report(&prepared.note, &begun, captured);
+            tracing::info!(op = %op.id, domain = %plan.info.name, disk = %plan.target,
+                incremental = read.incremental, since = %read.since_checkpoint, changed_bytes = read.changed_bytes,
+                checkpoint = %read.checkpoint, note = %read.note, "how the disk was read");
+            op.set_read(read);
+        }
+        self.settle_checkpoints(op, plan, &begun, captured).await;
         res?;
         if let Err(e) = ended {
             // The image is whole and committed: ending the job is cleanup that can be retried,

@@ -20,6 +20,7 @@
 //! delivers them there (repository, file, Glance, S3).
 
 mod cold;
+mod incremental;
 mod live;
 mod prep;
 mod shutdown;

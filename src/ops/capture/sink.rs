@@ -11,7 +11,7 @@ use super::super::{blocking, Controller, OpEntry, OpState};
 use super::{CaptureParams, Plan, TargetSpec};
 use crate::capture::source::BlockSource;
 use crate::capture::stream::{self, StreamPlan};
-use crate::capture::{self as pipeline};
+use crate::capture::{self as pipeline, Base, Captured};
 use crate::error::{invalid, Error, ErrorKind, Result};
 use crate::format::Format;
 use crate::ops::mode::consistency_of;
@@ -159,31 +159,37 @@ impl Controller {
         Ok(Sink::Stream { target, format })
     }
 
-    /// Sends the disk to its sink: the chunk pipeline into the repository, or one byte stream
-    /// into a stream target.
+    /// Sends the disk to its sink: the chunk pipeline into the repository (with `base`, only
+    /// what changed since it), or one byte stream into a stream target. The chunk sinks answer
+    /// what they stored; a stream None.
     pub(super) async fn deliver(
         &self,
         op: &OpEntry,
         sink: Sink,
         source: Arc<dyn BlockSource>,
         from: &Provenance,
-    ) -> Result<()> {
+        base: Option<&Base>,
+    ) -> Result<Option<Captured>> {
         match sink {
-            Sink::Repository(writer) => self.store(op, writer, source.as_ref(), from).await,
-            Sink::Stream { target, format } => {
-                self.stream_out(op, target.as_ref(), format, source, from)
-                    .await
-            }
-            Sink::Central { repo, project, tag } => {
-                self.to_imagerepo(op, &repo, project, tag, source.as_ref(), from)
-                    .await
-            }
+            Sink::Repository(writer) => self
+                .store(op, writer, source.as_ref(), from, base)
+                .await
+                .map(Some),
+            Sink::Stream { target, format } => self
+                .stream_out(op, target.as_ref(), format, source, from)
+                .await
+                .map(|()| None),
+            Sink::Central { repo, project, tag } => self
+                .to_imagerepo(op, &repo, project, tag, source.as_ref(), from, base)
+                .await
+                .map(Some),
         }
     }
 
     /// The chunk pipeline into a central imagerepo: begin the upload (an idempotency key made
     /// from the operation), send only the chunks it lacks, then add the manifest and commit;
     /// on any failure or cancel the upload is aborted with the reason.
+    #[allow(clippy::too_many_arguments)]
     async fn to_imagerepo(
         &self,
         op: &OpEntry,
@@ -192,7 +198,8 @@ impl Controller {
         tag: String,
         source: &dyn BlockSource,
         from: &Provenance,
-    ) -> Result<()> {
+        base: Option<&Base>,
+    ) -> Result<Captured> {
         op.set_state(OpState::Saving);
         let started = Instant::now();
         let max = self.inner.cfg.repository.max_virtual_size;
@@ -239,15 +246,17 @@ impl Controller {
                 Arc::new(upload.clone()),
                 op.progress.clone(),
                 op.cancel.clone(),
+                base,
             )
             .await?;
             op.cancel.check()?;
             let digest = content_digest(captured.virtual_size, &captured.chunks);
-            upload.finish(&captured.chunks, &digest).await
+            let image = upload.finish(&captured.chunks, &digest).await?;
+            Ok::<_, Error>((image, captured))
         }
         .await;
-        let image = match res {
-            Ok(image) => image,
+        let (image, captured) = match res {
+            Ok(done) => done,
             Err(e) => {
                 let reason = if e.kind() == ErrorKind::Cancelled {
                     format!("capture operation {} was cancelled", op.id)
@@ -270,7 +279,7 @@ impl Controller {
             seconds = format!("{:.2}", started.elapsed().as_secs_f64()),
             "image uploaded to the central repository"
         );
-        Ok(())
+        Ok(captured)
     }
 
     /// One byte stream (qcow2 or raw) into a stream target; nothing is stored on this host.
@@ -342,14 +351,16 @@ impl Controller {
         p
     }
 
-    /// The chunk pipeline from `source` into the repository, then the commit.
+    /// The chunk pipeline from `source` into the repository (with `base`, only what changed
+    /// since it), then the commit; what was stored.
     pub(in crate::ops) async fn store(
         &self,
         op: &OpEntry,
         writer: ImageWriter,
         source: &dyn BlockSource,
         from: &Provenance,
-    ) -> Result<()> {
+        base: Option<&Base>,
+    ) -> Result<Captured> {
         let readers = self.inner.cfg.capture.readers;
         op.set_state(OpState::Saving);
         let started = Instant::now();
@@ -360,9 +371,10 @@ impl Controller {
             Arc::new(writer.chunk_sink()),
             op.progress.clone(),
             op.cancel.clone(),
+            base,
         )
         .await;
-        let captured = match captured {
+        let mut captured = match captured {
             Ok(c) => c,
             Err(e) => {
                 // Release the chunks this capture wrote off the async threads.
@@ -393,13 +405,14 @@ impl Controller {
             created_at: now,
             updated_at: now,
             data_bytes: captured.data_bytes,
-            chunks: captured.chunks,
+            chunks: std::mem::take(&mut captured.chunks),
         };
         let secs = started.elapsed().as_secs_f64();
-        blocking(move || writer.commit(&record)).await?;
+        let record = blocking(move || writer.commit(&record).map(|()| record)).await?;
+        captured.chunks = record.chunks;
         op.set_location(&op.image_name);
         tracing::info!(op = %op.id, image = %op.image_name, seconds = format!("{secs:.2}"), "image committed");
-        Ok(())
+        Ok(captured)
     }
 }
 

@@ -538,6 +538,27 @@ impl ChunkStore for RemoteUpload {
         (spare, Ok(PutOutcome::Stored))
     }
 
+    async fn reuse(&self, chunks: Vec<(Digest, usize)>) -> Result<Vec<bool>> {
+        // One question per digest; the finder batches them into FindMissingChunks calls.
+        let s = &self.inner;
+        let mut out = Vec::with_capacity(chunks.len());
+        for group in chunks.chunks(4096) {
+            let asked = group.iter().map(|(d, _)| s.finder.is_missing(*d));
+            for (missing, (d, _)) in futures_util::future::join_all(asked)
+                .await
+                .into_iter()
+                .zip(group)
+            {
+                let have = !missing?;
+                if have {
+                    s.known.lock().unwrap_or_else(|p| p.into_inner()).insert(*d);
+                }
+                out.push(have);
+            }
+        }
+        Ok(out)
+    }
+
     async fn flush(&self) -> Result<()> {
         let s = &self.inner;
         let n = s.target.cfg.chunks_in_flight as u32;

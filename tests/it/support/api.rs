@@ -87,6 +87,8 @@ pub struct Operation {
     pub location: String,
     /// The image in `response`, when the operation made one.
     pub image: Option<pb::Image>,
+    /// Live captures: how the disk was read.
+    pub read: Option<pb::ReadReport>,
 }
 
 impl From<&pb::google::longrunning::Operation> for Operation {
@@ -122,6 +124,7 @@ impl From<&pb::google::longrunning::Operation> for Operation {
             prep: m.prep_steps.clone(),
             location: m.location.clone(),
             image: v.image.clone(),
+            read: m.read.clone(),
         }
     }
 }
