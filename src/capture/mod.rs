@@ -561,6 +561,211 @@ pub fn data_ranges(extents: &[Extent], start: u64, len: u64) -> Vec<std::ops::Ra
 mod tests {
     use super::*;
 
+    /// A disk in memory: every chunk data, `changed` the dirty extents of an incremental job.
+    struct MemDisk {
+        data: Vec<u8>,
+        changed: Option<Vec<Extent>>,
+    }
+
+    struct MemReader(Arc<Vec<u8>>);
+
+    #[tonic::async_trait]
+    impl BlockSource for MemDisk {
+        async fn reader(&self) -> Result<Box<dyn DiskReader>> {
+            Ok(Box::new(MemReader(Arc::new(self.data.clone()))))
+        }
+        fn describe(&self) -> &str {
+            "memory disk"
+        }
+        async fn changed_map(&self) -> Result<Option<Vec<Extent>>> {
+            Ok(self.changed.clone())
+        }
+    }
+
+    #[tonic::async_trait]
+    impl DiskReader for MemReader {
+        fn size(&self) -> u64 {
+            self.0.len() as u64
+        }
+        async fn allocation_map(&mut self) -> Result<Vec<Extent>> {
+            Ok(vec![Extent::new(0, self.0.len() as u64, 0)])
+        }
+        async fn read(
+            &mut self,
+            offset: u64,
+            mut buf: Vec<u8>,
+            at: std::ops::Range<usize>,
+        ) -> (Vec<u8>, Result<()>) {
+            let o = offset as usize;
+            let n = at.len();
+            buf[at].copy_from_slice(&self.0[o..o + n]);
+            (buf, Ok(()))
+        }
+        async fn close(self: Box<Self>) {}
+    }
+
+    /// Chunks by digest; `forget` drops some, as a store whose chunks were collected.
+    #[derive(Default)]
+    struct MemStore(Mutex<std::collections::HashMap<Digest, Vec<u8>>>);
+
+    #[tonic::async_trait]
+    impl ChunkStore for MemStore {
+        async fn put(
+            &self,
+            digest: Digest,
+            buf: Vec<u8>,
+            len: usize,
+        ) -> (Vec<u8>, Result<PutOutcome>) {
+            let mut m = self.0.lock().unwrap();
+            let o = if m.insert(digest, buf[..len].to_vec()).is_some() {
+                PutOutcome::Existing
+            } else {
+                PutOutcome::Stored
+            };
+            (buf, Ok(o))
+        }
+        async fn reuse(&self, chunks: Vec<(Digest, usize)>) -> Result<Vec<bool>> {
+            let m = self.0.lock().unwrap();
+            Ok(chunks.iter().map(|(d, _)| m.contains_key(d)).collect())
+        }
+        async fn flush(&self) -> Result<()> {
+            Ok(())
+        }
+        fn describe(&self) -> String {
+            "memory".into()
+        }
+    }
+
+    async fn capture(disk: &MemDisk, store: Arc<MemStore>, base: Option<&Base>) -> (Captured, u64) {
+        let progress = Arc::new(Progress::default());
+        let c = run(
+            disk,
+            2,
+            u64::MAX,
+            store,
+            progress.clone(),
+            CancelToken::default(),
+            base,
+        )
+        .await
+        .unwrap();
+        let p = &progress;
+        let done = p.bytes_done.load(Ordering::Relaxed);
+        assert_eq!(done, c.virtual_size, "every byte is counted done once");
+        (c, p.bytes_read.load(Ordering::Relaxed))
+    }
+
+    #[tokio::test]
+    async fn an_incremental_read_reads_changed_chunks_and_equals_a_full_read() {
+        let c = CHUNK_SIZE as usize;
+        // 10 chunks of distinct bytes, the last one short; chunk 5 all zeros.
+        let mut a: Vec<u8> = (0..10 * c - 4096)
+            .map(|i| (i / 4093 % 251) as u8 + 1)
+            .collect();
+        a[5 * c..6 * c].fill(0);
+        let store = Arc::new(MemStore::default());
+        let (first, _) = capture(
+            &MemDisk {
+                data: a.clone(),
+                changed: None,
+            },
+            store.clone(),
+            None,
+        )
+        .await;
+        assert_eq!(first.chunks.len(), 9);
+        let base = Base {
+            virtual_size: first.virtual_size,
+            chunks: first.chunks.clone(),
+        };
+
+        // Written since: 100 bytes in chunk 2, chunk 5 (zero before), and across chunks 8-9.
+        let mut b = a.clone();
+        b[2 * c + 7..2 * c + 107].fill(0xee);
+        b[5 * c + 64..5 * c + 128].fill(0xdd);
+        b[9 * c - 10..9 * c + 10].fill(0xcc);
+        let changed = vec![
+            Extent::new(0, 2 * CHUNK_SIZE, 0),
+            Extent::new(2 * CHUNK_SIZE, 65536, 1),
+            Extent::new(2 * CHUNK_SIZE + 65536, 3 * CHUNK_SIZE - 65536, 0),
+            Extent::new(5 * CHUNK_SIZE, 65536, 1),
+            Extent::new(5 * CHUNK_SIZE + 65536, 3 * CHUNK_SIZE - 2 * 65536, 0),
+            Extent::new(9 * CHUNK_SIZE - 65536, 2 * 65536, 1),
+            Extent::new(9 * CHUNK_SIZE + 65536, CHUNK_SIZE - 4096 - 65536, 0),
+        ];
+        let disk = MemDisk {
+            data: b.clone(),
+            changed: Some(changed.clone()),
+        };
+        let (inc, read) = capture(&disk, store.clone(), Some(&base)).await;
+        assert_eq!(inc.full_reason, None);
+        assert_eq!(inc.changed_bytes, Some(4 * 65536));
+        let expect_read = 3 * CHUNK_SIZE + (CHUNK_SIZE - 4096);
+        assert_eq!(read, expect_read, "chunks 2, 5, 8 and 9 are read");
+        let (full, _) = capture(
+            &MemDisk {
+                data: b.clone(),
+                changed: None,
+            },
+            Arc::new(MemStore::default()),
+            None,
+        )
+        .await;
+        assert_eq!(inc.chunks, full.chunks, "the same image as a full read");
+
+        // A store that lost an unchanged chunk gets it read again.
+        let lost = base.chunks.iter().find(|x| x.index == 0).unwrap().digest;
+        store.0.lock().unwrap().remove(&lost);
+        let (again, read) = capture(&disk, store.clone(), Some(&base)).await;
+        assert_eq!(read, expect_read + CHUNK_SIZE, "chunk 0 is read again");
+        assert_eq!(again.chunks, full.chunks);
+        assert!(
+            store.0.lock().unwrap().contains_key(&lost),
+            "and stored again"
+        );
+
+        // Another virtual size: a full read that says why.
+        let mut grown = b.clone();
+        grown.extend(std::iter::repeat_n(1u8, c));
+        let (g, read) = capture(
+            &MemDisk {
+                data: grown.clone(),
+                changed: Some(changed),
+            },
+            store.clone(),
+            Some(&base),
+        )
+        .await;
+        assert!(g.full_reason.unwrap().contains("virtual size changed"));
+        assert_eq!(read, grown.len() as u64);
+        assert_eq!(g.changed_bytes, None);
+
+        // No map of changed blocks: a full read too.
+        let (n, _) = capture(
+            &MemDisk {
+                data: b,
+                changed: None,
+            },
+            store,
+            Some(&base),
+        )
+        .await;
+        assert!(n.full_reason.unwrap().contains("no map of changed blocks"));
+        assert_eq!(n.chunks, full.chunks);
+    }
+
+    #[test]
+    fn run_sets_intersect_and_contain() {
+        assert_eq!(
+            intersect_runs(&[0..5, 8..12], &[3..9, 11..20]),
+            vec![3..5, 8..9, 11..12]
+        );
+        assert!(intersect_runs(&[0..2, 5..6], &[2..4, 6..7]).is_empty());
+        let runs = vec![2..4, 9..10];
+        assert!(!in_runs(&runs, 1) && in_runs(&runs, 2) && in_runs(&runs, 3));
+        assert!(!in_runs(&runs, 4) && in_runs(&runs, 9) && !in_runs(&runs, 10));
+    }
+
     #[test]
     fn ranges_skip_zero_extents() {
         let m = 1 << 20;
