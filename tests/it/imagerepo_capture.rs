@@ -493,6 +493,81 @@ async fn a_second_capture_sends_only_what_changed_on_postgres_and_s3() {
     second_capture_sends_only_what_changed(Storage::PostgresS3, "irepo-pg").await;
 }
 
+/// A live capture of a running guest into the central repository, done; its operation.
+async fn live_to_central(d: &Daemon, guest: &Guest, tag: &str) -> proto::Operation {
+    let mut req = to_central(guest.name(), "live", tag);
+    req.mode = proto::CaptureMode::CrashConsistent as i32;
+    let op = d
+        .images()
+        .await
+        .capture(req)
+        .await
+        .expect("live capture to central")
+        .into_inner();
+    let op = d.wait_op(&op.id).await;
+    d.assert_active(&op);
+    op
+}
+
+/// Live recaptures into the central repository are incremental: the second reads only what the
+/// guest wrote since the first, takes every other chunk from the first image (the repository is
+/// asked whether it still has them), and makes the same image as a full read of the same moment.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_live_recapture_into_the_repository_reads_only_what_changed() {
+    let lab = Lab::get();
+    let repo = RepoServer::start(Storage::Local);
+    let d = Daemon::start_with(DaemonOptions {
+        extra_toml: repo.target_toml(""),
+        ..Default::default()
+    });
+    let guest = lab.guest("irepo-live").create();
+    guest.start();
+    guest.wait_agent(Duration::from_secs(240));
+    guest.wait_booted(Duration::from_secs(240));
+    let first = live_to_central(&d, &guest, "t1").await;
+    let read = |op: &proto::Operation| op.progress.map_or(0, |p| p.read_bytes);
+    let r1 = first.read.clone().expect("a read report");
+    assert!(!r1.incremental && !r1.checkpoint.is_empty(), "{r1:?}");
+
+    guest.sh_ok("dd if=/dev/urandom of=/root/new bs=1M count=16 conv=fsync status=none");
+    crate::support::daemon::run("virsh", &["suspend", guest.name()]);
+    let second = live_to_central(&d, &guest, "t2").await;
+    let r2 = second.read.clone().expect("a read report");
+    assert!(r2.incremental, "{r2:?}");
+    assert_eq!(r2.since_checkpoint, r1.checkpoint);
+    assert!(
+        read(&second) >= 16 << 20 && read(&second) * 4 < read(&first),
+        "the recapture read {} B, the first capture {} B",
+        read(&second),
+        read(&first)
+    );
+    // The same moment read whole (no saved checkpoint): the same content.
+    let saved = d.dir.path().join("state/checkpoints");
+    for f in std::fs::read_dir(&saved).unwrap().flatten() {
+        std::fs::remove_file(f.path()).unwrap();
+    }
+    let full = live_to_central(&d, &guest, "t3").await;
+    assert!(!full.read.clone().expect("a read report").incremental);
+    crate::support::daemon::run("virsh", &["resume", guest.name()]);
+    let (inc_header, inc_digest) = repo
+        .export_raw(&second.location, &d.dir.path().join("t2.raw"))
+        .await;
+    let (full_header, _) = repo
+        .export_raw(&full.location, &d.dir.path().join("t3.raw"))
+        .await;
+    assert_eq!(inc_header.content_digest, inc_digest);
+    assert_eq!(
+        inc_header.content_digest, full_header.content_digest,
+        "an incremental image equals a full read of the same moment"
+    );
+    eprintln!(
+        "live into imagerepo: first read {} B, incremental read {} B ({} B changed)",
+        read(&first),
+        read(&second),
+        r2.changed_bytes
+    );
+}
+
 /// Two agents (two daemons, each with its own certificate, as on two hypervisors) capture two
 /// guests made from the same base image: the second sends only what differs.
 async fn a_sibling_on_another_agent_sends_only_what_differs(storage: Storage, prefix: &str) {
