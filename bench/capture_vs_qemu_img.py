@@ -31,33 +31,7 @@ import subprocess
 import sys
 import time
 
-from benchlib import EXTENTS, GLANCE_HEADERS, ROOT, define_domain, drop_caches, sh
-
-
-def make_input(work, virtual_gib, data_gib, fmt="qcow2"):
-    path = os.path.join(work, f"src-{virtual_gib}g-{data_gib}g.{fmt}")
-    if os.path.exists(path):
-        return path
-    raw = path + ".raw"
-    with open(raw, "wb") as f:
-        f.truncate(virtual_gib << 30)
-    extent = (data_gib << 30) // EXTENTS
-    stride = (virtual_gib << 30) // EXTENTS
-    with open("/dev/urandom", "rb") as rnd, open(raw, "r+b") as f:
-        for i in range(EXTENTS):
-            f.seek(i * stride)
-            left = extent
-            while left:
-                n = min(left, 8 << 20)
-                f.write(rnd.read(n))
-                left -= n
-    if fmt == "raw":
-        os.rename(raw, path)
-        return path
-    sh("qemu-img", "convert", "-f", "raw", "-O", "qcow2", raw, path + ".tmp")
-    os.rename(path + ".tmp", path)
-    os.unlink(raw)
-    return path
+from benchlib import GLANCE_HEADERS, ROOT, define_domain, drop_caches, make_input, sh
 
 
 WRAP = ("import resource, subprocess, sys; p = subprocess.run(sys.argv[1:], stdout=subprocess.PIPE); "
