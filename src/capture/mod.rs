@@ -44,7 +44,7 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::nbd::Extent;
 use crate::progress::{CancelToken, Progress};
 use crate::repo::manifest::{chunk_len, cluster_mask, DataChunk, Digest, CHUNK_SIZE};
-use crate::repo::{ChunkStore, PutOutcome};
+use crate::repo::{ChunkBuf, ChunkStore, PutOutcome};
 use source::{BlockSource, DiskReader};
 
 /// What the pipeline produced: the data chunks of the image, ascending by index.
@@ -402,7 +402,7 @@ struct Worker {
 }
 
 /// What hashing and storing one chunk gave: its buffer back, and the entry (None: all zeros).
-type Hashed = (Vec<u8>, Result<Option<(Digest, u64, PutOutcome)>>);
+type Hashed = (ChunkBuf, Result<Option<(Digest, u64, PutOutcome)>>);
 
 impl Worker {
     /// Reads chunk after chunk; while one chunk is hashed (on the blocking pool) and handed
@@ -423,8 +423,8 @@ impl Worker {
         &mut self,
         pending: &mut Option<(usize, u64, tokio::task::JoinHandle<Hashed>)>,
     ) -> Result<()> {
-        let mut free = vec![0u8; CHUNK_SIZE as usize];
-        let mut spare = Some(vec![0u8; CHUNK_SIZE as usize]);
+        let mut free = ChunkBuf::zeroed(CHUNK_SIZE as usize);
+        let mut spare = Some(ChunkBuf::zeroed(CHUNK_SIZE as usize));
         loop {
             self.cancel.check()?;
             let next = self.next_data_chunk();
@@ -442,7 +442,12 @@ impl Worker {
             }
             let Some((i, len, _)) = next else { break };
             let sink = self.sink.clone();
-            let owned = std::mem::replace(&mut free, spare.take().unwrap_or_default());
+            let owned = std::mem::replace(
+                &mut free,
+                spare
+                    .take()
+                    .unwrap_or_else(|| ChunkBuf::zeroed(CHUNK_SIZE as usize)),
+            );
             let handle = tokio::spawn(async move {
                 let hashed = tokio::task::spawn_blocking(move || {
                     let data = &owned[..len as usize];
@@ -456,7 +461,7 @@ impl Worker {
                     Err(e) => {
                         let e =
                             Error::new(ErrorKind::Internal, "hashing task failed").with_source(e);
-                        return (vec![0u8; CHUNK_SIZE as usize], Err(e));
+                        return (ChunkBuf::zeroed(CHUNK_SIZE as usize), Err(e));
                     }
                 };
                 let Some((digest, mask)) = hashed else {
@@ -491,19 +496,23 @@ impl Worker {
         i: usize,
         len: u64,
         ranges: &[std::ops::Range<u64>],
-        mut buf: Vec<u8>,
-    ) -> Result<Vec<u8>> {
+        mut buf: ChunkBuf,
+    ) -> Result<ChunkBuf> {
         let start = i as u64 * CHUNK_SIZE;
-        buf[..len as usize].fill(0);
         let mut read = 0;
+        // Only the bytes no range covers are zeroed (the buffer holds the previous chunk).
+        let mut zeroed_to = 0;
         for r in ranges {
             let lo = (r.start - start) as usize;
             let hi = (r.end - start) as usize;
+            buf[zeroed_to..lo].fill(0);
+            zeroed_to = hi;
             let (back, res) = self.client.read(r.start, buf, lo..hi).await;
             buf = back;
             res?;
             read += r.end - r.start;
         }
+        buf[zeroed_to..len as usize].fill(0);
         self.progress.bytes_read.fetch_add(read, Ordering::Relaxed);
         Ok(buf)
     }
@@ -593,9 +602,9 @@ mod tests {
         async fn read(
             &mut self,
             offset: u64,
-            mut buf: Vec<u8>,
+            mut buf: ChunkBuf,
             at: std::ops::Range<usize>,
-        ) -> (Vec<u8>, Result<()>) {
+        ) -> (ChunkBuf, Result<()>) {
             let o = offset as usize;
             let n = at.len();
             buf[at].copy_from_slice(&self.0[o..o + n]);
@@ -613,9 +622,9 @@ mod tests {
         async fn put(
             &self,
             digest: Digest,
-            buf: Vec<u8>,
+            buf: ChunkBuf,
             len: usize,
-        ) -> (Vec<u8>, Result<PutOutcome>) {
+        ) -> (ChunkBuf, Result<PutOutcome>) {
             let mut m = self.0.lock().unwrap();
             let o = if m.insert(digest, buf[..len].to_vec()).is_some() {
                 PutOutcome::Existing

@@ -26,6 +26,7 @@ use tokio::process::{Child, Command};
 
 use crate::error::{Error, ErrorKind, Result};
 use crate::nbd::{ConnectOptions, Extent, NbdClient};
+use crate::repo::ChunkBuf;
 
 /// The NBD meta context that reports holes and zeros.
 pub const BASE_ALLOCATION: &str = "base:allocation";
@@ -59,9 +60,9 @@ pub trait DiskReader: Send {
     async fn read(
         &mut self,
         offset: u64,
-        buf: Vec<u8>,
+        buf: ChunkBuf,
         at: std::ops::Range<usize>,
-    ) -> (Vec<u8>, Result<()>);
+    ) -> (ChunkBuf, Result<()>);
     /// Ends the reader (an NBD connection says goodbye to its server).
     async fn close(self: Box<Self>);
 }
@@ -105,9 +106,9 @@ impl DiskReader for NbdReader {
     async fn read(
         &mut self,
         offset: u64,
-        mut buf: Vec<u8>,
+        mut buf: ChunkBuf,
         at: std::ops::Range<usize>,
-    ) -> (Vec<u8>, Result<()>) {
+    ) -> (ChunkBuf, Result<()>) {
         let len = at.len();
         let res = self.client.read(offset, &mut buf[at]).await.map_err(|e| {
             Error::new(

@@ -25,6 +25,7 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::format::qcow2::{clusters_covering, Qcow2Layout};
 use crate::format::Format;
 use crate::nbd::{Extent, NBD_STATE_ZERO};
+use crate::repo::ChunkBuf;
 
 pub use crate::format::ByteStream;
 
@@ -246,11 +247,11 @@ async fn fetch(seg: Segment, pool: Pool) -> Result<(Bytes, u64, bool)> {
                     .await
                     .ok_or_else(|| Error::new(ErrorKind::Internal, "NBD connection pool closed"))?
             };
-            let buf = vec![0u8; (len + pad) as usize];
+            let buf = ChunkBuf::zeroed((len + pad) as usize);
             let (buf, res) = client.read(offset, buf, 0..len as usize).await;
             let _ = pool.0.send(client).await;
             res?;
-            Ok((Bytes::from(buf), len, true))
+            Ok((Bytes::from_owner(buf), len, true))
         }
     }
 }

@@ -7,7 +7,6 @@
 //! is INVALID_ARGUMENT (DIGEST_MISMATCH) naming the digest. [`ChunkStore::sync`] makes every
 //! stored chunk durable at once (syncfs) before a commit turns an image ACTIVE.
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
@@ -125,8 +124,8 @@ impl ChunkStore for LocalChunks {
         let h = hex::encode(digest);
         let tmp = self.root.join("tmp").join(util::random_id(&h[..16]));
         let write = || -> std::io::Result<()> {
-            let mut f = std::fs::File::create(&tmp)?;
-            f.write_all(data)?;
+            // Around the page cache; `sync` (syncfs) before a commit makes it durable.
+            crate::repo::direct::write_file(&tmp, data)?;
             if let Some(dir) = path.parent() {
                 std::fs::create_dir_all(dir)?;
             }

@@ -24,11 +24,11 @@
 //! - chunks an in-flight capture relies on are *pinned*: deleting an image never removes a
 //!   chunk a running capture has found already stored and is about to reference.
 
+pub mod direct;
 pub mod manifest;
 mod store;
 
 use std::collections::{HashMap, HashSet};
-use std::io::Write;
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -37,6 +37,7 @@ use sha2::{Digest as _, Sha256};
 
 use crate::error::{Error, ErrorKind, Result};
 use crate::util;
+pub use direct::ChunkBuf;
 pub use manifest::{DataChunk, Digest, ImageRecord, CHUNK_SIZE, CLUSTER_SIZE};
 pub use store::ChunkStore;
 
@@ -579,8 +580,8 @@ impl ChunkSink {
             .tmp_dir()
             .join(format!("{hexd}.{}", util::random_id("t")));
         let write = || -> std::io::Result<()> {
-            let mut f = std::fs::File::create(&tmp)?;
-            f.write_all(data)?;
+            // Around the page cache: the commit's syncfs makes it durable (see `direct`).
+            direct::write_file(&tmp, data)?;
             if let Some(dir) = path.parent() {
                 if !dir.exists() {
                     std::fs::create_dir_all(dir)?;

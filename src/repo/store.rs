@@ -14,7 +14,7 @@
 //! by the time [`ChunkStore::flush`] returns: a send that failed for good fails the flush (and
 //! every later put).
 
-use super::{ChunkSink, Digest, PutOutcome};
+use super::{ChunkBuf, ChunkSink, Digest, PutOutcome};
 use crate::error::{Error, ErrorKind, Result};
 
 /// Where the capture pipeline puts data chunks. Cheap to share (`Arc<dyn ChunkStore>`).
@@ -24,7 +24,12 @@ pub trait ChunkStore: Send + Sync {
     /// buffer of the same capacity to read the next chunk into (`buf` itself, or a spare one).
     /// `Stored`: the chunk was new to the store (its bytes are written or being sent);
     /// `Existing`: the store had it, nothing was written or sent.
-    async fn put(&self, digest: Digest, buf: Vec<u8>, len: usize) -> (Vec<u8>, Result<PutOutcome>);
+    async fn put(
+        &self,
+        digest: Digest,
+        buf: ChunkBuf,
+        len: usize,
+    ) -> (ChunkBuf, Result<PutOutcome>);
 
     /// Takes chunks of an earlier image into this one without their bytes (an incremental
     /// capture's unchanged chunks): for each `(digest, length)`, whether the store has it; those
@@ -41,7 +46,12 @@ pub trait ChunkStore: Send + Sync {
 
 #[tonic::async_trait]
 impl ChunkStore for ChunkSink {
-    async fn put(&self, digest: Digest, buf: Vec<u8>, len: usize) -> (Vec<u8>, Result<PutOutcome>) {
+    async fn put(
+        &self,
+        digest: Digest,
+        buf: ChunkBuf,
+        len: usize,
+    ) -> (ChunkBuf, Result<PutOutcome>) {
         let sink = self.clone();
         // File writes block: they run on the blocking pool, the buffer travels with them.
         let joined = tokio::task::spawn_blocking(move || {
@@ -52,7 +62,7 @@ impl ChunkStore for ChunkSink {
         match joined {
             Ok(out) => out,
             Err(e) => (
-                vec![0u8; super::CHUNK_SIZE as usize],
+                ChunkBuf::zeroed(super::CHUNK_SIZE as usize),
                 Err(Error::new(ErrorKind::Internal, "storing a chunk failed").with_source(e)),
             ),
         }

@@ -18,7 +18,7 @@ use std::sync::{Arc, Mutex};
 use imaged::capture::file::{self, Native, RawFile};
 use imaged::capture::source::{BlockSource, NbdExport};
 use imaged::progress::{CancelToken, Progress};
-use imaged::repo::{ChunkStore, DataChunk, Digest, PutOutcome, CHUNK_SIZE};
+use imaged::repo::{ChunkBuf, ChunkStore, DataChunk, Digest, PutOutcome, CHUNK_SIZE};
 
 use crate::support::lab::{Lab, SystemDisk};
 
@@ -31,9 +31,9 @@ impl ChunkStore for MemStore {
     async fn put(
         &self,
         digest: Digest,
-        buf: Vec<u8>,
+        buf: ChunkBuf,
         len: usize,
-    ) -> (Vec<u8>, imaged::error::Result<PutOutcome>) {
+    ) -> (ChunkBuf, imaged::error::Result<PutOutcome>) {
         let mut m = self.0.lock().unwrap();
         let outcome = match m.entry(digest) {
             std::collections::hash_map::Entry::Occupied(_) => PutOutcome::Existing,

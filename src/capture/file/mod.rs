@@ -27,6 +27,7 @@ use std::sync::Arc;
 use super::source::{BlockSource, DiskReader};
 use crate::error::{Error, ErrorKind, Result};
 use crate::nbd::{Extent, NBD_STATE_HOLE, NBD_STATE_ZERO};
+use crate::repo::ChunkBuf;
 
 pub mod qcow2;
 
@@ -97,9 +98,31 @@ pub fn open_file(file: File, path: &Path, format: &str) -> Result<Native> {
     }
 }
 
+/// The same file opened anew with `O_DIRECT` (through `/proc/self/fd`, so the descriptor we
+/// lock and map stays as it is), when the filesystem allows; else `file` itself. Reading
+/// around the page cache saves the kernel's copy of every byte and the cache pages (a capture
+/// reads into 4 KiB-aligned [`ChunkBuf`]s; imago aligns its own requests, and bounces what is
+/// not aligned). Whether it is `O_DIRECT`.
+pub(super) fn direct_twin(file: std::fs::File) -> (std::fs::File, bool) {
+    use std::os::unix::fs::OpenOptionsExt;
+    use std::os::unix::io::AsRawFd;
+    let proc = format!("/proc/self/fd/{}", file.as_raw_fd());
+    match std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(proc)
+    {
+        Ok(d) => (d, true),
+        Err(_) => (file, false),
+    }
+}
+
 /// A raw disk file opened read-only, with QEMU's read locks held until it drops.
 pub struct RawFile {
     file: Arc<File>,
+    /// The same file with `O_DIRECT`, when the filesystem allows: whole aligned blocks are
+    /// read through it, straight into the chunk buffer.
+    direct: Option<Arc<File>>,
     size: u64,
     describe: String,
 }
@@ -132,9 +155,15 @@ impl RawFile {
             ));
         }
         lock_shared_read(&file, &describe)?;
+        let direct = file
+            .try_clone()
+            .ok()
+            .map(direct_twin)
+            .and_then(|(f, direct)| direct.then(|| Arc::new(f)));
         Ok(RawFile {
             size: meta.len().div_ceil(512) * 512,
             file: Arc::new(file),
+            direct,
             describe,
         })
     }
@@ -292,10 +321,10 @@ where
 pub(super) async fn read_blocking<F>(
     describe: &str,
     offset: u64,
-    buf: Vec<u8>,
+    buf: ChunkBuf,
     at: std::ops::Range<usize>,
     read: F,
-) -> (Vec<u8>, Result<()>)
+) -> (ChunkBuf, Result<()>)
 where
     F: FnOnce(&mut [u8]) -> std::io::Result<()> + Send + 'static,
 {
@@ -318,7 +347,7 @@ where
             (buf, r)
         }
         Err(e) => (
-            vec![0u8; cap],
+            ChunkBuf::zeroed(cap),
             Err(Error::new(ErrorKind::Internal, "read task failed").with_source(e)),
         ),
     }
@@ -329,6 +358,7 @@ impl BlockSource for RawFile {
     async fn reader(&self) -> Result<Box<dyn DiskReader>> {
         Ok(Box::new(RawReader {
             file: self.file.clone(),
+            direct: self.direct.clone(),
             size: self.size,
             describe: Arc::from(self.describe.as_str()),
         }))
@@ -342,6 +372,7 @@ impl BlockSource for RawFile {
 /// A worker's reader of a [`RawFile`]: `pread` on the blocking pool.
 struct RawReader {
     file: Arc<File>,
+    direct: Option<Arc<File>>,
     size: u64,
     describe: Arc<str>,
 }
@@ -364,12 +395,27 @@ impl DiskReader for RawReader {
     async fn read(
         &mut self,
         offset: u64,
-        buf: Vec<u8>,
+        buf: ChunkBuf,
         at: std::ops::Range<usize>,
-    ) -> (Vec<u8>, Result<()>) {
+    ) -> (ChunkBuf, Result<()>) {
+        const BLOCK: usize = 4096;
+        let aligned = (buf.as_ptr() as usize + at.start).is_multiple_of(BLOCK)
+            && at.len().is_multiple_of(BLOCK)
+            && (offset as usize).is_multiple_of(BLOCK);
+        let direct = self.direct.clone().filter(|_| aligned);
         let file = self.file.clone();
-        read_blocking(&self.describe, offset, buf, at, move |b| {
-            file.read_exact_at(b, offset)
+        read_blocking(&self.describe, offset, buf, at, move |b| match direct {
+            Some(d) => match d.read_exact_at(b, offset) {
+                // The device wants a larger alignment, or the file ended: through the cache.
+                Err(e)
+                    if e.raw_os_error() == Some(libc::EINVAL)
+                        || e.kind() == std::io::ErrorKind::UnexpectedEof =>
+                {
+                    file.read_exact_at(b, offset)
+                }
+                r => r,
+            },
+            None => file.read_exact_at(b, offset),
         })
         .await
     }
@@ -441,11 +487,11 @@ mod tests {
             );
             let tail = map.iter().find(|e| e.offset + e.length == 1024).unwrap();
             assert_ne!(tail.flags & NBD_STATE_ZERO, 0, "{map:?}");
-            let (buf, res) = r.read(0, vec![0u8; 1000], 0..1000).await;
+            let (buf, res) = r.read(0, ChunkBuf::zeroed(1000), 0..1000).await;
             res.unwrap();
             assert!(buf.iter().all(|b| *b == 5));
             // Reading past the end of the file is an error naming the disk.
-            let (_, res) = r.read(512, vec![0u8; 1024], 0..1024).await;
+            let (_, res) = r.read(512, ChunkBuf::zeroed(1024), 0..1024).await;
             let e = res.unwrap_err();
             assert!(e.to_string().contains("odd.raw"), "{e}");
             r.close().await;

@@ -31,9 +31,10 @@ use imago::raw::Raw;
 use imago::{FormatAccess, Mapping, Storage, StorageOpenOptions};
 
 use super::super::source::{BlockSource, DiskReader};
-use super::{data_runs, lock_shared_read, map_blocking, read_blocking};
+use super::{data_runs, direct_twin, lock_shared_read, map_blocking, read_blocking};
 use crate::error::{Error, ErrorKind, Result};
 use crate::nbd::{Extent, NBD_STATE_HOLE, NBD_STATE_ZERO};
+use crate::repo::ChunkBuf;
 
 /// The deepest backing chain read here (the top image counts as one).
 pub const MAX_DEPTH: usize = 16;
@@ -177,7 +178,11 @@ fn open_layer(
     let ours = file
         .try_clone()
         .map_err(|e| Error::io(format!("duplicating the descriptor of {describe}"), e))?;
-    let storage = match ImagoFile::from_open_file(file, StorageOpenOptions::new().filename(path)) {
+    let (file, direct) = direct_twin(file);
+    let storage = match ImagoFile::from_open_file(
+        file,
+        StorageOpenOptions::new().filename(path).direct(direct),
+    ) {
         Ok(s) => s,
         Err(e) => return Ok(Err(format!("{describe}: {e}"))),
     };
@@ -371,9 +376,9 @@ impl DiskReader for Qcow2Reader {
     async fn read(
         &mut self,
         offset: u64,
-        buf: Vec<u8>,
+        buf: ChunkBuf,
         at: std::ops::Range<usize>,
-    ) -> (Vec<u8>, Result<()>) {
+    ) -> (ChunkBuf, Result<()>) {
         let img = self.img.clone();
         read_blocking(&self.describe, offset, buf, at, move |b| {
             img.read(b, offset)

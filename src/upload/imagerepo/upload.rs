@@ -41,7 +41,7 @@ use super::batch::Coalescer;
 use super::{pb, retryable, Target};
 use crate::error::{Error, ErrorKind, Result};
 use crate::progress::CancelToken;
-use crate::repo::{ChunkStore, DataChunk, Digest, PutOutcome, CHUNK_SIZE};
+use crate::repo::{ChunkBuf, ChunkStore, DataChunk, Digest, PutOutcome, CHUNK_SIZE};
 
 /// The largest piece of a chunk in one PutChunks message.
 const PIECE: usize = 1 << 20;
@@ -120,7 +120,7 @@ struct Shared {
     /// One permit per chunk send; a flush takes them all.
     slots: Arc<Semaphore>,
     /// Spare 4 MiB buffers handed to the workers in exchange for the ones being sent.
-    pool: Mutex<Vec<Vec<u8>>>,
+    pool: Mutex<Vec<ChunkBuf>>,
     /// Digests stored or being sent by this upload.
     known: Mutex<HashSet<Digest>>,
     /// The first send that failed for good.
@@ -399,7 +399,7 @@ impl Shared {
     }
 
     /// Sends one chunk (with retries; a retry first asks whether it is still missing).
-    async fn send(self: &Arc<Self>, digest: Digest, buf: Arc<Vec<u8>>, len: usize) -> Result<()> {
+    async fn send(self: &Arc<Self>, digest: Digest, buf: Arc<ChunkBuf>, len: usize) -> Result<()> {
         let hexd = hex::encode(digest);
         let first = std::sync::atomic::AtomicBool::new(true);
         let what = format!("sending chunk {hexd}");
@@ -461,7 +461,12 @@ impl Shared {
 
 #[tonic::async_trait]
 impl ChunkStore for RemoteUpload {
-    async fn put(&self, digest: Digest, buf: Vec<u8>, len: usize) -> (Vec<u8>, Result<PutOutcome>) {
+    async fn put(
+        &self,
+        digest: Digest,
+        buf: ChunkBuf,
+        len: usize,
+    ) -> (ChunkBuf, Result<PutOutcome>) {
         let s = &self.inner;
         if let Some(e) = s.failure() {
             return (buf, Err(e));
@@ -511,7 +516,7 @@ impl ChunkStore for RemoteUpload {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .pop()
-            .unwrap_or_else(|| vec![0u8; CHUNK_SIZE as usize]);
+            .unwrap_or_else(|| ChunkBuf::zeroed(CHUNK_SIZE as usize));
         let me = s.clone();
         s.sends
             .lock()
