@@ -79,7 +79,8 @@ pub fn write_file(
                     )
                     .with_source(e)
                 })?;
-            let mut w = std::io::BufWriter::with_capacity(1 << 20, file);
+            // Around the page cache (the commit syncs the file): see `repo::direct`.
+            let mut w = crate::repo::direct::SequentialWriter::new(file);
             for piece in layout.metadata() {
                 w.write_all(&piece).map_err(werr)?;
             }
@@ -95,8 +96,7 @@ pub fn write_file(
                 }
                 Ok(())
             })?;
-            w.flush().map_err(werr)?;
-            drop(w);
+            w.finish().map_err(werr)?;
             let len = file.metadata().map_err(werr)?.len();
             if len != layout.total_size() {
                 return Err(Error::new(

@@ -16,6 +16,11 @@
 //! disks) has its tail written through the cache; a filesystem without `O_DIRECT` (tmpfs)
 //! gets buffered writes. Durability is unchanged: `O_DIRECT` does not make a file's metadata
 //! or the device's cache durable, the `syncfs` before the commit still does.
+//!
+//! An export writes its one file the same way ([`SequentialWriter`]); its `fsync` at the commit
+//! then has little left to do. Reads of chunk files stay buffered: read through `O_DIRECT`,
+//! one chunk file at a time per reader and without the kernel's readahead, an export took
+//! longer (4.0–5.2 s against 3.5 s for 2 GiB here) for the CPU it saved.
 
 use std::alloc::Layout;
 use std::io::Write;
@@ -233,6 +238,84 @@ fn clear_direct(f: &std::fs::File) -> std::io::Result<()> {
     Ok(())
 }
 
+/// Writes a file front to back (an export) in 4 MiB blocks, each whole block around the page
+/// cache through a second, `O_DIRECT` descriptor of the same file when the filesystem allows,
+/// the last (partial) block through the file's own descriptor. Call [`SequentialWriter::finish`]
+/// at the end; the caller still syncs the file.
+pub struct SequentialWriter<'a> {
+    file: &'a std::fs::File,
+    direct: Option<std::fs::File>,
+    buf: ChunkBuf,
+    fill: usize,
+    offset: u64,
+}
+
+impl<'a> SequentialWriter<'a> {
+    /// A writer at offset 0 of `file` (open for writing).
+    pub fn new(file: &'a std::fs::File) -> SequentialWriter<'a> {
+        use std::os::unix::io::AsRawFd;
+        let direct = std::fs::OpenOptions::new()
+            .write(true)
+            .custom_flags(libc::O_DIRECT)
+            .open(format!("/proc/self/fd/{}", file.as_raw_fd()))
+            .ok();
+        SequentialWriter {
+            file,
+            direct,
+            buf: ChunkBuf::zeroed(4 << 20),
+            fill: 0,
+            offset: 0,
+        }
+    }
+
+    fn write_block(&mut self) -> std::io::Result<()> {
+        use std::os::unix::fs::FileExt;
+        let n = self.fill;
+        let whole = n.is_multiple_of(ALIGN);
+        let done = match (&self.direct, whole) {
+            (Some(d), true) => match d.write_all_at(&self.buf[..n], self.offset) {
+                Ok(()) => true,
+                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                    self.direct = None;
+                    false
+                }
+                Err(e) => return Err(e),
+            },
+            _ => false,
+        };
+        if !done {
+            self.file.write_all_at(&self.buf[..n], self.offset)?;
+        }
+        self.offset += n as u64;
+        self.fill = 0;
+        Ok(())
+    }
+
+    /// Writes what is buffered; the file then holds every byte written.
+    pub fn finish(mut self) -> std::io::Result<()> {
+        if self.fill > 0 {
+            self.write_block()?;
+        }
+        Ok(())
+    }
+}
+
+impl Write for SequentialWriter<'_> {
+    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+        let n = data.len().min(self.buf.len() - self.fill);
+        self.buf[self.fill..self.fill + n].copy_from_slice(&data[..n]);
+        self.fill += n;
+        if self.fill == self.buf.len() {
+            self.write_block()?;
+        }
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -269,6 +352,19 @@ mod tests {
         }
         assert!(ChunkBuf::default().is_empty());
         assert!(ChunkBuf::zeroed(0).is_empty());
+    }
+
+    #[test]
+    fn a_sequential_writer_writes_every_byte_in_order() {
+        let d = tempfile::tempdir_in("/var/tmp").unwrap();
+        let data: Vec<u8> = (0..(9 << 20) + 65536 + 100).map(|i| (i % 253) as u8).collect();
+        let f = std::fs::File::create(d.path().join("f")).unwrap();
+        let mut w = SequentialWriter::new(&f);
+        for piece in data.chunks(1_000_003) {
+            w.write_all(piece).unwrap();
+        }
+        w.finish().unwrap();
+        assert_eq!(std::fs::read(d.path().join("f")).unwrap(), data);
     }
 
     #[test]
