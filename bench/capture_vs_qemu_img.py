@@ -31,23 +31,31 @@ import subprocess
 import sys
 import time
 
-from benchlib import GLANCE_HEADERS, ROOT, define_domain, drop_caches, make_input, sh
+from benchlib import GLANCE_HEADERS, ROOT, define_domain, drop_caches, make_input, proc_cpu, sh
 
 
 WRAP = ("import resource, subprocess, sys; p = subprocess.run(sys.argv[1:], stdout=subprocess.PIPE); "
         "sys.stdout.buffer.write(p.stdout); "
-        "sys.stderr.write('maxrss=%d\\n' % resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); "
+        "r = resource.getrusage(resource.RUSAGE_CHILDREN); "
+        "sys.stderr.write('maxrss=%d\\ncpu=%f,%f\\n' % (r.ru_maxrss, r.ru_utime, r.ru_stime)); "
         "sys.exit(p.returncode)")
 
 
+LAST_CPU = [(0.0, 0.0)]
+
+
 def timed(args):
-    """Runs a command; returns (seconds, its peak RSS in MiB, stdout)."""
+    """Runs a command; returns (seconds, its peak RSS in MiB, stdout). Its user and system CPU
+    seconds are left in LAST_CPU[0]."""
     t0 = time.monotonic()
     p = subprocess.run([sys.executable, "-c", WRAP] + args, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     dt = time.monotonic() - t0
     if p.returncode != 0:
         sys.exit(f"{args} failed: {p.stderr.decode()}")
-    rss = [l for l in p.stderr.decode().splitlines() if l.startswith("maxrss=")]
+    lines = p.stderr.decode().splitlines()
+    rss = [l for l in lines if l.startswith("maxrss=")]
+    cpu = [l for l in lines if l.startswith("cpu=")]
+    LAST_CPU[0] = tuple(float(x) for x in cpu[-1][4:].split(",")) if cpu else (0.0, 0.0)
     return dt, int(rss[-1].split("=")[1]) / 1024.0 if rss else 0.0, p.stdout
 
 
@@ -179,7 +187,7 @@ def main():
     cached = drop_caches()
     print(f"imaged capture vs qemu-img convert (page cache {'dropped' if cached else 'NOT dropped'} before each run, "
           f"{os.cpu_count()} CPUs, readers={a.readers})")
-    print(f"{'input':<28} {'step':<34} {'seconds':>8} {'peak MiB':>9} {'vs qemu-img':>12}")
+    print(f"{'input':<28} {'step':<34} {'seconds':>8} {'peak MiB':>9} {'CPU user/sys':>13} {'vs qemu-img':>12}")
     results = []
     try:
         for pair in a.sizes.split(","):
@@ -195,14 +203,16 @@ def main():
             dst = os.path.join(run, "qemu-img-out.qcow2")
             drop_caches()
             base_t, base_m, _ = timed(["qemu-img", "convert", "-f", fmt, "-O", "qcow2", src, dst])
+            base_cpu = LAST_CPU[0]
             os.unlink(dst)
-            print(f"{label:<28} {'qemu-img convert -O qcow2':<34} {base_t:8.2f} {base_m:9.0f} {1.0:11.2f}x")
+            print(f"{label:<28} {'qemu-img convert -O qcow2':<34} {base_t:8.2f} {base_m:9.0f} {base_cpu[0]:6.2f}/{base_cpu[1]:<6.2f} {1.0:11.2f}x")
             # imaged makes its chunks durable (syncfs) before it reports success; qemu-img does
             # not sync: this row is the like-for-like baseline.
             drop_caches()
             sync_t, _, _ = timed(["sh", "-c", f"qemu-img convert -f {fmt} -O qcow2 {src} {dst} && sync"])
+            sync_cpu = LAST_CPU[0]
             os.unlink(dst)
-            print(f"{label:<28} {'qemu-img convert -O qcow2 + sync':<34} {sync_t:8.2f} {'':>9} {sync_t / base_t:11.2f}x")
+            print(f"{label:<28} {'qemu-img convert -O qcow2 + sync':<34} {sync_t:8.2f} {'':>9} {sync_cpu[0]:6.2f}/{sync_cpu[1]:<6.2f} {sync_t / base_t:11.2f}x")
             rows = []
             for step, args in [
                 ("imaged capture (new chunks)", ctl + ["import", src, "--format", fmt, "--name", f"b{v}"]),
@@ -211,25 +221,31 @@ def main():
             ]:
                 drop_caches()
                 reset_hwm(daemon.pid)
+                c0 = proc_cpu(daemon.pid)
                 t, _, out = timed(args)
+                c1 = proc_cpu(daemon.pid)
+                cu, cs = c1[0] - c0[0], c1[1] - c0[1]
                 op = json.loads(out)
                 if op.get("state") != "active":
                     sys.exit(f"{step} failed: {op}")
                 m = hwm_mib(daemon.pid)
-                print(f"{label:<28} {step:<34} {t:8.2f} {m:9.0f} {t / base_t:11.2f}x ({t / sync_t:.2f}x of convert+sync)")
-                rows.append({"step": step, "seconds": round(t, 3), "peak_rss_mib": round(m), "ratio": round(t / base_t, 2)})
+                print(f"{label:<28} {step:<34} {t:8.2f} {m:9.0f} {cu:6.2f}/{cs:<6.2f} {t / base_t:11.2f}x ({t / sync_t:.2f}x of convert+sync)")
+                rows.append({"step": step, "seconds": round(t, 3), "peak_rss_mib": round(m), "cpu_user": round(cu, 2),
+                             "cpu_sys": round(cs, 2), "ratio": round(t / base_t, 2)})
             sh("qemu-img", "compare", "-f", fmt, "-F", "qcow2", src, os.path.join(run, "exp.qcow2"), stdout=subprocess.DEVNULL)
             os.unlink(os.path.join(run, "exp.qcow2"))
             for name in (f"b{v}", f"b{v}-2"):
                 subprocess.run(ctl + ["rm", name], stdout=subprocess.DEVNULL, check=True)
             if a.targets:
                 rows += compare_targets(ctl, src, run, label, glance, s3, v, fmt)
-            results.append({"input": label, "qemu_img_seconds": round(base_t, 3), "qemu_img_peak_rss_mib": round(base_m), "imaged": rows})
+            results.append({"input": label, "qemu_img_seconds": round(base_t, 3), "qemu_img_peak_rss_mib": round(base_m),
+                            "qemu_img_cpu": base_cpu, "qemu_img_sync_seconds": round(sync_t, 3), "imaged": rows})
     finally:
         if daemon is not None:
             daemon.send_signal(signal.SIGTERM)
             daemon.wait(timeout=60)
-    print("peak MiB for imaged is the daemon's VmHWM during that step (reset before each step).")
+    print("peak MiB for imaged is the daemon's VmHWM during that step (reset before each step); CPU is the daemon's "
+          "(imaged) or the command's (qemu-img), user/system seconds.")
     print("export verified identical to the source with qemu-img compare.")
     with open(os.path.join(a.work, "results.json"), "w") as f:
         json.dump(results, f, indent=1)
