@@ -33,31 +33,13 @@ import subprocess
 import sys
 import time
 
-from benchlib import EXTENTS, GLANCE_HEADERS, ROOT, define_domain, drop_caches, sh
+from benchlib import EXTENTS, GLANCE_HEADERS, ROOT, define_domain, drop_caches, make_input, proc_cpu, sh
 
 
 def data_extents(virtual_gib, data_gib):
     extent = (data_gib << 30) // EXTENTS
     stride = (virtual_gib << 30) // EXTENTS
     return [(i * stride, extent) for i in range(EXTENTS)]
-
-
-def make_input(work, virtual_gib, data_gib):
-    path = os.path.join(work, f"src-{virtual_gib}g-{data_gib}g.raw")
-    if os.path.exists(path):
-        return path
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        f.truncate(virtual_gib << 30)
-    with open("/dev/urandom", "rb") as rnd, open(tmp, "r+b") as f:
-        for off, length in data_extents(virtual_gib, data_gib):
-            f.seek(off)
-            while length:
-                n = min(length, 8 << 20)
-                f.write(rnd.read(n))
-                length -= n
-    os.rename(tmp, path)
-    return path
 
 
 def change(src, virtual_gib, data_gib, percent, piece, seed):
@@ -106,14 +88,6 @@ def nova_way(src, run, glance, label):
     return dt, sent
 
 
-def cpu_of(pid):
-    """(user, system) CPU seconds of a process so far."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    tick = os.sysconf("SC_CLK_TCK")
-    return int(fields[11]) / tick, int(fields[12]) / tick
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", default="/var/tmp/imaged-bench")
@@ -156,7 +130,7 @@ def main():
     repo = start([os.path.join(rel, "imagerepo"), "--config", repo_cfg], repo_sock, "imagerepo.log")
     daemon = start([os.path.join(rel, "imaged"), "--config", cfg], sock, "imaged.log")
     ctl = [os.path.join(rel, "imagectl"), "--socket", sock, "--json"]
-    src = make_input(a.work, a.virtual, a.data)
+    src = make_input(a.work, a.virtual, a.data, "raw")
     work_src = os.path.join(run, "disk.raw")
     sh("cp", "--sparse=always", src, work_src)
     dom = define_domain(work_src, "raw")
@@ -177,12 +151,12 @@ def main():
             nova_t, nova_sent = nova_way(work_src, run, glance, f"{os.getpid()}-{round_}")
             print(f"{'Nova: convert + upload to Glance, ' + what:<58} {nova_t:8.2f} {nova_sent / 2**20:9.0f} {1.0:7.2f}x")
             drop_caches()
-            c0 = cpu_of(daemon.pid) + cpu_of(repo.pid)
+            c0 = proc_cpu(daemon.pid) + proc_cpu(repo.pid)
             t0 = time.monotonic()
             out = subprocess.run(ctl + ["capture", dom, "--name", "nightly", "--mode", "cold", "--to", "central",
                                         "--tag", "nightly"], capture_output=True, text=True)
             dt = time.monotonic() - t0
-            c1 = cpu_of(daemon.pid) + cpu_of(repo.pid)
+            c1 = proc_cpu(daemon.pid) + proc_cpu(repo.pid)
             if out.returncode != 0:
                 sys.exit(f"capture failed: {out.stdout} {out.stderr}")
             op = json.loads(out.stdout)
