@@ -125,11 +125,12 @@ fn req(domain: &str, image: &str, mode: proto::CaptureMode) -> proto::CaptureReq
 
 /// A daemon that runs one operation at a time (for the QUEUED stage). Its imports read
 /// through qemu-nbd (`native_reader = false`), so that [`SlotHolder`] can hold one mid-read by
-/// stopping that process.
+/// stopping that process; its live captures read the whole disk (`incremental = false`), so
+/// that a recapture has a read to be killed in the middle of.
 fn one_slot_daemon() -> Daemon {
     Daemon::start_with(DaemonOptions {
         daemon_toml: "max_running_operations = 1".into(),
-        capture_toml: "native_reader = false".into(),
+        capture_toml: "native_reader = false\nincremental = false".into(),
         ..Default::default()
     })
 }
