@@ -1,9 +1,11 @@
 //! Chunk buffers aligned for direct I/O ([`ChunkBuf`]), and chunk files written around the
 //! page cache (`O_DIRECT`).
 //!
-//! The capture pipeline reads each chunk into a [`ChunkBuf`]: 4 KiB-aligned, so a disk file
-//! opened with `O_DIRECT` is read straight into it (no bounce buffer in imago, no cache pages)
-//! and the chunk file is written straight from it.
+//! The capture pipeline reads each chunk into a [`ChunkBuf`]: 4 KiB-aligned, so the chunk file
+//! is written straight from it with `O_DIRECT`. Disk files are read through the page cache:
+//! read with `O_DIRECT`, a capture used a third of the CPU but, without the kernel's
+//! readahead, a repeated capture (every chunk already stored: read and hash only) took 3.0 s
+//! against 2.3 s for 2 GiB here, and a first capture was no faster.
 //!
 //! A capture writes gigabytes of chunk files that nobody reads back soon, and makes them durable
 //! with one `syncfs` before the manifest. Through the page cache every byte is copied into a
@@ -357,7 +359,9 @@ mod tests {
     #[test]
     fn a_sequential_writer_writes_every_byte_in_order() {
         let d = tempfile::tempdir_in("/var/tmp").unwrap();
-        let data: Vec<u8> = (0..(9 << 20) + 65536 + 100).map(|i| (i % 253) as u8).collect();
+        let data: Vec<u8> = (0..(9 << 20) + 65536 + 100)
+            .map(|i| (i % 253) as u8)
+            .collect();
         let f = std::fs::File::create(d.path().join("f")).unwrap();
         let mut w = SequentialWriter::new(&f);
         for piece in data.chunks(1_000_003) {

@@ -98,31 +98,9 @@ pub fn open_file(file: File, path: &Path, format: &str) -> Result<Native> {
     }
 }
 
-/// The same file opened anew with `O_DIRECT` (through `/proc/self/fd`, so the descriptor we
-/// lock and map stays as it is), when the filesystem allows; else `file` itself. Reading
-/// around the page cache saves the kernel's copy of every byte and the cache pages (a capture
-/// reads into 4 KiB-aligned [`ChunkBuf`]s; imago aligns its own requests, and bounces what is
-/// not aligned). Whether it is `O_DIRECT`.
-pub(super) fn direct_twin(file: std::fs::File) -> (std::fs::File, bool) {
-    use std::os::unix::fs::OpenOptionsExt;
-    use std::os::unix::io::AsRawFd;
-    let proc = format!("/proc/self/fd/{}", file.as_raw_fd());
-    match std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_DIRECT)
-        .open(proc)
-    {
-        Ok(d) => (d, true),
-        Err(_) => (file, false),
-    }
-}
-
 /// A raw disk file opened read-only, with QEMU's read locks held until it drops.
 pub struct RawFile {
     file: Arc<File>,
-    /// The same file with `O_DIRECT`, when the filesystem allows: whole aligned blocks are
-    /// read through it, straight into the chunk buffer.
-    direct: Option<Arc<File>>,
     size: u64,
     describe: String,
 }
@@ -155,15 +133,9 @@ impl RawFile {
             ));
         }
         lock_shared_read(&file, &describe)?;
-        let direct = file
-            .try_clone()
-            .ok()
-            .map(direct_twin)
-            .and_then(|(f, direct)| direct.then(|| Arc::new(f)));
         Ok(RawFile {
             size: meta.len().div_ceil(512) * 512,
             file: Arc::new(file),
-            direct,
             describe,
         })
     }
@@ -358,7 +330,6 @@ impl BlockSource for RawFile {
     async fn reader(&self) -> Result<Box<dyn DiskReader>> {
         Ok(Box::new(RawReader {
             file: self.file.clone(),
-            direct: self.direct.clone(),
             size: self.size,
             describe: Arc::from(self.describe.as_str()),
         }))
@@ -372,7 +343,6 @@ impl BlockSource for RawFile {
 /// A worker's reader of a [`RawFile`]: `pread` on the blocking pool.
 struct RawReader {
     file: Arc<File>,
-    direct: Option<Arc<File>>,
     size: u64,
     describe: Arc<str>,
 }
@@ -398,24 +368,9 @@ impl DiskReader for RawReader {
         buf: ChunkBuf,
         at: std::ops::Range<usize>,
     ) -> (ChunkBuf, Result<()>) {
-        const BLOCK: usize = 4096;
-        let aligned = (buf.as_ptr() as usize + at.start).is_multiple_of(BLOCK)
-            && at.len().is_multiple_of(BLOCK)
-            && (offset as usize).is_multiple_of(BLOCK);
-        let direct = self.direct.clone().filter(|_| aligned);
         let file = self.file.clone();
-        read_blocking(&self.describe, offset, buf, at, move |b| match direct {
-            Some(d) => match d.read_exact_at(b, offset) {
-                // The device wants a larger alignment, or the file ended: through the cache.
-                Err(e)
-                    if e.raw_os_error() == Some(libc::EINVAL)
-                        || e.kind() == std::io::ErrorKind::UnexpectedEof =>
-                {
-                    file.read_exact_at(b, offset)
-                }
-                r => r,
-            },
-            None => file.read_exact_at(b, offset),
+        read_blocking(&self.describe, offset, buf, at, move |b| {
+            file.read_exact_at(b, offset)
         })
         .await
     }

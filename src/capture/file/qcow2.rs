@@ -31,7 +31,7 @@ use imago::raw::Raw;
 use imago::{FormatAccess, Mapping, Storage, StorageOpenOptions};
 
 use super::super::source::{BlockSource, DiskReader};
-use super::{data_runs, direct_twin, lock_shared_read, map_blocking, read_blocking};
+use super::{data_runs, lock_shared_read, map_blocking, read_blocking};
 use crate::error::{Error, ErrorKind, Result};
 use crate::nbd::{Extent, NBD_STATE_HOLE, NBD_STATE_ZERO};
 use crate::repo::ChunkBuf;
@@ -178,11 +178,7 @@ fn open_layer(
     let ours = file
         .try_clone()
         .map_err(|e| Error::io(format!("duplicating the descriptor of {describe}"), e))?;
-    let (file, direct) = direct_twin(file);
-    let storage = match ImagoFile::from_open_file(
-        file,
-        StorageOpenOptions::new().filename(path).direct(direct),
-    ) {
+    let storage = match ImagoFile::from_open_file(file, StorageOpenOptions::new().filename(path)) {
         Ok(s) => s,
         Err(e) => return Ok(Err(format!("{describe}: {e}"))),
     };
