@@ -134,11 +134,14 @@ enum Cmd {
     /// consistency point, thawed at once), crash-consistent (live, no agent needed). The
     /// default picks cold for a shut-off domain and quiesce for a running one whose guest
     /// agent answers. Options that do not fit the mode or the domain's state are refused
-    /// before anything is touched. Waits and shows progress unless --no-wait.
+    /// before anything is touched. Waits and shows progress unless --no-wait. A live capture
+    /// of a qcow2 disk into a repository reads only what the guest wrote since the previous
+    /// live capture of that disk (`imagectl op` shows how the disk was read, and why in full).
     ///
     /// Examples:
     ///   imagectl capture web1 --name web1-live --mode quiesce --prep all --restore-source
     ///   imagectl capture web1 --name web1-gold --mode shutdown --prep all --restart
+    #[command(verbatim_doc_comment)]
     Capture {
         /// The libvirt domain.
         domain: String,
