@@ -185,79 +185,76 @@ pub(super) fn begin(
         checkpoint::delete(dom, name, &saved.name, true)?;
         match checkpoint::redefine(dom, &saved.xml) {
             Ok(()) => since = Some(saved.name.clone()),
-            Err(e) => out.notes.push(format!(
-                "checkpoint {} of disk {disk} could not be defined again ({}), so the whole disk is read",
-                saved.name,
-                e.message()
+            Err(why) => out.notes.push(format!(
+                "checkpoint {} of disk {disk} could not be defined again ({why}), so the whole disk is read",
+                saved.name
             )),
         }
     }
     let mut create = plan.create.clone();
+    let nul = |what: &str| crate::error::invalid(format!("{what} XML holds a NUL byte"));
     loop {
-        let bx = backup_xml(&backup.dir, disk, disks, since.as_deref());
-        let cx = create.as_deref().map(|c| checkpoint::create_xml(c, disk));
-        match begin_job(dom, &bx, cx.as_deref()) {
-            Ok(()) => {
-                out.checkpoint = create;
-                out.since = since;
-                return Ok(out);
+        let bx = CString::new(backup_xml(&backup.dir, disk, disks, since.as_deref()))
+            .map_err(|_| nul("backup"))?;
+        let cx = match create.as_deref() {
+            Some(c) => {
+                Some(CString::new(checkpoint::create_xml(c, disk)).map_err(|_| nul("checkpoint"))?)
             }
-            Err(e) => {
-                let code = e.code();
-                let gone = matches!(
-                    code,
-                    Enum::Known(ErrorNumber::NoDomainCheckpoint)
-                        | Enum::Known(ErrorNumber::CheckpointInconsistent)
-                );
-                if let (Some(old), true) = (since.take(), gone) {
-                    out.notes.push(format!(
-                        "the changes since checkpoint {old} of disk {disk} cannot be told ({}), so the whole disk is read",
-                        e.message()
-                    ));
-                    // Its record (defined just now) goes; so does its bitmap, broken anyway.
-                    if let Err(e) = checkpoint::delete(dom, name, &old, false) {
-                        tracing::warn!(domain = name, checkpoint = %old, error = %e.chain(), "could not delete a broken checkpoint");
-                    }
-                    continue;
-                }
-                if let Some(new) = create.take() {
-                    // Some checkpoint could not be made (a raw disk, a qcow2 v2 image, a QEMU
-                    // without persistent bitmaps): the job without one. An error that was not
-                    // about checkpoints comes back from that attempt too.
-                    out.notes.push(format!(
-                        "no checkpoint could be made on disk {disk} ({}), so later captures read the whole disk too",
-                        e.message()
-                    ));
-                    if let Some(old) = since.take() {
-                        let _ = checkpoint::delete(dom, name, &old, true);
-                    }
-                    let _ = checkpoint::delete(dom, name, &new, false);
-                    continue;
-                }
-                if let Some(old) = since.take() {
-                    let _ = checkpoint::delete(dom, name, &old, true);
-                }
-                return Err(libvirt_err(
-                    format!("beginning a backup job on domain {name}"),
-                    e,
+            None => None,
+        };
+        let Err(e) = begin_job(dom, &bx, cx.as_deref()) else {
+            out.checkpoint = create;
+            out.since = since;
+            return Ok(out);
+        };
+        let gone = matches!(
+            e.code(),
+            Enum::Known(ErrorNumber::NoDomainCheckpoint)
+                | Enum::Known(ErrorNumber::CheckpointInconsistent)
+        );
+        if gone {
+            if let Some(old) = since.take() {
+                out.notes.push(format!(
+                    "the changes since checkpoint {old} of disk {disk} cannot be told ({}), so the whole disk is read",
+                    e.message()
                 ));
+                // Its record (defined just now) goes; so does its bitmap, broken anyway.
+                if let Err(e) = checkpoint::delete(dom, name, &old, false) {
+                    tracing::warn!(domain = name, checkpoint = %old, error = %e.chain(), "could not delete a broken checkpoint");
+                }
+                continue;
             }
         }
+        // The earlier checkpoint's record, defined for this job, goes (its bitmap stays).
+        if let Some(old) = since.take() {
+            let _ = checkpoint::delete(dom, name, &old, true);
+        }
+        if let Some(new) = create.take() {
+            // Some checkpoint could not be made (a raw disk, a qcow2 v2 image, a QEMU without
+            // persistent bitmaps): the job without one. An error that was not about
+            // checkpoints comes back from that attempt too.
+            out.notes.push(format!(
+                "no checkpoint could be made on disk {disk} ({}), so later captures read the whole disk too",
+                e.message()
+            ));
+            let _ = checkpoint::delete(dom, name, &new, false);
+            continue;
+        }
+        return Err(libvirt_err(
+            format!("beginning a backup job on domain {name}"),
+            e,
+        ));
     }
 }
 
 /// One `virDomainBackupBegin` call; libvirt's error as is.
 fn begin_job(
     dom: &Domain,
-    backup_xml: &str,
-    checkpoint_xml: Option<&str>,
+    backup_xml: &std::ffi::CStr,
+    checkpoint_xml: Option<&std::ffi::CStr>,
 ) -> std::result::Result<(), virt::error::Error> {
-    let bx = CString::new(backup_xml).map_err(|_| virt::error::Error::last_error())?;
-    let cx = match checkpoint_xml {
-        Some(c) => Some(CString::new(c).map_err(|_| virt::error::Error::last_error())?),
-        None => None,
-    };
-    let cp = cx.as_ref().map_or(std::ptr::null(), |c| c.as_ptr());
+    let bx = backup_xml;
+    let cp = checkpoint_xml.map_or(std::ptr::null(), |c| c.as_ptr());
     // SAFETY: `dom` is live; both strings are NUL-terminated and outlive the call; a null
     // checkpoint pointer means "no checkpoint", as libvirt documents.
     let rc = unsafe { virt::sys::virDomainBackupBegin(dom.as_ptr(), bx.as_ptr(), cp, 0) };

@@ -66,11 +66,11 @@ fn lookup(dom: &Domain, name: &str, checkpoint: &str) -> Result<Option<Checkpoin
 }
 
 /// Defines a checkpoint again from the XML it was saved as (its bitmap must still be in the
-/// image for a job to use it; libvirt checks that when the job begins). The libvirt error
-/// comes back as is, for the caller to tell why.
-pub(super) fn redefine(dom: &Domain, xml: &str) -> std::result::Result<(), virt::error::Error> {
+/// image for a job to use it; libvirt checks that when the job begins). Why not, in words,
+/// for the caller's note.
+pub(super) fn redefine(dom: &Domain, xml: &str) -> std::result::Result<(), String> {
     let Ok(x) = CString::new(xml) else {
-        return Err(virt::error::Error::last_error());
+        return Err("its saved XML holds a NUL byte".into());
     };
     // SAFETY: `dom` is live for the call and `x` is NUL-terminated and outlives it; the
     // returned reference, when non-null, is ours and freed by `Checkpoint`'s drop.
@@ -82,7 +82,7 @@ pub(super) fn redefine(dom: &Domain, xml: &str) -> std::result::Result<(), virt:
         )
     };
     if p.is_null() {
-        return Err(virt::error::Error::last_error());
+        return Err(virt::error::Error::last_error().message().to_string());
     }
     drop(Checkpoint(p));
     Ok(())

@@ -292,7 +292,8 @@ fn without_parent(xml: &str) -> String {
     }
 }
 
-/// The operation's report of how the disk was read.
+/// The operation's report of how the disk was read: from `captured` once the read is done,
+/// else from what the job was begun for.
 pub(super) fn report(
     prepared_note: &str,
     begun: &BackupBegun,
@@ -307,9 +308,14 @@ pub(super) fn report(
         notes.push(format!("{r}, so the whole disk was read"));
     }
     let changed = captured.and_then(|c| c.changed_bytes);
+    // Before the read ends (or when it failed): what the job was begun for.
+    let incremental = match captured {
+        Some(_) => changed.is_some(),
+        None => begun.since.is_some(),
+    };
     ReadReport {
-        incremental: changed.is_some(),
-        since_checkpoint: if changed.is_some() {
+        incremental,
+        since_checkpoint: if incremental {
             begun.since.clone().unwrap_or_default()
         } else {
             String::new()
