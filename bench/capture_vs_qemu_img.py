@@ -10,7 +10,9 @@ once, cached in the work dir). For each size it measures, page cache dropped bef
   imagectl import again                      the same disk once more: dedup, nothing stored
   imagectl export --format qcow2             our one-pass qcow2 encoder from the repository
 
-and prints wall time, peak RSS and the ratio to qemu-img. Run as root (it drops caches).
+and prints wall time, peak RSS and the ratio to qemu-img: the median of --rounds rounds, the steps
+interleaved so that a burst of load on a shared machine spoils one sample of each, not a whole step.
+Run as root (it drops caches).
 With --targets it also compares, on the same disk, Nova's way of getting an image into
 Glance or S3 (qemu-img convert to a temp file, then upload the file) with imaged's capture
 streamed straight into the target (no temp file), using the test servers of tests/servers/.
@@ -19,7 +21,7 @@ streamed straight into the target (no temp file), using the test servers of test
 imaged reads either in process (raw directly, qcow2 through imago); `--qemu-nbd` makes it read
 through qemu-nbd as before the native readers, to compare the two roads.
 
-Usage: bench/capture_vs_qemu_img.py [--work DIR] [--sizes 20:2,80:2] [--targets] [--input-format raw]
+Usage: bench/capture_vs_qemu_img.py [--work DIR] [--sizes 20:2,80:2] [--rounds 3] [--targets] [--input-format raw]
 """
 import argparse
 import json
@@ -59,6 +61,12 @@ def timed(args):
     return dt, int(rss[-1].split("=")[1]) / 1024.0 if rss else 0.0, p.stdout
 
 
+def median_sample(samples):
+    """The sample (seconds, peak MiB, (user, sys)) whose time is the median of `samples`."""
+    ordered = sorted(samples, key=lambda x: x[0])
+    return ordered[len(ordered) // 2]
+
+
 def hwm_mib(pid):
     with open(f"/proc/{pid}/status") as f:
         for line in f:
@@ -83,53 +91,77 @@ def s3_delete(s3, key):
        "-H", "x-amz-content-sha256: UNSIGNED-PAYLOAD", f"{s3}/{S3_BUCKET}/{key}")
 
 
-def compare_targets(ctl, src, run, label, glance, s3, v, fmt="qcow2"):
-    """Nova's way (convert to a temp file, upload it) against imaged's streamed capture."""
+def nova_upload(src, fmt, run, target, glance, s3, v):
+    """Nova's way: qemu-img convert to a temp file, upload the file, delete it. Returns
+    (seconds, temp bytes); the uploaded image is deleted afterwards, outside the time."""
+    tmp = os.path.join(run, "nova-temp.qcow2")
+    hdr = sum((["-H", f"{k}: {v2}"] for k, v2 in GLANCE_HEADERS.items()), [])
+    drop_caches()
+    t0 = time.monotonic()
+    sh("qemu-img", "convert", "-f", fmt, "-O", "qcow2", src, tmp)
+    temp_peak = os.path.getsize(tmp)
+    if target == "glance":
+        out = subprocess.run(["curl", "-sf", "-X", "POST", f"{glance}/v2/images", "-H", "Content-Type: application/json",
+                              *hdr, "-d", json.dumps({"name": f"nova-{v}", "disk_format": "qcow2", "container_format": "bare"})],
+                             capture_output=True, check=True).stdout
+        iid = json.loads(out)["id"]
+        sh("curl", "-sf", "-X", "PUT", "-H", "Content-Type: application/octet-stream", *hdr, "-T", tmp,
+           f"{glance}/v2/images/{iid}/file")
+    else:
+        sh("curl", "-sf", "--aws-sigv4", "aws:amz:us-east-1:s3", "--user", f"{S3_KEY}:{S3_SECRET}",
+           "-H", "x-amz-content-sha256: UNSIGNED-PAYLOAD", "-T", tmp,
+           f"{s3}/{S3_BUCKET}/nova-{os.getpid()}-{v}.qcow2")
+    nova_t = time.monotonic() - t0
+    os.unlink(tmp)
+    # Leave the servers as they were: every run would add gigabytes.
+    if target == "glance":
+        sh("curl", "-sf", "-X", "DELETE", *hdr, f"{glance}/v2/images/{iid}")
+    else:
+        s3_delete(s3, f"nova-{os.getpid()}-{v}.qcow2")
+    return nova_t, temp_peak
+
+
+def imaged_upload(ctl, dom, target, glance, s3, v):
+    """imaged's capture of `dom` streamed into `target`; returns its seconds. The image is
+    deleted afterwards, outside the time."""
+    drop_caches()
+    t, _, out = timed(ctl + ["capture", dom, "--name", f"bench-{os.getpid()}-{v}", "--mode", "cold", "--to", target,
+                             "--format", "qcow2"])
+    op = json.loads(out)
+    if op.get("state") != "active":
+        sys.exit(f"capture to {target} failed: {op}")
+    loc = op.get("location", "")
+    if target == "glance":
+        hdr = sum((["-H", f"{k}: {v2}"] for k, v2 in GLANCE_HEADERS.items()), [])
+        sh("curl", "-sf", "-X", "DELETE", *hdr, f"{glance}/v2/images/{loc}")
+    else:
+        key = loc.split(f"{S3_BUCKET}/", 1)[1]
+        for k in (key, key + ".sha256"):
+            s3_delete(s3, k)
+    return t
+
+
+def compare_targets(ctl, src, run, label, glance, s3, v, fmt, rounds):
+    """Nova's way (convert to a temp file, upload it) against imaged's streamed capture, each
+    `rounds` times interleaved; prints the medians."""
     rows = []
     dom = define_domain(src, fmt)
     try:
-        tmp = os.path.join(run, "nova-temp.qcow2")
         for target in ("glance", "s3"):
-            drop_caches()
-            t0 = time.monotonic()
-            sh("qemu-img", "convert", "-f", fmt, "-O", "qcow2", src, tmp)
-            temp_peak = os.path.getsize(tmp)
-            if target == "glance":
-                hdr = sum((["-H", f"{k}: {v2}"] for k, v2 in GLANCE_HEADERS.items()), [])
-                out = subprocess.run(["curl", "-sf", "-X", "POST", f"{glance}/v2/images", "-H", "Content-Type: application/json",
-                                      *hdr, "-d", json.dumps({"name": f"nova-{v}", "disk_format": "qcow2", "container_format": "bare"})],
-                                     capture_output=True, check=True).stdout
-                iid = json.loads(out)["id"]
-                sh("curl", "-sf", "-X", "PUT", "-H", "Content-Type: application/octet-stream", *hdr, "-T", tmp,
-                   f"{glance}/v2/images/{iid}/file")
-            else:
-                sh("curl", "-sf", "--aws-sigv4", "aws:amz:us-east-1:s3", "--user", f"{S3_KEY}:{S3_SECRET}",
-                   "-H", "x-amz-content-sha256: UNSIGNED-PAYLOAD", "-T", tmp,
-                   f"{s3}/{S3_BUCKET}/nova-{os.getpid()}-{v}.qcow2")
-            nova_t = time.monotonic() - t0
-            os.unlink(tmp)
-            # Leave the servers as they were: every run would add gigabytes.
-            if target == "glance":
-                sh("curl", "-sf", "-X", "DELETE", *hdr, f"{glance}/v2/images/{iid}")
-            else:
-                s3_delete(s3, f"nova-{os.getpid()}-{v}.qcow2")
-            drop_caches()
-            t, _, out = timed(ctl + ["capture", dom, "--name", f"bench-{os.getpid()}-{v}", "--mode", "cold", "--to", target, "--format", "qcow2"])
-            op = json.loads(out)
-            if op.get("state") != "active":
-                sys.exit(f"capture to {target} failed: {op}")
-            loc = op.get("location", "")
-            if target == "glance":
-                hdr = sum((["-H", f"{k}: {v2}"] for k, v2 in GLANCE_HEADERS.items()), [])
-                sh("curl", "-sf", "-X", "DELETE", *hdr, f"{glance}/v2/images/{loc}")
-            else:
-                key = loc.split(f"{S3_BUCKET}/", 1)[1]
-                for k in (key, key + ".sha256"):
-                    s3_delete(s3, k)
-            print(f"{label:<28} {'Nova way: convert+upload to ' + target:<34} {nova_t:8.2f} {'temp ' + str(temp_peak >> 20) + ' MiB':>9}")
-            print(f"{label:<28} {'imaged capture streamed to ' + target:<34} {t:8.2f} {'temp 0':>9} {t / nova_t:11.2f}x of Nova")
-            rows.append({"step": f"nova to {target}", "seconds": round(nova_t, 3), "temp_bytes": temp_peak})
-            rows.append({"step": f"imaged to {target}", "seconds": round(t, 3), "temp_bytes": 0, "ratio_to_nova": round(t / nova_t, 2)})
+            nova, ours, temp_peak = [], [], 0
+            for _ in range(rounds):
+                t, temp_peak = nova_upload(src, fmt, run, target, glance, s3, v)
+                nova.append(t)
+                ours.append(imaged_upload(ctl, dom, target, glance, s3, v))
+            nova_t, t = sorted(nova)[len(nova) // 2], sorted(ours)[len(ours) // 2]
+            print(f"{label:<28} {'Nova way: convert+upload to ' + target:<34} {nova_t:8.2f} "
+                  f"{min(nova):.2f}-{max(nova):.2f} {'temp ' + str(temp_peak >> 20) + ' MiB':>14}")
+            print(f"{label:<28} {'imaged capture streamed to ' + target:<34} {t:8.2f} "
+                  f"{min(ours):.2f}-{max(ours):.2f} {'temp 0':>14} {t / nova_t:8.2f}x of Nova")
+            rows.append({"step": f"nova to {target}", "seconds": round(nova_t, 3), "all_seconds": nova,
+                         "temp_bytes": temp_peak})
+            rows.append({"step": f"imaged to {target}", "seconds": round(t, 3), "all_seconds": ours, "temp_bytes": 0,
+                         "ratio_to_nova": round(t / nova_t, 2)})
     finally:
         subprocess.run(["virsh", "-q", "undefine", dom], stdout=subprocess.DEVNULL)
     return rows
@@ -140,6 +172,8 @@ def main():
     ap.add_argument("--work", default="/var/tmp/imaged-bench")
     ap.add_argument("--sizes", default="20:2,80:2", help="VIRTUAL:DATA GiB pairs")
     ap.add_argument("--readers", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=3,
+                    help="run every step this many times, interleaved, and print the median (default 3)")
     ap.add_argument("--targets", action="store_true", help="also compare uploads to Glance and S3")
     ap.add_argument("--input-format", choices=("qcow2", "raw"), default="qcow2",
                     help="the source disk's format")
@@ -187,7 +221,8 @@ def main():
     cached = drop_caches()
     print(f"imaged capture vs qemu-img convert (page cache {'dropped' if cached else 'NOT dropped'} before each run, "
           f"{os.cpu_count()} CPUs, readers={a.readers})")
-    print(f"{'input':<28} {'step':<34} {'seconds':>8} {'peak MiB':>9} {'CPU user/sys':>13} {'vs qemu-img':>12}")
+    print(f"median of {a.rounds} rounds; the range is the fastest and slowest round")
+    print(f"{'input':<28} {'step':<34} {'seconds':>8} {'range':>11} {'peak MiB':>9} {'CPU user/sys':>13} {'vs qemu-img':>12}")
     results = []
     try:
         for pair in a.sizes.split(","):
@@ -201,45 +236,60 @@ def main():
                 daemon.wait(timeout=60)
             daemon = start_daemon()
             dst = os.path.join(run, "qemu-img-out.qcow2")
-            drop_caches()
-            base_t, base_m, _ = timed(["qemu-img", "convert", "-f", fmt, "-O", "qcow2", src, dst])
-            base_cpu = LAST_CPU[0]
-            os.unlink(dst)
-            print(f"{label:<28} {'qemu-img convert -O qcow2':<34} {base_t:8.2f} {base_m:9.0f} {base_cpu[0]:6.2f}/{base_cpu[1]:<6.2f} {1.0:11.2f}x")
-            # imaged makes its chunks durable (syncfs) before it reports success; qemu-img does
-            # not sync: this row is the like-for-like baseline.
-            drop_caches()
-            sync_t, _, _ = timed(["sh", "-c", f"qemu-img convert -f {fmt} -O qcow2 {src} {dst} && sync"])
-            sync_cpu = LAST_CPU[0]
-            os.unlink(dst)
-            print(f"{label:<28} {'qemu-img convert -O qcow2 + sync':<34} {sync_t:8.2f} {'':>9} {sync_cpu[0]:6.2f}/{sync_cpu[1]:<6.2f} {sync_t / base_t:11.2f}x")
+            exp = os.path.join(run, "exp.qcow2")
+            steps = [
+                ("qemu-img convert -O qcow2", None, ["qemu-img", "convert", "-f", fmt, "-O", "qcow2", src, dst]),
+                # imaged makes its chunks durable (syncfs) before it reports success; qemu-img
+                # does not sync: this row is the like-for-like baseline.
+                ("qemu-img convert -O qcow2 + sync", None,
+                 ["sh", "-c", f"qemu-img convert -f {fmt} -O qcow2 {src} {dst} && sync"]),
+                ("imaged capture (new chunks)", daemon, ctl + ["import", src, "--format", fmt, "--name", f"b{v}"]),
+                ("imaged capture again (dedup)", daemon, ctl + ["import", src, "--format", fmt, "--name", f"b{v}-2"]),
+                ("imaged export -> qcow2", daemon, ctl + ["export", f"b{v}", "--format", "qcow2", "-o", exp]),
+            ]
+            # Every step once per round, in this order, rounds one after the other: a burst of
+            # load on this shared machine then spoils one sample of each step, not all of one.
+            samples = {name: [] for name, _, _ in steps}
+            for rnd in range(a.rounds):
+                for name, d_proc, args in steps:
+                    drop_caches()
+                    if d_proc is not None:
+                        reset_hwm(d_proc.pid)
+                        c0 = proc_cpu(d_proc.pid)
+                    t, m, out = timed(args)
+                    if d_proc is not None:
+                        c1 = proc_cpu(d_proc.pid)
+                        cpu = (c1[0] - c0[0], c1[1] - c0[1])
+                        m = hwm_mib(d_proc.pid)
+                        op = json.loads(out)
+                        if op.get("state") != "active":
+                            sys.exit(f"{name} failed: {op}")
+                    else:
+                        cpu = LAST_CPU[0]
+                    samples[name].append((t, m, cpu))
+                    if os.path.exists(dst):
+                        os.unlink(dst)
+                sh("qemu-img", "compare", "-f", fmt, "-F", "qcow2", src, exp, stdout=subprocess.DEVNULL)
+                os.unlink(exp)
+                for name in (f"b{v}", f"b{v}-2"):
+                    subprocess.run(ctl + ["rm", name], stdout=subprocess.DEVNULL, check=True)
+                # rm takes the chunks no other image uses: the next round stores them all again.
+            med = {name: median_sample(samples[name]) for name in samples}
+            base_t = med["qemu-img convert -O qcow2"][0]
+            sync_t = med["qemu-img convert -O qcow2 + sync"][0]
             rows = []
-            for step, args in [
-                ("imaged capture (new chunks)", ctl + ["import", src, "--format", fmt, "--name", f"b{v}"]),
-                ("imaged capture again (dedup)", ctl + ["import", src, "--format", fmt, "--name", f"b{v}-2"]),
-                ("imaged export -> qcow2", ctl + ["export", f"b{v}", "--format", "qcow2", "-o", os.path.join(run, "exp.qcow2")]),
-            ]:
-                drop_caches()
-                reset_hwm(daemon.pid)
-                c0 = proc_cpu(daemon.pid)
-                t, _, out = timed(args)
-                c1 = proc_cpu(daemon.pid)
-                cu, cs = c1[0] - c0[0], c1[1] - c0[1]
-                op = json.loads(out)
-                if op.get("state") != "active":
-                    sys.exit(f"{step} failed: {op}")
-                m = hwm_mib(daemon.pid)
-                print(f"{label:<28} {step:<34} {t:8.2f} {m:9.0f} {cu:6.2f}/{cs:<6.2f} {t / base_t:11.2f}x ({t / sync_t:.2f}x of convert+sync)")
-                rows.append({"step": step, "seconds": round(t, 3), "peak_rss_mib": round(m), "cpu_user": round(cu, 2),
-                             "cpu_sys": round(cs, 2), "ratio": round(t / base_t, 2)})
-            sh("qemu-img", "compare", "-f", fmt, "-F", "qcow2", src, os.path.join(run, "exp.qcow2"), stdout=subprocess.DEVNULL)
-            os.unlink(os.path.join(run, "exp.qcow2"))
-            for name in (f"b{v}", f"b{v}-2"):
-                subprocess.run(ctl + ["rm", name], stdout=subprocess.DEVNULL, check=True)
+            for name, d_proc, _ in steps:
+                t, m, (cu, cs) = med[name]
+                spread = f"{min(x[0] for x in samples[name]):.2f}-{max(x[0] for x in samples[name]):.2f}"
+                mem = f"{m:9.0f}" if m else f"{'':>9}"
+                extra = f" ({t / sync_t:.2f}x of convert+sync)" if d_proc is not None else ""
+                print(f"{label:<28} {name:<34} {t:8.2f} {spread:>11} {mem} {cu:6.2f}/{cs:<6.2f} {t / base_t:11.2f}x{extra}")
+                rows.append({"step": name, "seconds": round(t, 3), "all_seconds": [round(x[0], 3) for x in samples[name]],
+                             "peak_rss_mib": round(m), "cpu_user": round(cu, 2), "cpu_sys": round(cs, 2),
+                             "ratio": round(t / base_t, 2)})
             if a.targets:
-                rows += compare_targets(ctl, src, run, label, glance, s3, v, fmt)
-            results.append({"input": label, "qemu_img_seconds": round(base_t, 3), "qemu_img_peak_rss_mib": round(base_m),
-                            "qemu_img_cpu": base_cpu, "qemu_img_sync_seconds": round(sync_t, 3), "imaged": rows})
+                rows += compare_targets(ctl, src, run, label, glance, s3, v, fmt, a.rounds)
+            results.append({"input": label, "rounds": a.rounds, "steps": rows})
     finally:
         if daemon is not None:
             daemon.send_signal(signal.SIGTERM)
