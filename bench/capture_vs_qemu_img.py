@@ -93,10 +93,12 @@ def s3_delete(s3, key):
 
 def nova_upload(src, fmt, run, target, glance, s3, v):
     """Nova's way: qemu-img convert to a temp file, upload the file, delete it. Returns
-    (seconds, temp bytes); the uploaded image is deleted afterwards, outside the time."""
+    (seconds, temp bytes, the server's CPU (user, sys)); the uploaded image is deleted afterwards, outside the time."""
     tmp = os.path.join(run, "nova-temp.qcow2")
     hdr = sum((["-H", f"{k}: {v2}"] for k, v2 in GLANCE_HEADERS.items()), [])
     drop_caches()
+    spid = server_pid(target)
+    s0 = proc_cpu(spid)
     t0 = time.monotonic()
     sh("qemu-img", "convert", "-f", fmt, "-O", "qcow2", src, tmp)
     temp_peak = os.path.getsize(tmp)
@@ -112,21 +114,40 @@ def nova_upload(src, fmt, run, target, glance, s3, v):
            "-H", "x-amz-content-sha256: UNSIGNED-PAYLOAD", "-T", tmp,
            f"{s3}/{S3_BUCKET}/nova-{os.getpid()}-{v}.qcow2")
     nova_t = time.monotonic() - t0
+    s1 = proc_cpu(spid)
     os.unlink(tmp)
     # Leave the servers as they were: every run would add gigabytes.
     if target == "glance":
         sh("curl", "-sf", "-X", "DELETE", *hdr, f"{glance}/v2/images/{iid}")
     else:
         s3_delete(s3, f"nova-{os.getpid()}-{v}.qcow2")
-    return nova_t, temp_peak
+    return nova_t, temp_peak, (s1[0] - s0[0], s1[1] - s0[1])
 
 
-def imaged_upload(ctl, dom, target, glance, s3, v):
-    """imaged's capture of `dom` streamed into `target`; returns its seconds. The image is
-    deleted afterwards, outside the time."""
+SERVER_PIDFILES = {"glance": "/var/lib/imaged-test-servers/glance/glance-api.pid",
+                   "s3": "/var/lib/imaged-test-servers/s3/s3s-fs.pid"}
+
+
+def server_pid(target):
+    root = os.environ.get("IMAGED_TEST_SERVERS")
+    path = SERVER_PIDFILES[target]
+    if root:
+        path = path.replace("/var/lib/imaged-test-servers", root, 1)
+    with open(path) as f:
+        return int(f.read().strip())
+
+
+def imaged_upload(ctl, daemon_pid, dom, target, glance, s3, v):
+    """imaged's capture of `dom` streamed into `target`; returns its seconds and the CPU
+    (user, sys) of the daemon and of the server. The image is deleted afterwards, outside the
+    time."""
     drop_caches()
+    spid = server_pid(target)
+    d0, s0 = proc_cpu(daemon_pid), proc_cpu(spid)
     t, _, out = timed(ctl + ["capture", dom, "--name", f"bench-{os.getpid()}-{v}", "--mode", "cold", "--to", target,
                              "--format", "qcow2"])
+    d1, s1 = proc_cpu(daemon_pid), proc_cpu(spid)
+    cpu = ((d1[0] - d0[0], d1[1] - d0[1]), (s1[0] - s0[0], s1[1] - s0[1]))
     op = json.loads(out)
     if op.get("state") != "active":
         sys.exit(f"capture to {target} failed: {op}")
@@ -138,30 +159,35 @@ def imaged_upload(ctl, dom, target, glance, s3, v):
         key = loc.split(f"{S3_BUCKET}/", 1)[1]
         for k in (key, key + ".sha256"):
             s3_delete(s3, k)
-    return t
+    return t, cpu
 
 
-def compare_targets(ctl, src, run, label, glance, s3, v, fmt, rounds):
+def compare_targets(ctl, daemon_pid, src, run, label, glance, s3, v, fmt, rounds, which=("glance", "s3")):
     """Nova's way (convert to a temp file, upload it) against imaged's streamed capture, each
     `rounds` times interleaved; prints the medians."""
     rows = []
     dom = define_domain(src, fmt)
     try:
-        for target in ("glance", "s3"):
+        for target in which:
             nova, ours, temp_peak = [], [], 0
             for _ in range(rounds):
-                t, temp_peak = nova_upload(src, fmt, run, target, glance, s3, v)
-                nova.append(t)
-                ours.append(imaged_upload(ctl, dom, target, glance, s3, v))
-            nova_t, t = sorted(nova)[len(nova) // 2], sorted(ours)[len(ours) // 2]
+                t, temp_peak, scpu = nova_upload(src, fmt, run, target, glance, s3, v)
+                nova.append((t, scpu))
+                ours.append(imaged_upload(ctl, daemon_pid, dom, target, glance, s3, v))
+            nova_t, (nu, ns) = sorted(nova)[len(nova) // 2]
+            t, ((du, ds), (su, ss)) = sorted(ours)[len(ours) // 2]
             print(f"{label:<28} {'Nova way: convert+upload to ' + target:<34} {nova_t:8.2f} "
-                  f"{min(nova):.2f}-{max(nova):.2f} {'temp ' + str(temp_peak >> 20) + ' MiB':>14}")
+                  f"{min(n[0] for n in nova):.2f}-{max(n[0] for n in nova):.2f} {'temp ' + str(temp_peak >> 20) + ' MiB':>14}"
+                  f"{'':>19}CPU server {nu:.2f}/{ns:.2f}")
             print(f"{label:<28} {'imaged capture streamed to ' + target:<34} {t:8.2f} "
-                  f"{min(ours):.2f}-{max(ours):.2f} {'temp 0':>14} {t / nova_t:8.2f}x of Nova")
-            rows.append({"step": f"nova to {target}", "seconds": round(nova_t, 3), "all_seconds": nova,
+                  f"{min(o[0] for o in ours):.2f}-{max(o[0] for o in ours):.2f} {'temp 0':>14} {t / nova_t:8.2f}x of Nova"
+                  f"  CPU imaged {du:.2f}/{ds:.2f}, server {su:.2f}/{ss:.2f}")
+            rows.append({"step": f"nova to {target}", "seconds": round(nova_t, 3), "all_seconds": [n[0] for n in nova],
+                         "cpu_server": [nu, ns],
                          "temp_bytes": temp_peak})
-            rows.append({"step": f"imaged to {target}", "seconds": round(t, 3), "all_seconds": ours, "temp_bytes": 0,
-                         "ratio_to_nova": round(t / nova_t, 2)})
+            rows.append({"step": f"imaged to {target}", "seconds": round(t, 3), "all_seconds": [o[0] for o in ours],
+                         "temp_bytes": 0, "ratio_to_nova": round(t / nova_t, 2), "cpu_imaged": [du, ds],
+                         "cpu_server": [su, ss]})
     finally:
         subprocess.run(["virsh", "-q", "undefine", dom], stdout=subprocess.DEVNULL)
     return rows
@@ -175,11 +201,18 @@ def main():
     ap.add_argument("--rounds", type=int, default=3,
                     help="run every step this many times, interleaved, and print the median (default 3)")
     ap.add_argument("--targets", action="store_true", help="also compare uploads to Glance and S3")
+    ap.add_argument("--upload-targets", default="glance,s3",
+                    help="which targets --targets compares (default glance,s3)")
+    ap.add_argument("--s3-parts-in-flight", type=int, default=None,
+                    help="the S3 target's parts_in_flight (default: imaged's)")
+    ap.add_argument("--targets-only", action="store_true",
+                    help="only the Glance and S3 comparison (implies --targets)")
     ap.add_argument("--input-format", choices=("qcow2", "raw"), default="qcow2",
                     help="the source disk's format")
     ap.add_argument("--qemu-nbd", action="store_true",
                     help="read the disk through qemu-nbd ([capture] native_reader = false), not in process")
     a = ap.parse_args()
+    a.targets = a.targets or a.targets_only
     os.makedirs(a.work, exist_ok=True)
     sh("cargo", "build", "--release", "--quiet", "--bins", cwd=ROOT)
     imaged = os.path.join(ROOT, "target/release/imaged")
@@ -199,7 +232,8 @@ def main():
         targets = (f'[targets.glance]\nkind = "glance"\nendpoint = "{glance}"\n[targets.glance.auth.headers]\n'
                    + "".join(f'{k} = "{v}"\n' for k, v in GLANCE_HEADERS.items())
                    + f'[targets.s3]\nkind = "s3"\nendpoint = "{s3}"\nbucket = "{S3_BUCKET}"\naccess_key = "{S3_KEY}"\n'
-                   f'secret_key = "{S3_SECRET}"\nprefix = "bench-{os.getpid()}/"\n')
+                   f'secret_key = "{S3_SECRET}"\nprefix = "bench-{os.getpid()}/"\n'
+                   + (f"parts_in_flight = {a.s3_parts_in_flight}\n" if a.s3_parts_in_flight else ""))
     # The config holds the targets' secrets: imaged refuses it unless only root may read it.
     with open(os.open(cfg, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
         f.write(f'[daemon]\nsocket = "{sock}"\nlog_level = "warn"\nstate_dir = "{run}/state"\n'
@@ -250,7 +284,7 @@ def main():
             # Every step once per round, in this order, rounds one after the other: a burst of
             # load on this shared machine then spoils one sample of each step, not all of one.
             samples = {name: [] for name, _, _ in steps}
-            for rnd in range(a.rounds):
+            for rnd in range(0 if a.targets_only else a.rounds):
                 for name, d_proc, args in steps:
                     drop_caches()
                     if d_proc is not None:
@@ -274,6 +308,10 @@ def main():
                 for name in (f"b{v}", f"b{v}-2"):
                     subprocess.run(ctl + ["rm", name], stdout=subprocess.DEVNULL, check=True)
                 # rm takes the chunks no other image uses: the next round stores them all again.
+            if a.targets_only:
+                rows = compare_targets(ctl, daemon.pid, src, run, label, glance, s3, v, fmt, a.rounds, a.upload_targets.split(","))
+                results.append({"input": label, "rounds": a.rounds, "steps": rows})
+                continue
             med = {name: median_sample(samples[name]) for name in samples}
             base_t = med["qemu-img convert -O qcow2"][0]
             sync_t = med["qemu-img convert -O qcow2 + sync"][0]
@@ -288,7 +326,7 @@ def main():
                              "peak_rss_mib": round(m), "cpu_user": round(cu, 2), "cpu_sys": round(cs, 2),
                              "ratio": round(t / base_t, 2)})
             if a.targets:
-                rows += compare_targets(ctl, src, run, label, glance, s3, v, fmt, a.rounds)
+                rows += compare_targets(ctl, daemon.pid, src, run, label, glance, s3, v, fmt, a.rounds, a.upload_targets.split(","))
             results.append({"input": label, "rounds": a.rounds, "steps": rows})
     finally:
         if daemon is not None:

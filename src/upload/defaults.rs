@@ -57,9 +57,10 @@ pub(crate) fn s3_min_part_size_mib() -> u64 {
     16
 }
 
-/// S3 `parts_in_flight`.
+/// S3 `parts_in_flight`: what a real S3 over a long path needs to fill it, in 80 MiB of
+/// memory at the default part size.
 pub(crate) fn s3_parts_in_flight() -> usize {
-    1
+    4
 }
 
 /// S3 `part_retries`.

@@ -79,7 +79,7 @@ impl StreamTarget for FileTarget {
             location: self.path.to_string_lossy().into_owned(),
             size: meta.size,
             sha256,
-            sha512: String::new(),
+            sha512: None,
         })
     }
 }

@@ -681,7 +681,7 @@ impl Inner {
     ) -> Result<(String, String, u64), Failure> {
         let path = if self.cfg.use_import { "stage" } else { "file" };
         let what = format!("glance {}: PUT /v2/images/{id}/{path}", s.endpoint);
-        let meter = Meter::new(meta.size);
+        let meter = Meter::new(meta.size, true);
         let progress = Progress::new();
         let body = MeteredBody::new(factory(), meter.clone(), progress.clone());
         let req = self
@@ -723,6 +723,7 @@ impl Inner {
             ))
         })?;
         let (sha256, sha512, len) = digests.finish();
+        let sha512 = sha512.unwrap_or_default();
         if self.cfg.use_import {
             self.import(s, id).await?;
         }
@@ -860,7 +861,7 @@ impl Inner {
                 location: id,
                 size,
                 sha256,
-                sha512,
+                sha512: Some(sha512),
             }),
             Err(f) => {
                 let cleanup = self.cleanup(&id).await;

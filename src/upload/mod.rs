@@ -11,8 +11,8 @@
 //! 1. [`StreamTarget::check`]: reachability, credentials and the destination (Glance image API,
 //!    S3 bucket) are verified *before* any disk byte is read, so a typo in the config fails in
 //!    a second, not after the guest was shut down and half its disk was read.
-//! 2. [`StreamTarget::upload`]: the bytes are streamed while sha256, sha512 and the length are
-//!    computed on the fly; the stream must have exactly `meta.size` bytes. The result is
+//! 2. [`StreamTarget::upload`]: the bytes are streamed while sha256 (and, for Glance, sha512)
+//!    and the length are computed on the fly; the stream must have exactly `meta.size` bytes. The result is
 //!    verified against what the server reports (Glance: `size` and `os_hash_value`; S3: the
 //!    object's length).
 //! 3. On any failure (server error, connection cut, stall, verification mismatch, an error from
@@ -73,8 +73,8 @@ pub struct Uploaded {
     pub size: u64,
     /// sha256 of the bytes sent, lowercase hex.
     pub sha256: String,
-    /// sha512 of the bytes sent, lowercase hex.
-    pub sha512: String,
+    /// sha512 of the bytes sent, lowercase hex: where the destination checks one (Glance).
+    pub sha512: Option<String>,
 }
 
 /// A remote destination for one image byte stream.

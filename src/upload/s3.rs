@@ -12,11 +12,12 @@
 //!    RFC 2047-encoded, `=?UTF-8?B?…?=`, as S3 itself does).
 //! 3. The producer's stream is cut into parts as it arrives: part size
 //!    `max(min_part_size_mib, ceil(size / 9000))` rounded up to 1 MiB, so the 10,000-part limit
-//!    is never reached. A part is uploaded (`UploadPart`) from its own buffer while the next one
-//!    fills; at most `parts_in_flight` parts are on the wire, so memory holds at most
-//!    `parts_in_flight + 1` parts. A part that fails on the network, stalls or gets a 5xx is
-//!    resent from its buffer up to `part_retries` times with backoff; a 4xx is final. sha256,
-//!    sha512 and the length of the whole stream are computed on the way.
+//!    is never reached. A part is the stream's own pieces, not a copy; it is uploaded
+//!    (`UploadPart`) while the next one fills; at most `parts_in_flight` parts are on the wire,
+//!    so memory holds at most `parts_in_flight + 1` parts. A part that fails on the network,
+//!    stalls or gets a 5xx is resent from its pieces up to `part_retries` times with backoff; a
+//!    4xx is final. The sha256 and the length of the whole stream are computed on the way, the
+//!    hash on a thread of its own.
 //! 4. The object's sha256 is only known after the last byte, when the metadata can no longer
 //!    change, so it goes into a companion object `{key}.sha256` in `sha256sum` format
 //!    (`<hex>  <name>.<format>`), written *before* the upload is completed: whoever sees the
@@ -41,7 +42,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use futures_util::future::BoxFuture;
 use futures_util::StreamExt;
 use reqwest::header::{CONTENT_LENGTH, CONTENT_TYPE, ETAG};
@@ -52,7 +53,7 @@ use serde::Deserialize;
 use tokio::task::JoinSet;
 
 use super::defaults;
-use super::http::{self, CleanupGuard, Digests, Executor, Failure, Progress, RetryPolicy, Undo};
+use super::http::{self, CleanupGuard, Executor, Failure, Progress, RetryPolicy, Undo};
 use super::{human, Protocol, Remote, Secret, StreamFactory, UploadMeta, Uploaded};
 use crate::error::{invalid, Error, ErrorKind};
 
@@ -526,12 +527,13 @@ impl Inner {
         key: String,
         upload_id: String,
         number: u16,
-        data: Bytes,
+        data: Arc<[Bytes]>,
     ) -> Result<(u16, String), Error> {
+        let len: usize = data.iter().map(Bytes::len).sum();
         let what = format!(
             "s3 {}: part {number} ({}) of {}",
             self.endpoint,
-            human(data.len() as u64),
+            human(len as u64),
             self.location(&key)
         );
         let once = |_| async {
@@ -545,7 +547,7 @@ impl Inner {
                 .http
                 .client()
                 .put(url)
-                .header(CONTENT_LENGTH, data.len())
+                .header(CONTENT_LENGTH, len)
                 .body(reqwest::Body::wrap_stream(body));
             let resp = self.http.send_streamed(&what, req, &progress, None).await?;
             let answer = self.http.read(resp).await;
@@ -719,7 +721,12 @@ impl Inner {
     }
 
     /// Step 3: cuts the stream into parts and uploads them (at most `parts_in_flight` at once,
-    /// in `tasks`); the parts' ETags in order and the stream's digests.
+    /// in `tasks`); the parts' ETags in order and the stream's (sha256, length).
+    ///
+    /// A part is the stream's own pieces (`Bytes`, sliced where a part ends), not a copy, and
+    /// the sha256 of the whole stream is computed on a blocking thread beside the sends
+    /// ([`http::HashFeed`]): on the two cores this runs on, a copy of every byte and hashing
+    /// in line with the cutting each cost as much as the sends.
     async fn send_parts(
         self: &Arc<Self>,
         key: &str,
@@ -727,14 +734,14 @@ impl Inner {
         meta: &UploadMeta,
         factory: StreamFactory<'_>,
         tasks: &mut JoinSet<Result<(u16, String), Error>>,
-    ) -> Result<(Vec<String>, Digests), Error> {
+    ) -> Result<(Vec<String>, String, u64), Error> {
         let psize = part_size(meta.size, self.cfg.min_part_size_mib);
         let psize_usize = usize::try_from(psize).map_err(|_| invalid("part size too big"))?;
-        let cap = |remaining: u64| psize.min(remaining.max(1)) as usize;
         let limit = self.cfg.parts_in_flight;
         let mut stream = factory();
-        let mut digests = Digests::new();
-        let mut buf = BytesMut::with_capacity(cap(meta.size));
+        let mut hash = http::HashFeed::spawn(false);
+        // The part being filled: its pieces and their length.
+        let mut part: (Vec<Bytes>, usize) = (Vec::new(), 0);
         let mut next: u64 = 1;
         let mut etags: BTreeMap<u16, String> = BTreeMap::new();
 
@@ -757,32 +764,33 @@ impl Inner {
             }
         }
 
-        let dispatch = |tasks: &mut JoinSet<_>, number: u64, part: Bytes| -> Result<(), Error> {
-            if number > MAX_PARTS {
-                return Err(Error::new(
-                    ErrorKind::Internal,
-                    format!("more than {MAX_PARTS} parts of {}", human(psize)),
+        let dispatch =
+            |tasks: &mut JoinSet<_>, number: u64, part: Vec<Bytes>| -> Result<(), Error> {
+                if number > MAX_PARTS {
+                    return Err(Error::new(
+                        ErrorKind::Internal,
+                        format!("more than {MAX_PARTS} parts of {}", human(psize)),
+                    ));
+                }
+                tasks.spawn(Arc::clone(self).upload_part(
+                    key.to_string(),
+                    upload_id.to_string(),
+                    number as u16,
+                    part.into(),
                 ));
-            }
-            tasks.spawn(Arc::clone(self).upload_part(
-                key.to_string(),
-                upload_id.to_string(),
-                number as u16,
-                part,
-            ));
-            Ok(())
-        };
+                Ok(())
+            };
 
         while let Some(item) = stream.next().await {
             let chunk = item.map_err(|e| {
                 let kind = e.kind();
                 Error::new(
                     kind,
-                    format!("the image stream failed after {}", human(digests.len())),
+                    format!("the image stream failed after {}", human(hash.len())),
                 )
                 .with_source(e)
             })?;
-            if digests.len() + chunk.len() as u64 > meta.size {
+            if hash.len() + chunk.len() as u64 > meta.size {
                 return Err(Error::new(
                     ErrorKind::Internal,
                     format!(
@@ -791,38 +799,37 @@ impl Inner {
                     ),
                 ));
             }
-            digests.update(&chunk);
-            let mut rest = &chunk[..];
+            hash.update(chunk.clone()).await?;
+            let mut rest = chunk;
             while !rest.is_empty() {
-                let take = (psize_usize - buf.len()).min(rest.len());
-                buf.extend_from_slice(&rest[..take]);
-                rest = &rest[take..];
-                if buf.len() == psize_usize {
+                let take = (psize_usize - part.1).min(rest.len());
+                part.0.push(rest.split_to(take));
+                part.1 += take;
+                if part.1 == psize_usize {
                     while tasks.len() >= limit {
                         join_one(tasks, &mut etags).await?;
                     }
-                    let fresh = BytesMut::with_capacity(cap(meta.size - digests.len()));
-                    let part = std::mem::replace(&mut buf, fresh).freeze();
-                    dispatch(tasks, next, part)?;
+                    dispatch(tasks, next, std::mem::take(&mut part.0))?;
+                    part.1 = 0;
                     next += 1;
                 }
             }
         }
-        if digests.len() != meta.size {
+        if hash.len() != meta.size {
             return Err(Error::new(
                 ErrorKind::Internal,
                 format!(
                     "the image stream ended after {} bytes; {} were announced",
-                    digests.len(),
+                    hash.len(),
                     meta.size
                 ),
             ));
         }
-        if !buf.is_empty() || next == 1 {
+        if part.1 > 0 || next == 1 {
             while tasks.len() >= limit {
                 join_one(tasks, &mut etags).await?;
             }
-            dispatch(tasks, next, buf.freeze())?;
+            dispatch(tasks, next, part.0)?;
             next += 1;
         }
         while !tasks.is_empty() {
@@ -835,7 +842,8 @@ impl Inner {
                 format!("{} parts sent, {} acknowledged", next - 1, etags.len()),
             ));
         }
-        Ok((etags, digests))
+        let (sha256, _, size) = hash.finish().await?;
+        Ok((etags, sha256, size))
     }
 
     /// Steps 3 to 5: the parts, the companion, complete, verify.
@@ -850,7 +858,7 @@ impl Inner {
         let sent = self
             .send_parts(key, &made.upload_id, meta, factory, &mut tasks)
             .await;
-        let (etags, digests) = match sent {
+        let (etags, sha256, size) = match sent {
             Ok(v) => v,
             Err(e) => {
                 // Cancel the parts still on the wire and wait until they are gone, so that the
@@ -859,8 +867,6 @@ impl Inner {
                 return Err(e);
             }
         };
-        let (sha256, sha512, size) = digests.finish();
-
         if self.cfg.checksum_object {
             let companion = format!("{key}.sha256");
             let file = key.rsplit('/').next().unwrap_or(key);
@@ -888,7 +894,7 @@ impl Inner {
             location: self.location(key),
             size,
             sha256,
-            sha512,
+            sha512: None,
         })
     }
 }
@@ -1126,7 +1132,7 @@ mod tests {
         )
         .unwrap();
         assert!(cfg.path_style && !cfg.overwrite && cfg.checksum_object);
-        assert_eq!(cfg.parts_in_flight, 1);
+        assert_eq!(cfg.parts_in_flight, 4);
         assert!(!format!("{cfg:?}").contains("sk-2"));
         let s3 = S3::new(cfg).unwrap();
         let meta = UploadMeta {

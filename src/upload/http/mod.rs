@@ -36,25 +36,29 @@ pub(crate) use cleanup::{CleanupGuard, Undo};
 pub(crate) use exec::{check_url, is_transient_status, status_kind, Answer, Executor};
 pub(crate) use retry::{Failure, Retry, RetryPolicy};
 
-/// sha256 + sha512 + length of a byte stream, updated as it goes.
+/// sha256 + length of a byte stream, updated as it goes; and sha512 where the destination
+/// checks one (Glance's `os_hash_value`): it costs more CPU than the rest of a transfer, so
+/// nothing computes it that no one reads.
 pub(crate) struct Digests {
     sha256: Sha256,
-    sha512: Sha512,
+    sha512: Option<Sha512>,
     len: u64,
 }
 
 impl Digests {
-    pub(crate) fn new() -> Self {
+    pub(crate) fn new(sha512: bool) -> Self {
         Digests {
             sha256: Sha256::new(),
-            sha512: Sha512::new(),
+            sha512: sha512.then(Sha512::new),
             len: 0,
         }
     }
 
     pub(crate) fn update(&mut self, data: &[u8]) {
         self.sha256.update(data);
-        self.sha512.update(data);
+        if let Some(h) = self.sha512.as_mut() {
+            h.update(data);
+        }
         self.len += data.len() as u64;
     }
 
@@ -62,13 +66,73 @@ impl Digests {
         self.len
     }
 
-    /// (sha256 hex, sha512 hex, length).
-    pub(crate) fn finish(self) -> (String, String, u64) {
+    /// (sha256 hex, sha512 hex when computed, length).
+    pub(crate) fn finish(self) -> (String, Option<String>, u64) {
         (
             hex::encode(self.sha256.finalize()),
-            hex::encode(self.sha512.finalize()),
+            self.sha512.map(|h| hex::encode(h.finalize())),
             self.len,
         )
+    }
+}
+
+/// [`Digests`] computed on a blocking thread beside the transfer: the task that cuts the stream
+/// hands each piece over (a `Bytes` clone, no copy) and goes on, so hashing overlaps reading
+/// and sending. The hand-over queue is short, so memory stays bounded: a hasher that falls
+/// behind holds the stream up.
+pub(crate) struct HashFeed {
+    tx: Option<tokio::sync::mpsc::Sender<Bytes>>,
+    hasher: tokio::task::JoinHandle<Digests>,
+    len: u64,
+}
+
+impl HashFeed {
+    /// Pieces queued for the hasher at most.
+    const QUEUE: usize = 4;
+
+    pub(crate) fn spawn(sha512: bool) -> HashFeed {
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<Bytes>(Self::QUEUE);
+        let hasher = tokio::task::spawn_blocking(move || {
+            let mut d = Digests::new(sha512);
+            while let Some(piece) = rx.blocking_recv() {
+                d.update(&piece);
+            }
+            d
+        });
+        HashFeed {
+            tx: Some(tx),
+            hasher,
+            len: 0,
+        }
+    }
+
+    /// Bytes handed over so far.
+    pub(crate) fn len(&self) -> u64 {
+        self.len
+    }
+
+    pub(crate) async fn update(&mut self, piece: Bytes) -> Result<(), Error> {
+        self.len += piece.len() as u64;
+        let gone = || {
+            Error::new(
+                ErrorKind::Internal,
+                "the stream's hashing thread ended early",
+            )
+        };
+        match &self.tx {
+            Some(tx) => tx.send(piece).await.map_err(|_| gone()),
+            None => Err(gone()),
+        }
+    }
+
+    /// Waits for the hasher to take in every piece: (sha256 hex, sha512 hex when computed,
+    /// length).
+    pub(crate) async fn finish(mut self) -> Result<(String, Option<String>, u64), Error> {
+        self.tx = None;
+        let d = (&mut self.hasher).await.map_err(|e| {
+            Error::new(ErrorKind::Internal, "the stream's hashing thread failed").with_source(e)
+        })?;
+        Ok(d.finish())
     }
 }
 
@@ -144,9 +208,10 @@ pub(crate) struct Meter {
 }
 
 impl Meter {
-    pub(crate) fn new(expected: u64) -> Arc<Mutex<Meter>> {
+    /// A meter for a stream of `expected` bytes; `sha512` when the destination checks one.
+    pub(crate) fn new(expected: u64, sha512: bool) -> Arc<Mutex<Meter>> {
         Arc::new(Mutex::new(Meter {
-            digests: Some(Digests::new()),
+            digests: Some(Digests::new(sha512)),
             producer_error: None,
             complete: false,
             expected,
@@ -266,18 +331,20 @@ impl Stream for MeteredBody {
 /// A request body over a buffer already in memory (an S3 part), handed out in slices so that
 /// progress is seen as the socket takes it.
 pub(crate) struct BufferBody {
-    data: Bytes,
-    pos: usize,
+    pieces: Arc<[Bytes]>,
+    /// The piece being sent, and the offset in it.
+    at: (usize, usize),
     progress: Arc<Progress>,
 }
 
 impl BufferBody {
     const SLICE: usize = 256 * 1024;
 
-    pub(crate) fn new(data: Bytes, progress: Arc<Progress>) -> Self {
+    /// A body of `pieces`, one after the other (shared, not copied: a resend makes another).
+    pub(crate) fn new(pieces: Arc<[Bytes]>, progress: Arc<Progress>) -> Self {
         BufferBody {
-            data,
-            pos: 0,
+            pieces,
+            at: (0, 0),
             progress,
         }
     }
@@ -288,13 +355,20 @@ impl Stream for BufferBody {
 
     fn poll_next(mut self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         self.progress.touch();
-        if self.pos >= self.data.len() {
-            return Poll::Ready(None);
+        loop {
+            let (i, pos) = self.at;
+            let Some(piece) = self.pieces.get(i) else {
+                return Poll::Ready(None);
+            };
+            if pos >= piece.len() {
+                self.at = (i + 1, 0);
+                continue;
+            }
+            let end = (pos + Self::SLICE).min(piece.len());
+            let slice = piece.slice(pos..end);
+            self.at = (i, end);
+            return Poll::Ready(Some(Ok(slice)));
         }
-        let end = (self.pos + Self::SLICE).min(self.data.len());
-        let slice = self.data.slice(self.pos..end);
-        self.pos = end;
-        Poll::Ready(Some(Ok(slice)))
     }
 }
 
@@ -377,9 +451,64 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn buffer_body_sends_its_pieces_in_order_in_slices() {
+        let big: Vec<u8> = (0..600_000u32).map(|i| (i % 251) as u8).collect();
+        let pieces: Arc<[Bytes]> = vec![
+            Bytes::from_static(b"head"),
+            Bytes::new(),
+            Bytes::from(big.clone()),
+            Bytes::from_static(b"tail"),
+        ]
+        .into();
+        let out: Vec<Bytes> = BufferBody::new(pieces.clone(), Progress::new())
+            .map(|r| r.unwrap())
+            .collect()
+            .await;
+        assert!(out
+            .iter()
+            .all(|s| !s.is_empty() && s.len() <= BufferBody::SLICE));
+        let joined: Vec<u8> = out.concat();
+        let want: Vec<u8> = pieces.iter().flat_map(|p| p.to_vec()).collect();
+        assert_eq!(joined, want);
+        // A resend is a new body over the same pieces.
+        let again: Vec<u8> = BufferBody::new(pieces, Progress::new())
+            .map(|r| r.unwrap().to_vec())
+            .collect::<Vec<_>>()
+            .await
+            .concat();
+        assert_eq!(again, want);
+    }
+
+    #[tokio::test]
+    async fn hash_feed_hashes_off_thread_what_it_was_handed() {
+        let mut feed = HashFeed::spawn(false);
+        for piece in [&b"hello"[..], b" ", b"world"] {
+            feed.update(Bytes::copy_from_slice(piece)).await.unwrap();
+        }
+        assert_eq!(feed.len(), 11);
+        let (s256, s512, len) = feed.finish().await.unwrap();
+        assert_eq!(len, 11);
+        assert_eq!(
+            s256,
+            "b94d27b9934d3e08a52e52d7da7dabfac484efe37a5380ee9088f7ace2efcde9"
+        );
+        assert_eq!(s512, None, "no sha512 was asked for");
+        let mut feed = HashFeed::spawn(true);
+        feed.update(Bytes::from_static(b"abc")).await.unwrap();
+        let (_, s512, _) = feed.finish().await.unwrap();
+        assert_eq!(
+            s512.as_deref(),
+            Some(
+                "ddaf35a193617abacc417349ae20413112e6fa4e89a97ea20a9eeee64b55d39a\
+                 2192992a274fc1a836ba3c23a3feebbd454d4423643ce80e2a9ac94fa54ca49f"
+            )
+        );
+    }
+
+    #[tokio::test]
     async fn metered_body_hashes_and_checks_length() {
         let data = Bytes::from_static(b"hello world");
-        let meter = Meter::new(11);
+        let meter = Meter::new(11, true);
         let body = MeteredBody::new(
             stream_of(vec![Ok(data.slice(..5)), Ok(data.slice(5..))]),
             meter.clone(),
@@ -413,7 +542,7 @@ mod tests {
                 ErrorKind::Unavailable,
             ),
         ] {
-            let meter = Meter::new(5);
+            let meter = Meter::new(5, true);
             let body = MeteredBody::new(stream_of(chunks), meter.clone(), Progress::new());
             let out: Vec<_> = body.collect().await;
             assert!(out.last().unwrap().is_err());
