@@ -55,6 +55,7 @@ pub enum Step {
     Thaw,
     BackupBegin,
     BackupEnd,
+    CheckpointDelete,
 }
 
 /// One domain of the fake.
@@ -256,6 +257,15 @@ impl FakeHypervisor {
         self.lock().unreachable = !reachable;
     }
 
+    /// The checkpoint bitmaps in the domain's disk image.
+    pub fn bitmaps(&self, name: &str) -> Vec<String> {
+        self.lock()
+            .bitmaps
+            .get(name)
+            .map(|b| b.iter().cloned().collect())
+            .unwrap_or_default()
+    }
+
     /// The socket of the domain's running backup job, if one runs.
     pub fn backup_job(&self, name: &str) -> Option<PathBuf> {
         self.lock().jobs.get(name).cloned()
@@ -420,6 +430,7 @@ impl Hypervisor for FakeHypervisor {
 
     fn delete_checkpoint(&self, name: &str, checkpoint: &str, keep_bitmap: bool) -> Result<()> {
         let mut s = self.lock();
+        s.check(Step::CheckpointDelete)?;
         let running = s.dom(name)?.info.state == DomainState::Running;
         if let Some(c) = s.checkpoints.get_mut(name) {
             c.remove(checkpoint);

@@ -7,6 +7,10 @@
 //!   (only that job: a job another tool started is never aborted) and remove the directory;
 //! - `restart`: a shutdown capture shut the guest down and was asked to start it again →
 //!   start it;
+//! - `checkpoints`: a live capture's backup job defined checkpoint records on the domain (the
+//!   new checkpoint, and the earlier one the job counted from) → delete them once the job is
+//!   over, each with or without its bitmap as the capture got (a shut-off domain with
+//!   checkpoint records cannot be undefined);
 //! - `prep`: prep steps were applied in the source guest and are to be undone (restore-source,
 //!   or the capture failed) → restore them through the guest agent, from the backups inside
 //!   the guest or, when those are gone (the guest rebooted: they live on its `/run`), from the
@@ -55,10 +59,21 @@ pub struct Entry {
     /// starts the guest or touches its files.
     #[serde(default)]
     pub shutting_down: bool,
+    /// Checkpoint records on the domain to delete once the backup job is over.
+    #[serde(default)]
+    pub checkpoints: Vec<CheckpointRecord>,
     /// Prep applied in the source and still to be undone.
     #[serde(default)]
     pub prep: Option<Vec<StepOutcome>>,
     pub started_at: i64,
+}
+
+/// A checkpoint record a capture's backup job defined, and what deleting it takes.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct CheckpointRecord {
+    pub name: String,
+    /// Keep the dirty bitmap in the image: it is the base the next capture counts from.
+    pub keep_bitmap: bool,
 }
 
 impl Entry {
@@ -76,7 +91,19 @@ impl Entry {
         self.frozen
             || !self.backup_dir.as_os_str().is_empty()
             || self.restart
+            || !self.checkpoints.is_empty()
             || self.prep.is_some()
+    }
+
+    /// Sets how checkpoint `name`'s record is to be deleted (a record not listed is added).
+    pub fn checkpoint_duty(&mut self, name: &str, keep_bitmap: bool) {
+        match self.checkpoints.iter_mut().find(|c| c.name == name) {
+            Some(c) => c.keep_bitmap = keep_bitmap,
+            None => self.checkpoints.push(CheckpointRecord {
+                name: name.to_string(),
+                keep_bitmap,
+            }),
+        }
     }
 }
 
@@ -184,7 +211,7 @@ impl Journal {
         let mut later = Vec::new();
         for mut e in self.entries() {
             tracing::warn!(op = %e.op, domain = %e.domain, frozen = e.frozen, backup = !e.backup_dir.as_os_str().is_empty(),
-                restart = e.restart, prep = e.prep.is_some(), "recovering a capture left by a previous run");
+                restart = e.restart, checkpoints = e.checkpoints.len(), prep = e.prep.is_some(), "recovering a capture left by a previous run");
             self.clear_if_off(&hv, &mut e).await;
             if e.frozen {
                 if !thaw_until_thawed(hv.clone(), e.domain.clone(), Duration::from_secs(30)).await {
@@ -283,6 +310,30 @@ impl Journal {
                 let _ = std::fs::remove_dir_all(&e.backup_dir);
             }
             e.backup_dir = PathBuf::new();
+            self.update(&e);
+        }
+        // A checkpoint a running job uses cannot be deleted: the job is over by now.
+        for c in e.checkpoints.clone() {
+            let (d, name, keep) = (e.domain.clone(), c.name.clone(), c.keep_bitmap);
+            match call(Box::new(move |h| h.delete_checkpoint(&d, &name, keep))).await {
+                Ok(()) => {
+                    tracing::info!(op = %e.op, domain = %e.domain, checkpoint = %c.name, bitmap_kept = c.keep_bitmap, "checkpoint record deleted")
+                }
+                Err(err) if err.kind() == crate::error::ErrorKind::NotFound => {}
+                Err(err) => {
+                    return Cleanup::Retry(
+                        Error::new(
+                            err.kind(),
+                            format!(
+                                "deleting checkpoint {} of domain {} (operation {})",
+                                c.name, e.domain, e.op
+                            ),
+                        )
+                        .with_source(err),
+                    );
+                }
+            }
+            e.checkpoints.retain(|x| x.name != c.name);
             self.update(&e);
         }
         if e.shutting_down {

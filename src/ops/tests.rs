@@ -1157,6 +1157,64 @@ async fn recovery_thaws_ends_our_job_leaves_a_foreign_one_and_restarts() {
     assert!(journal.entries().is_empty(), "every duty done");
 }
 
+/// A capture killed after its job defined checkpoint records: recovery ends the job, then
+/// deletes both records, the new checkpoint with its bitmap (no image builds on it), the one
+/// the job counted from without (it is still the base of the next capture).
+#[tokio::test]
+async fn recovery_deletes_the_checkpoint_records_a_killed_capture_left() {
+    use super::journal::{Entry, Journal};
+    use crate::hypervisor::{CheckpointPlan, SavedCheckpoint};
+    let w = World::new(vec![w_domain_running("vm")]);
+    let run = w.dir.path().join("run");
+    let hv: Arc<dyn Hypervisor> = Arc::new(w.hv.clone());
+    // An earlier capture's checkpoint, saved (its record deleted, its bitmap kept).
+    let first = crate::hypervisor::BackupHandle::in_dir(&run.join("backup-op-1"), "vda");
+    let plan1 = CheckpointPlan {
+        create: Some("imaged-vda-op-1".into()),
+        since: None,
+    };
+    w.hv.begin_pull_backup("vm", &first, &[], &plan1).unwrap();
+    w.hv.end_backup("vm", &first).unwrap();
+    w.hv.delete_checkpoint("vm", "imaged-vda-op-1", true)
+        .unwrap();
+    // The capture that was killed: its job redefined the old record and made a new one.
+    let job = crate::hypervisor::BackupHandle::in_dir(&run.join("backup-op-2"), "vda");
+    let plan2 = CheckpointPlan {
+        create: Some("imaged-vda-op-2".into()),
+        since: Some(SavedCheckpoint {
+            name: "imaged-vda-op-1".into(),
+            xml: "<domaincheckpoint/>".into(),
+        }),
+    };
+    let begun = w.hv.begin_pull_backup("vm", &job, &[], &plan2).unwrap();
+    assert_eq!(begun.since.as_deref(), Some("imaged-vda-op-1"));
+    let journal = Journal::new(&run);
+    let mut e = Entry::new("op-2", "vm");
+    e.backup_dir = job.dir.clone();
+    e.checkpoint_duty("imaged-vda-op-1", true);
+    e.checkpoint_duty("imaged-vda-op-2", false);
+    journal.write(&e).unwrap();
+    assert_eq!(w.hv.checkpoints("vm").unwrap().len(), 2);
+    w.hv.fail_times(Step::CheckpointDelete, 1, ErrorKind::Unavailable);
+
+    journal.recover(hv.clone()).await;
+    assert_eq!(w.hv.backup_job("vm"), None, "the job ended first");
+    assert_eq!(
+        journal.entries().len(),
+        1,
+        "a record libvirt could not delete yet stays a duty"
+    );
+    journal.recover(hv).await;
+
+    assert!(journal.entries().is_empty(), "every duty done");
+    assert!(w.hv.checkpoints("vm").unwrap().is_empty(), "no record left");
+    assert_eq!(
+        w.hv.bitmaps("vm"),
+        vec!["imaged-vda-op-1".to_string()],
+        "the base's bitmap stays, the dead capture's goes"
+    );
+}
+
 /// Waits (bounded) until `f` holds.
 async fn until(what: &str, f: impl Fn() -> bool) {
     let t0 = std::time::Instant::now();

@@ -2,7 +2,8 @@
 //! repository makes a checkpoint, the next reads only what the guest wrote since; the image it
 //! makes is the same as a full read of the same moment; a guest whose QEMU was killed (its
 //! bitmap broken) and a raw disk fall back to a full read that says why; and no checkpoint
-//! record stays on the domain, so a plain `virsh undefine` works.
+//! record stays on the domain, so a plain `virsh undefine` works, not even after the daemon
+//! was killed in the middle of a capture.
 
 use std::time::Duration;
 
@@ -166,6 +167,88 @@ async fn a_recapture_of_a_running_guest_reads_only_what_changed() {
     let path = g.dir().join("redefine.xml");
     std::fs::write(&path, xml).unwrap();
     run("virsh", &["define", &path.to_string_lossy()]);
+    d.stop();
+}
+
+/// The daemon killed (SIGKILL) while an incremental capture reads: its backup job had defined
+/// two checkpoint records on the domain (the earlier checkpoint, again, and its own), which the
+/// capture's journal entry names. Started again, the daemon ends the job and deletes both
+/// records, the earlier one without its bitmap: no record stays (an undefine would be refused),
+/// and the next capture is still incremental from the earlier checkpoint.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_daemon_killed_mid_capture_leaves_no_checkpoint_record_once_started_again() {
+    use crate::support::daemon::{get_op, state};
+    use proto::OperationState as St;
+    let lab = Lab::get();
+    let g = lab.guest("incr-kill").create();
+    boot(&g);
+    let mut d = Daemon::start();
+    let first = capture(&d, &g, "kill-1").await;
+    let r1 = read_of(&first);
+    assert!(!r1.checkpoint.is_empty(), "{r1:?}");
+
+    // Enough written that the recapture's read can be caught in the middle.
+    g.sh_ok("dd if=/dev/urandom of=/root/big bs=1M count=384 conv=fsync status=none");
+    let op = d
+        .images()
+        .await
+        .capture(proto::CaptureRequest {
+            domain: g.name().into(),
+            image_name: "kill-2".into(),
+            mode: proto::CaptureMode::CrashConsistent as i32,
+            ..Default::default()
+        })
+        .await
+        .unwrap_or_else(|e| panic!("capture kill-2 of {}: {e}", g.name()))
+        .into_inner();
+    let mut ops = d.ops().await;
+    let t0 = std::time::Instant::now();
+    loop {
+        let o = get_op(&mut ops, &op.id).await;
+        if state(&o) == St::Saving && read_bytes(&o) > 0 {
+            break;
+        }
+        assert!(
+            state(&o) != St::Active
+                && state(&o) != St::Failed
+                && t0.elapsed() < Duration::from_secs(120),
+            "expected operation {} to be reading (the stage this test aims at); it is {:?}: {o:?}",
+            op.id,
+            state(&o)
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    d.kill();
+    let left = checkpoint_records(&g);
+    assert_eq!(
+        left.len(),
+        2,
+        "expected the killed capture's two checkpoint records on the domain (the stage this \
+         test aims at): {left:?}"
+    );
+
+    d.restart();
+    let t0 = std::time::Instant::now();
+    while !checkpoint_records(&g).is_empty() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(90),
+            "checkpoint records still on {} 90 s after the daemon started again: {:?}",
+            g.name(),
+            checkpoint_records(&g)
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let o = d.wait_op(&op.id).await;
+    assert_eq!(state(&o), St::Failed, "the killed capture failed: {o:?}");
+
+    g.sh_ok("dd if=/dev/urandom of=/root/after bs=1M count=4 conv=fsync status=none");
+    let next = capture(&d, &g, "kill-3").await;
+    let r3 = read_of(&next);
+    assert!(
+        r3.incremental && r3.since_checkpoint == r1.checkpoint,
+        "the earlier checkpoint's bitmap survived the recovery: {r3:?}"
+    );
+    assert!(checkpoint_records(&g).is_empty());
     d.stop();
 }
 

@@ -16,7 +16,10 @@
 //!
 //! The state is keyed by the domain's UUID, so a domain defined anew under the same name does
 //! not inherit it. A capture that fails deletes its new checkpoint (bitmap too) and keeps the old
-//! one. A record a dead daemon left behind is removed by the next capture of that disk.
+//! one. Every record the job defines is a duty in the capture's journal entry until it is
+//! deleted: a deletion that fails is retried by the janitor, and a daemon that died mid-capture
+//! deletes them at its next start. A record that still escapes (the journal lives under `/run`,
+//! so a host reboot loses it) is removed by the next capture of that disk.
 //! Whenever an incremental read cannot be had (the first capture, a bitmap lost because QEMU
 //! was killed, a disk replaced or resized, a raw disk, a store that lost the base's chunks),
 //! the whole disk is read and the operation's [`ReadReport`] says why. Writes that bypass
@@ -27,6 +30,7 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
+use super::super::journal::{Entry, Journal};
 use super::super::{Controller, OpEntry};
 use super::Plan;
 use crate::capture::{Base, Captured};
@@ -181,56 +185,93 @@ impl Controller {
     /// stored, which the next capture builds on) and leaves one bitmap on the disk; on failure,
     /// drops the new checkpoint and keeps the old. Failures here are logged, never the
     /// capture's: the worst they cost is a full read next time.
+    ///
+    /// The journal `entry` names every record the job defined and how it is to go (its
+    /// bitmap kept or not), updated as that changes here; a record deleted leaves the entry,
+    /// one that could not be stays for the janitor (or, after a crash, the daemon's recovery),
+    /// so no record outlives the capture and `virsh undefine` keeps working.
     pub(super) async fn settle_checkpoints(
         &self,
         op: &OpEntry,
         plan: &Plan,
         begun: &BackupBegun,
         captured: Option<&Captured>,
+        journal: &Journal,
+        entry: &mut Entry,
     ) {
+        // Records the job's begin dealt with itself (not made, or deleted when it fell back).
+        entry.checkpoints.retain(|c| {
+            Some(&c.name) == begun.checkpoint.as_ref() || Some(&c.name) == begun.since.as_ref()
+        });
+        journal.update(entry);
         let name = plan.info.name.clone();
         let drop_cp = |cp: String, keep_bitmap: bool| {
             let d = name.clone();
             async move {
                 let c = cp.clone();
-                if let Err(e) = self
+                match self
                     .hv(move |hv| hv.delete_checkpoint(&d, &c, keep_bitmap))
                     .await
                 {
-                    tracing::warn!(op = %op.id, domain = %plan.info.name, checkpoint = %cp, error = %e.chain(),
-                        "could not delete a checkpoint; the next capture of the disk removes it");
+                    Ok(()) => true,
+                    Err(e) => {
+                        tracing::warn!(op = %op.id, domain = %plan.info.name, checkpoint = %cp, error = %e.chain(),
+                            "could not delete a checkpoint record; imaged keeps trying in the background");
+                        false
+                    }
                 }
             }
+        };
+        let done = |entry: &mut Entry, cp: &str| {
+            entry.checkpoints.retain(|c| c.name != cp);
+            journal.update(entry);
         };
         let Some(new) = begun.checkpoint.clone() else {
             // No checkpoint was made: the old one (if any) stays the base, its record goes.
             if let Some(old) = begun.since.clone() {
-                drop_cp(old, true).await;
+                if drop_cp(old.clone(), true).await {
+                    done(entry, &old);
+                }
             }
             return;
         };
         let Some(captured) = captured else {
-            drop_cp(new, false).await;
+            if drop_cp(new.clone(), false).await {
+                done(entry, &new);
+            }
             if let Some(old) = begun.since.clone() {
-                drop_cp(old, true).await;
+                if drop_cp(old.clone(), true).await {
+                    done(entry, &old);
+                }
             }
             return;
         };
         // The old checkpoint goes first (bitmap and record), so the new one is read without a
         // parent that will not exist when it is defined again.
         if let Some(old) = begun.since.clone().filter(|o| *o != new) {
-            drop_cp(old, false).await;
+            entry.checkpoint_duty(&old, false);
+            journal.update(entry);
+            if drop_cp(old.clone(), false).await {
+                done(entry, &old);
+            }
         }
         match self.save_checkpoint(op, plan, &new, captured).await {
             Ok(()) => {
-                drop_cp(new.clone(), true).await;
+                // Saved: from now on its bitmap is the next capture's base.
+                entry.checkpoint_duty(&new, true);
+                journal.update(entry);
+                if drop_cp(new.clone(), true).await {
+                    done(entry, &new);
+                }
                 tracing::info!(op = %op.id, domain = %plan.info.name, disk = %plan.target, checkpoint = %new,
                     "checkpoint saved: the next capture of this disk reads only what changes");
             }
             Err(e) => {
                 tracing::warn!(op = %op.id, domain = %plan.info.name, checkpoint = %new, error = %e.chain(),
                     "could not save the checkpoint; the next capture reads the whole disk");
-                drop_cp(new, false).await;
+                if drop_cp(new.clone(), false).await {
+                    done(entry, &new);
+                }
             }
         }
     }

@@ -73,6 +73,14 @@ impl Controller {
         let prepared = self.prepare_checkpoints(op, plan, chunked).await;
         entry.backup_dir = cfg.run_dir.join(format!("backup-{}", op.id));
         entry.frozen = quiesce;
+        // The records the job defines: the earlier checkpoint (its bitmap is the base) and the
+        // new one (worth nothing until the image is committed).
+        if let Some(old) = &prepared.checkpoints.since {
+            entry.checkpoint_duty(&old.name, true);
+        }
+        if let Some(new) = &prepared.checkpoints.create {
+            entry.checkpoint_duty(new, false);
+        }
         journal.write(entry)?;
         let max_freeze = Duration::from_millis(cfg.max_freeze_ms);
         let begun = live::begin(
@@ -158,7 +166,8 @@ impl Controller {
                 checkpoint = %read.checkpoint, note = %read.note, "how the disk was read");
             op.set_read(read);
         }
-        self.settle_checkpoints(op, plan, &begun, captured).await;
+        self.settle_checkpoints(op, plan, &begun, captured, journal, entry)
+            .await;
         res?;
         if let Err(e) = ended {
             // The image is whole and committed: ending the job is cleanup that can be retried,
