@@ -9,6 +9,8 @@ once, cached in the work dir). For each size it measures, page cache dropped bef
                                              chunk files written, manifest committed
   imagectl import again                      the same disk once more: dedup, nothing stored
   imagectl export --format qcow2             our one-pass qcow2 encoder from the repository
+  cat SRC; cat SRC + dd oflag=direct         what the device allows: a read of the input, and
+                                             that read while as many bytes are written O_DIRECT
 
 and prints wall time, peak RSS and the ratio to qemu-img: the median of --rounds rounds, the steps
 interleaved so that a burst of load on a shared machine spoils one sample of each, not a whole step.
@@ -277,6 +279,13 @@ def main():
                 # does not sync: this row is the like-for-like baseline.
                 ("qemu-img convert -O qcow2 + sync", None,
                  ["sh", "-c", f"qemu-img convert -f {fmt} -O qcow2 {src} {dst} && sync"]),
+                # What the device allows, for the rows below: the input read once (a repeated
+                # capture reads it and hashes), and read while as many bytes are written around
+                # the page cache (a first capture reads, then writes its chunk files O_DIRECT).
+                ("device: read the input (cat)", None, ["sh", "-c", f"cat {src} >/dev/null"]),
+                ("device: read it + write as much", None,
+                 ["sh", "-c", f"cat {src} >/dev/null & dd if=/dev/zero of={dst} bs=4M "
+                  f"count={os.path.getsize(src) >> 22} oflag=direct status=none; wait"]),
                 ("imaged capture (new chunks)", daemon, ctl + ["import", src, "--format", fmt, "--name", f"b{v}"]),
                 ("imaged capture again (dedup)", daemon, ctl + ["import", src, "--format", fmt, "--name", f"b{v}-2"]),
                 ("imaged export -> qcow2", daemon, ctl + ["export", f"b{v}", "--format", "qcow2", "-o", exp]),
