@@ -9,7 +9,10 @@
 //!
 //! Reads go over `readers` NBD connections with up to `readers` segments (≤ 4 MiB each) in
 //! flight, delivered in order through a bounded channel: memory is about
-//! `2 × readers × 4 MiB`, whatever the disk size. Dropping the stream stops the producer.
+//! `2 × readers × 4 MiB` plus what the consumer holds (an S3 upload, its parts in flight),
+//! whatever the disk size. Dropping the stream stops the producer. A segment's buffer goes
+//! back to the stream's [`BufPool`] once the consumer drops the last `Bytes` of it, so a stream
+//! reuses the same few buffers instead of faulting in fresh pages for every 4 MiB.
 
 use std::ops::Range;
 use std::sync::atomic::Ordering;
@@ -189,13 +192,14 @@ async fn produce(
         let _ = pool_tx.send(c).await;
     }
     let pool = Arc::new((pool_tx, Mutex::new(pool_rx)));
+    let bufs = Arc::new(BufPool::default());
     let mut inflight = FuturesOrdered::new();
     let mut segments = plan.segments();
     let mut done = false;
     loop {
         while !done && inflight.len() < readers {
             match segments.next() {
-                Some(seg) => inflight.push_back(fetch(seg, pool.clone())),
+                Some(seg) => inflight.push_back(fetch(seg, pool.clone(), bufs.clone())),
                 None => done = true,
             }
         }
@@ -230,13 +234,49 @@ async fn produce(
     Ok(())
 }
 
+/// The segment buffers of one stream, each `SEGMENT` bytes, given back by [`Pooled`] on drop.
+/// It holds at most as many as were ever in use at once, and goes with the stream.
+#[derive(Default)]
+struct BufPool(std::sync::Mutex<Vec<ChunkBuf>>);
+
+impl BufPool {
+    fn take(&self) -> ChunkBuf {
+        let reused = self.0.lock().unwrap_or_else(|p| p.into_inner()).pop();
+        reused.unwrap_or_else(|| ChunkBuf::zeroed(SEGMENT as usize))
+    }
+}
+
+/// The first `len` bytes of a pooled buffer, as the owner of a segment's `Bytes`.
+struct Pooled {
+    buf: ChunkBuf,
+    len: usize,
+    pool: Arc<BufPool>,
+}
+
+impl AsRef<[u8]> for Pooled {
+    fn as_ref(&self) -> &[u8] {
+        &self.buf[..self.len]
+    }
+}
+
+impl Drop for Pooled {
+    fn drop(&mut self) {
+        let buf = std::mem::take(&mut self.buf);
+        self.pool
+            .0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(buf);
+    }
+}
+
 type Pool = Arc<(
     mpsc::Sender<Box<dyn DiskReader>>,
     Mutex<mpsc::Receiver<Box<dyn DiskReader>>>,
 )>;
 
 /// One segment's bytes, plus the guest bytes it covers and whether they were read.
-async fn fetch(seg: Segment, pool: Pool) -> Result<(Bytes, u64, bool)> {
+async fn fetch(seg: Segment, pool: Pool, bufs: Arc<BufPool>) -> Result<(Bytes, u64, bool)> {
     match seg {
         Segment::Bytes(b) => Ok((b, 0, false)),
         Segment::Zeros(n) => Ok((Bytes::from_static(&ZEROS[..n as usize]), n, false)),
@@ -247,11 +287,19 @@ async fn fetch(seg: Segment, pool: Pool) -> Result<(Bytes, u64, bool)> {
                     .await
                     .ok_or_else(|| Error::new(ErrorKind::Internal, "NBD connection pool closed"))?
             };
-            let buf = ChunkBuf::zeroed((len + pad) as usize);
-            let (buf, res) = client.read(offset, buf, 0..len as usize).await;
+            let (len_u, total) = (len as usize, (len + pad) as usize);
+            let mut buf = bufs.take();
+            // A reused buffer holds an earlier segment: the padding must read as zeros.
+            buf[len_u..total].fill(0);
+            let (buf, res) = client.read(offset, buf, 0..len_u).await;
             let _ = pool.0.send(client).await;
+            let owner = Pooled {
+                buf,
+                len: total,
+                pool: bufs,
+            };
             res?;
-            Ok((Bytes::from_owner(buf), len, true))
+            Ok((Bytes::from_owner(owner), len, true))
         }
     }
 }
@@ -259,6 +307,64 @@ async fn fetch(seg: Segment, pool: Pool) -> Result<(Bytes, u64, bool)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Streams `path` (raw) as `format`; `hold` keeps every piece until the end (no buffer is
+    /// reused), else each is dropped at once (the next segments reuse its buffer).
+    async fn stream_file(path: &std::path::Path, format: Format, hold: bool) -> Vec<u8> {
+        let src: Arc<dyn BlockSource> =
+            Arc::new(crate::capture::file::RawFile::open(path).unwrap());
+        let plan = Arc::new(
+            StreamPlan::new(src.as_ref(), format, u64::MAX)
+                .await
+                .unwrap(),
+        );
+        let mut stream = byte_stream(
+            plan.clone(),
+            src,
+            2,
+            Arc::new(Progress::default()),
+            CancelToken::default(),
+        );
+        let (mut out, mut held) = (Vec::new(), Vec::new());
+        while let Some(piece) = stream.next().await {
+            let piece = piece.unwrap();
+            out.extend_from_slice(&piece);
+            if hold {
+                held.push(piece);
+            }
+        }
+        assert_eq!(out.len() as u64, plan.size);
+        out
+    }
+
+    /// Segment buffers are reused once the consumer drops them: the bytes are the same as
+    /// with none reused, and a reused buffer's tail (the padding of a short last cluster) reads
+    /// as zeros, not as the earlier segment.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn reused_segment_buffers_give_the_same_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("disk.raw");
+        let m = 1usize << 20;
+        // Data, a hole, data up to an end that is not cluster-aligned.
+        // (More segments than the stream holds at once, so the last ones reuse buffers.)
+        let size = 53 * m + 4096 + 512;
+        let f = std::fs::File::create(&path).unwrap();
+        f.set_len(size as u64).unwrap();
+        use std::os::unix::fs::FileExt;
+        let pattern = |n: usize, seed: u8| -> Vec<u8> {
+            (0..n).map(|i| (i as u8).wrapping_mul(31) ^ seed).collect()
+        };
+        f.write_all_at(&pattern(9 * m, 0x5a), 0).unwrap();
+        f.write_all_at(&pattern(40 * m + 4096 + 512, 0xc3), (13 * m) as u64)
+            .unwrap();
+        drop(f);
+        let want = std::fs::read(&path).unwrap();
+        let raw = stream_file(&path, Format::Raw, false).await;
+        assert!(raw == want, "the raw stream differs from the file");
+        let held = stream_file(&path, Format::Qcow2, true).await;
+        let reused = stream_file(&path, Format::Qcow2, false).await;
+        assert!(held == reused, "reused buffers changed the qcow2 stream");
+    }
 
     #[test]
     fn raw_plan_covers_every_byte() {
