@@ -57,8 +57,8 @@ pub(crate) fn s3_min_part_size_mib() -> u64 {
     16
 }
 
-/// S3 `parts_in_flight`: what a real S3 over a long path needs to fill it, in 80 MiB of
-/// memory at the default part size.
+/// S3 `parts_in_flight`: what a real S3 over a long path needs to fill it, in 80–100 MiB of
+/// memory at the default part size (a part holds the stream's 4 MiB buffers it touches).
 pub(crate) fn s3_parts_in_flight() -> usize {
     4
 }
