@@ -95,14 +95,22 @@ impl Entry {
             || self.prep.is_some()
     }
 
-    /// Sets how checkpoint `name`'s record is to be deleted (a record not listed is added).
-    pub fn checkpoint_duty(&mut self, name: &str, keep_bitmap: bool) {
+    /// Sets how checkpoint `name`'s record is to be deleted (a record not listed is added);
+    /// true when that changed the entry.
+    pub fn checkpoint_duty(&mut self, name: &str, keep_bitmap: bool) -> bool {
         match self.checkpoints.iter_mut().find(|c| c.name == name) {
-            Some(c) => c.keep_bitmap = keep_bitmap,
-            None => self.checkpoints.push(CheckpointRecord {
-                name: name.to_string(),
-                keep_bitmap,
-            }),
+            Some(c) if c.keep_bitmap == keep_bitmap => false,
+            Some(c) => {
+                c.keep_bitmap = keep_bitmap;
+                true
+            }
+            None => {
+                self.checkpoints.push(CheckpointRecord {
+                    name: name.to_string(),
+                    keep_bitmap,
+                });
+                true
+            }
         }
     }
 }

@@ -200,78 +200,76 @@ impl Controller {
         entry: &mut Entry,
     ) {
         // Records the job's begin dealt with itself (not made, or deleted when it fell back).
+        let listed = entry.checkpoints.len();
         entry.checkpoints.retain(|c| {
             Some(&c.name) == begun.checkpoint.as_ref() || Some(&c.name) == begun.since.as_ref()
         });
-        journal.update(entry);
-        let name = plan.info.name.clone();
-        let drop_cp = |cp: String, keep_bitmap: bool| {
-            let d = name.clone();
-            async move {
-                let c = cp.clone();
-                match self
-                    .hv(move |hv| hv.delete_checkpoint(&d, &c, keep_bitmap))
-                    .await
-                {
-                    Ok(()) => true,
-                    Err(e) => {
-                        tracing::warn!(op = %op.id, domain = %plan.info.name, checkpoint = %cp, error = %e.chain(),
-                            "could not delete a checkpoint record; imaged keeps trying in the background");
-                        false
-                    }
-                }
-            }
-        };
-        let done = |entry: &mut Entry, cp: &str| {
-            entry.checkpoints.retain(|c| c.name != cp);
+        if entry.checkpoints.len() != listed {
             journal.update(entry);
-        };
+        }
         let Some(new) = begun.checkpoint.clone() else {
             // No checkpoint was made: the old one (if any) stays the base, its record goes.
-            if let Some(old) = begun.since.clone() {
-                if drop_cp(old.clone(), true).await {
-                    done(entry, &old);
-                }
+            if let Some(old) = &begun.since {
+                self.drop_record(op, plan, journal, entry, old, true).await;
             }
             return;
         };
         let Some(captured) = captured else {
-            if drop_cp(new.clone(), false).await {
-                done(entry, &new);
-            }
-            if let Some(old) = begun.since.clone() {
-                if drop_cp(old.clone(), true).await {
-                    done(entry, &old);
-                }
+            self.drop_record(op, plan, journal, entry, &new, false)
+                .await;
+            if let Some(old) = &begun.since {
+                self.drop_record(op, plan, journal, entry, old, true).await;
             }
             return;
         };
         // The old checkpoint goes first (bitmap and record), so the new one is read without a
         // parent that will not exist when it is defined again.
-        if let Some(old) = begun.since.clone().filter(|o| *o != new) {
-            entry.checkpoint_duty(&old, false);
-            journal.update(entry);
-            if drop_cp(old.clone(), false).await {
-                done(entry, &old);
-            }
+        if let Some(old) = begun.since.as_ref().filter(|o| **o != new) {
+            self.drop_record(op, plan, journal, entry, old, false).await;
         }
         match self.save_checkpoint(op, plan, &new, captured).await {
             Ok(()) => {
                 // Saved: from now on its bitmap is the next capture's base.
-                entry.checkpoint_duty(&new, true);
-                journal.update(entry);
-                if drop_cp(new.clone(), true).await {
-                    done(entry, &new);
-                }
+                self.drop_record(op, plan, journal, entry, &new, true).await;
                 tracing::info!(op = %op.id, domain = %plan.info.name, disk = %plan.target, checkpoint = %new,
                     "checkpoint saved: the next capture of this disk reads only what changes");
             }
             Err(e) => {
                 tracing::warn!(op = %op.id, domain = %plan.info.name, checkpoint = %new, error = %e.chain(),
                     "could not save the checkpoint; the next capture reads the whole disk");
-                if drop_cp(new.clone(), false).await {
-                    done(entry, &new);
-                }
+                self.drop_record(op, plan, journal, entry, &new, false)
+                    .await;
+            }
+        }
+    }
+
+    /// Deletes checkpoint record `cp` (its bitmap kept or not). The journal entry says so
+    /// first, so that a daemon dying here deletes it the same way at its next start; the duty
+    /// leaves the entry once the record is gone, and stays for the janitor when it is not.
+    async fn drop_record(
+        &self,
+        op: &OpEntry,
+        plan: &Plan,
+        journal: &Journal,
+        entry: &mut Entry,
+        cp: &str,
+        keep_bitmap: bool,
+    ) {
+        if entry.checkpoint_duty(cp, keep_bitmap) {
+            journal.update(entry);
+        }
+        let (d, c) = (plan.info.name.clone(), cp.to_string());
+        match self
+            .hv(move |hv| hv.delete_checkpoint(&d, &c, keep_bitmap))
+            .await
+        {
+            Ok(()) => {
+                entry.checkpoints.retain(|c| c.name != cp);
+                journal.update(entry);
+            }
+            Err(e) => {
+                tracing::warn!(op = %op.id, domain = %plan.info.name, checkpoint = %cp, error = %e.chain(),
+                    "could not delete a checkpoint record; imaged keeps trying in the background");
             }
         }
     }
