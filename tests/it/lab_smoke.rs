@@ -77,6 +77,43 @@ fn guest_boots_runs_a_command_and_shuts_down() {
     assert!(!Path::new(&dir).exists(), "{} still there", dir.display());
 }
 
+/// The lab's shutdown does not depend on the agent answering: with the agent stopped inside
+/// the guest, `virsh shutdown --mode agent` fails and the power button takes the guest down (the
+/// path taken when the agent's own `shutdown` child is killed by the shutdown it started).
+#[test]
+fn shutdown_without_an_answering_agent_uses_the_power_button() {
+    let lab = Lab::get();
+    let guest = lab.guest("noagent-off").create();
+    guest.start();
+    guest.wait_agent(Duration::from_secs(240));
+    guest.wait_booted(Duration::from_secs(240));
+    // Stopped two seconds later by a transient timer, once this command's status was read.
+    guest.exec_ok(&[
+        "systemd-run",
+        "--on-active=2",
+        "systemctl",
+        "stop",
+        "qemu-guest-agent",
+    ]);
+    let t = Instant::now();
+    while lab::virsh(&[
+        "qemu-agent-command",
+        guest.name(),
+        r#"{"execute":"guest-ping"}"#,
+    ])
+    .is_ok()
+    {
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "the agent still answers 60 s after it was stopped"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let took = guest.shutdown(Duration::from_secs(180));
+    eprintln!("shutdown by the power button: {took:.1?}");
+    assert_eq!(guest.state(), "shut off");
+}
+
 #[test]
 fn builder_options_define_the_asked_shape() {
     let lab = Lab::get();
