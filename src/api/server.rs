@@ -104,7 +104,7 @@ pub async fn bind_unix(path: &Path, mode: u32, group: &str) -> Result<UnixListen
             return Err(Error::new(
                 ErrorKind::Unavailable,
                 format!(
-                    "socket {} is in use: is another imaged running?",
+                    "socket {} is in use: another server answers there; stop it or choose another path",
                     path.display()
                 ),
             ));
@@ -126,6 +126,23 @@ pub async fn bind_unix(path: &Path, mode: u32, group: &str) -> Result<UnixListen
         })?;
     }
     Ok(l)
+}
+
+/// Binds the TCP address `addr` (the config key `key` names it in errors); `None` when `addr`
+/// is empty (no TCP listener asked for). With the listener, the address it got (the port
+/// chosen when `addr` asked for port 0), for the ready log line.
+pub async fn bind_tcp(addr: &str, key: &str) -> Result<(Option<tokio::net::TcpListener>, String)> {
+    if addr.is_empty() {
+        return Ok((None, String::new()));
+    }
+    let l = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| Error::io(format!("binding {key} {addr}"), e))?;
+    let bound = l
+        .local_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_else(|_| addr.to_string());
+    Ok((Some(l), bound))
 }
 
 /// Looks a group name up in /etc/group.
@@ -196,26 +213,7 @@ pub async fn serve(
         &cfg.daemon.socket_group,
     )
     .await?;
-    let tcp = if cfg.daemon.tcp_listen.is_empty() {
-        None
-    } else {
-        let l = tokio::net::TcpListener::bind(&cfg.daemon.tcp_listen)
-            .await
-            .map_err(|e| {
-                Error::io(
-                    format!("binding daemon.tcp_listen {}", cfg.daemon.tcp_listen),
-                    e,
-                )
-            })?;
-        Some(l)
-    };
-    let tcp_addr = match &tcp {
-        Some(l) => l
-            .local_addr()
-            .map(|a| a.to_string())
-            .unwrap_or_else(|_| cfg.daemon.tcp_listen.clone()),
-        None => String::new(),
-    };
+    let (tcp, tcp_addr) = bind_tcp(&cfg.daemon.tcp_listen, "daemon.tcp_listen").await?;
 
     let (health_reporter, health) = tonic_health::server::health_reporter();
     health_reporter

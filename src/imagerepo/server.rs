@@ -19,7 +19,7 @@ use super::identity::RepoPolicy;
 use super::service::{Links, Repo, RepoService};
 use super::source::RepoSource;
 use crate::api::auth::{tls, Trust};
-use crate::api::server::{bind_unix, notify_systemd, StopSignals};
+use crate::api::server::{bind_tcp, bind_unix, notify_systemd, StopSignals};
 use crate::error::{Error, ErrorKind, Result};
 use crate::proto;
 use crate::proto::imagerepo::v1 as pb;
@@ -121,24 +121,7 @@ pub async fn serve(cfg: &RepoConfig, stop: StopSignals) -> Result<()> {
             })??
     };
     let uds = bind_unix(&cfg.server.socket, cfg.socket_mode()?, "").await?;
-    let tcp = if cfg.server.tcp_listen.is_empty() {
-        None
-    } else {
-        let l = tokio::net::TcpListener::bind(&cfg.server.tcp_listen)
-            .await
-            .map_err(|e| {
-                Error::io(
-                    format!("binding server.tcp_listen {}", cfg.server.tcp_listen),
-                    e,
-                )
-            })?;
-        Some(l)
-    };
-    let tcp_addr = tcp
-        .as_ref()
-        .and_then(|l| l.local_addr().ok())
-        .map(|a| a.to_string())
-        .unwrap_or_default();
+    let (tcp, tcp_addr) = bind_tcp(&cfg.server.tcp_listen, "server.tcp_listen").await?;
 
     let (health_reporter, health) = tonic_health::server::health_reporter();
     health_reporter
