@@ -426,6 +426,15 @@ impl Guest {
             .trim()
             .to_string()
     }
+    /// `virsh domstate --reason` (`paused (I/O error)`, `shut off (shutdown)`): what a failure
+    /// message wants (a guest paused on a full host disk reads differently from a hung one);
+    /// the error text when virsh fails.
+    pub fn state_with_reason(&self) -> String {
+        match virsh(&["domstate", "--reason", &self.name]) {
+            Ok(s) => s.trim().to_string(),
+            Err(e) => e,
+        }
+    }
     /// Force-off (`virsh destroy`); no error when the domain is not running.
     pub fn destroy(&self) {
         if let Err(e) = virsh(&["destroy", &self.name]) {
@@ -660,8 +669,9 @@ impl Guest {
             }
             if start.elapsed() >= timeout {
                 panic!(
-                    "{} is {now:?}, not {state:?}, after {timeout:?}\n--- console tail ---\n{}",
+                    "{} is {:?}, not {state:?}, after {timeout:?}\n--- console tail ---\n{}",
                     self.name,
+                    self.state_with_reason(),
                     self.console_tail(40)
                 );
             }
@@ -676,7 +686,7 @@ impl Drop for Guest {
             eprintln!(
                 "lab: test panicked with guest {} ({}); console tail:\n{}",
                 self.name,
-                virsh(&["domstate", &self.name]).unwrap_or_default().trim(),
+                self.state_with_reason(),
                 self.console_tail(30)
             );
         }
