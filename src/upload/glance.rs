@@ -681,9 +681,11 @@ impl Inner {
     ) -> Result<(String, String, u64), Failure> {
         let path = if self.cfg.use_import { "stage" } else { "file" };
         let what = format!("glance {}: PUT /v2/images/{id}/{path}", s.endpoint);
-        let meter = Meter::new(meta.size, true);
+        let meter = Meter::new(meta.size);
         let progress = Progress::new();
-        let body = MeteredBody::new(factory(), meter.clone(), progress.clone());
+        // sha256 and sha512 (what Glance's os_hash_value is checked against) on another core.
+        let (stream, hashes) = http::hashed(factory(), true);
+        let body = MeteredBody::new(stream, meter.clone(), progress.clone());
         let req = self
             .request(s, Method::PUT, &format!("/v2/images/{id}/{path}"))
             .header(CONTENT_TYPE, "application/octet-stream")
@@ -716,13 +718,12 @@ impl Inner {
                 ),
             )));
         }
-        let digests = http::lock(&meter).digests.take().ok_or_else(|| {
-            Failure::fatal(Error::new(
-                ErrorKind::Internal,
-                format!("{what}: the upload's digests are missing"),
-            ))
+        let (sha256, sha512, len) = hashes.finish().await.map_err(|e| {
+            Failure::fatal(
+                Error::new(ErrorKind::Internal, format!("{what}: hashing the upload"))
+                    .with_source(e),
+            )
         })?;
-        let (sha256, sha512, len) = digests.finish();
         let sha512 = sha512.unwrap_or_default();
         if self.cfg.use_import {
             self.import(s, id).await?;

@@ -1,7 +1,7 @@
 //! HTTP shared by the upload destinations (Glance, S3): the executor that sends requests and
 //! maps their failures ([`exec`]), the retry policy ([`retry`]), the guard that cleans up an
-//! upload that did not finish ([`cleanup`]), and the body wrappers: stall detection and
-//! hashing.
+//! upload that did not finish ([`cleanup`]), and the body wrappers: stall detection, length
+//! checks and hashing on another core ([`hashed`], [`HashFeed`]).
 //!
 //! Stall detection: reqwest has a connect timeout and a total timeout, but nothing that notices
 //! a long upload whose peer stopped reading. So every request body is wrapped in a stream that
@@ -60,10 +60,6 @@ impl Digests {
             h.update(data);
         }
         self.len += data.len() as u64;
-    }
-
-    pub(crate) fn len(&self) -> u64 {
-        self.len
     }
 
     /// (sha256 hex, sha512 hex when computed, length).
@@ -136,6 +132,68 @@ impl HashFeed {
     }
 }
 
+/// A producer's stream as it passes through a pump task that hands every piece to a
+/// [`HashFeed`] before passing it on: the consumer (the HTTP client's body) gets the same pieces
+/// while they are hashed on another core. The pump holds at most one piece ahead of the
+/// consumer besides the hasher's short queue, so memory stays bounded, and it stops with the
+/// consumer or when [`Hashed`] is dropped.
+pub(crate) fn hashed(mut inner: ByteStream, sha512: bool) -> (ByteStream, Hashed) {
+    use futures_util::StreamExt;
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<crate::error::Result<Bytes>>(1);
+    let pump = tokio::spawn(async move {
+        let mut feed = HashFeed::spawn(sha512);
+        while let Some(item) = inner.next().await {
+            let piece = match item {
+                Ok(piece) => piece,
+                Err(e) => {
+                    let _ = tx.send(Err(e)).await;
+                    return None;
+                }
+            };
+            if let Err(e) = feed.update(piece.clone()).await {
+                let _ = tx.send(Err(e)).await;
+                return None;
+            }
+            if tx.send(Ok(piece)).await.is_err() {
+                return None; // the consumer is gone
+            }
+        }
+        drop(tx);
+        feed.finish().await.ok()
+    });
+    let stream = futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx));
+    (Box::pin(stream), Hashed { pump })
+}
+
+/// The digests of a [`hashed`] stream, ready once the stream ended; dropping it stops the
+/// pump (and drops the producer) wherever it is.
+pub(crate) struct Hashed {
+    pump: tokio::task::JoinHandle<Option<(String, Option<String>, u64)>>,
+}
+
+impl Hashed {
+    /// (sha256 hex, sha512 hex when asked, length) of everything the stream gave; an error
+    /// when the stream did not end cleanly (its consumer saw why).
+    pub(crate) async fn finish(mut self) -> Result<(String, Option<String>, u64), Error> {
+        match (&mut self.pump).await {
+            Ok(Some(d)) => Ok(d),
+            Ok(None) => Err(Error::new(
+                ErrorKind::Internal,
+                "the stream ended before all of it was hashed",
+            )),
+            Err(e) => Err(
+                Error::new(ErrorKind::Internal, "the stream's hashing task failed").with_source(e),
+            ),
+        }
+    }
+}
+
+impl Drop for Hashed {
+    fn drop(&mut self) {
+        self.pump.abort();
+    }
+}
+
 /// When a transfer last moved, shared between a body stream and its [`with_stall_guard`].
 pub(crate) struct Progress {
     base: Instant,
@@ -199,7 +257,8 @@ pub(crate) async fn with_stall_guard<F: std::future::Future>(
 
 /// What a [`MeteredBody`] saw, read by the uploader once the request is over.
 pub(crate) struct Meter {
-    pub digests: Option<Digests>,
+    /// Bytes the HTTP client took.
+    pub sent: u64,
     /// The producer's own error, kept with its kind (the HTTP client only sees an I/O error).
     pub producer_error: Option<Error>,
     /// The stream ended with exactly the expected length.
@@ -208,10 +267,10 @@ pub(crate) struct Meter {
 }
 
 impl Meter {
-    /// A meter for a stream of `expected` bytes; `sha512` when the destination checks one.
-    pub(crate) fn new(expected: u64, sha512: bool) -> Arc<Mutex<Meter>> {
+    /// A meter for a stream of `expected` bytes.
+    pub(crate) fn new(expected: u64) -> Arc<Mutex<Meter>> {
         Arc::new(Mutex::new(Meter {
-            digests: Some(Digests::new(sha512)),
+            sent: 0,
             producer_error: None,
             complete: false,
             expected,
@@ -219,7 +278,7 @@ impl Meter {
     }
 
     pub(crate) fn sent(&self) -> u64 {
-        self.digests.as_ref().map_or(0, |d| d.len())
+        self.sent
     }
 }
 
@@ -228,7 +287,7 @@ pub(crate) fn lock(m: &Mutex<Meter>) -> std::sync::MutexGuard<'_, Meter> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// A request body over the producer's stream: hashes and counts what the HTTP client takes,
+/// A request body over the producer's stream: counts what the HTTP client takes,
 /// records progress, and fails the request (rather than letting it end cleanly) when the
 /// producer errs or sends more or fewer bytes than announced, so the server never accepts a
 /// truncated object as complete.
@@ -281,10 +340,8 @@ impl Stream for MeteredBody {
                 self.progress.set_waiting_on_source(false);
                 let (sent, expected) = {
                     let mut m = lock(&self.meter);
-                    if let Some(d) = m.digests.as_mut() {
-                        d.update(&chunk);
-                    }
-                    (m.sent(), m.expected)
+                    m.sent += chunk.len() as u64;
+                    (m.sent, m.expected)
                 };
                 if sent > expected {
                     return self.fail(Error::new(
@@ -506,24 +563,50 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn metered_body_hashes_and_checks_length() {
+    async fn a_hashed_metered_body_hashes_and_checks_length() {
         let data = Bytes::from_static(b"hello world");
-        let meter = Meter::new(11, true);
-        let body = MeteredBody::new(
+        let meter = Meter::new(11);
+        let (stream, hashes) = hashed(
             stream_of(vec![Ok(data.slice(..5)), Ok(data.slice(5..))]),
-            meter.clone(),
-            Progress::new(),
+            true,
         );
+        let body = MeteredBody::new(stream, meter.clone(), Progress::new());
         let out: Vec<_> = body.collect().await;
-        assert!(out.iter().all(|r| r.is_ok()));
-        let mut m = lock(&meter);
-        assert!(m.complete);
-        let (s256, _, len) = m.digests.take().unwrap().finish();
+        let got: Vec<u8> = out.into_iter().flat_map(|r| r.unwrap().to_vec()).collect();
+        assert_eq!(got, b"hello world");
+        assert!(lock(&meter).complete);
+        assert_eq!(lock(&meter).sent, 11);
+        let (s256, s512, len) = hashes.finish().await.unwrap();
         assert_eq!(len, 11);
         assert_eq!(
             s256,
             "b94d27b9934d3e08a52e52d7da7dabfac484efe37a5380ee9088f7ace2efcde9"
         );
+        assert_eq!(s512.map(|h| h.len()), Some(128));
+    }
+
+    #[tokio::test]
+    async fn a_hashed_stream_passes_errors_on_and_has_no_digests() {
+        let (stream, hashes) = hashed(
+            stream_of(vec![
+                Ok(Bytes::from_static(b"ab")),
+                Err(Error::new(ErrorKind::Unavailable, "nbd gone")),
+            ]),
+            false,
+        );
+        let out: Vec<_> = stream.collect().await;
+        assert_eq!(out.len(), 2);
+        assert_eq!(out[1].as_ref().unwrap_err().kind(), ErrorKind::Unavailable);
+        assert!(hashes.finish().await.is_err());
+        // A consumer that goes away early stops the pump; the digests are refused.
+        let (stream, hashes) = hashed(
+            stream_of((0..100).map(|_| Ok(Bytes::from_static(b"ab"))).collect()),
+            false,
+        );
+        let mut stream = stream;
+        assert!(futures_util::StreamExt::next(&mut stream).await.is_some());
+        drop(stream);
+        assert!(hashes.finish().await.is_err());
     }
 
     #[tokio::test]
@@ -542,7 +625,7 @@ mod tests {
                 ErrorKind::Unavailable,
             ),
         ] {
-            let meter = Meter::new(5, true);
+            let meter = Meter::new(5);
             let body = MeteredBody::new(stream_of(chunks), meter.clone(), Progress::new());
             let out: Vec<_> = body.collect().await;
             assert!(out.last().unwrap().is_err());
